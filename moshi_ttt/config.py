@@ -1,0 +1,133 @@
+"""Frozen configs for the model, its memory and In-Place TTT, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+MEMORY_KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
+IMPLEMENTED_MEMORY_KINDS = ("full", "window", "sink")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """What each attention layer remembers.
+
+    ``full``: every past token. ``window``: the last ``window`` tokens (ring buffer).
+    ``sink``: the first ``num_sink`` tokens of the stream plus the last ``window`` (StreamingLLM).
+    """
+
+    kind: str = "window"
+    window: int = 64
+    num_sink: int = 4
+    num_virtual: int = 4
+
+    def __post_init__(self):
+        if self.kind not in MEMORY_KINDS:
+            raise ValueError(f"MemoryConfig.kind={self.kind!r} is unknown: expected one of {MEMORY_KINDS}")
+        if self.kind not in IMPLEMENTED_MEMORY_KINDS:
+            raise ValueError(
+                f"MemoryConfig.kind={self.kind!r} is not implemented yet: "
+                f"available kinds are {IMPLEMENTED_MEMORY_KINDS}")
+        if self.window < 1:
+            raise ValueError(f"MemoryConfig.window must be >= 1, got {self.window}")
+        if self.num_sink < 0:
+            raise ValueError(f"MemoryConfig.num_sink must be >= 0, got {self.num_sink}")
+        if self.kind == "sink" and self.num_sink < 1:
+            raise ValueError("MemoryConfig.kind='sink' needs num_sink >= 1")
+        if self.num_virtual < 1:
+            raise ValueError(f"MemoryConfig.num_virtual must be >= 1, got {self.num_virtual}")
+
+
+@dataclass(frozen=True)
+class InPlaceTTTConfig:
+    """In-Place TTT on the MLP of the listed layers (DESIGN section 3)."""
+
+    layers: tuple[int, ...] = ()
+    chunk_size: int = 64
+    lr: float = 0.3
+    target: str = "embed"
+    conv_kernel: int = 5
+    clip_tau: float | None = None
+    reset_on_boundary: bool = True
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"InPlaceTTTConfig.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.target not in ("embed", "hidden"):
+            raise ValueError(f"InPlaceTTTConfig.target must be 'embed' or 'hidden', got {self.target!r}")
+        if self.conv_kernel < 1:
+            raise ValueError(f"InPlaceTTTConfig.conv_kernel must be >= 1, got {self.conv_kernel}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Moshi-shaped decoder: embedding, pre-norm blocks (attention + gated MLP), norm, head."""
+
+    vocab_size: int = 256
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_dim: int = 0  # gated MLP width; 0 means round(dim * 11 / 4) as in Moshi 7B
+    max_period: float = 10_000.0
+    norm_eps: float = 1e-5
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    inplace_ttt: InPlaceTTTConfig | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.num_heads} must be even for RoPE")
+        if self.hidden_dim < 0:
+            raise ValueError(f"ModelConfig.hidden_dim must be >= 0, got {self.hidden_dim}")
+        if not isinstance(self.memory, MemoryConfig):
+            raise ValueError("ModelConfig.memory must be a MemoryConfig")
+        if self.inplace_ttt is not None:
+            raise ValueError("ModelConfig.inplace_ttt: In-Place TTT is not implemented yet; use None")
+        if self.hidden_dim == 0:
+            object.__setattr__(self, "hidden_dim", round(self.dim * 11 / 4))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["memory"] = MemoryConfig(**d["memory"])
+        if d.get("inplace_ttt") is not None:
+            ttt = dict(d["inplace_ttt"])
+            ttt["layers"] = tuple(ttt["layers"])
+            d["inplace_ttt"] = InPlaceTTTConfig(**ttt)
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the config (used to match saved states to models)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (``tiny``, ``small``) with fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # ~0.1M parameters: CPU tests and the default end-to-end job.
+    "tiny": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
+                        memory=MemoryConfig(kind="window", window=64)),
+    # ~26M parameters with a byte vocabulary: the GPU study and benchmarks.
+    "small": ModelConfig(vocab_size=256, dim=512, num_layers=8, num_heads=8,
+                         memory=MemoryConfig(kind="window", window=256)),
+}

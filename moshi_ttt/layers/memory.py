@@ -1,0 +1,106 @@
+"""Exact KV memories for streaming attention: full, window (ring buffer), sink + window.
+
+Each memory keeps keys (after RoPE), values and their absolute positions (-1 = empty slot).
+``context`` gives what was stored before the current step; ``write`` stores the step's tokens.
+Masks always come from positions (``ops.masks.visible``), never from slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import MemoryConfig
+from ..state import ScopedState
+
+
+class FullMemory:
+    """Every past token; grows with the stream."""
+
+    def __init__(self, cfg: MemoryConfig):
+        self.cfg = cfg
+
+    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
+        st.add("k", torch.zeros(B, H, 0, Dh, device=device, dtype=dtype), 0.0)
+        st.add("v", torch.zeros(B, H, 0, Dh, device=device, dtype=dtype), 0.0)
+        st.add("kpos", torch.zeros(B, 0, dtype=torch.long, device=device), -1)
+
+    def context(self, st: ScopedState):
+        return st["k"], st["v"], st["kpos"]
+
+    def write(self, st: ScopedState, k, v, pos) -> None:
+        st["k"] = torch.cat([st["k"], k.to(st["k"].dtype)], dim=2)
+        st["v"] = torch.cat([st["v"], v.to(st["v"].dtype)], dim=2)
+        st["kpos"] = torch.cat([st["kpos"], pos], dim=1)
+
+
+def ring_write(kbuf, vbuf, pbuf, k, v, pos) -> None:
+    """Store the last ``size`` of the step's tokens at slots ``pos % size``, in place.
+
+    kbuf, vbuf [B, H, size, Dh]; pbuf [B, size]; k, v [B, H, T, Dh]; pos [B, T].
+    """
+    size = pbuf.shape[1]
+    k, v, pos = k[:, :, -size:], v[:, :, -size:], pos[:, -size:]
+    slots = pos % size  # [B, t] distinct: positions are consecutive
+    idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, H, t, Dh]
+    kbuf.scatter_(2, idx, k.to(kbuf.dtype))
+    vbuf.scatter_(2, idx, v.to(vbuf.dtype))
+    pbuf.scatter_(1, slots, pos)
+
+
+class WindowMemory:
+    """Ring buffer of the last ``window`` tokens: constant size."""
+
+    def __init__(self, cfg: MemoryConfig):
+        self.cfg = cfg
+
+    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
+        W = self.cfg.window
+        st.add("k", torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
+        st.add("v", torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
+        st.add("kpos", torch.full((B, W), -1, dtype=torch.long, device=device), -1)
+
+    def context(self, st: ScopedState):
+        return st["k"], st["v"], st["kpos"]
+
+    def write(self, st: ScopedState, k, v, pos) -> None:
+        ring_write(st["k"], st["v"], st["kpos"], k, v, pos)
+
+
+class SinkMemory(WindowMemory):
+    """StreamingLLM: the first ``num_sink`` tokens of the stream plus a ring of ``window``.
+
+    The sink buffer has one extra slot that absorbs writes of later tokens and stays empty,
+    so writing needs no branch on values (CUDA-graph safe).
+    """
+
+    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
+        super().init(st, B, H, Dh, device, dtype)
+        S = self.cfg.num_sink
+        st.add("sink_k", torch.zeros(B, H, S + 1, Dh, device=device, dtype=dtype), 0.0)
+        st.add("sink_v", torch.zeros(B, H, S + 1, Dh, device=device, dtype=dtype), 0.0)
+        st.add("sink_pos", torch.full((B, S + 1), -1, dtype=torch.long, device=device), -1)
+
+    def context(self, st: ScopedState):
+        S = self.cfg.num_sink
+        ring_pos = st["kpos"].masked_fill(st["kpos"] < S, -1)  # sink positions live in the sink buffer
+        k = torch.cat([st["sink_k"], st["k"]], dim=2)
+        v = torch.cat([st["sink_v"], st["v"]], dim=2)
+        return k, v, torch.cat([st["sink_pos"], ring_pos], dim=1)
+
+    def write(self, st: ScopedState, k, v, pos) -> None:
+        super().write(st, k, v, pos)
+        S = self.cfg.num_sink
+        k, v, pos = k[:, :, :S], v[:, :, :S], pos[:, :S]  # only a step's first S tokens can be sinks
+        slots = torch.where(pos < S, pos, torch.full_like(pos, S))  # [B, t]; S is the spill slot
+        idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        st["sink_k"].scatter_(2, idx, k.to(st["sink_k"].dtype))
+        st["sink_v"].scatter_(2, idx, v.to(st["sink_v"].dtype))
+        st["sink_pos"].scatter_(1, slots, pos)
+        st["sink_pos"][:, S].fill_(-1)
+
+
+def make_memory(cfg: MemoryConfig):
+    kinds = {"full": FullMemory, "window": WindowMemory, "sink": SinkMemory}
+    if cfg.kind not in kinds:
+        raise ValueError(f"memory kind {cfg.kind!r} has no implementation")
+    return kinds[cfg.kind](cfg)

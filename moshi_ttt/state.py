@@ -1,0 +1,96 @@
+"""The streaming state: named tensors (batch first), per-row reset, save and load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+STATE_FORMAT = "moshi_ttt.state/1"
+
+
+class StreamingState:
+    """Every tensor has the batch as dim 0; ``fills[name]`` is its value after a reset.
+
+    ``meta`` names the model config the state belongs to (``fingerprint``) and the batch size.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], fills: dict[str, float], meta: dict):
+        self.tensors = tensors
+        self.fills = fills
+        self.meta = meta
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.meta["batch_size"])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.tensors[name] = value
+
+    def scope(self, prefix: str) -> "ScopedState":
+        return ScopedState(self, prefix)
+
+    def add(self, name: str, tensor: torch.Tensor, fill: float) -> None:
+        if tensor.shape[0] != self.batch_size:
+            raise ValueError(f"state tensor {name} has batch {tensor.shape[0]}, expected {self.batch_size}")
+        self.tensors[name] = tensor
+        self.fills[name] = fill
+
+    def reset(self, mask) -> "StreamingState":
+        """Return rows where ``mask`` [B] is True to the empty state, in place."""
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (self.batch_size,):
+            raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
+        for name, t in self.tensors.items():
+            m = mask.to(t.device).view(-1, *([1] * (t.dim() - 1)))
+            t.masked_fill_(m, self.fills[name])
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device) -> "StreamingState":
+        return StreamingState({k: v.to(device) for k, v in self.tensors.items()}, dict(self.fills), dict(self.meta))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to ``path`` atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        blob = {"format": STATE_FORMAT, "meta": self.meta, "fills": self.fills,
+                "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()}}
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device=None) -> "StreamingState":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no saved state at {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable saved state: {e}") from e
+        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a saved state of format {STATE_FORMAT}")
+        tensors = {k: v.to(device) if device is not None else v for k, v in blob["tensors"].items()}
+        return cls(tensors, blob["fills"], blob["meta"])
+
+
+class ScopedState:
+    """A view of the state under a name prefix (one layer's tensors)."""
+
+    def __init__(self, state: StreamingState, prefix: str):
+        self.state, self.prefix = state, prefix
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.state[self.prefix + name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.state[self.prefix + name] = value
+
+    def add(self, name: str, tensor: torch.Tensor, fill: float) -> None:
+        self.state.add(self.prefix + name, tensor, fill)

@@ -1,0 +1,71 @@
+"""Bad input raises ValueError naming the problem (DESIGN section 2)."""
+
+import pytest
+import torch
+
+import moshi_ttt as mt
+from conftest import tiny_config
+
+
+@pytest.fixture
+def model():
+    return mt.StreamingLM(tiny_config("window"))
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (torch.zeros(5, dtype=torch.long), "shape"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), "shape"),
+    (torch.zeros(2, 4), "integer dtype"),
+    (torch.zeros(2, 4, dtype=torch.bool), "integer dtype"),
+    (torch.full((2, 4), 50), r"token ids must be in \[0, 50\)"),
+    (torch.full((2, 4), -1), r"token ids must be in"),
+    ([[1, 2]], "torch.Tensor"),
+    (torch.zeros(2, 0, dtype=torch.long), "at least one time step"),
+])
+def test_bad_tokens(model, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        model(tokens)
+    with pytest.raises(ValueError, match=match):
+        model.step(tokens, model.init_state(2))
+
+
+def test_batch_mismatch(model):
+    with pytest.raises(ValueError, match="batch size 3 does not match the state's 2"):
+        model.step(torch.zeros(3, 1, dtype=torch.long), model.init_state(2))
+
+
+def test_bad_reset_mask(model):
+    with pytest.raises(ValueError, match="reset mask must have shape"):
+        model.init_state(2).reset(torch.tensor([True]))
+
+
+def test_bad_resets_shape(model):
+    with pytest.raises(ValueError, match="resets must have shape"):
+        model(torch.zeros(2, 4, dtype=torch.long), resets=torch.zeros(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: mt.MemoryConfig(kind="nope"), "unknown"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache"), "not implemented yet"),
+    (lambda: mt.MemoryConfig(kind="pooled"), "not implemented yet"),
+    (lambda: mt.MemoryConfig(kind="infini"), "not implemented yet"),
+    (lambda: mt.MemoryConfig(window=0), "window must be >= 1"),
+    (lambda: mt.MemoryConfig(kind="sink", num_sink=0), "needs num_sink >= 1"),
+    (lambda: mt.ModelConfig(dim=30, num_heads=4), "not divisible"),
+    (lambda: mt.ModelConfig(dim=12, num_heads=4), "must be even"),
+    (lambda: mt.ModelConfig(num_layers=0), "num_layers must be >= 1"),
+    (lambda: mt.ModelConfig(inplace_ttt=mt.InPlaceTTTConfig()), "not implemented yet"),
+    (lambda: mt.InPlaceTTTConfig(target="x"), "target"),
+    (lambda: mt.ModelConfig.preset("huge"), "unknown preset"),
+    (lambda: mt.StreamingLM(tiny_config()).init_state(0), "batch_size"),
+])
+def test_impossible_configs(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_presets_roundtrip():
+    for name in mt.PRESETS:
+        cfg = mt.ModelConfig.preset(name)
+        assert mt.ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert cfg.fingerprint() == mt.ModelConfig.from_dict(cfg.to_dict()).fingerprint()
