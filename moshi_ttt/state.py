@@ -81,7 +81,7 @@ class StreamingState:
 
 
 class ScopedState:
-    """A view of the state under a name prefix (one layer's tensors)."""
+    """A view of the state under a name prefix (one layer's tensors); ``.state`` is the whole."""
 
     def __init__(self, state: StreamingState, prefix: str):
         self.state, self.prefix = state, prefix

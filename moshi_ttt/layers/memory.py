@@ -14,7 +14,11 @@ from ..state import ScopedState
 
 
 class FullMemory:
-    """Every past token; grows with the stream."""
+    """Every past token; grows with the stream.
+
+    Buffers grow by doubling (amortised O(1) appends); ``state.meta["tokens"]`` slots are in use,
+    the rest hold position -1.
+    """
 
     def __init__(self, cfg: MemoryConfig):
         self.cfg = cfg
@@ -25,12 +29,21 @@ class FullMemory:
         st.add("kpos", torch.zeros(B, 0, dtype=torch.long, device=device), -1)
 
     def context(self, st: ScopedState):
-        return st["k"], st["v"], st["kpos"]
+        n = st.state.meta["tokens"]
+        return st["k"][:, :, :n], st["v"][:, :, :n], st["kpos"][:, :n]
 
     def write(self, st: ScopedState, k, v, pos) -> None:
-        st["k"] = torch.cat([st["k"], k.to(st["k"].dtype)], dim=2)
-        st["v"] = torch.cat([st["v"], v.to(st["v"].dtype)], dim=2)
-        st["kpos"] = torch.cat([st["kpos"], pos], dim=1)
+        n, t = st.state.meta["tokens"], pos.shape[1]
+        cap = st["kpos"].shape[1]
+        if n + t > cap:
+            new_cap = max(n + t, 2 * cap, 64)
+            grow = new_cap - cap
+            st["k"] = torch.cat([st["k"], st["k"].new_zeros(*st["k"].shape[:2], grow, st["k"].shape[3])], dim=2)
+            st["v"] = torch.cat([st["v"], st["v"].new_zeros(*st["v"].shape[:2], grow, st["v"].shape[3])], dim=2)
+            st["kpos"] = torch.cat([st["kpos"], st["kpos"].new_full((st["kpos"].shape[0], grow), -1)], dim=1)
+        st["k"][:, :, n:n + t] = k
+        st["v"][:, :, n:n + t] = v
+        st["kpos"][:, n:n + t] = pos
 
 
 def ring_write(kbuf, vbuf, pbuf, k, v, pos) -> None:

@@ -102,7 +102,7 @@ class StreamingLM(nn.Module):
         p = self.head.weight
         device, dtype = device or p.device, dtype or p.dtype
         state = StreamingState({}, {}, {"fingerprint": self.cfg.fingerprint(), "batch_size": batch_size,
-                                        "memory": self.cfg.memory.kind})
+                                        "memory": self.cfg.memory.kind, "tokens": 0})
         state.add("pos", torch.zeros(batch_size, dtype=torch.long, device=device), 0)
         for i, layer in enumerate(self.layers):
             layer.self_attn.init_state(state.scope(f"layers.{i}."), batch_size, device, dtype)
@@ -118,4 +118,5 @@ class StreamingLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.step(x, pos, state.scope(f"layers.{i}."))
         state["pos"].add_(k)
+        state.meta["tokens"] += k  # tokens streamed since init (all rows; resets do not rewind it)
         return self.head(self.out_norm(x)), state

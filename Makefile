@@ -1,0 +1,26 @@
+# Two commands: `make run` (the main job on its default) and `make test`.
+# Each creates .venv, installs torch==2.13.0 only if torch is missing, then the package.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	@$(BIN)/pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/moshi-ttt run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py --preset tiny --device cpu
+
+clean:
+	rm -rf $(VENV) runs
