@@ -74,3 +74,25 @@ def loss_by_position(model: StreamingLM, docs: list[np.ndarray], max_len: int, s
             out.append({"lo": lo, "hi": hi, "tokens": int(c), "loss": s / c, "ppl": float(np.exp(s / c)),
                         "bits_per_token": s / c / np.log(2)})
     return out
+
+
+def task_accuracy(model: StreamingLM, task: str, distances: list[int], num: int, seed: int = 0,
+                  tokenizer=None, step: int = 256, device="cpu", progress=True) -> list[dict]:
+    """Recall accuracy vs distance: a sample counts only if every answer token is predicted exactly.
+
+    Held-out instances: seeds ``seed * 1_000_003 + i`` for i < num (training uses other seeds).
+    """
+    from .data.tasks import answer_accuracy, answer_token_accuracy, task_batch
+    from .data.tokenizer import ByteTokenizer
+
+    tokenizer = tokenizer or ByteTokenizer()
+    model.eval()
+    rows = []
+    for d in tqdm(distances, desc=f"eval {task}", disable=not progress, dynamic_ncols=True):
+        seeds = [seed * 1_000_003 + i for i in range(num)]
+        tokens, mask = task_batch(task, seeds, d, tokenizer)
+        toks = torch.as_tensor(tokens, device=device)
+        pred = stream_predictions(model, toks, step).cpu().numpy()
+        rows.append({"distance": int(d), "accuracy": float(answer_accuracy(pred, tokens, mask).mean()),
+                     "token_accuracy": float(answer_token_accuracy(pred, tokens, mask).mean()), "n": num})
+    return rows
