@@ -43,7 +43,14 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class InPlaceTTTConfig:
-    """In-Place TTT on the MLP of the listed layers (DESIGN section 3)."""
+    """In-Place TTT on the MLP of the listed layers (DESIGN section 3).
+
+    ``chunk_size`` in tokens (steps: at 12.5 Hz a 256-step chunk is 20.5 s); ``lr`` the fixed inner
+    rate η; ``target`` the source X0 of V̂: ``"embed"`` (token embeddings, training from scratch) or
+    ``"hidden"`` (the layer's normalised MLP input, continual training); ``clip_tau`` clips ‖ΔW‖_F
+    in eval mode only; ``reset_on_boundary``: fast weights return to W0 at document boundaries of a
+    training sequence (streaming resets are always per row via ``state.reset``).
+    """
 
     layers: tuple[int, ...] = ()
     chunk_size: int = 64
@@ -54,6 +61,13 @@ class InPlaceTTTConfig:
     reset_on_boundary: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"InPlaceTTTConfig.layers has duplicates: {self.layers}")
+        if self.lr <= 0:
+            raise ValueError(f"InPlaceTTTConfig.lr must be > 0, got {self.lr}")
+        if self.clip_tau is not None and self.clip_tau <= 0:
+            raise ValueError(f"InPlaceTTTConfig.clip_tau must be > 0 or None, got {self.clip_tau}")
         if self.chunk_size < 1:
             raise ValueError(f"InPlaceTTTConfig.chunk_size must be >= 1, got {self.chunk_size}")
         if self.target not in ("embed", "hidden"):
@@ -89,7 +103,11 @@ class ModelConfig:
         if not isinstance(self.memory, MemoryConfig):
             raise ValueError("ModelConfig.memory must be a MemoryConfig")
         if self.inplace_ttt is not None:
-            raise ValueError("ModelConfig.inplace_ttt: In-Place TTT is not implemented yet; use None")
+            if not isinstance(self.inplace_ttt, InPlaceTTTConfig):
+                raise ValueError("ModelConfig.inplace_ttt must be an InPlaceTTTConfig or None")
+            bad = [i for i in self.inplace_ttt.layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"InPlaceTTTConfig.layers {bad} out of range for {self.num_layers} layers")
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", round(self.dim * 11 / 4))
 

@@ -94,3 +94,6 @@ class ScopedState:
 
     def add(self, name: str, tensor: torch.Tensor, fill: float) -> None:
         self.state.add(self.prefix + name, tensor, fill)
+
+    def scope(self, prefix: str) -> "ScopedState":
+        return ScopedState(self.state, self.prefix + prefix)

@@ -54,7 +54,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def lm_loss(model: StreamingLM, inputs, targets, resets=None, weights=None) -> torch.Tensor:
     """Mean next-token cross-entropy, weighted per target. inputs/targets [B, T]."""
     logits = model(inputs, resets=resets)  # [B, T, V]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     if weights is None:
         return nll.mean()
     w = weights.flatten()

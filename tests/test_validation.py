@@ -54,8 +54,13 @@ def test_bad_resets_shape(model):
     (lambda: mt.ModelConfig(dim=30, num_heads=4), "not divisible"),
     (lambda: mt.ModelConfig(dim=12, num_heads=4), "must be even"),
     (lambda: mt.ModelConfig(num_layers=0), "num_layers must be >= 1"),
-    (lambda: mt.ModelConfig(inplace_ttt=mt.InPlaceTTTConfig()), "not implemented yet"),
+    (lambda: mt.ModelConfig(num_layers=2, inplace_ttt=mt.InPlaceTTTConfig(layers=(2,))), "out of range"),
+    (lambda: mt.InPlaceTTTConfig(layers=(1, 1)), "duplicates"),
     (lambda: mt.InPlaceTTTConfig(target="x"), "target"),
+    (lambda: mt.InPlaceTTTConfig(chunk_size=0), "chunk_size"),
+    (lambda: mt.InPlaceTTTConfig(lr=0), "lr must be > 0"),
+    (lambda: mt.InPlaceTTTConfig(clip_tau=-1.0), "clip_tau"),
+    (lambda: mt.InPlaceTTTConfig(conv_kernel=0), "conv_kernel"),
     (lambda: mt.ModelConfig.preset("huge"), "unknown preset"),
     (lambda: mt.StreamingLM(tiny_config()).init_state(0), "batch_size"),
 ])
@@ -65,7 +70,7 @@ def test_impossible_configs(make, match):
 
 
 def test_presets_roundtrip():
-    for name in mt.PRESETS:
-        cfg = mt.ModelConfig.preset(name)
+    ttt = mt.ModelConfig.preset("tiny", inplace_ttt=mt.InPlaceTTTConfig(layers=(1,), clip_tau=1e-5))
+    for cfg in [mt.ModelConfig.preset(n) for n in mt.PRESETS] + [ttt]:
         assert mt.ModelConfig.from_dict(cfg.to_dict()) == cfg
         assert cfg.fingerprint() == mt.ModelConfig.from_dict(cfg.to_dict()).fingerprint()

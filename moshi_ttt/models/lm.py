@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.attention import StreamingAttention
+from ..layers.inplace_ttt import InPlaceTTTMLP
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm
 from ..ops.masks import segment_positions
@@ -18,20 +19,30 @@ from ..state import StreamingState
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + gating(norm(x)) (Moshi's layer layout)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = StreamingAttention(cfg)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.gating = GatedMLP(cfg.dim, cfg.hidden_dim)
+        ttt = cfg.inplace_ttt
+        self.is_ttt = ttt is not None and index in ttt.layers
+        self.gating = InPlaceTTTMLP(cfg.dim, cfg.hidden_dim, ttt) if self.is_ttt else GatedMLP(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, pos, seg):
+    def _mlp(self, h, x0, pos, seg, st):
+        if not self.is_ttt:
+            return self.gating(h)
+        src = x0 if self.gating.ttt.target == "embed" else h
+        if st is not None:
+            return self.gating.step(h, src, st.scope("ttt."))
+        return self.gating.forward_ttt(h, src, pos, seg if self.gating.ttt.reset_on_boundary else None)
+
+    def forward(self, x, pos, seg, x0):
         x = x + self.self_attn(self.norm1(x), pos, seg)
-        return x + self.gating(self.norm2(x))
+        return x + self._mlp(self.norm2(x), x0, pos, seg, None)
 
-    def step(self, x, pos, st):
+    def step(self, x, pos, st, x0):
         x = x + self.self_attn.step(self.norm1(x), pos, st)
-        return x + self.gating(self.norm2(x))
+        return x + self._mlp(self.norm2(x), x0, pos, None, st)
 
 
 class StreamingLM(nn.Module):
@@ -41,7 +52,7 @@ class StreamingLM(nn.Module):
             raise ValueError(f"StreamingLM needs a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -52,6 +63,8 @@ class StreamingLM(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("out_proj.weight") or name.endswith("linear_out.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.num_layers))
+            elif name.endswith("target_conv") or name.endswith("target_proj"):
+                continue  # In-Place TTT's own init (InPlaceTTTMLP.reset_ttt_parameters)
             else:
                 nn.init.normal_(p, std=0.02)
 
@@ -90,9 +103,9 @@ class StreamingLM(nn.Module):
         if resets is not None and resets.shape != (B, T):
             raise ValueError(f"resets must have shape {(B, T)}, got {tuple(resets.shape)}")
         pos, seg = segment_positions(resets, B, T, tokens.device)
-        x = self.emb(tokens)
+        x = x0 = self.emb(tokens)
         for layer in self.layers:
-            x = layer(x, pos, seg if resets is not None else None)
+            x = layer(x, pos, seg if resets is not None else None, x0)
         return self.head(self.out_norm(x))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> StreamingState:
@@ -106,6 +119,8 @@ class StreamingLM(nn.Module):
         state.add("pos", torch.zeros(batch_size, dtype=torch.long, device=device), 0)
         for i, layer in enumerate(self.layers):
             layer.self_attn.init_state(state.scope(f"layers.{i}."), batch_size, device, dtype)
+            if layer.is_ttt:  # fast weights and their buffers stay fp32 whatever ``dtype`` is
+                layer.gating.init_state(state.scope(f"layers.{i}.ttt."), batch_size, device)
         return state
 
     def step(self, tokens: torch.Tensor, state: StreamingState):
@@ -114,9 +129,9 @@ class StreamingLM(nn.Module):
         self._check_state(tokens, state)
         k = tokens.shape[1]
         pos = state["pos"][:, None] + torch.arange(k, device=tokens.device)  # [B, k]
-        x = self.emb(tokens)
+        x = x0 = self.emb(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, pos, state.scope(f"layers.{i}."))
+            x = layer.step(x, pos, state.scope(f"layers.{i}."), x0)
         state["pos"].add_(k)
         state.meta["tokens"] += k  # tokens streamed since init (all rows; resets do not rewind it)
         return self.head(self.out_norm(x)), state

@@ -1,0 +1,112 @@
+"""In-Place TTT tensor ops (DESIGN section 3; paper arXiv 2604.06169).
+
+Per chunk i of C tokens, with Z the MLP hidden activations and V̂ the target:
+    O_i = Z_i W^(i-1)ᵀ                      (apply with the weights before chunk i)
+    ΔW_i = η V̂_iᵀ Z_i,  W^(i) = W^(i-1) + ΔW_i   (then update)
+Equivalently O_i = Z_i W0ᵀ + η Σ_{j<i} (Z_i Z_jᵀ) V̂_j: block-causal linear attention with q = k = Z, v = V̂.
+
+Two implementations with one signature: ``ttt_naive`` materialises W^(i) chunk by chunk under
+autograd (the reference); ``ttt_chunk_scan`` runs the same scan with an fp32 running sum and a
+backward pass that recomputes the sums in reverse, so no per-chunk d x d_ff matrix is ever kept.
+All arithmetic is fp32 (or float64 when the inputs are), with autocast disabled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def chunk_target(x0: torch.Tensor, conv_weight: torch.Tensor, w_target: torch.Tensor, chunk: int) -> torch.Tensor:
+    """V̂ = Conv1D(X0) W_target, the depthwise conv run inside each chunk only (zero padding at chunk edges).
+
+    x0 [B, T, D] with T a multiple of ``chunk``; conv_weight [D, 1, K]; w_target [D, D] -> [B, T, D].
+    """
+    B, T, D = x0.shape
+    K = conv_weight.shape[-1]
+    xc = x0.reshape(B * (T // chunk), chunk, D).transpose(1, 2)  # [B*N, D, C]
+    xc = F.pad(xc, ((K - 1) // 2, K // 2))  # "same" padding inside the chunk: no token of another chunk
+    y = F.conv1d(xc, conv_weight.to(xc.dtype), groups=D)  # [B*N, D, C]
+    return y.transpose(1, 2).reshape(B, T, D) @ w_target.to(y.dtype)
+
+
+def _clip_scale(dw: torch.Tensor, clip_tau: float | None) -> torch.Tensor:
+    """min(1, τ / ‖ΔW‖_F) per row, as a constant (the clip is an inference-only guard). dw [B, d, h] -> [B]."""
+    if clip_tau is None:
+        return dw.new_ones(dw.shape[0])
+    norm = torch.linalg.vector_norm(dw.detach(), dim=(1, 2))
+    return torch.clamp(clip_tau / norm.clamp_min(1e-30), max=1.0)
+
+
+def ttt_naive(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
+              s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
+              clip_tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference scan. z [B, T, h], v [B, T, d], w0 [d, h], s0 [B, d, h] (sum of earlier updates),
+    apply [B, N] (1 where chunk n's update counts, N = T / chunk) -> (O [B, T, d], s_final [B, d, h])."""
+    B, T, _ = z.shape
+    s = w0.new_zeros(B, *w0.shape) if s0 is None else s0
+    outs = []
+    for n in range(T // chunk):
+        zn, vn = z[:, n * chunk:(n + 1) * chunk], v[:, n * chunk:(n + 1) * chunk]  # [B, C, h], [B, C, d]
+        w = w0 + s  # W^(n-1) per row: [B, d, h]
+        outs.append(zn @ w.transpose(1, 2))  # [B, C, d]
+        dw = lr * vn.transpose(1, 2) @ zn  # ΔW_n [B, d, h]
+        scale = _clip_scale(dw, clip_tau)
+        if apply is not None:
+            scale = scale * apply[:, n]
+        s = s + scale[:, None, None] * dw
+    return torch.cat(outs, dim=1), s
+
+
+class _ChunkScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, v, w0, s0, apply, lr, chunk, clip_tau):
+        B, T, _ = z.shape
+        N = T // chunk
+        s = s0.clone()
+        out = z.new_empty(B, T, w0.shape[0])
+        scales = z.new_empty(B, N)
+        for n in range(N):
+            sl = slice(n * chunk, (n + 1) * chunk)
+            torch.bmm(z[:, sl], (w0 + s).transpose(1, 2), out=out[:, sl])
+            dw = lr * v[:, sl].transpose(1, 2) @ z[:, sl]
+            scales[:, n] = _clip_scale(dw, clip_tau) * apply[:, n]
+            s.add_(scales[:, n, None, None] * dw)
+        ctx.save_for_backward(z, v, w0, s, scales)
+        ctx.lr, ctx.chunk = lr, chunk
+        return out, s
+
+    @staticmethod
+    def backward(ctx, d_out, d_s):
+        z, v, w0, s, scales = ctx.saved_tensors
+        lr, chunk = ctx.lr, ctx.chunk
+        N = z.shape[1] // chunk
+        r = d_s.clone() if d_s is not None else torch.zeros_like(s)  # dL/dΔW_n: later chunks' dO_mᵀ Z_m + dL/ds_final
+        d_s_final = r.clone()
+        s = s.clone()
+        dz, dv = torch.empty_like(z), torch.empty_like(v)
+        for n in reversed(range(N)):
+            sl = slice(n * chunk, (n + 1) * chunk)
+            zn, vn, don = z[:, sl], v[:, sl], d_out[:, sl]
+            c = (lr * scales[:, n])[:, None, None]
+            s.sub_(c * (vn.transpose(1, 2) @ zn))  # back to the sum before chunk n
+            dz[:, sl] = don @ (w0 + s) + c * (vn @ r)
+            dv[:, sl] = c * (zn @ r.transpose(1, 2))
+            r.add_(don.transpose(1, 2) @ zn)
+        return dz, dv, (r - d_s_final).sum(0), r, None, None, None, None
+
+
+def ttt_chunk_scan(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
+                   s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
+                   clip_tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast scan, same signature and results as ``ttt_naive``; memory O(T (d + h) + d h)."""
+    B, T, _ = z.shape
+    s0 = w0.new_zeros(B, *w0.shape) if s0 is None else s0
+    apply = z.new_ones(B, T // chunk) if apply is None else apply.to(z.dtype)
+    return _ChunkScan.apply(z, v, w0, s0, apply, lr, chunk, clip_tau)
+
+
+def pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Zero-pad dim 1 to a multiple of ``chunk``. [B, T, F] -> [B, ceil(T / C) * C, F]"""
+    pad = -x.shape[1] % chunk
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
