@@ -74,6 +74,17 @@ def bench_stream(model, device, dtype, prefill, tokens):
             "stream_prefill": prefill}
 
 
+def variant_config(base: mt.ModelConfig, variant: str, chunk: int) -> mt.ModelConfig:
+    """``kind`` or ``kind+tttN``: memory kind, with In-Place TTT in every N-th layer (layers N-1, 2N-1, ...)."""
+    kind, _, ttt = variant.partition("+ttt")
+    cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, kind=kind))
+    if ttt:
+        every = int(ttt)
+        layers = tuple(range(every - 1, cfg.num_layers, every))
+        cfg = dataclasses.replace(cfg, inplace_ttt=mt.InPlaceTTTConfig(layers=layers, chunk_size=chunk))
+    return cfg
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -87,41 +98,55 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny", choices=sorted(mt.PRESETS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--kinds", nargs="+", default=["full", "window"])
+    p.add_argument("--kinds", nargs="+", default=["full", "window"],
+                   help="variants: a memory kind, optionally +tttN for In-Place TTT in every N-th layer")
+    p.add_argument("--ttt-chunk", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=1, help="measure every variant this many times, interleaved")
+    p.add_argument("--no-stream", action="store_true", help="skip the streaming measurement")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--stream-tokens", type=int, default=100)
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []
-    for kind in a.kinds:
-        cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, kind=kind))
-        torch.manual_seed(0)
-        model = mt.StreamingLM(cfg).to(device)
-        row = {"kind": kind, "window": cfg.memory.window}
-        row.update(bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps))
-        row.update(bench_stream(model.eval(), device, a.dtype, a.prefill, a.stream_tokens))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for rep in range(a.repeats):
+        for kind in a.kinds:
+            cfg = variant_config(base, kind, a.ttt_chunk)
+            torch.manual_seed(0)
+            model = mt.StreamingLM(cfg).to(device)
+            row = {"kind": kind, "window": cfg.memory.window, "repeat": rep,
+                   "params": sum(p.numel() for p in model.parameters())}
+            row.update(bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps))
+            if not a.no_stream:
+                row.update(bench_stream(model.eval(), device, a.dtype, a.prefill, a.stream_tokens))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     info = {"command": "python bench/bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "commit": git_commit(), "preset": a.preset, "dtype": a.dtype,
-            "seq": a.seq, "batch": a.batch, "params": sum(p.numel() for p in model.parameters()), "results": rows}
+            "torch": torch.__version__, "commit": a.commit or git_commit(), "preset": a.preset, "dtype": a.dtype,
+            "seq": a.seq, "batch": a.batch, "params": rows[0]["params"], "results": rows}
     ref = rows[0]
     lines = [f"# Benchmark: preset `{a.preset}`, {a.dtype}, sequence {a.seq}, batch {a.batch}", "",
+             "Variants: memory kind, `+tttN` = In-Place TTT in every N-th layer "
+             f"(chunk {a.ttt_chunk}). Rows repeat the variants in turn ({a.repeats}x).", "",
              f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; "
              f"{info['params'] / 1e6:.1f}M parameters.", "", f"Command: `{info['command']}`", "",
              "| memory | window | train tokens/s | vs first | train peak GB | stream ms/token (batch 1) | state bytes |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['train_peak_bytes'] / 1e9:.2f}" if r["train_peak_bytes"] else "n/a"
-        lines.append(f"| {r['kind']} | {r['window'] if r['kind'] != 'full' else '-'} | "
+        stream = f"{r['stream_ms_per_token']:.2f} | {r['state_bytes']:,}" if "stream_ms_per_token" in r else "- | -"
+        lines.append(f"| {r['kind']} | {r['window'] if not r['kind'].startswith('full') else '-'} | "
                      f"{r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / ref['train_tokens_per_s']:.2f}x | "
-                     f"{peak} | {r['stream_ms_per_token']:.2f} | {r['state_bytes']:,} |")
+                     f"{peak} | {stream} |")
     lines += ["", f"Streaming is measured one token per step after a prefill of {a.prefill} tokens, eager (no CUDA graph)."]
     print("\n".join(lines))
     if a.out:
