@@ -43,7 +43,7 @@ def main():
     dev = "cuda"
     z = torch.randn(B, T, H, device=dev, requires_grad=True)
     v = torch.randn(B, T, D, device=dev, requires_grad=True)
-    w0 = torch.randn(D, H, device=dev, requires_grad=True) * 0.02
+    w0 = (torch.randn(D, H, device=dev) * 0.02).requires_grad_()
     x0 = torch.randn(B, T, D, device=dev)
     conv = torch.zeros(D, 1, 5, device=dev, requires_grad=True)
     proj = torch.eye(D, device=dev, requires_grad=True)
