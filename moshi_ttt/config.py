@@ -49,7 +49,9 @@ class InPlaceTTTConfig:
     rate η; ``target`` the source X0 of V̂: ``"embed"`` (token embeddings, training from scratch) or
     ``"hidden"`` (the layer's normalised MLP input, continual training); ``clip_tau`` clips ‖ΔW‖_F
     in eval mode only; ``reset_on_boundary``: fast weights return to W0 at document boundaries of a
-    training sequence (streaming resets are always per row via ``state.reset``).
+    training sequence (streaming resets are always per row via ``state.reset``);
+    ``matmul_precision`` ``"highest"`` (IEEE fp32 products) or ``"high"`` (TF32 products on CUDA):
+    sums and state are fp32 either way.
     """
 
     layers: tuple[int, ...] = ()
@@ -59,6 +61,7 @@ class InPlaceTTTConfig:
     conv_kernel: int = 5
     clip_tau: float | None = None
     reset_on_boundary: bool = True
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -74,6 +77,9 @@ class InPlaceTTTConfig:
             raise ValueError(f"InPlaceTTTConfig.target must be 'embed' or 'hidden', got {self.target!r}")
         if self.conv_kernel < 1:
             raise ValueError(f"InPlaceTTTConfig.conv_kernel must be >= 1, got {self.conv_kernel}")
+        if self.matmul_precision not in ("highest", "high"):
+            raise ValueError(f"InPlaceTTTConfig.matmul_precision must be 'highest' or 'high', "
+                             f"got {self.matmul_precision!r}")
 
 
 @dataclass(frozen=True)

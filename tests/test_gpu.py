@@ -59,3 +59,19 @@ def test_cuda_graph_replay_equals_eager_and_updates_fast_weights():
     assert updates == T // C == 3
     for name, t in eager_state.tensors.items():
         assert torch.allclose(state[name].float(), t.float(), atol=1e-4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_scan_close_to_fp32():
+    from moshi_ttt.ops.inplace_ttt import ttt_chunk_scan
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z, v = (torch.randn(2, 4 * 64, n, device="cuda", generator=g, requires_grad=True) for n in (96, 48))
+    w0 = torch.randn(48, 96, device="cuda", generator=g, requires_grad=True)
+    outs = []
+    for precision in ("highest", "high"):
+        o, s = ttt_chunk_scan(z, v, w0, 0.01, 64, precision=precision)
+        gz, = torch.autograd.grad(o.square().sum(), z)
+        outs.append((o.detach(), s.detach(), gz))
+    for a, b in zip(*outs):
+        assert ((a - b).norm() / a.norm()).item() < 1e-2

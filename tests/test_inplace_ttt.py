@@ -301,3 +301,18 @@ def test_trap14_state_update_not_rounded_by_autocast():
     s = st["layers.0.ttt.s"]
     assert s.dtype == torch.float32
     assert ((s.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_matmul_precision_option(precision):
+    """``high`` allows TF32 products on CUDA only; on CPU both settings compute IEEE fp32, and
+    streaming equals parallel under either."""
+    base = ttt_config()
+    cfg = dataclasses.replace(base, inplace_ttt=dataclasses.replace(base.inplace_ttt, matmul_precision=precision))
+    model, ref_model = ttt_model(cfg).eval(), ttt_model(base).eval()
+    tokens = torch.randint(0, 50, (2, 45))
+    with torch.no_grad():
+        out, _ = stream(model, tokens, 5)
+        assert torch.equal(model(tokens), ref_model(tokens))
+        assert (out - model(tokens)).abs().max().item() <= 1e-4
+    assert torch.get_float32_matmul_precision() == "highest"  # the global setting is restored

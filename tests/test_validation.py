@@ -61,6 +61,7 @@ def test_bad_resets_shape(model):
     (lambda: mt.InPlaceTTTConfig(lr=0), "lr must be > 0"),
     (lambda: mt.InPlaceTTTConfig(clip_tau=-1.0), "clip_tau"),
     (lambda: mt.InPlaceTTTConfig(conv_kernel=0), "conv_kernel"),
+    (lambda: mt.InPlaceTTTConfig(matmul_precision="medium"), "matmul_precision"),
     (lambda: mt.ModelConfig.preset("huge"), "unknown preset"),
     (lambda: mt.StreamingLM(tiny_config()).init_state(0), "batch_size"),
 ])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import InPlaceTTTConfig
-from ..ops.inplace_ttt import chunk_target, pad_to_chunks, ttt_chunk_scan, ttt_naive
+from ..ops.inplace_ttt import chunk_target, fp32_matmul_precision, pad_to_chunks, ttt_chunk_scan, ttt_naive
 from ..state import ScopedState
 from .mlp import GatedMLP
 
@@ -48,11 +48,12 @@ class InPlaceTTTMLP(GatedMLP):
 
     def _scan(self, z, x0, s0=None, apply=None):
         """fp32 scan over chunk-aligned rows. z [R, L, h], x0 [R, L, D] (L multiple of C) -> (O, s)."""
-        C = self.ttt.chunk_size
-        v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)  # [R, L, D]
+        C, precision = self.ttt.chunk_size, self.ttt.matmul_precision
+        with fp32_matmul_precision(precision):
+            v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)  # [R, L, D]
         scan = ttt_naive if self.naive else ttt_chunk_scan
         return scan(z, v, self.linear_out.weight.to(z.dtype), self.ttt.lr, C, s0=s0, apply=apply,
-                    clip_tau=self._clip())
+                    clip_tau=self._clip(), precision=precision)
 
     def forward_ttt(self, x: torch.Tensor, x0: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None):
         """Parallel path. x [B, T, D] (normalised MLP input), x0 [B, T, D] target source,

@@ -13,6 +13,8 @@ All arithmetic is fp32 (or float64 when the inputs are), with autocast disabled.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
@@ -38,11 +40,28 @@ def _clip_scale(dw: torch.Tensor, clip_tau: float | None) -> torch.Tensor:
     return torch.clamp(clip_tau / norm.clamp_min(1e-30), max=1.0)
 
 
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str):
+    """``"highest"``: IEEE fp32 products; ``"high"``: TF32 products on CUDA (fp32 accumulation and
+    state either way; CPU is always IEEE)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def ttt_naive(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
               s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
-              clip_tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              clip_tau: float | None = None, precision: str = "highest") -> tuple[torch.Tensor, torch.Tensor]:
     """Reference scan. z [B, T, h], v [B, T, d], w0 [d, h], s0 [B, d, h] (sum of earlier updates),
     apply [B, N] (1 where chunk n's update counts, N = T / chunk) -> (O [B, T, d], s_final [B, d, h])."""
+    with fp32_matmul_precision(precision):
+        return _naive(z, v, w0, lr, chunk, s0, apply, clip_tau)
+
+
+def _naive(z, v, w0, lr, chunk, s0, apply, clip_tau):
     B, T, _ = z.shape
     s = w0.new_zeros(B, *w0.shape) if s0 is None else s0
     outs = []
@@ -59,51 +78,65 @@ def ttt_naive(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chu
 
 
 class _ChunkScan(torch.autograd.Function):
+    """Runs W = W0 + s in place: forward W += c_n V̂_nᵀ Z_n, backward W -= c_n V̂_nᵀ Z_n (reverse)."""
+
     @staticmethod
-    def forward(ctx, z, v, w0, s0, apply, lr, chunk, clip_tau):
+    def forward(ctx, z, v, w0, s0, apply, lr, chunk, clip_tau, precision):
         B, T, _ = z.shape
         N = T // chunk
-        s = s0.clone()
-        out = z.new_empty(B, T, w0.shape[0])
-        scales = z.new_empty(B, N)
-        for n in range(N):
-            sl = slice(n * chunk, (n + 1) * chunk)
-            torch.bmm(z[:, sl], (w0 + s).transpose(1, 2), out=out[:, sl])
-            dw = lr * v[:, sl].transpose(1, 2) @ z[:, sl]
-            scales[:, n] = _clip_scale(dw, clip_tau) * apply[:, n]
-            s.add_(scales[:, n, None, None] * dw)
-        ctx.save_for_backward(z, v, w0, s, scales)
-        ctx.lr, ctx.chunk = lr, chunk
-        return out, s
+        with fp32_matmul_precision(precision):
+            w = w0 + s0  # [B, d, h]: the running fast weight W^(n-1)
+            out = z.new_empty(B, T, w0.shape[0])
+            coef = z.new_empty(B, N)  # c_n = η · clip factor · apply, per row
+            for n in range(N):
+                sl = slice(n * chunk, (n + 1) * chunk)
+                zn, vn = z[:, sl], v[:, sl]
+                torch.bmm(zn, w.transpose(1, 2), out=out[:, sl])
+                if clip_tau is None:
+                    coef[:, n] = lr * apply[:, n]
+                    w.baddbmm_((vn * coef[:, n, None, None]).transpose(1, 2), zn)
+                else:
+                    dw = lr * vn.transpose(1, 2) @ zn
+                    coef[:, n] = lr * _clip_scale(dw, clip_tau) * apply[:, n]
+                    w.add_(dw * (coef[:, n] / lr)[:, None, None])
+        ctx.save_for_backward(z, v, w0, w, coef)
+        ctx.chunk, ctx.precision = chunk, precision
+        return out, w - w0
 
     @staticmethod
     def backward(ctx, d_out, d_s):
-        z, v, w0, s, scales = ctx.saved_tensors
-        lr, chunk = ctx.lr, ctx.chunk
+        z, v, w0, w, coef = ctx.saved_tensors
+        chunk = ctx.chunk
         N = z.shape[1] // chunk
-        r = d_s.clone() if d_s is not None else torch.zeros_like(s)  # dL/dΔW_n: later chunks' dO_mᵀ Z_m + dL/ds_final
-        d_s_final = r.clone()
-        s = s.clone()
-        dz, dv = torch.empty_like(z), torch.empty_like(v)
-        for n in reversed(range(N)):
-            sl = slice(n * chunk, (n + 1) * chunk)
-            zn, vn, don = z[:, sl], v[:, sl], d_out[:, sl]
-            c = (lr * scales[:, n])[:, None, None]
-            s.sub_(c * (vn.transpose(1, 2) @ zn))  # back to the sum before chunk n
-            dz[:, sl] = don @ (w0 + s) + c * (vn @ r)
-            dv[:, sl] = c * (zn @ r.transpose(1, 2))
-            r.add_(don.transpose(1, 2) @ zn)
-        return dz, dv, (r - d_s_final).sum(0), r, None, None, None, None
+        with fp32_matmul_precision(ctx.precision):
+            # r = dL/dΔW_n: later chunks' dO_mᵀ Z_m plus dL/ds_final
+            r = d_s.clone() if d_s is not None else torch.zeros_like(w)
+            w = w.clone()
+            dz, dv = torch.empty_like(z), torch.empty_like(v)
+            for n in reversed(range(N)):
+                sl = slice(n * chunk, (n + 1) * chunk)
+                zn, don = z[:, sl], d_out[:, sl]
+                vc = v[:, sl] * coef[:, n, None, None]  # c_n V̂_n [B, C, d]
+                w.baddbmm_(vc.transpose(1, 2), zn, alpha=-1.0)  # back to W^(n-1)
+                torch.baddbmm(torch.bmm(don, w), vc, r, out=dz[:, sl])
+                torch.bmm(zn, r.transpose(1, 2), out=dv[:, sl])
+                dv[:, sl] *= coef[:, n, None, None]
+                r.baddbmm_(don.transpose(1, 2), zn)
+            d_w0 = torch.einsum("btd,bth->dh", d_out, z)
+        return dz, dv, d_w0, r, None, None, None, None, None
 
 
 def ttt_chunk_scan(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
                    s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
-                   clip_tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast scan, same signature and results as ``ttt_naive``; memory O(T (d + h) + d h)."""
+                   clip_tau: float | None = None, precision: str = "highest") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast scan, same signature and results as ``ttt_naive``; memory O(T (d + h) + B d h).
+
+    ``precision`` ``"high"`` lets CUDA use TF32 products (see ``fp32_matmul_precision``).
+    """
     B, T, _ = z.shape
     s0 = w0.new_zeros(B, *w0.shape) if s0 is None else s0
     apply = z.new_ones(B, T // chunk) if apply is None else apply.to(z.dtype)
-    return _ChunkScan.apply(z, v, w0, s0, apply, lr, chunk, clip_tau)
+    return _ChunkScan.apply(z, v, w0, s0, apply, lr, chunk, clip_tau, precision)
 
 
 def pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
