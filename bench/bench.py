@@ -75,13 +75,15 @@ def bench_stream(model, device, dtype, prefill, tokens):
 
 
 def variant_config(base: mt.ModelConfig, variant: str, chunk: int) -> mt.ModelConfig:
-    """``kind`` or ``kind+tttN``: memory kind, with In-Place TTT in every N-th layer (layers N-1, 2N-1, ...)."""
+    """``kind``, ``kind+tttN`` or ``kind+tttN/tf32``: memory kind, with In-Place TTT in every N-th layer
+    (layers N-1, 2N-1, ...), its matmuls IEEE fp32 or TF32."""
     kind, _, ttt = variant.partition("+ttt")
     cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, kind=kind))
     if ttt:
-        every = int(ttt)
-        layers = tuple(range(every - 1, cfg.num_layers, every))
-        cfg = dataclasses.replace(cfg, inplace_ttt=mt.InPlaceTTTConfig(layers=layers, chunk_size=chunk))
+        every, _, prec = ttt.partition("/")
+        layers = tuple(range(int(every) - 1, cfg.num_layers, int(every)))
+        cfg = dataclasses.replace(cfg, inplace_ttt=mt.InPlaceTTTConfig(
+            layers=layers, chunk_size=chunk, matmul_precision="high" if prec == "tf32" else "highest"))
     return cfg
 
 
@@ -135,7 +137,8 @@ def main(argv=None):
             "seq": a.seq, "batch": a.batch, "params": rows[0]["params"], "results": rows}
     ref = rows[0]
     lines = [f"# Benchmark: preset `{a.preset}`, {a.dtype}, sequence {a.seq}, batch {a.batch}", "",
-             "Variants: memory kind, `+tttN` = In-Place TTT in every N-th layer "
+             "Variants: memory kind, `+tttN` = In-Place TTT in every N-th layer (`/tf32`: TF32 products, "
+             "fp32 sums and state; otherwise IEEE fp32) "
              f"(chunk {a.ttt_chunk}). Rows repeat the variants in turn ({a.repeats}x).", "",
              f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; "
              f"{info['params'] / 1e6:.1f}M parameters.", "", f"Command: `{info['command']}`", "",
