@@ -43,13 +43,22 @@ def _clip_scale(dw: torch.Tensor, clip_tau: float | None) -> torch.Tensor:
 @contextlib.contextmanager
 def fp32_matmul_precision(precision: str):
     """``"highest"``: IEEE fp32 products; ``"high"``: TF32 products on CUDA (fp32 accumulation and
-    state either way; CPU is always IEEE)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
+    state either way; CPU is always IEEE). Restores the caller's setting on exit."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9: the per-backend API (mixing it with allow_tf32 raises)
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if precision == "high" else "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = precision == "high"
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
 
 
 def ttt_naive(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
