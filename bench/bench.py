@@ -132,7 +132,8 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     info = {"command": "python bench/bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "commit": a.commit or git_commit(), "preset": a.preset, "dtype": a.dtype,
             "seq": a.seq, "batch": a.batch, "params": rows[0]["params"], "results": rows}
     ref = rows[0]
