@@ -75,16 +75,7 @@ def bench_stream(model, device, dtype, prefill, tokens):
 
 
 def variant_config(base: mt.ModelConfig, variant: str, chunk: int) -> mt.ModelConfig:
-    """``kind``, ``kind+tttN`` or ``kind+tttN/tf32``: memory kind, with In-Place TTT in every N-th layer
-    (layers N-1, 2N-1, ...), its matmuls IEEE fp32 or TF32."""
-    kind, _, ttt = variant.partition("+ttt")
-    cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, kind=kind))
-    if ttt:
-        every, _, prec = ttt.partition("/")
-        layers = tuple(range(int(every) - 1, cfg.num_layers, int(every)))
-        cfg = dataclasses.replace(cfg, inplace_ttt=mt.InPlaceTTTConfig(
-            layers=layers, chunk_size=chunk, matmul_precision="high" if prec == "tf32" else "highest"))
-    return cfg
+    return mt.config.variant(base, variant, chunk)
 
 
 def git_commit() -> str:

@@ -14,9 +14,9 @@ import torch
 
 from . import report
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRESETS, MemoryConfig, ModelConfig
+from .config import PRESETS, ModelConfig, variant
 from .data.tasks import TASKS
-from .evaluation import loss_by_position, task_accuracy
+from .evaluation import BUCKETS, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
 from .training import TRAIN_PRESETS, TrainConfig, config_dict, train
 
@@ -43,10 +43,8 @@ def ensure_corpus(path: Path) -> None:
 
 # ---- train --------------------------------------------------------------------------
 def model_config(a) -> ModelConfig:
-    cfg = ModelConfig.preset(a.preset)
-    mem = dataclasses.replace(cfg.memory, kind=a.memory or cfg.memory.kind,
-                              window=a.window or cfg.memory.window)
-    return dataclasses.replace(cfg, memory=mem)
+    base = ModelConfig.preset(a.preset)
+    return variant(base, a.memory or base.memory.kind, a.ttt_chunk, a.window)
 
 
 def train_config(a) -> TrainConfig:
@@ -75,16 +73,23 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path, out: Path, nam
 
 
 def cmd_train(a) -> None:
+    cfg, tcfg = model_config(a), train_config(a)  # bad options fail before any download
     ensure_corpus(a.data)
-    cfg, tcfg = model_config(a), train_config(a)
-    name = a.name or f"{cfg.memory.kind}-{cfg.memory.window}"
+    name = a.name or variant_name(a.memory or cfg.memory.kind, cfg)
     path = run_training(cfg, tcfg, a.data, a.out or Path("runs") / name, name, a.device)
     print(f"checkpoint: {path}")
 
 
+def variant_name(spec: str, cfg: ModelConfig) -> str:
+    kind, _, ttt = spec.partition("+")
+    base = kind if kind == "full" else f"{kind}-{cfg.memory.window}"
+    return base + (f"+{ttt.replace('/', '-')}" if ttt else "")
+
+
 # ---- eval ---------------------------------------------------------------------------
 def evaluate_checkpoints(ckpts: list[Path], data: Path, out: Path, max_len: int, num_docs: int,
-                         tasks: list[str], distance_mults: list[int], num: int, device: str, seed: int) -> dict:
+                         tasks: list[str], distance_mults: list[int], num: int, device: str, seed: int,
+                         buckets=None, train_len: int | None = None) -> dict:
     from .data.prepare import load_split
 
     stream, bounds, manifest = load_split(data, "test")
@@ -98,7 +103,7 @@ def evaluate_checkpoints(ckpts: list[Path], data: Path, out: Path, max_len: int,
         name = meta.get("name") or Path(ck).parent.name
         window = window or model.cfg.memory.window
         dists = [m * model.cfg.memory.window for m in distance_mults]
-        losses[name] = loss_by_position(model, docs, max_len, device=device)
+        losses[name] = loss_by_position(model, docs, max_len, buckets=buckets or BUCKETS, device=device)
         recalls[name] = {t: task_accuracy(model, t, dists, num, seed, device=device) for t in tasks}
         curves[name] = meta.get("train_log", [])
         results[name] = {"checkpoint": str(ck), "config": model.cfg.to_dict(), "train": meta.get("train"),
@@ -107,7 +112,10 @@ def evaluate_checkpoints(ckpts: list[Path], data: Path, out: Path, max_len: int,
     metrics = {"commit": report.git_commit(), "seed": seed, "data": {"dir": str(data), "test_docs": len(docs),
                "max_len": max_len, "test_sha256": manifest["splits"]["test"]["sha256"]}, "models": results}
     report.write_json(out / "metrics.json", metrics)
-    report.plot_loss_by_position(losses, out / "loss_by_position.png")
+    marks = {"attention window": window}
+    if train_len:
+        marks["training length"] = train_len
+    report.plot_loss_by_position(losses, out / "loss_by_position.png", marks)
     if any(curves.values()):
         report.plot_train_loss(curves, out / "train_loss.png")
     if tasks:
@@ -146,7 +154,7 @@ def markdown_report(metrics: dict, with_tasks: bool) -> str:
 
 def cmd_eval(a) -> None:
     metrics = evaluate_checkpoints(a.checkpoints, a.data, a.out, a.max_len, a.docs, a.tasks, a.distances,
-                                   a.num, a.device, a.seed)
+                                   a.num, a.device, a.seed, a.buckets)
     print(f"report: {a.out / 'report.md'} ({len(metrics['models'])} models)")
 
 
@@ -154,14 +162,15 @@ def cmd_eval(a) -> None:
 def cmd_run(a) -> None:
     """Prepare data, train the tiny preset with each memory, evaluate them together, write a report."""
     t0 = time.perf_counter()
+    tcfg = dataclasses.replace(TRAIN_PRESETS["tiny"], steps=a.steps, seed=a.seed)
+    cfgs = {spec: variant(PRESETS["tiny"], spec, a.ttt_chunk, a.window) for spec in a.memories}
     ensure_corpus(a.data)
     ckpts = []
-    for kind in a.memories:
-        cfg = dataclasses.replace(PRESETS["tiny"], memory=MemoryConfig(kind=kind, window=a.window))
-        tcfg = dataclasses.replace(TRAIN_PRESETS["tiny"], steps=a.steps, seed=a.seed)
-        name = f"{kind}" if kind == "full" else f"{kind}-{a.window}"
+    for spec, cfg in cfgs.items():
+        name = variant_name(spec, cfg)
         ckpts.append(run_training(cfg, tcfg, a.data, a.out / name, name, a.device))
-    evaluate_checkpoints(ckpts, a.data, a.out, a.max_len, a.docs, a.tasks, a.distances, a.num, a.device, a.seed)
+    evaluate_checkpoints(ckpts, a.data, a.out, a.max_len, a.docs, a.tasks, a.distances, a.num, a.device, a.seed,
+                         a.buckets, tcfg.seq_len)
     print(f"done in {time.perf_counter() - t0:.0f} s: report {a.out / 'report.md'}, plots {a.out}/*.png")
 
 
@@ -174,6 +183,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distances", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64],
                    help="fact-to-question distances as multiples of each model's window")
     p.add_argument("--num", type=int, default=16, help="task instances per distance")
+    p.add_argument("--buckets", nargs="+", type=int, default=list(BUCKETS),
+                   help="upper edges of the position buckets (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -193,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = sub.add_parser("train", help="train a model on the prepared corpus")
     tp.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    tp.add_argument("--memory", default=None, choices=["full", "window", "sink"])
+    tp.add_argument("--memory", default=None,
+                    help="full, window or sink, optionally +tttN (In-Place TTT every N-th layer) or +tttN/tf32")
     tp.add_argument("--window", type=int, default=None)
+    tp.add_argument("--ttt-chunk", type=int, default=64, help="In-Place TTT chunk size (tokens)")
     for name, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("seed", int)):
         tp.add_argument(f"--{name}", type=typ, default=None, help="override the preset's value")
     tp.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -211,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("run", help="the main job: prepare data, train tiny models, evaluate, report")
     rp.add_argument("--out", type=Path, default=Path("runs/main"))
-    rp.add_argument("--memories", nargs="+", default=["full", "window"], choices=["full", "window", "sink"])
+    rp.add_argument("--memories", nargs="+", default=["full", "window", "window+ttt2"],
+                    help="memory variants to train and compare (see train --memory)")
     rp.add_argument("--window", type=int, default=64)
-    rp.add_argument("--steps", type=int, default=TRAIN_PRESETS["tiny"].steps)
+    rp.add_argument("--ttt-chunk", type=int, default=64, help="In-Place TTT chunk size (tokens)")
+    rp.add_argument("--steps", type=int, default=600)
     add_eval_args(rp)
+    rp.set_defaults(buckets=[256, 512, 1000, 2000, 5000])
     rp.set_defaults(func=cmd_run)
     return p
 

@@ -155,3 +155,19 @@ PRESETS = {
     "small": ModelConfig(vocab_size=256, dim=512, num_layers=8, num_heads=8,
                          memory=MemoryConfig(kind="window", window=256)),
 }
+
+
+def variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None) -> ModelConfig:
+    """``base`` with the memory and In-Place TTT named by ``spec``: ``kind``, ``kind+tttN`` (In-Place
+    TTT in every N-th layer: N-1, 2N-1, ...) or ``kind+tttN/tf32`` (TF32 products in its scan)."""
+    kind, _, ttt = spec.partition("+ttt")
+    mem = dataclasses.replace(base.memory, kind=kind, window=window or base.memory.window)
+    cfg = dataclasses.replace(base, memory=mem, inplace_ttt=None)
+    if ttt:
+        every, _, prec = ttt.partition("/")
+        if not every.isdigit() or int(every) < 1 or prec not in ("", "tf32"):
+            raise ValueError(f"bad variant {spec!r}: expected KIND, KIND+tttN or KIND+tttN/tf32")
+        layers = tuple(range(int(every) - 1, cfg.num_layers, int(every)))
+        cfg = dataclasses.replace(cfg, inplace_ttt=InPlaceTTTConfig(
+            layers=layers, chunk_size=chunk, matmul_precision="high" if prec == "tf32" else "highest"))
+    return cfg

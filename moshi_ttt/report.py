@@ -26,12 +26,15 @@ def git_commit(path: Path | None = None) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def plot_loss_by_position(models: dict[str, list[dict]], path: Path) -> None:
-    """One line per model: bits/token per position bucket (log-scale x)."""
+def plot_loss_by_position(models: dict[str, list[dict]], path: Path, marks: dict[str, int] | None = None) -> None:
+    """One line per model: bits/token per position bucket (log-scale x); ``marks`` draws labelled
+    vertical lines (e.g. the attention window, the training length)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, rows in models.items():
         mid = [(r["lo"] + r["hi"]) / 2 for r in rows]
         ax.plot(mid, [r["bits_per_token"] for r in rows], marker="o", label=name)
+    for (label, x), style in zip((marks or {}).items(), ("--", ":", "-.")):
+        ax.axvline(x, color="grey", ls=style, lw=1, label=f"{label} ({x})")
     ax.set_xscale("log")
     ax.set_xlabel("position in document (tokens, bucket centre)")
     ax.set_ylabel("loss (bits per token, lower is better)")
