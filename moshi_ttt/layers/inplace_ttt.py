@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import InPlaceTTTConfig
+from ..ops.segments import pack, segment_rows, unpack
 from ..ops.inplace_ttt import chunk_target, fp32_matmul_precision, pad_to_chunks, ttt_chunk_scan, ttt_naive
 from ..state import ScopedState
 from .mlp import GatedMLP
@@ -67,13 +68,9 @@ class InPlaceTTTMLP(GatedMLP):
                 o, _ = self._scan(pad_to_chunks(z, C), pad_to_chunks(x0, C))
                 return o[:, :T].to(x.dtype)
             # one row per segment, starting at its position 0, so chunks align as in streaming
-            rows = seg + torch.arange(B, device=x.device)[:, None] * (T + 1)
-            _, r = torch.unique(rows, return_inverse=True)  # [B, T] packed row of each token
-            L = -(-(int(pos.max()) + 1) // C) * C
-            zp = z.new_zeros(int(r.max()) + 1, L, z.shape[-1]).index_put_((r, pos), z)
-            xp = x0.new_zeros(zp.shape[0], L, D).index_put_((r, pos), x0)
-            o, _ = self._scan(zp, xp)
-            return o[r, pos].to(x.dtype)
+            r, rows, L = segment_rows(pos, seg, C)
+            o, _ = self._scan(pack(z, r, pos, rows, L), pack(x0, r, pos, rows, L))
+            return unpack(o, r, pos).to(x.dtype)
 
     def init_state(self, st: ScopedState, B: int, device) -> None:
         C, h, D = self.ttt.chunk_size, self.linear_out.weight.shape[1], self.linear_out.weight.shape[0]
