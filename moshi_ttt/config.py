@@ -8,7 +8,10 @@ import json
 from dataclasses import dataclass, field
 
 MEMORY_KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
-IMPLEMENTED_MEMORY_KINDS = ("full", "window", "sink")
+IMPLEMENTED_MEMORY_KINDS = ("full", "window", "sink", "ttt_cache")
+COMBINES = ("gate", "concat")  # spec option A (separate softmaxes, learned gate) / B (one softmax)
+VIRTUAL_POSITIONS = ("relative", "decay", "none")  # spec options A / B / C
+COLD_STARTS = ("zero", "learned", "wait")  # spec options A / B / C
 
 
 @dataclass(frozen=True)
@@ -17,12 +20,33 @@ class MemoryConfig:
 
     ``full``: every past token. ``window``: the last ``window`` tokens (ring buffer).
     ``sink``: the first ``num_sink`` tokens of the stream plus the last ``window`` (StreamingLLM).
+    ``ttt_cache``: the window plus a compressor (per head, fast weights) that learns every evicted
+    (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
+    ``compressor_hidden`` its width (0: 2 x head dim), ``inner_lr`` the bound on its per-token
+    step size, ``decay`` forgetting towards the initial state, ``momentum`` (Titans), ``max_state_norm``
+    a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate softmaxes mixed by a learned gate per head) or
+    ``"concat"`` (one softmax), ``virtual_position`` ``"relative"`` (RoPE offsets), ``"decay"``
+    (learned recency bias) or ``"none"``, ``cold_start`` ``"zero"`` (output layer starts at zero),
+    ``"learned"`` (learned initial state) or ``"wait"`` (no virtual tokens before the first
+    update), ``bptt`` how many compressor updates gradients flow through (0: all),
+    ``check_finite`` a per-update check that names the layer and update on NaN/Inf.
     """
 
     kind: str = "window"
     window: int = 64
     num_sink: int = 4
     num_virtual: int = 4
+    block: int = 16
+    compressor_hidden: int = 0
+    inner_lr: float = 1.0
+    decay: float = 0.0
+    momentum: float = 0.0
+    max_state_norm: float = 100.0
+    combine: str = "gate"
+    virtual_position: str = "relative"
+    cold_start: str = "wait"
+    bptt: int = 0
+    check_finite: bool = False
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
@@ -39,6 +63,18 @@ class MemoryConfig:
             raise ValueError("MemoryConfig.kind='sink' needs num_sink >= 1")
         if self.num_virtual < 1:
             raise ValueError(f"MemoryConfig.num_virtual must be >= 1, got {self.num_virtual}")
+        for name, allowed in (("combine", COMBINES), ("virtual_position", VIRTUAL_POSITIONS),
+                              ("cold_start", COLD_STARTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.block < 1 or self.compressor_hidden < 0 or self.bptt < 0:
+            raise ValueError("MemoryConfig.block must be >= 1, compressor_hidden and bptt >= 0")
+        if not 0 < self.inner_lr <= 10:
+            raise ValueError(f"MemoryConfig.inner_lr must be in (0, 10], got {self.inner_lr}")
+        if not (0 <= self.decay < 1 and 0 <= self.momentum < 1):
+            raise ValueError(f"MemoryConfig.decay and momentum must be in [0, 1), got {self.decay}, {self.momentum}")
+        if self.max_state_norm <= 0:
+            raise ValueError(f"MemoryConfig.max_state_norm must be > 0, got {self.max_state_norm}")
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ class StreamingAttention(nn.Module):
         self.in_proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_period), persistent=False)
-        self.memory = make_memory(cfg.memory)
+        self.memory = make_memory(cfg)
 
     def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
-        """x [B, T, D], pos [B, T] -> q, k, v [B, H, T, Dh] with RoPE on q and k."""
+        """x [B, T, D], pos [B, T] -> q, k (RoPE at pos), v, and q, k before RoPE: [B, H, T, Dh] each."""
         B, T, _ = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
-        return apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs), v
+        return apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs), v, q, k
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, H, T, Dh = o.shape
@@ -40,7 +40,9 @@ class StreamingAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
         """Parallel path. x [B, T, D]; pos [B, T] positions within each segment; seg [B, T] ids or None."""
-        q, k, v = self._qkv(x, pos)
+        q, k, v, q_raw, k_raw = self._qkv(x, pos)
+        if self.cfg.memory.kind == "ttt_cache":
+            return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
         if seg is None and self.cfg.memory.kind == "full":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -55,7 +57,9 @@ class StreamingAttention(nn.Module):
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, st: ScopedState) -> torch.Tensor:
         """Streaming path: x [B, k, D] at positions pos [B, k]; reads then updates the memory."""
-        q, k, v = self._qkv(x, pos)
+        q, k, v, q_raw, k_raw = self._qkv(x, pos)
+        if self.cfg.memory.kind == "ttt_cache":
+            return self._out(self.memory.attend_step(q_raw, k_raw, v, q, k, pos, st, self.freqs))
         k0, v0, p0 = self.memory.context(st)  # [B, H, L, Dh], [B, L]
         keys = torch.cat([k0.to(k.dtype), k], dim=2)
         vals = torch.cat([v0.to(v.dtype), v], dim=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MemoryConfig
+from ..config import MemoryConfig, ModelConfig
 from ..state import ScopedState
 
 
@@ -46,17 +46,18 @@ class FullMemory:
         st["kpos"][:, n:n + t] = pos
 
 
-def ring_write(kbuf, vbuf, pbuf, k, v, pos) -> None:
+def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=()) -> None:
     """Store the last ``size`` of the step's tokens at slots ``pos % size``, in place.
 
-    kbuf, vbuf [B, H, size, Dh]; pbuf [B, size]; k, v [B, H, T, Dh]; pos [B, T].
+    kbuf, vbuf [B, H, size, Dh]; pbuf [B, size]; k, v [B, H, T, Dh]; pos [B, T]; ``extra``:
+    more (buffer, values) pairs shaped like (kbuf, k).
     """
     size = pbuf.shape[1]
-    k, v, pos = k[:, :, -size:], v[:, :, -size:], pos[:, -size:]
+    pos = pos[:, -size:]
     slots = pos % size  # [B, t] distinct: positions are consecutive
     idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, H, t, Dh]
-    kbuf.scatter_(2, idx, k.to(kbuf.dtype))
-    vbuf.scatter_(2, idx, v.to(vbuf.dtype))
+    for buf, x in ((kbuf, k), (vbuf, v), *extra):
+        buf.scatter_(2, idx, x[:, :, -size:].to(buf.dtype))
     pbuf.scatter_(1, slots, pos)
 
 
@@ -112,8 +113,12 @@ class SinkMemory(WindowMemory):
         st["sink_pos"][:, S].fill_(-1)
 
 
-def make_memory(cfg: MemoryConfig):
+def make_memory(cfg: ModelConfig):
     kinds = {"full": FullMemory, "window": WindowMemory, "sink": SinkMemory}
-    if cfg.kind not in kinds:
-        raise ValueError(f"memory kind {cfg.kind!r} has no implementation")
-    return kinds[cfg.kind](cfg)
+    if cfg.memory.kind == "ttt_cache":
+        from .ttt_cache import TTTCacheMemory
+
+        return TTTCacheMemory(cfg)
+    if cfg.memory.kind not in kinds:
+        raise ValueError(f"memory kind {cfg.memory.kind!r} has no implementation")
+    return kinds[cfg.memory.kind](cfg.memory)

@@ -1,0 +1,128 @@
+"""TTT-cache compressor ops (DESIGN section 4): a 2-layer MLP with fast weights per (row, head).
+
+    f_θ(x) = gelu(x W1) W2,  θ = (W1 [Dh, m], W2 [m, Dh])
+    ℓ_t = ½ ‖f_θ(k̂_t) − v_t‖²  over each mini-batch of b evicted tokens (k̂ = L2-normalised key)
+    θ ← θ − Σ_t η_t ∇_θ ℓ_t(θ)   (one gradient step per mini-batch, at the block-start state)
+
+η_t = η_max · σ(w·k̂_t + c) / b is bounded, so a mini-batch step cannot overshoot. Optional
+forgetting pulls θ back towards its initial state, optional momentum follows Titans, and a norm
+cap keeps ‖W‖_F bounded. Two implementations of the block step share one signature:
+``block_step_naive`` takes per-token gradients with autograd in a token loop (the reference),
+``block_step`` uses the closed-form batched gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def compressor(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f_θ(x). w1 [G, Dh, m], w2 [G, m, Dh], x [G, n, Dh] -> [G, n, Dh]."""
+    return F.gelu(x @ w1) @ w2
+
+
+def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """d gelu(h) / dh for the exact (erf) gelu: Φ(h) + h φ(h)."""
+    cdf = 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+    return cdf + h * pdf
+
+
+def block_step(w1, w2, x, y, eta):
+    """One mini-batch gradient step. x, y [G, b, Dh]; eta [G, b] (0 drops a token).
+
+    Returns (ΔW1 [G, Dh, m], ΔW2 [G, m, Dh], loss per token before the step [G, b]); the caller
+    adds the deltas (so forgetting and momentum are shared by both implementations).
+    """
+    h = x @ w1  # [G, b, m]
+    a = F.gelu(h)
+    err = a @ w2 - y  # [G, b, Dh]
+    ge = err * eta[..., None]
+    d_w2 = a.transpose(1, 2) @ ge  # Σ_t η_t a_tᵀ err_t: [G, m, Dh]
+    d_h = (ge @ w2.transpose(1, 2)) * _gelu_grad(h)  # [G, b, m]
+    d_w1 = x.transpose(1, 2) @ d_h  # [G, Dh, m]
+    return -d_w1, -d_w2, 0.5 * err.pow(2).sum(-1)
+
+
+def block_step_naive(w1, w2, x, y, eta):
+    """Reference: per-token gradients by autograd, summed over the block at the block-start state."""
+    with torch.enable_grad():
+        if not (w1.requires_grad and w2.requires_grad):
+            w1, w2 = w1.detach().requires_grad_(), w2.detach().requires_grad_()
+        return _naive(w1, w2, x, y, eta)
+
+
+def _naive(w1, w2, x, y, eta):
+    d1, d2, losses = torch.zeros_like(w1), torch.zeros_like(w2), []
+    for t in range(x.shape[1]):
+        xt, yt = x[:, t:t + 1], y[:, t:t + 1]
+        loss = 0.5 * (compressor(w1, w2, xt) - yt).pow(2).sum(-1)[:, 0]  # [G]
+        g1, g2 = torch.autograd.grad(loss.sum(), (w1, w2), create_graph=True)
+        d1 = d1 - eta[:, t, None, None] * g1
+        d2 = d2 - eta[:, t, None, None] * g2
+        losses.append(loss)
+    return d1, d2, torch.stack(losses, 1)
+
+
+def apply_update(w, delta, mom, w_init, decay: float, momentum: float, max_norm: float):
+    """θ_new from θ and the gradient step: momentum (S ← βS + Δ), forgetting towards the initial
+    state (θ ← θ0 + (1 − λ)(θ − θ0)), then a cap on ‖θ‖_F. All [G, ...]; returns (θ_new, S_new)."""
+    if momentum:
+        mom = momentum * mom + delta
+        delta = mom
+    w = w + delta
+    if decay:
+        w = w_init + (1.0 - decay) * (w - w_init)
+    norm = torch.linalg.vector_norm(w, dim=(1, 2), keepdim=True)
+    w = w * torch.clamp(max_norm / norm.clamp_min(1e-12), max=1.0)
+    return w, mom
+
+
+def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read, *, decay: float = 0.0,
+                  momentum: float = 0.0, max_norm: float = 100.0, bptt: int = 0, naive: bool = False,
+                  record: bool = False, check: str | None = None):
+    """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
+
+    d1, d2 [G, Dh, m], [G, m, Dh]: the state as offsets from the initial state init1, init2 (a
+    reset sets them to zero); mom1, mom2 the momentum (or None); keys (normalised), vals
+    [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
+    skipped block leaves the state as it is); read(w1, w2) -> (K, V) [G, M, Dh]. Gradients flow
+    through at most ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh]
+    (index n: after n blocks), the final (d1, d2, mom1, mom2) and the inner losses before and
+    after each update [G, N] (after: only when ``record``).
+    """
+    step = block_step_naive if naive else block_step
+    N = keys.shape[1]
+    w1, w2 = init1 + d1, init2 + d2
+    k0, v0 = read(w1, w2)
+    ks, vs, before, after = [k0], [v0], [], []
+    for n in range(N):
+        if bptt and n and n % bptt == 0:
+            d1, d2 = d1.detach(), d2.detach()
+            mom1, mom2 = (m.detach() if m is not None else None for m in (mom1, mom2))
+            w1, w2 = init1 + d1, init2 + d2
+        a = apply[:, n, None, None] > 0
+        u1, u2, loss = step(w1, w2, keys[:, n], vals[:, n], eta[:, n])
+        n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
+        n2, nm2 = apply_update(w2, u2, mom2, init2, decay, momentum, max_norm)
+        w1, w2 = torch.where(a, n1, w1), torch.where(a, n2, w2)
+        if momentum:
+            mom1, mom2 = torch.where(a, nm1, mom1), torch.where(a, nm2, mom2)
+        if check is not None and not torch.cuda.is_current_stream_capturing():
+            if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
+                raise FloatingPointError(f"{check}: compressor state not finite after update {n}")
+        valid = (eta[:, n] > 0).float()
+        denom = valid.sum(1).clamp_min(1.0)
+        before.append((loss.detach() * valid).sum(1) / denom)
+        if record:
+            with torch.no_grad():
+                err = compressor(w1, w2, keys[:, n]) - vals[:, n]
+                after.append((0.5 * err.pow(2).sum(-1) * valid).sum(1) / denom)
+        kn, vn = read(w1, w2)
+        ks.append(kn)
+        vs.append(vn)
+    stack = (lambda xs: torch.stack(xs, 1) if xs else None)
+    return (torch.stack(ks, 1), torch.stack(vs, 1)), (w1 - init1, w2 - init2, mom1, mom2), (stack(before), stack(after))
