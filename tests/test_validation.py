@@ -46,7 +46,15 @@ def test_bad_resets_shape(model):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: mt.MemoryConfig(kind="nope"), "unknown"),
-    (lambda: mt.MemoryConfig(kind="ttt_cache"), "not implemented yet"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", combine="sum"), "combine"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", virtual_position="abs"), "virtual_position"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", cold_start="warm"), "cold_start"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", block=0), "block must be >= 1"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", bptt=-1), "bptt"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", inner_lr=0.0), "inner_lr"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", decay=1.0), "decay and momentum"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", momentum=-0.1), "decay and momentum"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", max_state_norm=0.0), "max_state_norm"),
     (lambda: mt.MemoryConfig(kind="pooled"), "not implemented yet"),
     (lambda: mt.MemoryConfig(kind="infini"), "not implemented yet"),
     (lambda: mt.MemoryConfig(window=0), "window must be >= 1"),
