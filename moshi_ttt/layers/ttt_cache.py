@@ -164,12 +164,15 @@ class TTTCacheMemory(nn.Module):
         valid = (P[:, None] - W + ar) >= 0  # [B, k]: a suffix of the candidates
         nvalid = valid.sum(1)
         ecount = st["ecount"]
-        NB = -(-(b + kq) // b)
+        NB = -(-(b - 1 + kq) // b)  # blocks the open block (< b tokens) and k new ones can fill
         L = NB * b
-        slot = torch.where(valid, ecount[:, None] + ar - (kq - nvalid)[:, None], L)  # L: spill slot
+        # layout from the open block's start: L slots of blocks, b zero slots (the next open block
+        # when all complete), then a spill slot for the candidates that are not evicted yet
+        slot = torch.where(valid, ecount[:, None] + ar - (kq - nvalid)[:, None], L + b)
         idx = slot[:, None, :, None].expand(-1, H, -1, Dh)
-        lay_k = torch.cat([st["ek"], st["ek"].new_zeros(B, H, L + 1 - b, Dh)], 2).scatter(2, idx, cand_k.to(st["ek"].dtype))
-        lay_v = torch.cat([st["ev"], st["ev"].new_zeros(B, H, L + 1 - b, Dh)], 2).scatter(2, idx, cand_v.to(st["ev"].dtype))
+        pad = (lambda buf: torch.cat([buf, buf.new_zeros(B, H, L + 1, Dh)], 2))  # [B, H, L + b + 1, Dh]
+        lay_k = pad(st["ek"]).scatter(2, idx, cand_k.to(st["ek"].dtype))
+        lay_v = pad(st["ev"]).scatter(2, idx, cand_v.to(st["ev"].dtype))
         total = ecount + nvalid  # evicted tokens in the open blocks after this step
         apply = ((torch.arange(NB, device=q.device) + 1) * b <= total[:, None])  # [B, NB]
         tok_ok = (torch.arange(L, device=q.device) < total[:, None]).view(B, NB, b) & apply[..., None]

@@ -53,6 +53,9 @@ class StreamingLM(nn.Module):
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.self_attn.memory, nn.Module):
+                layer.self_attn.memory.name = f"layers.{i}.self_attn.memory"  # named in error messages
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -63,8 +66,8 @@ class StreamingLM(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("out_proj.weight") or name.endswith("linear_out.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.num_layers))
-            elif name.endswith("target_conv") or name.endswith("target_proj"):
-                continue  # In-Place TTT's own init (InPlaceTTTMLP.reset_ttt_parameters)
+            elif name.endswith("target_conv") or name.endswith("target_proj") or ".memory." in name:
+                continue  # In-Place TTT's and the TTT cache's own init
             else:
                 nn.init.normal_(p, std=0.02)
 

@@ -100,10 +100,9 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
     k0, v0 = read(w1, w2)
     ks, vs, before, after = [k0], [v0], [], []
     for n in range(N):
-        if bptt and n and n % bptt == 0:
-            d1, d2 = d1.detach(), d2.detach()
+        if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
+            w1, w2 = w1.detach(), w2.detach()
             mom1, mom2 = (m.detach() if m is not None else None for m in (mom1, mom2))
-            w1, w2 = init1 + d1, init2 + d2
         a = apply[:, n, None, None] > 0
         u1, u2, loss = step(w1, w2, keys[:, n], vals[:, n], eta[:, n])
         n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
@@ -111,7 +110,7 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
         w1, w2 = torch.where(a, n1, w1), torch.where(a, n2, w2)
         if momentum:
             mom1, mom2 = torch.where(a, nm1, mom1), torch.where(a, nm2, mom2)
-        if check is not None and not torch.cuda.is_current_stream_capturing():
+        if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
             if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
                 raise FloatingPointError(f"{check}: compressor state not finite after update {n}")
         valid = (eta[:, n] > 0).float()

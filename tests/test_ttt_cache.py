@@ -1,0 +1,218 @@
+"""TTT cache: parallel vs streaming for every option, naive vs fast compressor, real test-time
+learning, diagnostics, stability."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import moshi_ttt as mt
+from moshi_ttt.ops.ttt_cache import block_step, block_step_naive, compress_scan, compressor
+from conftest import stream
+
+OPTIONS = list(itertools.product(("gate", "concat"), ("relative", "decay", "none"), ("zero", "learned", "wait")))
+
+
+def cache_config(window=6, block=4, num_virtual=3, **kw):
+    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
+                          memory=mt.MemoryConfig(kind="ttt_cache", window=window, block=block,
+                                                 num_virtual=num_virtual, **kw))
+
+
+def memories(model):
+    return [layer.self_attn.memory for layer in model.layers]
+
+
+def lively(model):
+    """Non-zero virtual-key projection and gate, so every parameter matters (as after training)."""
+    with torch.no_grad():
+        for mem in memories(model):
+            mem.vkey_proj.normal_(0, 0.3)
+            mem.gate.normal_(0, 1.0)
+            mem.lr_w.normal_(0, 1.0)
+    return model
+
+
+# ---- parallel vs streaming ----------------------------------------------------------
+@pytest.mark.parametrize("combine, position, cold", OPTIONS)
+def test_parallel_equals_streaming_every_option(combine, position, cold):
+    """Batch 3, row 1 reset mid-stream, 2000 tokens, window 6 (wraps 300+ times), 37 tokens a step."""
+    model = lively(mt.StreamingLM(cache_config(combine=combine, virtual_position=position, cold_start=cold))).eval()
+    T, r = 2000, 999
+    tokens = torch.randint(0, 50, (3, T))
+    resets = torch.zeros(3, T, dtype=torch.bool)
+    resets[1, r] = True
+    with torch.no_grad():
+        ref = model(tokens, resets=resets)
+        out, state = stream(model, tokens, 37, resets_at={r: torch.tensor([False, True, False])})
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert state["layers.0.updates"].tolist() == [(T - 6) // 4, (T - r - 6) // 4, (T - 6) // 4]
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])
+@pytest.mark.parametrize("extra", [dict(momentum=0.5), dict(decay=0.1), dict(max_state_norm=2.0), dict(bptt=2)])
+def test_parallel_equals_streaming_update_options(k, extra):
+    model = lively(mt.StreamingLM(cache_config(**extra))).eval()
+    tokens = torch.randint(0, 50, (2, 150))
+    with torch.no_grad():
+        out, _ = stream(model, tokens, k)
+        assert (out - model(tokens)).abs().max().item() <= 1e-4
+
+
+# ---- naive vs fast ------------------------------------------------------------------
+def test_block_step_naive_equals_fast_float64():
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+            for s in ((3, 4, 6), (3, 6, 4), (3, 5, 4), (3, 5, 4))]
+    eta = torch.rand(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    results = []
+    for f in (block_step_naive, block_step):
+        for a in (*args, eta):
+            a.grad = None
+        d1, d2, loss = f(*args, eta)
+        (d1.sin().sum() + d2.cos().sum() + loss.sum()).backward()
+        results.append([d1.detach(), d2.detach(), loss.detach()] + [a.grad.clone() for a in (*args, eta)])
+    for ref, fast in zip(*results):
+        assert ((fast - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(momentum=0.5, decay=0.1)])
+def test_model_naive_equals_fast_float64(extra):
+    """States, outputs and gradients of every parameter through the whole model."""
+    model = lively(mt.StreamingLM(cache_config(**extra))).double()
+    tokens = torch.randint(0, 50, (2, 41))
+    results = []
+    for naive in (True, False):
+        for mem in memories(model):
+            mem.naive = naive
+        model.zero_grad()
+        logits = model(tokens)
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+        with torch.no_grad():
+            _, st = stream(model, tokens, 5)
+        results.append({"logits": logits.detach(), "d2": st["layers.1.d2"],
+                        **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}})
+    assert set(results[0]) == set(results[1])
+    for name, ref in results[0].items():
+        err = ((results[1][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err < 1e-6, name
+
+
+# ---- test-time learning is real ----------------------------------------------------
+def test_inner_loss_falls_as_updates_accumulate():
+    model = mt.StreamingLM(cache_config(window=8, block=4)).eval()
+    mem = memories(model)[0]
+    mem.record = True
+    motif = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        model(motif.repeat(2, 30))  # 360 tokens of a repeated phrase: evicted pairs recur
+    before, after = mem.stats["inner_loss_before"], mem.stats["inner_loss_after"]  # [G, N]
+    assert (after < before).float().mean().item() > 0.95  # each update lowers its own block's loss
+    # a block's loss *before* it is learned (held out so far) falls as earlier updates accumulate
+    assert before[:, -10:].mean().item() < 0.5 * before[:, :3].mean().item()
+
+
+def test_virtual_tokens_depend_on_evicted_tokens_only():
+    """Two streams that differ only in tokens long evicted: the TTT cache's state, virtual tokens
+    and last prediction differ; the same weights with a plain window cannot tell them apart."""
+    cfg = cache_config(window=8, block=4)
+    model = lively(mt.StreamingLM(cfg)).eval()
+    plain = mt.StreamingLM(dataclasses.replace(cfg, memory=mt.MemoryConfig(kind="window", window=8))).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".memory." not in k})
+    a = torch.randint(0, 50, (1, 80))
+    b = a.clone()
+    b[:, :20] = torch.randint(0, 50, (1, 20))  # 60 tokens before the end: far outside 2 layers x 8
+    mem = memories(model)[0]
+    with torch.no_grad():
+        la, sa = stream(model, a, 7)
+        lb, sb = stream(model, b, 7)
+        read = mem._read(model.layers[0].self_attn.freqs, 1)
+        va = read(mem.w1_init + sa["layers.0.d1"][0], mem.w2_init + sa["layers.0.d2"][0])[1]
+        vb = read(mem.w1_init + sb["layers.0.d1"][0], mem.w2_init + sb["layers.0.d2"][0])[1]
+        pa, pb = plain(a), plain(b)
+    assert (va - vb).abs().max() > 1e-3
+    assert (la[:, -1] - lb[:, -1]).abs().max() > 1e-4
+    assert torch.equal(pa[:, -1], pb[:, -1])
+
+
+def test_truncated_bptt_stops_gradients():
+    g = torch.Generator().manual_seed(0)
+    G, N, b, D, m = 2, 6, 3, 4, 5
+    vals = torch.randn(G, N, b, D, dtype=torch.float64, generator=g, requires_grad=True)
+    keys = torch.nn.functional.normalize(torch.randn(G, N, b, D, dtype=torch.float64, generator=g), dim=-1)
+    init1, init2 = torch.randn(G, D, m, dtype=torch.float64, generator=g), torch.randn(G, m, D, dtype=torch.float64, generator=g)
+    probes = torch.randn(G, 2, D, dtype=torch.float64, generator=g)
+    read = (lambda w1, w2: (probes, compressor(w1, w2, probes)))
+    grads = {}
+    for bptt in (0, 2):
+        (_, reads), *_ = compress_scan(torch.zeros_like(init1), torch.zeros_like(init2), None, None, init1, init2,
+                                       keys, vals, torch.full((G, N, b), 0.3, dtype=torch.float64),
+                                       torch.ones(G, N, dtype=torch.float64), read, bptt=bptt)
+        grads[bptt], = torch.autograd.grad(reads[:, -1].sum(), vals)
+    assert grads[0][:, 0].abs().max() > 0  # through all 6 updates
+    assert grads[2][:, :4].abs().max() == 0 and grads[2][:, 4:].abs().max() > 0  # only the last 2
+
+
+# ---- diagnostics and stability ------------------------------------------------------
+@pytest.mark.parametrize("combine", ["gate", "concat"])
+def test_diagnostics(combine):
+    model = lively(mt.StreamingLM(cache_config(combine=combine, window=8, block=4))).eval()
+    mem = memories(model)[0]
+    mem.record = True
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 120)))
+        par = dict(mem.stats)
+        stream(model, torch.randint(0, 50, (2, 120)), 120)
+    assert torch.allclose(par["alpha"], torch.sigmoid(mem.gate))
+    if combine == "gate":  # with virtual tokens, the mass on them is exactly 1 - α averaged over heads
+        assert par["virtual_mass"] == pytest.approx((1 - par["alpha"]).mean().item(), abs=1e-6)
+    assert 0 < par["virtual_mass"] < 1 and -1 <= par["virtual_key_cos"] <= 1
+    assert 0 < mem.stats["virtual_mass"] < 1
+
+
+def test_check_finite_names_layer_and_update():
+    model = mt.StreamingLM(cache_config(check_finite=True)).eval()
+    with torch.no_grad():
+        memories(model)[1].w1_init.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"layers.1.self_attn.memory: compressor state not finite after update 0"):
+        model(torch.randint(0, 50, (1, 40)))
+
+
+def test_adversarial_stream_stays_finite_and_constant_size():
+    model = mt.StreamingLM(cache_config(window=8, block=4, inner_lr=10.0)).eval()
+    with torch.no_grad():
+        model.emb.weight.mul_(1e4)  # huge embeddings
+    state = model.init_state(2)
+    sizes = []
+    with torch.no_grad():
+        for step in range(60):
+            tokens = torch.full((2, 100), 7) if step % 2 else torch.randint(0, 50, (2, 100))  # repeats
+            logits, state = model.step(tokens, state)
+            sizes.append(state.nbytes())
+        assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(t.float()).all() for t in state.tensors.values())
+    assert len(set(sizes)) == 1
+    for i in range(2):
+        w2 = model.layers[i].self_attn.memory.w2_init + state[f"layers.{i}.d2"]
+        assert torch.linalg.vector_norm(w2, dim=(-2, -1)).max() <= 100.0 + 1e-3
+
+
+def test_trap14_state_updates_not_rounded_by_autocast():
+    """The compressor update run inside autocast equals the same update outside it, bit for bit,
+    and the streaming state is fp32 whatever the activations' dtype."""
+    model = mt.StreamingLM(cache_config(window=6, block=4)).eval()
+    mem = memories(model)[0]
+    g = torch.Generator().manual_seed(0)
+    G, N, b, Dh, m = 4, 5, 4, 8, 16
+    keys, vals = torch.randn(G, N, b, Dh, generator=g), torch.randn(G, N, b, Dh, generator=g)
+    args = (torch.zeros(G, Dh, m), torch.zeros(G, m, Dh), None, None, keys, vals, torch.ones(G, N),
+            model.layers[0].self_attn.freqs, 1)
+    with torch.no_grad():
+        (rk, rv), (d1, d2, _, _), _ = mem._scan(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (ak, av), (a1, a2, _, _), _ = mem._scan(*args)
+            _, st = stream(model, torch.randint(0, 50, (1, 40)), 40)
+    assert torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)
+    assert d2.dtype == torch.float32 and st["layers.0.d2"].dtype == torch.float32
+    assert st["layers.0.d2"].abs().max() > 0
