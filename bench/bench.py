@@ -78,6 +78,38 @@ def variant_config(base: mt.ModelConfig, variant: str, chunk: int) -> mt.ModelCo
     return mt.config.variant(base, variant, chunk)
 
 
+@torch.no_grad()
+def bench_stream_graph(model, device, dtype, prefill, tokens):
+    """Streaming ms/token at batch 1 with the one-token step captured once as a CUDA graph."""
+    state = model.init_state(1, dtype=torch.bfloat16 if dtype == "bf16" else None)
+    x = torch.randint(0, model.cfg.vocab_size, (1, prefill + tokens), device=device)
+    static = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with autocast(device, dtype):
+        for t in range(0, prefill, 256):
+            _, state = model.step(x[:, t:min(t + 256, prefill)], state)
+        scratch = mt.StreamingState({k: v.clone() for k, v in state.tensors.items()}, dict(state.fills),
+                                    dict(state.meta))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model.step(static, scratch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model.step(static, state)
+    for t in range(8):  # warm-up replays
+        static.copy_(x[:, prefill + t:prefill + t + 1])
+        graph.replay()
+    sync(device)
+    t0 = time.perf_counter()
+    for t in range(tokens):
+        static.copy_(x[:, prefill + t:prefill + t + 1])
+        graph.replay()
+    sync(device)
+    return {"stream_graph_ms_per_token": (time.perf_counter() - t0) * 1e3 / tokens}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -96,6 +128,8 @@ def main(argv=None):
     p.add_argument("--ttt-chunk", type=int, default=512)
     p.add_argument("--repeats", type=int, default=1, help="measure every variant this many times, interleaved")
     p.add_argument("--no-stream", action="store_true", help="skip the streaming measurement")
+    p.add_argument("--graph", action="store_true", help="also time streaming as a replayed CUDA graph")
+    p.add_argument("--block", type=int, default=None, help="ttt_cache: evicted tokens per compressor update")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
@@ -110,6 +144,8 @@ def main(argv=None):
     for rep in range(a.repeats):
         for kind in a.kinds:
             cfg = variant_config(base, kind, a.ttt_chunk)
+            if a.block:
+                cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, block=a.block))
             torch.manual_seed(0)
             model = mt.StreamingLM(cfg).to(device)
             row = {"kind": kind, "window": cfg.memory.window, "repeat": rep,
@@ -117,6 +153,8 @@ def main(argv=None):
             row.update(bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps))
             if not a.no_stream:
                 row.update(bench_stream(model.eval(), device, a.dtype, a.prefill, a.stream_tokens))
+            if a.graph and not kind.startswith("full"):
+                row.update(bench_stream_graph(model.eval(), device, a.dtype, a.prefill, a.stream_tokens))
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
@@ -134,15 +172,18 @@ def main(argv=None):
              f"(chunk {a.ttt_chunk}). Rows repeat the variants in turn ({a.repeats}x).", "",
              f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; "
              f"{info['params'] / 1e6:.1f}M parameters.", "", f"Command: `{info['command']}`", "",
-             "| memory | window | train tokens/s | vs first | train peak GB | stream ms/token (batch 1) | state bytes |",
-             "|---|---|---|---|---|---|---|"]
+             "| memory | window | train tokens/s | vs first | train peak GB | stream ms/token (batch 1) | state bytes "
+             "| CUDA-graph stream ms/token |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['train_peak_bytes'] / 1e9:.2f}" if r["train_peak_bytes"] else "n/a"
         stream = f"{r['stream_ms_per_token']:.2f} | {r['state_bytes']:,}" if "stream_ms_per_token" in r else "- | -"
         lines.append(f"| {r['kind']} | {r['window'] if not r['kind'].startswith('full') else '-'} | "
                      f"{r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / ref['train_tokens_per_s']:.2f}x | "
-                     f"{peak} | {stream} |")
-    lines += ["", f"Streaming is measured one token per step after a prefill of {a.prefill} tokens, eager (no CUDA graph)."]
+                     f"{peak} | {stream} | {r.get('stream_graph_ms_per_token', float('nan')):.3f} |")
+    lines += ["", f"Streaming is measured one token per step after a prefill of {a.prefill} tokens, eager, "
+              "and (last column, where measured) as a replayed CUDA graph of the one-token step."
+              + (f" TTT cache block: {a.block} evicted tokens per update." if a.block else "")]
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

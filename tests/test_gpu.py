@@ -75,3 +75,38 @@ def test_tf32_scan_close_to_fp32():
         outs.append((o.detach(), s.detach(), gz))
     for a, b in zip(*outs):
         assert ((a - b).norm() / a.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+@pytest.mark.parametrize("combine", ["gate", "concat"])
+def test_ttt_cache_graph_replay_equals_eager(combine):
+    cfg = mt.ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
+                         memory=mt.MemoryConfig(kind="ttt_cache", window=8, block=4, combine=combine))
+    torch.manual_seed(0)
+    model = mt.StreamingLM(cfg).cuda().eval()
+    T = 40
+    tokens = torch.randint(0, 256, (2, T), device="cuda")
+    eager_state = model.init_state(2)
+    eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
+    static_in = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    scratch = model.init_state(2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.step(static_in, scratch)
+    torch.cuda.current_stream().wait_stream(side)
+    state = model.init_state(2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, _ = model.step(static_in, state)
+    outs = []
+    for t in range(T):
+        static_in.copy_(tokens[:, t:t + 1])
+        graph.replay()
+        outs.append(static_out.clone())
+    assert (torch.cat(outs, 1) - eager).abs().max().item() <= 1e-4
+    assert state["layers.0.updates"].tolist() == [(T - 8) // 4] * 2
+    for name, t in eager_state.tensors.items():
+        assert torch.allclose(state[name].float(), t.float(), atol=1e-4), name

@@ -128,8 +128,8 @@ def test_virtual_tokens_depend_on_evicted_tokens_only():
         la, sa = stream(model, a, 7)
         lb, sb = stream(model, b, 7)
         read = mem._read(model.layers[0].self_attn.freqs, 1)
-        va = read(mem.w1_init + sa["layers.0.d1"][0], mem.w2_init + sa["layers.0.d2"][0])[1]
-        vb = read(mem.w1_init + sb["layers.0.d1"][0], mem.w2_init + sb["layers.0.d2"][0])[1]
+        va = read((mem.w1_init + sa["layers.0.d1"][0])[:, None], (mem.w2_init + sa["layers.0.d2"][0])[:, None])[1]
+        vb = read((mem.w1_init + sb["layers.0.d1"][0])[:, None], (mem.w2_init + sb["layers.0.d2"][0])[:, None])[1]
         pa, pb = plain(a), plain(b)
     assert (va - vb).abs().max() > 1e-3
     assert (la[:, -1] - lb[:, -1]).abs().max() > 1e-4
@@ -142,7 +142,7 @@ def test_truncated_bptt_stops_gradients():
     vals = torch.randn(G, N, b, D, dtype=torch.float64, generator=g, requires_grad=True)
     keys = torch.nn.functional.normalize(torch.randn(G, N, b, D, dtype=torch.float64, generator=g), dim=-1)
     init1, init2 = torch.randn(G, D, m, dtype=torch.float64, generator=g), torch.randn(G, m, D, dtype=torch.float64, generator=g)
-    probes = torch.randn(G, 2, D, dtype=torch.float64, generator=g)
+    probes = torch.randn(G, 1, 2, D, dtype=torch.float64, generator=g)
     read = (lambda w1, w2: (probes, compressor(w1, w2, probes)))
     grads = {}
     for bptt in (0, 2):

@@ -22,7 +22,7 @@ from ..ops.banded import band, chunked, mix
 from ..ops.masks import visible
 from ..ops.rope import apply_rope
 from ..ops.segments import pack, segment_rows, unpack
-from ..ops.ttt_cache import compress_scan
+from ..ops.ttt_cache import compress_scan, compressor
 from ..state import ScopedState
 from .memory import ring_write
 
@@ -51,17 +51,17 @@ class TTTCacheMemory(nn.Module):
 
     # ---- compressor ---------------------------------------------------------------------
     def _read(self, freqs, rows: int):
-        """read(w1, w2) -> (K, V) [G, M, Dh] for G = rows * H groups."""
-        probes = F.normalize(self.probes, dim=-1).repeat(rows, 1, 1)
-        vkeys, proj = self.vkeys.repeat(rows, 1, 1), self.vkey_proj.repeat(rows, 1, 1)
-        G, M = probes.shape[:2]
+        """read(w1 [G, S, Dh, m], w2 [G, S, m, Dh]) -> (K, V) [G, S, M, Dh] for G = rows * H groups."""
+        probes = F.normalize(self.probes, dim=-1).repeat(rows, 1, 1)[:, None]  # [G, 1, M, Dh]
+        vkeys, proj = self.vkeys.repeat(rows, 1, 1)[:, None], self.vkey_proj.repeat(rows, 1, 1)[:, None]
 
         def read(w1, w2):
-            from ..ops.ttt_cache import compressor
-            v = compressor(w1, w2, probes.to(w1.dtype))  # [G, M, Dh]
+            v = compressor(w1, w2, probes.to(w1.dtype))  # [G, S, M, Dh]
             k = vkeys.to(v.dtype) + v @ proj.to(v.dtype)
             if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
-                k = apply_rope(k[:, None], -self.offsets.to(k.device).expand(G, M), freqs)[:, 0]
+                G, S, M, Dh = k.shape
+                off = -self.offsets.to(k.device).expand(G * S, M)
+                k = apply_rope(k.reshape(G * S, 1, M, Dh), off, freqs).view(G, S, M, Dh)
             return k, v
         return read
 

@@ -89,7 +89,8 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
     d1, d2 [G, Dh, m], [G, m, Dh]: the state as offsets from the initial state init1, init2 (a
     reset sets them to zero); mom1, mom2 the momentum (or None); keys (normalised), vals
     [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
-    skipped block leaves the state as it is); read(w1, w2) -> (K, V) [G, M, Dh]. Gradients flow
+    skipped block leaves the state as it is); read(w1, w2) -> (K, V): [G, S, Dh, m], [G, S, m, Dh]
+    -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow
     through at most ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh]
     (index n: after n blocks), the final (d1, d2, mom1, mom2) and the inner losses before and
     after each update [G, N] (after: only when ``record``).
@@ -97,8 +98,7 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
     step = block_step_naive if naive else block_step
     N = keys.shape[1]
     w1, w2 = init1 + d1, init2 + d2
-    k0, v0 = read(w1, w2)
-    ks, vs, before, after = [k0], [v0], [], []
+    w1s, w2s, before, after = [w1], [w2], [], []
     for n in range(N):
         if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
             w1, w2 = w1.detach(), w2.detach()
@@ -120,8 +120,8 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
             with torch.no_grad():
                 err = compressor(w1, w2, keys[:, n]) - vals[:, n]
                 after.append((0.5 * err.pow(2).sum(-1) * valid).sum(1) / denom)
-        kn, vn = read(w1, w2)
-        ks.append(kn)
-        vs.append(vn)
+        w1s.append(w1)
+        w2s.append(w2)
     stack = (lambda xs: torch.stack(xs, 1) if xs else None)
-    return (torch.stack(ks, 1), torch.stack(vs, 1)), (w1 - init1, w2 - init2, mom1, mom2), (stack(before), stack(after))
+    reads = read(torch.stack(w1s, 1), torch.stack(w2s, 1))
+    return reads, (w1 - init1, w2 - init2, mom1, mom2), (stack(before), stack(after))
