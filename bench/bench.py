@@ -130,6 +130,7 @@ def main(argv=None):
     p.add_argument("--no-stream", action="store_true", help="skip the streaming measurement")
     p.add_argument("--graph", action="store_true", help="also time streaming as a replayed CUDA graph")
     p.add_argument("--block", type=int, default=None, help="ttt_cache: evicted tokens per compressor update")
+    p.add_argument("--compile-scan", action="store_true", help="ttt_cache: torch.compile each compressor update")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
@@ -144,8 +145,9 @@ def main(argv=None):
     for rep in range(a.repeats):
         for kind in a.kinds:
             cfg = variant_config(base, kind, a.ttt_chunk)
-            if a.block:
-                cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, block=a.block))
+            if a.block or a.compile_scan:
+                cfg = dataclasses.replace(cfg, memory=dataclasses.replace(
+                    cfg.memory, block=a.block or cfg.memory.block, compile_scan=a.compile_scan))
             torch.manual_seed(0)
             model = mt.StreamingLM(cfg).to(device)
             row = {"kind": kind, "window": cfg.memory.window, "repeat": rep,
@@ -183,7 +185,8 @@ def main(argv=None):
                      f"{peak} | {stream} | {r.get('stream_graph_ms_per_token', float('nan')):.3f} |")
     lines += ["", f"Streaming is measured one token per step after a prefill of {a.prefill} tokens, eager, "
               "and (last column, where measured) as a replayed CUDA graph of the one-token step."
-              + (f" TTT cache block: {a.block} evicted tokens per update." if a.block else "")]
+              + (f" TTT cache block: {a.block} evicted tokens per update." if a.block else "")
+              + (" Compressor updates through torch.compile." if a.compile_scan else "")]
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,12 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=1, help="tokens per streaming step")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--block", type=int, default=16)
+    p.add_argument("--inputs", nargs="+", default=["random", "adversarial"], choices=["random", "adversarial"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = mt.ModelConfig.preset("tiny", memory=mt.MemoryConfig(kind="ttt_cache", window=a.window, block=a.block))
     model = mt.StreamingLM(cfg).eval()
@@ -55,10 +59,11 @@ def main(argv=None):
     adv.load_state_dict(model.state_dict())
     with torch.no_grad():
         adv.emb.weight.mul_(1e4)  # huge embeddings
-    runs = {"random": soak(model, a.tokens, a.step, False), "adversarial": soak(adv, a.tokens, a.step, True)}
+    runs = {name: soak(adv if name == "adversarial" else model, a.tokens, a.step, name == "adversarial")
+            for name in a.inputs}
     info = {"command": "python bench/stream_soak.py " + " ".join(argv or __import__("sys").argv[1:]),
             "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-            "commit": git_commit(), "config": cfg.to_dict(), "runs": runs}
+            "commit": a.commit or git_commit(), "config": cfg.to_dict(), "runs": runs}
     lines = [f"# TTT-cache streaming soak: {a.tokens:,} tokens, {a.step} token(s) per step", "",
              f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; preset `tiny` with "
              f"`ttt_cache` (window {a.window}, block {a.block}). Command: `{info['command']}`", "",
@@ -71,8 +76,9 @@ def main(argv=None):
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "soak.json").write_text(json.dumps(info, indent=1))
-        (a.out / "README.md").write_text("\n".join(lines) + "\n")
+        tag = "-".join(a.inputs)
+        (a.out / f"soak-{tag}.json").write_text(json.dumps(info, indent=1))
+        (a.out / f"soak-{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

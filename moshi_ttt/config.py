@@ -29,7 +29,8 @@ class MemoryConfig:
     (learned recency bias) or ``"none"``, ``cold_start`` ``"zero"`` (output layer starts at zero),
     ``"learned"`` (learned initial state) or ``"wait"`` (no virtual tokens before the first
     update), ``bptt`` how many compressor updates gradients flow through (0: all),
-    ``check_finite`` a per-update check that names the layer and update on NaN/Inf.
+    ``check_finite`` a per-update check that names the layer and update on NaN/Inf,
+    ``compile_scan`` runs each compressor update through torch.compile (fused kernels).
     """
 
     kind: str = "window"
@@ -47,6 +48,7 @@ class MemoryConfig:
     cold_start: str = "wait"
     bptt: int = 0
     check_finite: bool = False
+    compile_scan: bool = False
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:

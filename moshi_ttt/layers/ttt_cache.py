@@ -82,7 +82,8 @@ class TTTCacheMemory(nn.Module):
         with torch.autocast(keys.device.type, enabled=False):
             return compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, self._read(freqs, rows),
                                  decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
-                                 naive=self.naive, record=self.record, check=self.name if mc.check_finite else None)
+                                 naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
+                                 compiled=mc.compile_scan)
 
     def _virtual_scores(self, q_raw, kv):
         """q_raw [B, H, ..., Q, Dh], kv [B, H, ..., Q, M, Dh] -> scores [B, H, ..., Q, M]."""

@@ -81,21 +81,45 @@ def apply_update(w, delta, mom, w_init, decay: float, momentum: float, max_norm:
     return w, mom
 
 
+def scan_step(w1, w2, mom1, mom2, init1, init2, x, y, eta, apply_n, decay: float, momentum: float,
+              max_norm: float, naive: bool = False):
+    """One block: gradient step, momentum, forgetting and norm cap; rows with ``apply_n`` [G] false
+    keep their state. Returns (w1, w2, mom1, mom2, loss before the step [G, b])."""
+    a = apply_n[:, None, None] > 0
+    u1, u2, loss = (block_step_naive if naive else block_step)(w1, w2, x, y, eta)
+    n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
+    n2, nm2 = apply_update(w2, u2, mom2, init2, decay, momentum, max_norm)
+    if momentum:
+        mom1, mom2 = torch.where(a, nm1, mom1), torch.where(a, nm2, mom2)
+    return torch.where(a, n1, w1), torch.where(a, n2, w2), mom1, mom2, loss
+
+
+_compiled_step = None
+
+
+def compiled_scan_step():
+    """``scan_step`` through torch.compile (fewer, fused kernels; compiled once per shape)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(scan_step, dynamic=False)
+    return _compiled_step
+
+
 def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read, *, decay: float = 0.0,
                   momentum: float = 0.0, max_norm: float = 100.0, bptt: int = 0, naive: bool = False,
-                  record: bool = False, check: str | None = None):
+                  record: bool = False, check: str | None = None, compiled: bool = False):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
 
     d1, d2 [G, Dh, m], [G, m, Dh]: the state as offsets from the initial state init1, init2 (a
     reset sets them to zero); mom1, mom2 the momentum (or None); keys (normalised), vals
     [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
     skipped block leaves the state as it is); read(w1, w2) -> (K, V): [G, S, Dh, m], [G, S, m, Dh]
-    -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow
-    through at most ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh]
-    (index n: after n blocks), the final (d1, d2, mom1, mom2) and the inner losses before and
-    after each update [G, N] (after: only when ``record``).
+    -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most ``bptt``
+    consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
+    blocks), the final (d1, d2, mom1, mom2) and, when ``record``, the inner losses before and
+    after each update [G, N] (mean over the block's tokens).
     """
-    step = block_step_naive if naive else block_step
+    step = compiled_scan_step() if compiled and not naive else scan_step
     N = keys.shape[1]
     w1, w2 = init1 + d1, init2 + d2
     w1s, w2s, before, after = [w1], [w2], [], []
@@ -103,22 +127,17 @@ def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read
         if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
             w1, w2 = w1.detach(), w2.detach()
             mom1, mom2 = (m.detach() if m is not None else None for m in (mom1, mom2))
-        a = apply[:, n, None, None] > 0
-        u1, u2, loss = step(w1, w2, keys[:, n], vals[:, n], eta[:, n])
-        n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
-        n2, nm2 = apply_update(w2, u2, mom2, init2, decay, momentum, max_norm)
-        w1, w2 = torch.where(a, n1, w1), torch.where(a, n2, w2)
-        if momentum:
-            mom1, mom2 = torch.where(a, nm1, mom1), torch.where(a, nm2, mom2)
+        w1, w2, mom1, mom2, loss = step(w1, w2, mom1, mom2, init1, init2, keys[:, n], vals[:, n], eta[:, n],
+                                        apply[:, n], decay, momentum, max_norm, naive)
         if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
             if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
                 raise FloatingPointError(f"{check}: compressor state not finite after update {n}")
-        valid = (eta[:, n] > 0).float()
-        denom = valid.sum(1).clamp_min(1.0)
-        before.append((loss.detach() * valid).sum(1) / denom)
         if record:
             with torch.no_grad():
+                valid = (eta[:, n] > 0).float()
+                denom = valid.sum(1).clamp_min(1.0)
                 err = compressor(w1, w2, keys[:, n]) - vals[:, n]
+                before.append((loss * valid).sum(1) / denom)
                 after.append((0.5 * err.pow(2).sum(-1) * valid).sum(1) / denom)
         w1s.append(w1)
         w2s.append(w2)
