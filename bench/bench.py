@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import moshi_ttt as mt
+from moshi_ttt.graph import GraphedStep
 
 
 def sync(device):
@@ -83,29 +84,16 @@ def bench_stream_graph(model, device, dtype, prefill, tokens):
     """Streaming ms/token at batch 1 with the one-token step captured once as a CUDA graph."""
     state = model.init_state(1, dtype=torch.bfloat16 if dtype == "bf16" else None)
     x = torch.randint(0, model.cfg.vocab_size, (1, prefill + tokens), device=device)
-    static = torch.zeros(1, 1, dtype=torch.long, device=device)
     with autocast(device, dtype):
         for t in range(0, prefill, 256):
             _, state = model.step(x[:, t:min(t + 256, prefill)], state)
-        scratch = mt.StreamingState({k: v.clone() for k, v in state.tensors.items()}, dict(state.fills),
-                                    dict(state.meta))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model.step(static, scratch)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model.step(static, state)
+        step = GraphedStep(model, state)
     for t in range(8):  # warm-up replays
-        static.copy_(x[:, prefill + t:prefill + t + 1])
-        graph.replay()
+        step(x[:, prefill + t:prefill + t + 1])
     sync(device)
     t0 = time.perf_counter()
     for t in range(tokens):
-        static.copy_(x[:, prefill + t:prefill + t + 1])
-        graph.replay()
+        step(x[:, prefill + t:prefill + t + 1])
     sync(device)
     return {"stream_graph_ms_per_token": (time.perf_counter() - t0) * 1e3 / tokens}
 

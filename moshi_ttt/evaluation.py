@@ -13,28 +13,26 @@ BUCKETS = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
 @torch.no_grad()
-def stream_logits_nll(model: StreamingLM, tokens: torch.Tensor, step: int = 256) -> torch.Tensor:
-    """Per-token NLL of tokens[:, 1:] under streaming, ``step`` tokens at a time. [B, T] -> [B, T-1]."""
+def stream_chunks(model: StreamingLM, tokens: torch.Tensor, step: int = 256):
+    """Stream tokens[:, :-1] ``step`` at a time from an empty state; yields (logits, next tokens):
+    logits [B, s, V] at inputs t..t+s-1 and the tokens they predict [B, s]."""
     B, T = tokens.shape
     state = model.init_state(B)
-    nll = []
     for t in range(0, T - 1, step):
-        x, y = tokens[:, t:min(t + step, T - 1)], tokens[:, t + 1:min(t + step, T - 1) + 1]
-        logits, state = model.step(x, state)
-        nll.append(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none"))
-    return torch.cat(nll, dim=1)
+        end = min(t + step, T - 1)
+        logits, state = model.step(tokens[:, t:end], state)
+        yield logits, tokens[:, t + 1:end + 1]
 
 
-@torch.no_grad()
+def stream_logits_nll(model: StreamingLM, tokens: torch.Tensor, step: int = 256) -> torch.Tensor:
+    """Per-token NLL of tokens[:, 1:] under streaming. [B, T] -> [B, T-1]."""
+    return torch.cat([F.cross_entropy(lg.float().transpose(1, 2), y, reduction="none")
+                      for lg, y in stream_chunks(model, tokens, step)], dim=1)
+
+
 def stream_predictions(model: StreamingLM, tokens: torch.Tensor, step: int = 256) -> torch.Tensor:
     """Greedy next-token predictions under streaming: pred[:, t] predicts tokens[:, t+1]. [B, T] -> [B, T-1]."""
-    B, T = tokens.shape
-    state = model.init_state(B)
-    preds = []
-    for t in range(0, T - 1, step):
-        logits, state = model.step(tokens[:, t:min(t + step, T - 1)], state)
-        preds.append(logits.argmax(-1))
-    return torch.cat(preds, dim=1)
+    return torch.cat([lg.argmax(-1) for lg, _ in stream_chunks(model, tokens, step)], dim=1)
 
 
 def bucket_edges(max_len: int, buckets=BUCKETS) -> list[tuple[int, int]]:

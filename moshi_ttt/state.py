@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
+
+from .io import load_checked, save_atomic
 
 STATE_FORMAT = "moshi_ttt.state/1"
 
@@ -58,24 +59,12 @@ class StreamingState:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        blob = {"format": STATE_FORMAT, "meta": self.meta, "fills": self.fills,
-                "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()}}
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        save_atomic({"format": STATE_FORMAT, "meta": self.meta, "fills": self.fills,
+                     "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()}}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "StreamingState":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no saved state at {path}")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable saved state: {e}") from e
-        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a saved state of format {STATE_FORMAT}")
+        blob = load_checked(path, STATE_FORMAT, "saved state")
         tensors = {k: v.to(device) if device is not None else v for k, v in blob["tensors"].items()}
         return cls(tensors, blob["fills"], blob["meta"])
 

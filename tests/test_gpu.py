@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moshi_ttt as mt
+from moshi_ttt.graph import GraphedStep
 
 pytestmark = pytest.mark.gpu
 C = 16
@@ -32,24 +33,11 @@ def test_cuda_graph_replay_equals_eager_and_updates_fast_weights():
     eager_state = model.init_state(2)
     eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
 
-    static_in = torch.zeros(2, 1, dtype=torch.long, device="cuda")
-    scratch = model.init_state(2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model.step(static_in, scratch)
-    torch.cuda.current_stream().wait_stream(side)
     state = model.init_state(2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, _ = model.step(static_in, state)
-
+    step = GraphedStep(model, state)
     outs, updates, prev = [], 0, state["layers.1.ttt.s"].clone()
     for t in range(T):
-        static_in.copy_(tokens[:, t:t + 1])
-        graph.replay()
-        outs.append(static_out.clone())
+        outs.append(step(tokens[:, t:t + 1]).clone())
         s = state["layers.1.ttt.s"]
         if not torch.equal(s, prev):  # counted from the fast weights themselves
             updates += 1
@@ -89,23 +77,9 @@ def test_ttt_cache_graph_replay_equals_eager(combine):
     tokens = torch.randint(0, 256, (2, T), device="cuda")
     eager_state = model.init_state(2)
     eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
-    static_in = torch.zeros(2, 1, dtype=torch.long, device="cuda")
-    scratch = model.init_state(2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model.step(static_in, scratch)
-    torch.cuda.current_stream().wait_stream(side)
     state = model.init_state(2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, _ = model.step(static_in, state)
-    outs = []
-    for t in range(T):
-        static_in.copy_(tokens[:, t:t + 1])
-        graph.replay()
-        outs.append(static_out.clone())
+    step = GraphedStep(model, state)
+    outs = [step(tokens[:, t:t + 1]).clone() for t in range(T)]
     assert (torch.cat(outs, 1) - eager).abs().max().item() <= 1e-4
     assert state["layers.0.updates"].tolist() == [(T - 8) // 4] * 2
     for name, t in eager_state.tensors.items():
