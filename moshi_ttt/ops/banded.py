@@ -27,25 +27,27 @@ def chunked(x: torch.Tensor, window: int, fill: float = 0.0) -> torch.Tensor:
     return F.pad(x, (0, pad), value=fill).unflatten(1, (-1, window))
 
 
-def mix(s_r, v_r, s_v, v_v, vmask, combine: str, gate: torch.Tensor):
-    """Attention output from recent scores and virtual scores.
+def mix(s_r, v_r, vmask, gate, combine: str, scores=None, values=None, out=None):
+    """Attention output from the window and a memory read.
 
-    s_r [..., Q, K] (masked entries -inf; every query sees at least itself), v_r [..., K, D];
-    s_v [..., Q, M], v_v [..., Q, M, D]; vmask [..., Q] whether the query has virtual tokens;
-    gate: α per head, broadcast to [..., Q]. ``gate``: α·attn_recent + (1-α)·attn_virtual
-    (separate softmaxes); ``concat``: one softmax over both. Returns (out [..., Q, D], mass of
-    attention on virtual tokens [..., Q]). Computed in fp32.
+    s_r [..., Q, K] window scores (masked entries -inf; every query sees at least itself), v_r
+    [..., K, D]; vmask [..., Q] whether the query has a memory read; gate α per head broadcast to
+    [..., Q]. The read is either softmax keys (``scores`` [..., Q, M], ``values`` [..., Q, M, D])
+    or a direct output ``out`` [..., Q, D]. ``gate``: α·attn_window + (1-α)·read (separate
+    normalisations); ``concat``: one softmax over window and virtual keys (softmax reads only).
+    Returns (out [..., Q, D], mass of attention on the memory [..., Q]), in fp32.
     """
-    s_r, v_r, s_v, v_v = s_r.float(), v_r.float(), s_v.float(), v_v.float()
-    if combine == "gate":
+    s_r, v_r = s_r.float(), v_r.float()
+    if combine == "gate" or out is not None:
         o_r = torch.softmax(s_r, -1) @ v_r
-        p_v = torch.softmax(s_v, -1) * vmask[..., None]
-        o_v = torch.einsum("...qm,...qmd->...qd", p_v, v_v)
+        if out is None:
+            p_v = torch.softmax(scores.float(), -1) * vmask[..., None]
+            out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
         alpha = torch.where(vmask, gate, torch.ones_like(gate))
-        return alpha[..., None] * o_r + (1 - alpha[..., None]) * o_v, 1 - alpha
-    s_v = s_v.masked_fill(~vmask[..., None], float("-inf"))
+        return alpha[..., None] * o_r + (1 - alpha[..., None]) * out.float(), 1 - alpha
+    s_v = scores.float().masked_fill(~vmask[..., None], float("-inf"))
     m = torch.maximum(s_r.amax(-1), s_v.amax(-1))[..., None]
     e_r, e_v = torch.exp(s_r - m), torch.exp(s_v - m)
     z = e_r.sum(-1) + e_v.sum(-1)
-    out = (e_r @ v_r + torch.einsum("...qm,...qmd->...qd", e_v, v_v)) / z[..., None]
-    return out, e_v.sum(-1) / z
+    res = (e_r @ v_r + torch.einsum("...qm,...qmd->...qd", e_v, values.float())) / z[..., None]
+    return res, e_v.sum(-1) / z

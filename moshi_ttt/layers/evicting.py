@@ -1,0 +1,123 @@
+"""Memories of a window plus what leaves it: the common part of ``ttt_cache``, ``pooled`` and ``infini``.
+
+The window is the exact ring of the last W tokens (keys after RoPE, keys before RoPE, values,
+positions). A token at position p (within its document) is evicted for queries at p + W and
+later. A subclass turns evicted tokens into a virtual read for each query:
+``virtual_parallel`` (all queries of a training sequence) and ``virtual_step`` (the k queries of
+a streaming step, given the step's evicted candidates). A read is either softmax keys (``scores``
+[.., Q, M], ``values`` [.., Q, M, Dh]) mixed with the window by ``combine``, or a direct output
+(``out`` [.., Q, Dh]) mixed by the learned gate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import ModelConfig
+from ..ops.banded import band, chunked, mix
+from ..ops.masks import visible
+from ..state import ScopedState
+from .memory import ring_write
+
+
+def chunked_q(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Per-query tensors in query chunks: [B, H, T, ...] -> [B, H, NC, W, ...] (zero padding)."""
+    pad = -x.shape[2] % window
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.unflatten(2, (-1, window))
+
+
+class EvictingMemory(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.memory
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
+        self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # α = σ(gate): weight of the window
+
+    # ---- subclass hooks -----------------------------------------------------------------
+    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
+        raise NotImplementedError
+
+    def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
+        raise NotImplementedError
+
+    def init_memory(self, st: ScopedState, B: int, device) -> None:
+        raise NotImplementedError
+
+    # ---- parallel path --------------------------------------------------------------------
+    def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
+        """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row) -> out [B, H, T, Dh]."""
+        B, H, T, Dh = q.shape
+        W = self.cfg.window
+        seg = seg if seg is not None else torch.zeros_like(pos)
+        read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
+        # the window: chunks of W queries against the 2W keys around them, masked by positions
+        pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
+        sq, sk = chunked(seg, W, -2), band(seg, W, -3)
+        ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(*pq.shape, pk.shape[-1])
+        ok = (ok & (sq[..., None] == sk[..., None, :]))[:, None]  # [B, 1, NC, W, 2W]
+        s_r = (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2)) / math.sqrt(Dh)
+        s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)  # pad rows finite
+        vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)  # [B, H, NC, W]
+        gate = torch.sigmoid(self.gate).view(1, H, 1, 1).expand_as(vmask)
+        out, mass = mix(s_r, band(v, W), vmask, gate, self.cfg.combine,
+                        **{n: chunked_q(x, W) for n, x in read.items() if n in ("scores", "values", "out")})
+        self._record(mass.flatten(2)[..., :T], read)
+        return out.flatten(2, 3)[:, :, :T].to(q.dtype)
+
+    # ---- streaming path -------------------------------------------------------------------
+    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
+        W = self.cfg.window
+        for name in ("k", "v", "kraw"):  # keys after RoPE, values, keys before RoPE
+            st.add(name, torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
+        st.add("kpos", torch.full((B, W), -1, dtype=torch.long, device=device), -1)
+        self.init_memory(st, B, device)
+
+    def candidates(self, st: ScopedState, k_raw, v, pos):
+        """Tokens leaving the window in this step: positions P - W + j for j < k, valid when >= 0
+        (a suffix). -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
+        B, H, kq, Dh = k_raw.shape
+        W = self.cfg.window
+        P = pos[:, 0]
+        order = (P[:, None] - W + torch.arange(W, device=pos.device)) % W  # ring slots by position
+        gather = (lambda buf: buf.gather(2, order[:, None, :, None].expand(-1, H, -1, Dh)))
+        cand_k = torch.cat([gather(st["kraw"]), k_raw.to(st["kraw"].dtype)], 2)[:, :, :kq]
+        cand_v = torch.cat([gather(st["v"]), v.to(st["v"].dtype)], 2)[:, :, :kq]
+        return cand_k, cand_v, (P[:, None] - W + torch.arange(kq, device=pos.device)) >= 0
+
+    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs):
+        """k new tokens at positions pos [B, k]: evict, read the memory, attend to window + memory,
+        then store the tokens in the window. Static shapes only (CUDA-graph safe)."""
+        B, H, kq, Dh = q.shape
+        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
+        read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
+        keys = torch.cat([st["k"].to(k.dtype), k], 2)
+        vals = torch.cat([st["v"].to(v.dtype), v], 2)
+        ok = visible(pos, torch.cat([st["kpos"], pos], 1), "window", self.cfg.window, 0)[:, None]  # [B, 1, k, W + k]
+        s_r = (q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~ok, float("-inf"))
+        vmask = read["has"][:, None].expand(B, H, kq)
+        gate = torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask)
+        out, mass = mix(s_r, vals, vmask, gate, self.cfg.combine,
+                        **{n: x for n, x in read.items() if n in ("scores", "values", "out")})
+        self._record(mass, read)
+        ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),))
+        return out.to(q.dtype)
+
+    # ---- diagnostics ----------------------------------------------------------------------
+    def _record(self, mass, read):
+        """With ``record`` on: α per head, attention mass on the memory, and what the subclass adds."""
+        if not self.record:
+            return
+        with torch.no_grad():
+            sel = read["has"][:, None].expand_as(mass)
+            self.stats = {"alpha": torch.sigmoid(self.gate).detach().cpu(),
+                          "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
+                          **self.extra_stats(read, sel)}
+
+    def extra_stats(self, read, sel) -> dict:
+        return {}
