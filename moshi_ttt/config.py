@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 MEMORY_KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
-IMPLEMENTED_MEMORY_KINDS = ("full", "window", "sink", "ttt_cache")
+IMPLEMENTED_MEMORY_KINDS = MEMORY_KINDS
 COMBINES = ("gate", "concat")  # spec option A (separate softmaxes, learned gate) / B (one softmax)
 VIRTUAL_POSITIONS = ("relative", "decay", "none")  # spec options A / B / C
 COLD_STARTS = ("zero", "learned", "wait")  # spec options A / B / C
@@ -20,6 +20,8 @@ class MemoryConfig:
 
     ``full``: every past token. ``window``: the last ``window`` tokens (ring buffer).
     ``sink``: the first ``num_sink`` tokens of the stream plus the last ``window`` (StreamingLLM).
+    ``pooled``: the window plus the evicted tokens averaged into ``num_virtual`` slots.
+    ``infini``: the window plus Infini-attention's linear memory of evicted tokens, gated.
     ``ttt_cache``: the window plus a compressor (per head, fast weights) that learns every evicted
     (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
     ``compressor_hidden`` its width (0: 2 x head dim), ``inner_lr`` the bound on its per-token

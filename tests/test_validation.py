@@ -55,8 +55,6 @@ def test_bad_resets_shape(model):
     (lambda: mt.MemoryConfig(kind="ttt_cache", decay=1.0), "decay and momentum"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", momentum=-0.1), "decay and momentum"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", max_state_norm=0.0), "max_state_norm"),
-    (lambda: mt.MemoryConfig(kind="pooled"), "not implemented yet"),
-    (lambda: mt.MemoryConfig(kind="infini"), "not implemented yet"),
     (lambda: mt.MemoryConfig(window=0), "window must be >= 1"),
     (lambda: mt.MemoryConfig(kind="sink", num_sink=0), "needs num_sink >= 1"),
     (lambda: mt.ModelConfig(dim=30, num_heads=4), "not divisible"),

@@ -12,6 +12,8 @@ from ..ops.rope import apply_rope, rope_frequencies
 from ..state import ScopedState
 from .memory import make_memory
 
+EVICTING = ("ttt_cache", "pooled", "infini")  # window + a memory of evicted tokens (layers/evicting.py)
+
 
 class StreamingAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -41,7 +43,7 @@ class StreamingAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
         """Parallel path. x [B, T, D]; pos [B, T] positions within each segment; seg [B, T] ids or None."""
         q, k, v, q_raw, k_raw = self._qkv(x, pos)
-        if self.cfg.memory.kind == "ttt_cache":
+        if self.cfg.memory.kind in EVICTING:
             return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
         if seg is None and self.cfg.memory.kind == "full":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -58,7 +60,7 @@ class StreamingAttention(nn.Module):
     def step(self, x: torch.Tensor, pos: torch.Tensor, st: ScopedState) -> torch.Tensor:
         """Streaming path: x [B, k, D] at positions pos [B, k]; reads then updates the memory."""
         q, k, v, q_raw, k_raw = self._qkv(x, pos)
-        if self.cfg.memory.kind == "ttt_cache":
+        if self.cfg.memory.kind in EVICTING:
             return self._out(self.memory.attend_step(q_raw, k_raw, v, q, k, pos, st, self.freqs))
         k0, v0, p0 = self.memory.context(st)  # [B, H, L, Dh], [B, L]
         keys = torch.cat([k0.to(k.dtype), k], dim=2)

@@ -115,10 +115,12 @@ class SinkMemory(WindowMemory):
 
 def make_memory(cfg: ModelConfig):
     kinds = {"full": FullMemory, "window": WindowMemory, "sink": SinkMemory}
-    if cfg.memory.kind == "ttt_cache":
+    if cfg.memory.kind in ("ttt_cache", "pooled", "infini"):
+        from .infini import InfiniMemory
+        from .pooled import PooledMemory
         from .ttt_cache import TTTCacheMemory
 
-        return TTTCacheMemory(cfg)
+        return {"ttt_cache": TTTCacheMemory, "pooled": PooledMemory, "infini": InfiniMemory}[cfg.memory.kind](cfg)
     if cfg.memory.kind not in kinds:
         raise ValueError(f"memory kind {cfg.memory.kind!r} has no implementation")
     return kinds[cfg.memory.kind](cfg.memory)

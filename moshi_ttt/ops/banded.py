@@ -40,8 +40,8 @@ def mix(s_r, v_r, vmask, gate, combine: str, scores=None, values=None, out=None)
     s_r, v_r = s_r.float(), v_r.float()
     if combine == "gate" or out is not None:
         o_r = torch.softmax(s_r, -1) @ v_r
-        if out is None:
-            p_v = torch.softmax(scores.float(), -1) * vmask[..., None]
+        if out is None:  # rows without a read get harmless finite scores, then weight 0
+            p_v = torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
             out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
         alpha = torch.where(vmask, gate, torch.ones_like(gate))
         return alpha[..., None] * o_r + (1 - alpha[..., None]) * out.float(), 1 - alpha
