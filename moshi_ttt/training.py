@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .data.batches import doc_starts, sample_windows
+from .data.tasks import TaskMixer
 from .models.lm import StreamingLM
 
 
@@ -28,8 +29,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    task_frac: float = 0.0  # fraction of each batch's rows replaced by synthetic recall tasks
+    tasks: tuple[str, ...] = ("passkey", "needle", "mqar", "conversation")
+    task_distances: tuple[int, ...] = (32, 64, 128)
+    answer_weight: float = 1.0  # loss weight of answer tokens in task rows (others weigh 1)
 
     def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "task_distances", tuple(int(d) for d in self.task_distances))
+        if not 0.0 <= self.task_frac <= 1.0:
+            raise ValueError(f"TrainConfig.task_frac must be in [0, 1], got {self.task_frac}")
+        if self.answer_weight <= 0:
+            raise ValueError(f"TrainConfig.answer_weight must be > 0, got {self.answer_weight}")
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -62,6 +73,17 @@ def lm_loss(model: StreamingLM, inputs, targets, resets=None, weights=None) -> t
     return (nll * w).sum() / w.sum().clamp_min(1.0)
 
 
+def task_rows(mixer, n: int, seq_len: int, answer_weight: float, rng):
+    """``n`` synthetic task rows of exactly seq_len + 1 tokens: (inputs, targets, resets, weights)."""
+    try:
+        toks, mask = mixer.batch(n, length=seq_len + 1, rng=rng)
+    except ValueError as e:
+        raise ValueError(f"task rows do not fit seq_len {seq_len}: {e} (use shorter task_distances)") from e
+    toks, mask = torch.from_numpy(toks), torch.from_numpy(mask)
+    weights = 1.0 + (answer_weight - 1.0) * mask[:, 1:].float()
+    return toks[:, :-1], toks[:, 1:], torch.zeros(n, seq_len, dtype=torch.bool), weights
+
+
 def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
           log_path: str | Path | None = None, device="cpu", progress=True) -> list[dict]:
     """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
@@ -74,11 +96,16 @@ def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: T
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     rows, t0 = [], time.perf_counter()
+    n_task = round(cfg.batch_size * cfg.task_frac)
+    mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        x, y, resets, w = (t.to(device) for t in sample_windows(stream, starts, cfg.batch_size, cfg.seq_len, rng))
+        batch = sample_windows(stream, starts, cfg.batch_size - n_task, cfg.seq_len, rng)
+        if n_task:
+            batch = [torch.cat(pair) for pair in zip(batch, task_rows(mixer, n_task, cfg.seq_len, cfg.answer_weight, rng))]
+        x, y, resets, w = (t.to(device) for t in batch)
         loss = lm_loss(model, x, y, resets, w)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")

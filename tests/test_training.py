@@ -77,3 +77,26 @@ def test_checkpoint_roundtrip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_task_rows_weight_answers():
+    from moshi_ttt.data.tasks import TaskMixer
+    from moshi_ttt.training import task_rows
+
+    mixer = TaskMixer(("passkey",), (20,), seed=0)
+    x, y, resets, w = task_rows(mixer, 3, 200, 5.0, np.random.default_rng(0))
+    ref_tokens, ref_mask = TaskMixer(("passkey",), (20,), seed=0).batch(3, length=201, rng=np.random.default_rng(0))
+    assert torch.equal(torch.cat([x, y[:, -1:]], 1), torch.from_numpy(ref_tokens))
+    assert torch.equal(w == 5.0, torch.from_numpy(ref_mask[:, 1:])) and torch.all((w == 1.0) | (w == 5.0))
+    assert not resets.any()
+    with pytest.raises(ValueError, match="do not fit seq_len"):
+        task_rows(TaskMixer(("passkey",), (500,), seed=0), 1, 100, 5.0, np.random.default_rng(0))
+
+
+def test_training_with_task_rows_runs_and_learns():
+    stream, bounds = toy_corpus()
+    model = mt.StreamingLM(tiny_config("window", window=16, vocab=256))
+    cfg = TrainConfig(steps=30, batch_size=8, seq_len=160, lr=3e-3, warmup=3, log_every=1, task_frac=0.25,
+                      tasks=("passkey",), task_distances=(16, 32), answer_weight=5.0)
+    rows = train(model, stream, bounds, cfg, progress=False)
+    assert rows[-1]["loss"] < rows[0]["loss"]

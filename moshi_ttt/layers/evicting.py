@@ -117,6 +117,7 @@ class EvictingMemory(nn.Module):
             sel = read["has"][:, None].expand_as(mass)
             self.stats = {"alpha": torch.sigmoid(self.gate).detach().cpu(),
                           "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
+                          "read": {n: read[n].detach() for n in ("values", "out") if n in read},
                           **self.extra_stats(read, sel)}
 
     def extra_stats(self, read, sel) -> dict:
