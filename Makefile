@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/moshi-ttt run
+	$(BIN)/moshi-ttt study --preset cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

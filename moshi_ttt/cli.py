@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import report
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig, variant
 from .data.tasks import TASKS
-from .evaluation import BUCKETS, loss_by_position, task_accuracy
-from .models.lm import StreamingLM
-from .training import TRAIN_PRESETS, TrainConfig, config_dict, train
+from .evaluation import BUCKETS
+from .pipeline import STUDY_PRESETS, EvalConfig, evaluate, run_study, run_training
+from .training import TRAIN_PRESETS, TrainConfig
 
 DEFAULT_DATA = Path("data/corpus")
 
@@ -53,25 +49,6 @@ def train_config(a) -> TrainConfig:
     return dataclasses.replace(base, **over)
 
 
-def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path, out: Path, name: str, device: str) -> Path:
-    from .data.prepare import load_split
-
-    stream, bounds, manifest = load_split(data, "train")
-    if manifest["vocab_size"] > cfg.vocab_size:
-        raise ValueError(f"corpus vocabulary {manifest['vocab_size']} exceeds the model's {cfg.vocab_size}")
-    torch.manual_seed(tcfg.seed)
-    model = StreamingLM(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"training {name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{tcfg.steps} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens on {device}", file=sys.stderr)
-    rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device)
-    meta = {"name": name, "train": config_dict(tcfg), "train_log": rows, "commit": report.git_commit(),
-            "data": {"dir": str(data), "splits": {s: e["sha256"] for s, e in manifest["splits"].items()}}}
-    save_checkpoint(out / "model.pt", model, meta)
-    report.write_json(out / "config.json", {"model": cfg.to_dict(), "train": config_dict(tcfg)})
-    return out / "model.pt"
-
-
 def cmd_train(a) -> None:
     cfg, tcfg = model_config(a), train_config(a)  # bad options fail before any download
     ensure_corpus(a.data)
@@ -86,91 +63,37 @@ def variant_name(spec: str, cfg: ModelConfig) -> str:
     return base + (f"+{ttt.replace('/', '-')}" if ttt else "")
 
 
-# ---- eval ---------------------------------------------------------------------------
-def evaluate_checkpoints(ckpts: list[Path], data: Path, out: Path, max_len: int, num_docs: int,
-                         tasks: list[str], distance_mults: list[int], num: int, device: str, seed: int,
-                         buckets=None, train_len: int | None = None) -> dict:
-    from .data.prepare import load_split
-
-    stream, bounds, manifest = load_split(data, "test")
-    longest = np.argsort(-(bounds[:, 1] - bounds[:, 0]), kind="stable")[:num_docs]
-    docs = [np.asarray(stream[bounds[i, 0]:bounds[i, 1]]) for i in sorted(longest)]
-    out.mkdir(parents=True, exist_ok=True)
-    results, losses, recalls, curves = {}, {}, {}, {}
-    window = None
-    for ck in ckpts:
-        model, meta = load_checkpoint(ck, device)
-        name = meta.get("name") or Path(ck).parent.name
-        window = window or model.cfg.memory.window
-        dists = [m * model.cfg.memory.window for m in distance_mults]
-        losses[name] = loss_by_position(model, docs, max_len, buckets=buckets or BUCKETS, device=device)
-        recalls[name] = {t: task_accuracy(model, t, dists, num, seed, device=device) for t in tasks}
-        curves[name] = meta.get("train_log", [])
-        results[name] = {"checkpoint": str(ck), "config": model.cfg.to_dict(), "train": meta.get("train"),
-                         "loss_by_position": losses[name], "recall": recalls[name],
-                         "commit_trained": meta.get("commit")}
-    metrics = {"commit": report.git_commit(), "seed": seed, "data": {"dir": str(data), "test_docs": len(docs),
-               "max_len": max_len, "test_sha256": manifest["splits"]["test"]["sha256"]}, "models": results}
-    report.write_json(out / "metrics.json", metrics)
-    marks = {"attention window": window}
-    if train_len:
-        marks["training length"] = train_len
-    report.plot_loss_by_position(losses, out / "loss_by_position.png", marks)
-    if any(curves.values()):
-        report.plot_train_loss(curves, out / "train_loss.png")
-    if tasks:
-        report.plot_recall(recalls, out / "recall.png", window)
-    (out / "report.md").write_text(markdown_report(metrics, bool(tasks)))
-    return metrics
-
-
-def markdown_report(metrics: dict, with_tasks: bool) -> str:
-    lines = ["# moshi-ttt evaluation", "", f"Commit `{metrics['commit']}`, seed {metrics['seed']}, "
-             f"{metrics['data']['test_docs']} held-out documents from `{metrics['data']['dir']}` "
-             f"(cut at {metrics['data']['max_len']} tokens), streaming semantics.", "",
-             "## Loss by position (bits per token)", "", "![loss by position](loss_by_position.png)", ""]
-    names = list(metrics["models"])
-    buckets = [(r["lo"], r["hi"]) for r in metrics["models"][names[0]]["loss_by_position"]]
-    lines += ["| model | " + " | ".join(f"{lo}-{hi}" for lo, hi in buckets) + " |",
-              "|---|" + "---|" * len(buckets)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{r['bits_per_token']:.3f}" for r in metrics["models"][n]["loss_by_position"]) + " |")
-    if with_tasks:
-        lines += ["", "## Recall vs distance (answer-token accuracy; exact-answer accuracy in brackets)", "",
-                  "![recall](recall.png)", ""]
-        for n in names:
-            for task, rows in metrics["models"][n]["recall"].items():
-                lines.append(f"- {n} / {task}: " + ", ".join(
-                    f"{r['distance']}: {r['token_accuracy']:.2f} ({r['accuracy']:.2f})" for r in rows))
-    lines += ["", "## Models", ""]
-    for n in names:
-        m = metrics["models"][n]
-        mem = m["config"]["memory"]
-        lines.append(f"- **{n}**: memory `{mem['kind']}` window {mem['window']}, dim {m['config']['dim']}, "
-                     f"{m['config']['num_layers']} layers; trained {json.dumps(m['train'])} at commit "
-                     f"`{m['commit_trained']}`; checkpoint `{m['checkpoint']}`")
-    return "\n".join(lines) + "\n"
+# ---- eval, study, run ---------------------------------------------------------------
+def eval_config(a) -> EvalConfig:
+    return EvalConfig(max_len=a.max_len, docs=a.docs, concat=a.concat, buckets=tuple(a.buckets), tasks=tuple(a.tasks),
+                      distances=tuple(a.distances), num=a.num, seed=a.seed, diagnostics=not a.no_diagnostics)
 
 
 def cmd_eval(a) -> None:
-    metrics = evaluate_checkpoints(a.checkpoints, a.data, a.out, a.max_len, a.docs, a.tasks, a.distances,
-                                   a.num, a.device, a.seed, a.buckets)
+    metrics = evaluate(a.checkpoints, a.data, a.out, eval_config(a), a.device)
     print(f"report: {a.out / 'report.md'} ({len(metrics['models'])} models)")
 
 
-# ---- run (the main job) -------------------------------------------------------------
+def cmd_study(a) -> None:
+    """Train every memory of a study preset at the same budget, then evaluate them together."""
+    t0 = time.perf_counter()
+    if a.preset not in STUDY_PRESETS:
+        raise ValueError(f"unknown study preset {a.preset!r}: expected one of {sorted(STUDY_PRESETS)}")
+    ensure_corpus(a.data)
+    out = a.out or Path("runs") / f"study-{a.preset}"
+    run_study(a.preset, a.data, out, a.device)
+    print(f"done in {time.perf_counter() - t0:.0f} s: report {out / 'report.md'}, plots {out}/*.png")
+
+
 def cmd_run(a) -> None:
-    """Prepare data, train the tiny preset with each memory, evaluate them together, write a report."""
+    """Prepare data, train tiny models (full, window, window + In-Place TTT by default), evaluate, report."""
     t0 = time.perf_counter()
     tcfg = dataclasses.replace(TRAIN_PRESETS["tiny"], steps=a.steps, seed=a.seed)
     cfgs = {spec: variant(PRESETS["tiny"], spec, a.ttt_chunk, a.window) for spec in a.memories}
     ensure_corpus(a.data)
-    ckpts = []
-    for spec, cfg in cfgs.items():
-        name = variant_name(spec, cfg)
-        ckpts.append(run_training(cfg, tcfg, a.data, a.out / name, name, a.device))
-    evaluate_checkpoints(ckpts, a.data, a.out, a.max_len, a.docs, a.tasks, a.distances, a.num, a.device, a.seed,
-                         a.buckets, tcfg.seq_len)
+    ckpts = [run_training(cfg, tcfg, a.data, a.out / variant_name(spec, cfg), variant_name(spec, cfg), a.device)
+             for spec, cfg in cfgs.items()]
+    evaluate(ckpts, a.data, a.out, eval_config(a), a.device, tcfg.seq_len)
     print(f"done in {time.perf_counter() - t0:.0f} s: report {a.out / 'report.md'}, plots {a.out}/*.png")
 
 
@@ -185,6 +108,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=16, help="task instances per distance")
     p.add_argument("--buckets", nargs="+", type=int, default=list(BUCKETS),
                    help="upper edges of the position buckets (tokens)")
+    p.add_argument("--concat", action="store_true",
+                   help="join held-out documents into --docs streams of --max-len tokens (no memory reset)")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip memory diagnostics and the probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -222,7 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ep)
     ep.set_defaults(func=cmd_eval)
 
-    rp = sub.add_parser("run", help="the main job: prepare data, train tiny models, evaluate, report")
+    sp = sub.add_parser("study", help="train a preset's memories at the same budget and evaluate them together")
+    sp.add_argument("--preset", default="cpu", help=f"one of {sorted(STUDY_PRESETS)}")
+    sp.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    sp.add_argument("--out", type=Path, default=None, help="report folder (default: runs/study-PRESET)")
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sp.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser("run", help="prepare data, train tiny models with chosen memories, evaluate, report")
     rp.add_argument("--out", type=Path, default=Path("runs/main"))
     rp.add_argument("--memories", nargs="+", default=["full", "window", "window+ttt2"],
                     help="memory variants to train and compare (see train --memory)")

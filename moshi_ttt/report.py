@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -27,20 +29,37 @@ def git_commit(path: Path | None = None) -> str:
 
 
 def plot_loss_by_position(models: dict[str, list[dict]], path: Path, marks: dict[str, int] | None = None) -> None:
-    """One line per model: bits/token per position bucket (log-scale x); ``marks`` draws labelled
+    """One line per model: perplexity per position bucket (log-scale x); ``marks`` draws labelled
     vertical lines (e.g. the attention window, the training length)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, rows in models.items():
         mid = [(r["lo"] + r["hi"]) / 2 for r in rows]
-        ax.plot(mid, [r["bits_per_token"] for r in rows], marker="o", label=name)
+        ax.plot(mid, [r["ppl"] for r in rows], marker="o", label=name)
     for (label, x), style in zip((marks or {}).items(), ("--", ":", "-.")):
         ax.axvline(x, color="grey", ls=style, lw=1, label=f"{label} ({x})")
     ax.set_xscale("log")
-    ax.set_xlabel("position in document (tokens, bucket centre)")
-    ax.set_ylabel("loss (bits per token, lower is better)")
-    ax.set_title("Held-out loss by position (streaming)")
+    ax.set_xlabel("position in the held-out stream (tokens, bucket centre)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Held-out perplexity by position (streaming)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_state_bytes(models: dict[str, list[dict]], path: Path) -> None:
+    """Streaming state bytes of one conversation vs tokens streamed (log-log)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, rows in models.items():
+        ax.plot([r["tokens"] for r in rows], [r["state_bytes"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens streamed")
+    ax.set_ylabel("state bytes per conversation")
+    ax.set_title("Memory cost: flat lines stay constant for ever")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -51,7 +70,7 @@ def plot_train_loss(models: dict[str, list[dict]], path: Path) -> None:
     for name, rows in models.items():
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
     ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (nats per token)")
+    ax.set_ylabel("training loss (nats per token, weighted)")
     ax.set_title("Training loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -84,3 +103,82 @@ def plot_recall(models: dict[str, dict[str, list[dict]]], path: Path, window: in
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_plots(metrics: dict, out: Path, window: int | None, train_len: int | None) -> None:
+    models = metrics["models"]
+    marks = {"attention window": window} if window else {}
+    if train_len:
+        marks["training length"] = train_len
+    plot_loss_by_position({n: m["loss_by_position"] for n, m in models.items()}, out / "loss_by_position.png", marks)
+    plot_state_bytes({n: m["cost"]["state_bytes"] for n, m in models.items()}, out / "state_bytes.png")
+    if any(m["train_log"] for m in models.values()):
+        plot_train_loss({n: m["train_log"] for n, m in models.items() if m["train_log"]}, out / "train_loss.png")
+    if any(m["recall"] for m in models.values()):
+        plot_recall({n: m["recall"] for n, m in models.items()}, out / "recall.png", window)
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(metrics: dict) -> str:
+    """The evaluation report: tables of every measurement, with the plots."""
+    models, ev = metrics["models"], metrics["eval"]
+    names = list(models)
+    how = (f"{ev['docs']} streams of concatenated held-out documents, {ev['max_len']} tokens each" if ev["concat"]
+           else f"the {ev['docs']} longest held-out documents, cut at {ev['max_len']} tokens")
+    lines = ["# moshi-ttt evaluation", "",
+             f"Commit `{metrics['commit']}`, seed {metrics['seed']}; {how} from `{metrics['data']['dir']}`; "
+             "streaming semantics throughout.", "", "## Perplexity by position", "",
+             "![perplexity by position](loss_by_position.png)", ""]
+    buckets = [(r["lo"], r["hi"]) for r in models[names[0]]["loss_by_position"]]
+    lines += ["| memory | " + " | ".join(f"{lo}-{hi}" for lo, hi in buckets) + " |", "|---|" + "---|" * len(buckets)]
+    lines += [f"| {n} | " + " | ".join(f"{r['ppl']:.2f}" for r in models[n]["loss_by_position"]) + " |" for n in names]
+    if any(models[n]["recall"] for n in names):
+        lines += ["", "## Recall vs distance", "", "![recall](recall.png)", "",
+                  "Answer-token accuracy (exact-answer accuracy in brackets); distances in tokens.", ""]
+        for n in names:
+            for task, rows in models[n]["recall"].items():
+                lines.append(f"- {n} / {task}: " + ", ".join(
+                    f"{r['distance']}: {r['token_accuracy']:.2f} ({r['accuracy']:.2f})" for r in rows))
+    diag = [n for n in names if "diagnostics" in models[n]]
+    if diag:
+        lines += ["", "## Memory diagnostics", "",
+                  "α: weight of the window in gated mixing (mean over layers and heads); mass: attention on the "
+                  "memory; cos: mean pairwise cosine similarity of virtual keys (spec: < 0.8); inner loss: the "
+                  "compressor's loss on a block before -> after its update (first and last update); probe: "
+                  "accuracy of a linear probe predicting the just-evicted token id from the layer-0 memory "
+                  "read, against the majority-class rate on the same test samples.", "",
+                  "| memory | α | mass | cos | inner loss, first update | last update | states finite | probe (chance) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n in diag:
+            d = models[n]["diagnostics"]
+            layers = [v for k, v in d.items() if k.startswith("layer")]
+            alpha = float(np.mean([np.mean(v["alpha"]) for v in layers]))
+            mass = float(np.mean([v["virtual_mass"] for v in layers]))
+            cos = [v["virtual_key_cos"] for v in layers if "virtual_key_cos" in v]
+            first = [v["inner_loss_first_update"] for v in layers if "inner_loss_first_update" in v]
+            last = [v["inner_loss_last_update"] for v in layers if "inner_loss_last_update" in v]
+            arrow = (lambda xs: f"{np.mean([x[0] for x in xs]):.3f} -> {np.mean([x[1] for x in xs]):.3f}" if xs else "-")
+            p = models[n]["probe"]
+            lines.append(f"| {n} | {alpha:.2f} | {mass:.2f} | {_fmt(np.mean(cos) if cos else None, '.2f')} | "
+                         f"{arrow(first)} | {arrow(last)} | {d['state_finite']} | {p['accuracy']:.3f} ({p['chance']:.3f}) |")
+    lines += ["", "## Cost", "", "![state bytes](state_bytes.png)", "",
+              "| memory | parameters | state bytes after " + " / ".join(
+                  str(r["tokens"]) for r in models[names[0]]["cost"]["state_bytes"]) + " tokens | ms/token (batch 1, eager) |",
+              "|---|---|---|---|"]
+    for n in names:
+        c = models[n]["cost"]
+        lines.append(f"| {n} | {c['parameters']:,} | " + " / ".join(f"{r['state_bytes']:,}" for r in c["state_bytes"])
+                     + f" | {c['stream_ms_per_token']:.2f} ({c['device']}) |")
+    lines += ["", "## Models", ""]
+    for n in names:
+        m = models[n]
+        mem = m["config"]["memory"]
+        ttt = m["config"].get("inplace_ttt")
+        lines.append(f"- **{n}**: memory `{mem['kind']}` window {mem['window']}" +
+                     (f", In-Place TTT layers {ttt['layers']} chunk {ttt['chunk_size']}" if ttt else "") +
+                     f"; dim {m['config']['dim']}, {m['config']['num_layers']} layers; trained at commit "
+                     f"`{m['commit_trained']}` with `{json.dumps(m['train'])}`; checkpoint `{m['checkpoint']}`")
+    return "\n".join(lines) + "\n"

@@ -52,3 +52,28 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
     assert "no corpus" in capsys.readouterr().err
     assert cli.main(["train", "--memory", "window+tttx", "--data", str(tmp_path)]) == 2
+
+
+def test_study_trains_every_memory_and_reports(corpus, tmp_path, monkeypatch):
+    from moshi_ttt import pipeline
+    from moshi_ttt.training import TrainConfig
+
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "unit", pipeline.StudyPreset(
+        model="tiny", memories=("window", "pooled", "infini", "ttt_cache"), window=16, block=8,
+        train=TrainConfig(steps=2, batch_size=4, seq_len=128, task_frac=0.5, tasks=("passkey",),
+                          task_distances=(8,), answer_weight=5.0),
+        eval=pipeline.EvalConfig(max_len=600, docs=2, buckets=(256, 600), num=2, distances=(1, 2),
+                                 cost_lengths=(100, 300))))
+    out = tmp_path / "study"
+    assert cli.main(["study", "--preset", "unit", "--data", str(corpus), "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"window-16", "pooled-16", "infini-16", "ttt_cache-16"}
+    for name, m in metrics["models"].items():
+        sizes = {r["state_bytes"] for r in m["cost"]["state_bytes"]}
+        assert len(sizes) == 1  # constant memory for every kind in this study
+        assert ("diagnostics" in m) == (name != "window-16")
+    assert metrics["models"]["ttt_cache-16"]["diagnostics"]["state_finite"]
+    for f in ("report.md", "loss_by_position.png", "recall.png", "state_bytes.png", "train_loss.png"):
+        assert (out / f).is_file(), f
+    assert "## Memory diagnostics" in (out / "report.md").read_text()
+    assert cli.main(["study", "--preset", "nope", "--data", str(corpus)]) == 2

@@ -19,6 +19,7 @@ def model():
     (torch.zeros(2, 4, dtype=torch.bool), "integer dtype"),
     (torch.full((2, 4), 50), r"token ids must be in \[0, 50\)"),
     (torch.full((2, 4), -1), r"token ids must be in"),
+    (torch.full((2, 4), 255, dtype=torch.uint8), r"token ids must be in \[0, 50\), got min 255 max 255"),
     ([[1, 2]], "torch.Tensor"),
     (torch.zeros(2, 0, dtype=torch.long), "at least one time step"),
 ])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..ops.banded import band, chunked
+from ..ops.banded import band
 from ..ops.segments import pack, segment_rows, unpack
 from ..state import ScopedState
 from .evicting import EvictingMemory

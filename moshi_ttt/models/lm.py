@@ -82,9 +82,9 @@ class StreamingLM(nn.Module):
         if tokens.shape[1] < 1:
             raise ValueError("tokens must hold at least one time step")
         capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), "
-                             f"got min {int(tokens.min())} max {int(tokens.max())}")
+        lo, hi = (int(tokens.min()), int(tokens.max())) if not capturing and tokens.numel() else (0, 0)
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo} max {hi}")
 
     def _check_state(self, tokens, state) -> None:
         if not isinstance(state, StreamingState):
