@@ -14,7 +14,9 @@ from .config import PRESETS, ModelConfig, variant
 from .data.tasks import TASKS
 from .evaluation import BUCKETS
 from .pipeline import STUDY_PRESETS, EvalConfig, evaluate, run_study, run_training
-from .training import TRAIN_PRESETS, TrainConfig
+from .models.lm import StreamingLM
+from .report import git_commit, plot_train_loss, write_json
+from .training import SPEC_RECIPE, TRAIN_PRESETS, TrainConfig, config_dict
 
 DEFAULT_DATA = Path("data/corpus")
 
@@ -43,18 +45,76 @@ def model_config(a) -> ModelConfig:
     return variant(base, a.memory or base.memory.kind, a.ttt_chunk, a.window)
 
 
+def parse_schedule(text: str | None) -> tuple[tuple[int, int], ...]:
+    """"0:512,1000:1024" -> ((0, 512), (1000, 1024))"""
+    if not text:
+        return ()
+    try:
+        return tuple((int(x.split(":")[0]), int(x.split(":")[1])) for x in text.split(","))
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"--seq-schedule {text!r}: expected STEP:LENGTH[,STEP:LENGTH...]") from e
+
+
 def train_config(a) -> TrainConfig:
     base = TRAIN_PRESETS[a.preset]
-    over = {k: getattr(a, k) for k in ("steps", "batch_size", "seq_len", "lr", "seed") if getattr(a, k) is not None}
+    over = {k: getattr(a, k) for k in ("steps", "batch_size", "seq_len", "lr", "seed", "grad_accum", "task_frac",
+                                       "answer_weight", "checkpoint_every", "eval_every", "log_every")
+            if getattr(a, k, None) is not None}
+    if a.seq_schedule:
+        over["seq_schedule"] = parse_schedule(a.seq_schedule)
+    if a.bf16:
+        over["bf16"] = True
+    if a.recipe == "spec":
+        half = ModelConfig.preset(a.preset).num_layers // 2
+        lengths = [int(x) for x in a.stage_steps.split(",")] if a.stage_steps else [s.steps for s in SPEC_RECIPE]
+        if len(lengths) != len(SPEC_RECIPE):
+            raise ValueError(f"--stage-steps needs {len(SPEC_RECIPE)} comma-separated values")
+        over["stages"] = tuple(dataclasses.replace(s, steps=n, frozen_layers_below=half if s.frozen_layers_below else 0)
+                               for s, n in zip(SPEC_RECIPE, lengths))
     return dataclasses.replace(base, **over)
 
 
+def init_from(model, path: Path) -> None:
+    """Start from a trained backbone: every weight it has is loaded (shapes must match); the new
+    memory or In-Place TTT parameters keep their initialisation."""
+    from .checkpoint import load_checkpoint
+
+    backbone, _ = load_checkpoint(path)
+    own = model.state_dict()
+    theirs = backbone.state_dict()
+    bad = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"--init {path}: shapes differ for {bad[:5]}")
+    missing = model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False).missing_keys
+    print(f"initialised from {path}; new parameters: {len(missing)} tensors", file=sys.stderr)
+
+
 def cmd_train(a) -> None:
+    from .checkpoint import save_checkpoint
+    from .data.prepare import load_split
+    from .trainer import Trainer, init_distributed
+
     cfg, tcfg = model_config(a), train_config(a)  # bad options fail before any download
+    init_distributed()
     ensure_corpus(a.data)
     name = a.name or variant_name(a.memory or cfg.memory.kind, cfg)
-    path = run_training(cfg, tcfg, a.data, a.out or Path("runs") / name, name, a.device)
-    print(f"checkpoint: {path}")
+    out = a.out or Path("runs") / name
+    torch.manual_seed(tcfg.seed)
+    model = StreamingLM(cfg)
+    if a.init:
+        init_from(model, a.init)
+    train_data, val_data = load_split(a.data, "train")[:2], load_split(a.data, "val")[:2]
+    device = a.device
+    if device == "cuda" and torch.distributed.is_initialized():
+        device = f"cuda:{torch.cuda.current_device()}"
+    trainer = Trainer(model, tcfg, train_data, val_data, out=out, device=device)
+    log = trainer.fit(resume=a.resume)
+    if trainer.rank == 0:
+        save_checkpoint(out / "model.pt", model, {"name": name, "train": config_dict(tcfg), "train_log": log,
+                                                   "commit": git_commit()})
+        write_json(out / "config.json", {"model": cfg.to_dict(), "train": config_dict(tcfg)})
+        plot_train_loss({name: log}, out / "train_loss.png")
+        print(f"checkpoint: {out / 'model.pt'}; log: {out / 'train_log.csv'}")
 
 
 def variant_name(spec: str, cfg: ModelConfig) -> str:
@@ -134,8 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full, window or sink, optionally +tttN (In-Place TTT every N-th layer) or +tttN/tf32")
     tp.add_argument("--window", type=int, default=None)
     tp.add_argument("--ttt-chunk", type=int, default=64, help="In-Place TTT chunk size (tokens)")
-    for name, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("seed", int)):
+    for name, typ in (("steps", int), ("batch-size", int), ("seq-len", int), ("lr", float), ("seed", int),
+                      ("grad-accum", int), ("task-frac", float), ("answer-weight", float),
+                      ("checkpoint-every", int), ("eval-every", int), ("log-every", int)):
         tp.add_argument(f"--{name}", type=typ, default=None, help="override the preset's value")
+    tp.add_argument("--seq-schedule", default=None, help="sequence-length curriculum, e.g. 0:512,1000:1024")
+    tp.add_argument("--recipe", default="scratch", choices=["scratch", "spec"],
+                    help="scratch: one stage; spec: memory alone (reconstruction), then attention above "
+                         "the lower half, then everything (spec 003)")
+    tp.add_argument("--stage-steps", default=None, help="with --recipe spec: steps of the 3 stages, e.g. 100,300,600")
+    tp.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (a backbone)")
+    tp.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt, bit-exactly")
+    tp.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     tp.add_argument("--data", type=Path, default=DEFAULT_DATA)
     tp.add_argument("--name", default=None)
     tp.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")

@@ -1,21 +1,46 @@
-"""A minimal training loop: AdamW, warmup + cosine, gradient clipping, progress bar, CSV log."""
+"""Training configuration (stages, schedules), the learning-rate schedule, losses and batches of
+synthetic tasks; ``train`` runs the Trainer (trainer.py) on a token stream."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from .data.batches import doc_starts, sample_windows
-from .data.tasks import TaskMixer
 from .models.lm import StreamingLM
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the curriculum (spec 003 "Training Strategy"): which parameters train
+    (fnmatch patterns on parameter names; the rest stay frozen), layers below
+    ``frozen_layers_below`` stay frozen whatever the patterns, and the loss: ``"lm"`` (next
+    token) or ``"reconstruction"`` (the TTT cache recovers evicted keys' values from its virtual
+    tokens)."""
+
+    name: str
+    steps: int
+    train: tuple[str, ...] = ("*",)
+    loss: str = "lm"
+    frozen_layers_below: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "train", tuple(self.train))
+        if self.steps < 1:
+            raise ValueError(f"Stage {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.loss not in ("lm", "reconstruction"):
+            raise ValueError(f"Stage {self.name!r}: loss must be 'lm' or 'reconstruction', got {self.loss!r}")
+
+
+# spec 003's recipe on a pretrained backbone: memory alone, then attention above the lower half, then all
+SPEC_RECIPE = (Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
+               Stage("attention", 5000, ("*.memory.*", "*.self_attn.*"), "lm", frozen_layers_below=4),
+               Stage("all", 10000))
 
 
 @dataclass(frozen=True)
@@ -33,8 +58,25 @@ class TrainConfig:
     tasks: tuple[str, ...] = ("passkey", "needle", "mqar", "conversation")
     task_distances: tuple[int, ...] = (32, 64, 128)
     answer_weight: float = 1.0  # loss weight of answer tokens in task rows (others weigh 1)
+    stages: tuple[Stage, ...] = ()  # empty: one stage training everything for ``steps``
+    seq_schedule: tuple[tuple[int, int], ...] = ()  # (from step, sequence length); empty: seq_len
+    grad_accum: int = 1
+    bf16: bool = False  # autocast on CUDA (fast weights and memory states stay fp32)
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    eval_batches: int = 4
+
+    def all_stages(self) -> tuple[Stage, ...]:
+        return self.stages or (Stage("all", self.steps),)
+
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.all_stages())
 
     def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages))
+        object.__setattr__(self, "seq_schedule", tuple(tuple(int(v) for v in x) for x in self.seq_schedule))
+        if self.grad_accum < 1:
+            raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "task_distances", tuple(int(d) for d in self.task_distances))
         if not 0.0 <= self.task_frac <= 1.0:
@@ -58,7 +100,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    frac = (step - cfg.warmup) / max(1, cfg.total_steps() - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
@@ -87,36 +129,9 @@ def task_rows(mixer, n: int, seq_len: int, answer_weight: float, rng):
 def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
           log_path: str | Path | None = None, device="cpu", progress=True) -> list[dict]:
     """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    starts = doc_starts(len(stream), doc_bounds)
-    model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    rows, t0 = [], time.perf_counter()
-    n_task = round(cfg.batch_size * cfg.task_frac)
-    mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = sample_windows(stream, starts, cfg.batch_size - n_task, cfg.seq_len, rng)
-        if n_task:
-            batch = [torch.cat(pair) for pair in zip(batch, task_rows(mixer, n_task, cfg.seq_len, cfg.answer_weight, rng))]
-        x, y, resets, w = (t.to(device) for t in batch)
-        loss = lm_loss(model, x, y, resets, w)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            tps = (step + 1) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
-            rows.append({"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "tokens_per_s": tps})
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+    from .trainer import Trainer
+
+    rows = Trainer(model, cfg, (stream, doc_bounds), device=device, progress=progress).fit()
     if log_path is not None:
         write_csv(log_path, rows)
     return rows
@@ -125,11 +140,15 @@ def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: T
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(rows[0]) if rows else []
-    lines = [",".join(keys)] + [",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
-                                for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = (lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v))
+    lines = [",".join(keys)] + [",".join(cell(r.get(k)) for k in keys) for r in rows]
     path.write_text("\n".join(lines) + "\n")
 
 
 def config_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    return TrainConfig(**d)

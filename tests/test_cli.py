@@ -77,3 +77,28 @@ def test_study_trains_every_memory_and_reports(corpus, tmp_path, monkeypatch):
         assert (out / f).is_file(), f
     assert "## Memory diagnostics" in (out / "report.md").read_text()
     assert cli.main(["study", "--preset", "nope", "--data", str(corpus)]) == 2
+
+
+def test_train_command_recipe_resume_and_init(corpus, tmp_path):
+    base = ["train", "--data", str(corpus), "--device", "cpu", "--batch-size", "4", "--seq-len", "96",
+            "--memory", "ttt_cache", "--window", "16", "--log-every", "1"]
+    out = tmp_path / "a"
+    assert cli.main(base + ["--out", str(out), "--recipe", "spec", "--stage-steps", "2,2,2", "--checkpoint-every", "2",
+                            "--eval-every", "2", "--seq-schedule", "0:64,4:96"]) == 0
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,stage,seq_len,loss") and "val_loss" in log[0]
+    assert [line.split(",")[1] for line in log[1:]] == ["memory"] * 2 + ["attention"] * 2 + ["all"] * 2
+    assert (out / "train_state.pt").is_file() and (out / "model.pt").is_file() and (out / "train_loss.png").is_file()
+    # resuming a finished run trains nothing more and keeps the weights
+    before = (out / "model.pt").read_bytes()
+    assert cli.main(base + ["--out", str(out), "--recipe", "spec", "--stage-steps", "2,2,2", "--checkpoint-every", "2",
+                            "--eval-every", "2", "--seq-schedule", "0:64,4:96", "--resume"]) == 0
+    import torch
+    a = torch.load(out / "train_state.pt", weights_only=True)
+    assert a["step"] == 6 and len(before) > 0
+    # a window backbone with the TTT cache added: every backbone weight is loaded
+    win = tmp_path / "win"
+    assert cli.main(["train", "--data", str(corpus), "--device", "cpu", "--steps", "2", "--batch-size", "2",
+                     "--seq-len", "64", "--memory", "window", "--window", "16", "--out", str(win)]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "--steps", "1", "--init", str(win / "model.pt")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "c"), "--seq-schedule", "bad"]) == 2

@@ -43,6 +43,7 @@ class TTTCacheMemory(EvictingMemory):
         self.vkey_proj = nn.Parameter(torch.zeros(H, Dh, Dh))
         self.recency = nn.Parameter(torch.full((H,), math.log(math.expm1(0.1))))  # position "decay"
         self.register_buffer("offsets", mc.window * (1.0 + torch.arange(M)), persistent=False)
+        self.want_aux, self.aux = False, None  # the reconstruction loss of training stage 1
 
     # ---- compressor ---------------------------------------------------------------------
     def _read(self, freqs, rows: int):
@@ -110,6 +111,8 @@ class TTTCacheMemory(EvictingMemory):
         mom = d if self.cfg.momentum else (None, None)
         (kv, vv), _, losses = self._scan(*d, *mom, blocks(k_raw), blocks(v), q_raw.new_ones(G, N, dtype=dt),
                                          freqs, rows)
+        if self.want_aux:
+            self.aux = self._reconstruction(blocks(k_raw), blocks(v), kv, vv)
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
@@ -117,6 +120,15 @@ class TTTCacheMemory(EvictingMemory):
 
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
         return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses)
+
+    def _reconstruction(self, keys, vals, kv, vv):
+        """Spec stage 1: after absorbing block n, its keys (as queries into the virtual tokens)
+        should recover its values. keys/vals [G, N, b, Dh]; reads [G, N + 1, M, Dh] -> mean ‖v̂ - v‖²."""
+        if keys.shape[1] == 0:
+            raise ValueError("the reconstruction loss needs sequences longer than window + block")
+        q = F.normalize(keys.float(), dim=-1)
+        att = torch.softmax(q @ kv[:, 1:].float().transpose(-1, -2) * math.sqrt(q.shape[-1]), -1)  # [G, N, b, M]
+        return (att @ vv[:, 1:].float() - vals.float()).pow(2).sum(-1).mean()
 
     # ---- streaming ----------------------------------------------------------------------------
     def init_memory(self, st: ScopedState, B: int, device) -> None:

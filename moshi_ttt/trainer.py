@@ -1,0 +1,221 @@
+"""The trainer: curriculum stages, a sequence-length schedule, gradient accumulation, bf16 autocast,
+resumable checkpoints (bit-exact), CSV logging, periodic held-out loss, DDP through torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .data.batches import doc_starts, sample_windows
+from .data.tasks import TaskMixer
+from .io import load_checked, save_atomic
+from .models.lm import StreamingLM
+from .training import Stage, TrainConfig, lr_at, task_rows, write_csv
+
+TRAIN_STATE_FORMAT = "moshi_ttt.train/1"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(self, model: StreamingLM, cfg: TrainConfig, train_data, val_data=None, out: Path | None = None,
+                 device="cpu", progress: bool = True):
+        self.cfg, self.out, self.device, self.progress = cfg, out, torch.device(device), progress
+        self.rank, self.world = world()
+        self.model = model.to(self.device)
+        # stages freeze parameters and some memory options leave parameters unused: tell DDP
+        self.net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                    if self.world > 1 else model)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.stream, self.bounds = train_data
+        self.starts = doc_starts(len(self.stream), self.bounds)
+        self.val = val_data
+        self.step, self.rng, self.log = 0, np.random.default_rng(cfg.seed), []
+        n_task = round(cfg.batch_size * cfg.task_frac)
+        self.n_task = n_task
+        self.mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
+        torch.manual_seed(cfg.seed)
+
+    # ---- curriculum -------------------------------------------------------------------------
+    def stage_at(self, step: int) -> Stage:
+        end = 0
+        for stage in self.cfg.all_stages():
+            end += stage.steps
+            if step < end:
+                return stage
+        return self.cfg.all_stages()[-1]
+
+    def seq_len_at(self, step: int) -> int:
+        length = self.cfg.seq_len
+        for start, n in self.cfg.seq_schedule:
+            if step >= start:
+                length = n
+        return length
+
+    def apply_stage(self, stage: Stage) -> None:
+        """Train exactly the parameters matching the stage's patterns, outside its frozen layers."""
+        for name, p in self.model.named_parameters():
+            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+            frozen_layer = layer is not None and layer < stage.frozen_layers_below
+            p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in stage.train) and not frozen_layer)
+
+    # ---- one step -------------------------------------------------------------------------
+    def global_batch(self, seq_len: int):
+        """Micro-batches of the global batch (the same draw on every rank), this rank's rows."""
+        cfg, out = self.cfg, []
+        for _ in range(cfg.grad_accum):
+            rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
+            if self.n_task:
+                extra = task_rows(self.mixer, self.n_task, seq_len, cfg.answer_weight, self.rng)
+                rows = [torch.cat(pair) for pair in zip(rows, extra)]
+            per = cfg.batch_size // self.world
+            out.append([t[self.rank * per:(self.rank + 1) * per].to(self.device) for t in rows])
+        return out
+
+    def autocast(self):
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_loss(self, x, y, resets, w, stage: Stage, norm: float) -> torch.Tensor:
+        """This micro-batch's share of the global loss (so DDP's mean of gradients is exact)."""
+        with self.autocast():
+            if stage.loss == "reconstruction":
+                mems = [m for m in self.model.modules() if hasattr(m, "want_aux")]
+                if not mems:
+                    raise ValueError(f"stage {stage.name!r} uses the reconstruction loss, but no memory "
+                                     "of this model has one (use a ttt_cache memory)")
+                for m in mems:
+                    m.want_aux = True
+                try:
+                    self.net(x, resets=resets)
+                    loss = torch.stack([m.aux for m in mems]).mean()
+                finally:
+                    for m in mems:
+                        m.want_aux = False
+                return loss * self.world / self.cfg.grad_accum
+            logits = self.net(x, resets=resets)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return (nll * w.flatten()).sum() * self.world / norm
+
+    def train_step(self) -> float:
+        cfg, stage = self.cfg, self.stage_at(self.step)
+        self.apply_stage(stage)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, cfg)
+        micro = self.global_batch(self.seq_len_at(self.step))
+        norm = torch.tensor(float(sum(m[3].sum() for m in micro)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(norm)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, (x, y, resets, w) in enumerate(micro):
+            sync = self.world > 1 and i < len(micro) - 1
+            with self.net.no_sync() if sync else contextlib.nullcontext():
+                loss = self.micro_loss(x, y, resets, w, stage, norm.clamp_min(1.0).item())
+                loss.backward()
+            total += loss.item() / self.world
+        if not np.isfinite(total):
+            raise FloatingPointError(f"non-finite training loss {total} at step {self.step} (stage {stage.name}); "
+                                     f"the last good checkpoint is {self.checkpoint_path()}")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def val_loss(self) -> float | None:
+        if self.val is None:
+            return None
+        stream, bounds = self.val
+        rng = np.random.default_rng(12345)  # the same held-out windows every time
+        x, y, resets, w = (t.to(self.device) for t in sample_windows(
+            stream, doc_starts(len(stream), bounds), self.cfg.eval_batches, self.seq_len_at(self.step), rng))
+        self.model.eval()
+        with self.autocast():
+            logits = self.model(x, resets=resets)
+        self.model.train()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return ((nll * w.flatten()).sum() / w.sum()).item()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint_path(self) -> Path | None:
+        return self.out / "train_state.pt" if self.out else None
+
+    def state_dict(self) -> dict:
+        return {"format": TRAIN_STATE_FORMAT, "config": self.model.cfg.to_dict(), "train": asdict(self.cfg),
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": self.log}
+
+    def save(self) -> None:
+        if self.rank == 0 and self.out is not None:
+            save_atomic(self.state_dict(), self.checkpoint_path())
+
+    def load(self, path: Path) -> None:
+        """Resume exactly: a checkpoint of another model or training config raises ValueError."""
+        blob = load_checked(path, TRAIN_STATE_FORMAT, "training checkpoint")
+        if blob["config"] != self.model.cfg.to_dict():
+            raise ValueError(f"{path} belongs to another model config")
+        if blob["train"] != asdict(self.cfg):
+            raise ValueError(f"{path} was written with another training config")
+        self.model.load_state_dict(blob["model"], strict=True)
+        self.opt.load_state_dict(blob["optimizer"])
+        self.step, self.log = blob["step"], blob["log"]
+        self.rng.bit_generator.state = blob["numpy_rng"]
+        torch.set_rng_state(blob["torch_rng"])
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to the end of the curriculum, writing checkpoints, the CSV log and held-out loss."""
+        if resume and self.checkpoint_path() and self.checkpoint_path().is_file():
+            self.load(self.checkpoint_path())
+        self.model.train()
+        total = self.cfg.total_steps()
+        bar = tqdm(range(self.step, total), initial=self.step, total=total, desc="train",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        t0, tokens = time.perf_counter(), 0
+        for _ in bar:
+            seq = self.seq_len_at(self.step)
+            loss = self.train_step()
+            tokens += self.cfg.batch_size * self.cfg.grad_accum * seq
+            step = self.step - 1
+            if step % self.cfg.log_every == 0 or self.step == total:
+                row = {"step": step, "stage": self.stage_at(step).name, "seq_len": seq, "loss": loss,
+                       "lr": lr_at(step, self.cfg), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or self.step == total):
+                    row["val_loss"] = self.val_loss()
+                self.log.append(row)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save()
+        self.save()
+        if self.rank == 0 and self.out is not None:
+            write_csv(self.out / "train_log.csv", self.log)
+        return self.log
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (gloo on CPU, nccl on GPU) when WORLD_SIZE is set."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
