@@ -195,7 +195,11 @@ class Trainer:
         t0, tokens = time.perf_counter(), 0
         for _ in bar:
             seq = self.seq_len_at(self.step)
-            loss = self.train_step()
+            try:
+                loss = self.train_step()
+            except FloatingPointError:
+                self.write_log()  # a failed run still leaves its log beside its last good checkpoint
+                raise
             tokens += self.cfg.batch_size * self.cfg.grad_accum * seq
             step = self.step - 1
             if step % self.cfg.log_every == 0 or self.step == total:
@@ -207,10 +211,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
+                self.write_log()
         self.save()
-        if self.rank == 0 and self.out is not None:
-            write_csv(self.out / "train_log.csv", self.log)
+        self.write_log()
         return self.log
+
+    def write_log(self) -> None:
+        if self.rank == 0 and self.out is not None and self.log:
+            write_csv(self.out / "train_log.csv", self.log)
 
 
 def init_distributed() -> None:

@@ -4,7 +4,8 @@
     ℓ_t = ½ ‖f_θ(k̂_t) − v_t‖²  over each mini-batch of b evicted tokens (k̂ = L2-normalised key)
     θ ← θ − Σ_t η_t ∇_θ ℓ_t(θ)   (one gradient step per mini-batch, at the block-start state)
 
-η_t = η_max · σ(w·k̂_t + c) / b is bounded, so a mini-batch step cannot overshoot. Optional
+η_t = η_max · σ(w·k̂_t + c) / (b (1 + ‖gelu(k̂_t W1)‖²)) is bounded and normalised by the hidden
+activation's energy (normalised LMS), so a mini-batch step cannot overshoot. Optional
 forgetting pulls θ back towards its initial state, optional momentum follows Titans, and a norm
 cap keeps ‖W‖_F bounded. Two implementations of the block step share one signature:
 ``block_step_naive`` takes per-token gradients with autograd in a token loop (the reference),
@@ -86,6 +87,7 @@ def scan_step(w1, w2, mom1, mom2, init1, init2, x, y, eta, apply_n, decay: float
     """One block: gradient step, momentum, forgetting and norm cap; rows with ``apply_n`` [G] false
     keep their state. Returns (w1, w2, mom1, mom2, loss before the step [G, b])."""
     a = apply_n[:, None, None] > 0
+    eta = eta / (1.0 + F.gelu(x @ w1).pow(2).sum(-1))  # normalised (NLMS) step: no overshoot whatever m
     u1, u2, loss = (block_step_naive if naive else block_step)(w1, w2, x, y, eta)
     n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
     n2, nm2 = apply_update(w2, u2, mom2, init2, decay, momentum, max_norm)
