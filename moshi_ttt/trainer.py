@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +49,7 @@ class Trainer:
         self.stream, self.bounds = train_data
         self.starts = doc_starts(len(self.stream), self.bounds)
         self.val = val_data
-        self.step, self.rng, self.log = 0, np.random.default_rng(cfg.seed), []
+        self.step, self.rng, self.log, self.tb = 0, np.random.default_rng(cfg.seed), [], None
         n_task = round(cfg.batch_size * cfg.task_frac)
         self.n_task = n_task
         self.mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
@@ -126,13 +127,16 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(norm)
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i, (x, y, resets, w) in enumerate(micro):
             sync = self.world > 1 and i < len(micro) - 1
             with self.net.no_sync() if sync else contextlib.nullcontext():
                 loss = self.micro_loss(x, y, resets, w, stage, norm.clamp_min(1.0).item())
                 loss.backward()
-            total += loss.item() / self.world
+            total += loss.detach() / self.world  # this rank's share of the global loss
+        if self.world > 1:
+            dist.all_reduce(total)  # the loss of the whole global batch, on every rank
+        total = total.item()
         if not np.isfinite(total):
             raise FloatingPointError(f"non-finite training loss {total} at step {self.step} (stage {stage.name}); "
                                      f"the last good checkpoint is {self.checkpoint_path()}")
@@ -208,6 +212,7 @@ class Trainer:
                 if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or self.step == total):
                     row["val_loss"] = self.val_loss()
                 self.log.append(row)
+                self.tensorboard(row)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
@@ -215,6 +220,26 @@ class Trainer:
         self.save()
         self.write_log()
         return self.log
+
+    def tensorboard(self, row: dict) -> None:
+        """TensorBoard event files under OUT/tensorboard (rank 0)."""
+        if self.rank or self.out is None or self.tb is False:
+            return
+        if self.tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    print("no tensorboardX or tensorboard: TensorBoard logging is off", file=sys.stderr)
+                    self.tb = False
+                    return
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        for key in ("loss", "val_loss", "lr", "tokens_per_s", "seq_len"):
+            if row.get(key) is not None:
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+        self.tb.flush()
 
     def write_log(self) -> None:
         if self.rank == 0 and self.out is not None and self.log:

@@ -109,20 +109,31 @@ def _ddp_worker(rank, port, cfg, out):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     t = Trainer(cache_model(), cfg, corpus(), progress=False)
-    t.fit()
+    log = t.fit()
     if rank == 0:
-        torch.save(t.model.state_dict(), out)
+        torch.save({"weights": t.model.state_dict(), "losses": [r["loss"] for r in log]}, out)
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
     cfg = dataclasses.replace(BASE, steps=3, grad_accum=2)
     single = Trainer(cache_model(), cfg, corpus(), progress=False)
-    single.fit()
+    losses = [r["loss"] for r in single.fit()]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, cfg, tmp_path / "ddp.pt"), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")
     for n, p in single.model.state_dict().items():
-        assert torch.allclose(p, ddp[n], atol=1e-5), n
+        assert torch.allclose(p, ddp["weights"][n], atol=1e-5), n
+    assert np.allclose(losses, ddp["losses"], rtol=1e-5)  # the logged loss is the global batch's
+
+
+def test_logs_csv_and_tensorboard_events(tmp_path):
+    cfg = dataclasses.replace(BASE, steps=4, eval_every=2)
+    log = Trainer(cache_model(), cfg, corpus(), val_data=corpus(seed=1), out=tmp_path, progress=False).fit()
+    rows = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(log) == 5 and rows[0].split(",")[-1] == "val_loss"
+    assert float(rows[-1].split(",")[3]) == pytest.approx(log[-1]["loss"], rel=1e-5)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"train/val_loss" in events[0].read_bytes() and b"train/loss" in events[0].read_bytes()
