@@ -28,55 +28,45 @@ def git_commit(path: Path | None = None) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def plot_loss_by_position(models: dict[str, list[dict]], path: Path, marks: dict[str, int] | None = None) -> None:
-    """One line per model: perplexity per position bucket (log-scale x); ``marks`` draws labelled
-    vertical lines (e.g. the attention window, the training length)."""
+def line_plot(series: dict[str, tuple[list, list]], path: Path, xlabel: str, ylabel: str, title: str,
+              logx: bool = False, logy: bool = False, marks: dict[str, int] | None = None, marker: str = "o") -> None:
+    """One line per name (x, y); ``marks`` draws labelled vertical lines."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, rows in models.items():
-        mid = [(r["lo"] + r["hi"]) / 2 for r in rows]
-        ax.plot(mid, [r["ppl"] for r in rows], marker="o", label=name)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker=marker, label=name)
     for (label, x), style in zip((marks or {}).items(), ("--", ":", "-.")):
         ax.axvline(x, color="grey", ls=style, lw=1, label=f"{label} ({x})")
-    ax.set_xscale("log")
-    ax.set_xlabel("position in the held-out stream (tokens, bucket centre)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Held-out perplexity by position (streaming)")
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_loss_by_position(models: dict[str, list[dict]], path: Path, marks: dict[str, int] | None = None) -> None:
+    """Perplexity per position bucket, one line per model (log-scale x)."""
+    line_plot({n: ([(r["lo"] + r["hi"]) / 2 for r in rows], [r["ppl"] for r in rows]) for n, rows in models.items()},
+              path, "position in the held-out stream (tokens, bucket centre)", "perplexity (lower is better)",
+              "Held-out perplexity by position (streaming)", logx=True, marks=marks)
 
 
 def plot_state_bytes(models: dict[str, list[dict]], path: Path) -> None:
     """Streaming state bytes of one conversation vs tokens streamed (log-log)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, rows in models.items():
-        ax.plot([r["tokens"] for r in rows], [r["state_bytes"] for r in rows], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens streamed")
-    ax.set_ylabel("state bytes per conversation")
-    ax.set_title("Memory cost: flat lines stay constant for ever")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    line_plot({n: ([r["tokens"] for r in rows], [r["state_bytes"] for r in rows]) for n, rows in models.items()},
+              path, "tokens streamed", "state bytes per conversation",
+              "Memory cost: flat lines stay constant for ever", logx=True, logy=True)
 
 
 def plot_train_loss(models: dict[str, list[dict]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, rows in models.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (nats per token, weighted)")
-    ax.set_title("Training loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    line_plot({n: ([r["step"] for r in rows], [r["loss"] for r in rows]) for n, rows in models.items()},
+              path, "training step", "training loss (nats per token, weighted)", "Training loss", marker="")
 
 
 def plot_recall(models: dict[str, dict[str, list[dict]]], path: Path, window: int | None = None) -> None:
