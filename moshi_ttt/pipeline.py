@@ -108,7 +108,12 @@ def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: s
     metrics = {"commit": report.git_commit(), "seed": ec.seed, "eval": dataclasses.asdict(ec),
                "data": {"dir": str(data), "test_docs": len(docs), "test_sha256": manifest["splits"]["test"]["sha256"]},
                "models": results}
+    # timings vary from run to run: they go to timing.json, so metrics.json is reproducible to the byte
+    timing = {n: {"stream_ms_per_token": m["cost"].pop("stream_ms_per_token"), "device": m["cost"].pop("device")}
+              for n, m in results.items()}
     report.write_json(out / "metrics.json", metrics)
+    report.write_json(out / "timing.json", timing)
+    metrics["timing"] = timing
     report.write_plots(metrics, out, window, train_len)
     (out / "report.md").write_text(report.markdown(metrics))
     return metrics

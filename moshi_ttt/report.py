@@ -159,9 +159,9 @@ def markdown(metrics: dict) -> str:
                   str(r["tokens"]) for r in models[names[0]]["cost"]["state_bytes"]) + " tokens | ms/token (batch 1, eager) |",
               "|---|---|---|---|"]
     for n in names:
-        c = models[n]["cost"]
+        c, t = models[n]["cost"], metrics["timing"][n]
         lines.append(f"| {n} | {c['parameters']:,} | " + " / ".join(f"{r['state_bytes']:,}" for r in c["state_bytes"])
-                     + f" | {c['stream_ms_per_token']:.2f} ({c['device']}) |")
+                     + f" | {t['stream_ms_per_token']:.2f} ({t['device']}) |")
     lines += ["", "## Models", ""]
     for n in names:
         m = models[n]

@@ -42,6 +42,10 @@ def test_run_trains_evaluates_and_reports(corpus, tmp_path):
     ckpts = [str(out / n / "model.pt") for n in ("window-16", "window-16+ttt2")]
     assert cli.main(["eval", *ckpts, "--data", str(corpus), "--out", str(again), "--max-len", "600", "--docs", "2",
                      "--num", "2", "--distances", "1", "2", "--device", "cpu", "--buckets", "256", "600"]) == 0
+    again2 = tmp_path / "again2"
+    assert cli.main(["eval", *ckpts, "--data", str(corpus), "--out", str(again2), "--max-len", "600", "--docs", "2",
+                     "--num", "2", "--distances", "1", "2", "--device", "cpu", "--buckets", "256", "600"]) == 0
+    assert (again / "metrics.json").read_bytes() == (again2 / "metrics.json").read_bytes()  # the same JSON twice
     m2 = json.loads((again / "metrics.json").read_text())
     for name in metrics["models"]:
         assert m2["models"][name]["loss_by_position"] == metrics["models"][name]["loss_by_position"]
