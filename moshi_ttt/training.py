@@ -148,7 +148,3 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 
 def config_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> TrainConfig:
-    return TrainConfig(**d)
