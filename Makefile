@@ -1,5 +1,6 @@
 # Two commands: `make run` (the main job on its default) and `make test`.
-# Each creates .venv, installs torch==2.13.0 only if torch is missing, then the package.
+# Each creates .venv, installs torch==2.13.0 only if torch is missing, then the package, then
+# moshi 0.2.13 with --no-deps (it pins torch<2.10; its real needs are in pyproject.toml).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,6 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	@$(BIN)/pip install -q -e ".[test]"
+	@$(BIN)/python -c "import moshi" 2>/dev/null || $(BIN)/pip install -q --no-deps moshi==0.2.13
 	@touch $(STAMP)
 
 run: $(STAMP)
