@@ -1,4 +1,26 @@
-"""Rotary position embedding at absolute positions (Moshi's interleaved-pair layout)."""
+"""Rotary position embedding at absolute positions (Moshi's interleaved-pair layout), and YaRN.
+
+YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"):
+"NTK-by-parts" frequencies (§3.2) plus an attention temperature (§3.4). Pair d has frequency
+θ_d = b^(-2d/|D|) (b = ``max_period``, |D| = ``head_dim``), wavelength λ_d = 2π/θ_d and ratio
+r(d) = L/λ_d (L = ``original_context``: how many turns pair d makes over the trained context).
+With the ramp γ(r) = 0 for r < α, 1 for r > β, (r - α)/(β - α) between (α = ``beta_slow``,
+β = ``beta_fast``), the new frequency is
+
+    h(θ_d) = (1 - γ(r(d))) θ_d / s + γ(r(d)) θ_d
+
+so pairs that turn more than β times over L keep θ_d, pairs that turn less than α times are
+interpolated by s, and the band between is blended. The attention logits get a temperature t:
+
+    softmax(q_mᵀ k_n / (t √|D|)),   √(1/t) = 0.1 ln(s) + 1.
+
+``yarn_attention_scale`` returns √(1/t): multiply q and k each by it, or the logits by its square
+(``StreamingAttention`` multiplies the logits).
+
+The ramp here is the paper's, continuous in r. The authors' code (jquesnelle/yarn) blends over
+pair indices between floor(d(β)) and ceil(d(α)), where d(r) is the (fractional) pair whose ratio
+is r; it agrees with this one outside the ramp band and differs slightly inside it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +33,54 @@ def rope_frequencies(head_dim: int, max_period: float, device=None) -> torch.Ten
     """Angular frequency of each pair: ``max_period ** (-2 d / head_dim)``. [head_dim // 2] fp32."""
     d = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
     return torch.exp(d * (-math.log(max_period) * 2.0 / head_dim))
+
+
+def yarn_ramp(r: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """γ(r): 0 below α (interpolate), 1 above β (keep), linear between."""
+    return ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+
+
+def yarn_frequencies(head_dim: int, max_period: float, scale: float, original_context: int,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0, device=None) -> torch.Tensor:
+    """YaRN's NTK-by-parts frequencies h(θ_d) for a context extended ``scale`` times beyond
+    ``original_context`` steps. [head_dim // 2] fp32; ``scale <= 1``: ``rope_frequencies`` exactly."""
+    theta = rope_frequencies(head_dim, max_period, device)  # [D/2]
+    if scale <= 1:
+        return theta
+    if original_context < 1 or not beta_fast > beta_slow:
+        raise ValueError(f"YaRN needs original_context >= 1 and beta_fast > beta_slow, got "
+                         f"{original_context}, {beta_fast}, {beta_slow}")
+    theta64 = theta.double()
+    r = original_context * theta64 / (2 * math.pi)  # L / λ_d: turns over the trained context
+    gamma = yarn_ramp(r, beta_slow, beta_fast)
+    return ((1 - gamma) * theta64 / scale + gamma * theta64).float()
+
+
+def yarn_frequencies_naive(head_dim: int, max_period: float, scale: float, original_context: int,
+                           beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """Reference: one pair at a time, in Python floats, straight from the equations above."""
+    out = []
+    for d in range(head_dim // 2):
+        theta = max_period ** (-2 * d / head_dim)
+        if scale <= 1:
+            out.append(theta)
+            continue
+        wavelength = 2 * math.pi / theta
+        r = original_context / wavelength
+        if r < beta_slow:
+            gamma = 0.0
+        elif r > beta_fast:
+            gamma = 1.0
+        else:
+            gamma = (r - beta_slow) / (beta_fast - beta_slow)
+        out.append((1 - gamma) * theta / scale + gamma * theta)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def yarn_attention_scale(scale: float) -> float:
+    """√(1/t) = 0.1 ln(s) + 1 (§3.4); 1.0 for ``scale <= 1``. Multiplies q and k each, so the
+    logits are multiplied by its square (1/t)."""
+    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
