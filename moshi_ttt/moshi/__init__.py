@@ -1,0 +1,1 @@
+"""Moshi integration: the only subpackage that imports `moshi`."""
