@@ -1,0 +1,46 @@
+"""One self-contained file per exported session: a zip of session.json (the row) and the blob."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from .store import SESSION_FORMAT, SessionInfo, check_blob
+
+BUNDLE_TAG = f"moshi_ttt.session-export/{SESSION_FORMAT}"
+
+
+def write_bundle(path: str | os.PathLike, info: SessionInfo, data: bytes) -> Path:
+    """Write atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("session.json", json.dumps({"format": BUNDLE_TAG, "session": info.to_dict()}, indent=1, sort_keys=True))
+        z.writestr("state.safetensors", data)
+    os.replace(tmp, path)
+    return path
+
+
+def read_bundle(path: str | os.PathLike) -> tuple[SessionInfo, bytes]:
+    """(row, blob bytes) of an exported session; ValueError if it is not one, of another format,
+    or its blob does not match the hash recorded in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no exported session at {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            head, data = json.loads(z.read("session.json")), z.read("state.safetensors")
+    except (zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not an exported session: {e}") from e
+    fmt = head.get("format") if isinstance(head, dict) else None
+    if fmt != BUNDLE_TAG:
+        raise ValueError(f"{path} is an exported session of format {fmt!r}; this moshi_ttt reads {BUNDLE_TAG!r}")
+    try:
+        info = SessionInfo(**head["session"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not an exported session: {e}") from e
+    check_blob(data, info.blob_sha256, f"exported session {path}")
+    return info, data

@@ -1,0 +1,85 @@
+"""StreamingLM states in a SessionStore: one conversation = one batch row, stored as batch 1."""
+
+from __future__ import annotations
+
+import torch
+
+from ..state import StreamingState
+from .identity import STREAMING_LM, ModelIdentity, identity_of
+from .store import SessionInfo, SessionStore, serialize
+
+
+def state_tensors(state: StreamingState, row: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors [1, ...] each, meta) of one conversation: row ``row`` of a batch, or a batch-1 state.
+
+    Everything the state holds is kept: fast weights, compressor state, window rings, positions,
+    buffers, fills and meta (``tokens`` stays the state's stream counter, which ``full`` uses as
+    its slot count).
+    """
+    if not isinstance(state, StreamingState):
+        raise ValueError(f"state must be a StreamingState, got {type(state).__name__}")
+    if row is None:
+        if state.batch_size != 1:
+            raise ValueError(f"state has batch size {state.batch_size}: pass row= to store one conversation")
+        row = 0
+    if not isinstance(row, int) or not 0 <= row < state.batch_size:
+        raise ValueError(f"row must be an int in [0, {state.batch_size}), got {row!r}")
+    tensors = {k: v[row:row + 1] for k, v in state.tensors.items()}  # [1, ...] views; serialize copies
+    return tensors, {"state_meta": dict(state.meta, batch_size=1), "fills": dict(state.fills)}
+
+
+def session_bytes(state: StreamingState, row: int | None = None) -> int:
+    """Bytes one conversation takes in the store: the size of its blob, from the real state."""
+    return len(serialize(state_tensors(state, row)[0]))
+
+
+def save_state(store: SessionStore, cid: str, state: StreamingState, model, row: int | None = None,
+               identity: ModelIdentity | None = None) -> SessionInfo:
+    """Store one conversation of ``model``'s ``state`` (pass ``identity`` to skip re-hashing the weights)."""
+    identity = identity or identity_of(model)
+    if state.meta.get("fingerprint") != identity.config_hash:
+        raise ValueError(f"state belongs to a different model config "
+                         f"({state.meta.get('fingerprint')} != {identity.config_hash})")
+    tensors, meta = state_tensors(state, row)
+    tokens = int(tensors["pos"][0]) if "pos" in tensors else meta["state_meta"].get("tokens")
+    return store.put_tensors(cid, tensors, meta, identity, tokens)
+
+
+def load_state(store: SessionStore, cid: str, model, device=None,
+               identity: ModelIdentity | None = None) -> StreamingState:
+    """The batch-1 state stored under ``cid``, checked against ``model`` (config, weights, names,
+    dtypes and shapes), on ``device`` (default: the model's)."""
+    identity = identity or identity_of(model)
+    tensors, meta = store.get_tensors(cid, identity)
+    _check_layout(cid, tensors, model)
+    state = StreamingState(tensors, meta["fills"], meta["state_meta"])
+    return state.to(device if device is not None else next(model.parameters()).device)
+
+
+def load_into(store: SessionStore, cid: str, model, state: StreamingState, row: int,
+              identity: ModelIdentity | None = None) -> StreamingState:
+    """Copy the conversation ``cid`` into row ``row`` of a batch ``state``, in place (a server
+    resuming one conversation among others). Not for ``full`` memory, whose slots follow the
+    batch's shared stream counter: load it with ``load_state`` as its own state."""
+    if model.cfg.memory.kind == "full":
+        raise ValueError("load_into cannot place a 'full' memory into a batch row: use load_state")
+    if not isinstance(row, int) or not 0 <= row < state.batch_size:
+        raise ValueError(f"row must be an int in [0, {state.batch_size}), got {row!r}")
+    one = load_state(store, cid, model, identity=identity)
+    for name, t in state.tensors.items():
+        t[row:row + 1].copy_(one[name].to(t.device))
+    return state
+
+
+def _check_layout(cid: str, tensors: dict[str, torch.Tensor], model) -> None:
+    want = {k: v for k, v in model.init_state(1, device="meta").tensors.items()}
+    if set(tensors) != set(want):
+        raise ValueError(f"session {cid!r} does not match the model's state: missing "
+                         f"{sorted(set(want) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(want))[:5]}")
+    growing = model.cfg.memory.kind == "full"
+    for k, w in want.items():
+        t = tensors[k]
+        same = t.dim() == w.dim() and (growing or t.shape == w.shape)
+        if t.is_floating_point() != w.is_floating_point() or not same:  # float width is the caller's choice
+            raise ValueError(f"session {cid!r}: state tensor {k} is {t.dtype} {tuple(t.shape)}, "
+                             f"the model's is {w.dtype} {tuple(w.shape)}")
