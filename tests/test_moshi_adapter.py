@@ -1,0 +1,500 @@
+"""Moshi adapter on a tiny real ``moshi.models.LMModel`` (CPU): ours vs stock Moshi, streaming
+(LMGen and the transformer's streaming forward) vs parallel, DESIGN section 9 traps, checkpoints
+written by Moshi's loader format, conversation training with carried memory, YaRN."""
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from moshi.models.lm import LMGen, LMModel
+from moshi.models.loaders import CheckpointInfo
+from safetensors.torch import load_file, save_file
+
+from moshi_ttt import InPlaceTTTConfig, MemoryConfig
+from moshi_ttt.layers.mlp import GatedMLP
+from moshi_ttt.moshi import (AdapterConfig, added_keys, load_added, load_full, load_stock, patch_lm, save_added,
+                             save_full, unpatch_lm)
+from moshi_ttt.moshi.gating import TTTGating
+from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
+from moshi_ttt.ops.inplace_ttt import chunk_target
+
+TINY = dict(dim=32, text_card=50, existing_text_padding_id=3, n_q=4, dep_q=2, card=40, num_heads=4, num_layers=3,
+            hidden_scale=4.125, causal=True, layer_scale=None, context=64, max_period=10000, gating="silu",
+            norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16, depformer_dim_feedforward=32,
+            depformer_num_heads=2, depformer_num_layers=1, depformer_layer_scale=None, depformer_multi_linear=True,
+            depformer_context=2, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+            depformer_weights_per_step=True, delays=[0, 0, 1, 0, 1])
+K, C = 5, 4  # codebooks (text + 4 audio), In-Place TTT chunk
+TTT = InPlaceTTTConfig(layers=(1, 2), chunk_size=C, lr=0.5, target="hidden")
+CACHE = MemoryConfig(kind="ttt_cache", window=6, block=2, num_virtual=3)
+FULL = AdapterConfig(inplace_ttt=TTT, memory=CACHE, memory_layers=(0, 2), base_memory=MemoryConfig(kind="window", window=9))
+MIXED = AdapterConfig(inplace_ttt=TTT, memory=CACHE, memory_layers=(0,))  # layers 1, 2 keep Moshi's ring
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only contend on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def stock(seed=0, **over) -> LMModel:
+    torch.manual_seed(seed)
+    return LMModel(**{**TINY, **over}).eval()
+
+
+def codes(B, T, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 40, (B, K, T), generator=g)
+    c[:, 0] = torch.randint(0, 50, (B, T), generator=g)
+    return c
+
+
+def lively(lm):
+    """Non-zero new parameters (as after training), so every one of them matters."""
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("target_conv"):
+                p.normal_(0, 0.5)
+            elif name.endswith("target_proj"):
+                p.copy_(3 * torch.eye(p.shape[0]))
+            elif name.endswith("memory.vkey_proj") or name.endswith("memory.lr_w"):
+                p.normal_(0, 0.5)
+            elif name.endswith("memory.gate"):
+                p.normal_(0, 1.0)
+    return lm
+
+
+def stream(lm, seq, k=1, B=None, events=None):
+    """forward_text over seq [B, K, T], k steps a call -> text logits [B, 1, T, V]; ``events``
+    {t: fn(lm)} runs before step t (resets, exec masks)."""
+    outs = []
+    with torch.no_grad(), lm.streaming(B or seq.shape[0]):
+        t = 0
+        while t < seq.shape[2]:
+            n = k
+            for e in (events or {}):
+                if t == e:
+                    events[e](lm)
+                elif t < e < t + n:
+                    n = e - t
+            outs.append(lm.forward_text(seq[:, :, t:t + n])[1])
+            t += n
+    return torch.cat(outs, 2)
+
+
+def parallel(lm, seq):
+    with torch.no_grad():
+        return lm.forward_text(seq)[1]
+
+
+def fast_weights(lm, i):
+    return lm.transformer.layers[i].gating._streaming_state.tensors
+
+
+# ---- ours vs stock Moshi ------------------------------------------------------------------
+def test_gated_mlp_equals_moshi_activation_gating_exactly():
+    g = stock().transformer.layers[0].gating
+    mlp = GatedMLP(32, g.linear_out.in_features)
+    mlp.load_state_dict(g.state_dict(), strict=True)  # same names: linear_in = [W_gate; W_up], linear_out
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), g(x))
+        fresh = TTTGating(copy.deepcopy(g), InPlaceTTTConfig(layers=(0,), chunk_size=3, target="hidden"))(x)  # conv 0: plain MLP
+    assert (fresh - g(x)).abs().max().item() <= 1e-6
+
+
+def test_memory_off_logits_equal_stock_exactly():
+    seq = codes(2, 30)
+    ref = stock()
+    lm = patch_lm(stock(), AdapterConfig())
+    assert torch.equal(parallel(lm, seq), parallel(ref, seq))
+    assert torch.equal(stream(lm, seq, 1), stream(ref, seq, 1))
+    short, ref_short = patch_lm(stock(), AdapterConfig(context=10)), stock(context=10)  # Moshi's own ring, shorter
+    assert torch.equal(parallel(short, seq), parallel(ref_short, seq))
+    assert torch.equal(stream(short, seq, 1), stream(ref_short, seq, 1))
+    ours = patch_lm(stock(), AdapterConfig(base_memory=MemoryConfig(kind="window", window=64)))  # our ring, same size
+    assert torch.equal(parallel(ours, seq), parallel(ref, seq))
+    assert (stream(ours, seq, 1) - parallel(ref, seq)).abs().max().item() <= 1e-5
+    assert torch.equal(parallel(unpatch_lm(patch_lm(stock(), FULL)), seq), parallel(ref, seq))
+
+
+def test_fresh_patch_reproduces_stock():
+    """In-Place TTT starts as the plain MLP and the TTT cache's gate on the exact window: within
+    the stock context a fresh patch is stock; beyond it only the small virtual weight σ(-6) differs."""
+    cfg = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(0, 1, 2), chunk_size=C, target="hidden"),
+                        memory=MemoryConfig(kind="ttt_cache", window=64, block=4, num_virtual=3))
+    ref, lm = stock(), patch_lm(stock(), cfg)
+    seq = codes(2, 60)
+    assert (parallel(lm, seq) - parallel(ref, seq)).abs().max().item() <= 1e-5
+    assert (stream(lm, seq, 7) - parallel(ref, seq)).abs().max().item() <= 1e-5
+    long = codes(2, 100)
+    gate_window = (parallel(lm, long) - parallel(ref, long)).abs().max().item()
+    half = patch_lm(stock(), AdapterConfig(memory=cfg.memory, gate_init=0.0))
+    gate_half = (parallel(half, long) - parallel(ref, long)).abs().max().item()
+    assert gate_window < 0.05 * gate_half
+    assert (parallel(lively(lm), seq) - parallel(ref, seq)).abs().max().item() > 1e-2  # trained: TTT acts
+
+
+# ---- streaming vs parallel ---------------------------------------------------------------
+def record_forward_text(lm):
+    rec, orig = [], lm.forward_text
+
+    def fwd(seq, *args):
+        out = orig(seq, *args)
+        rec.append((seq.clone(), out[0].clone(), out[1].clone()))
+        return out
+    lm.forward_text = fwd  # LMGen graphs (on CUDA) or calls this bound function
+    return rec
+
+
+@pytest.mark.parametrize("cfg", [FULL, MIXED], ids=["full", "mixed"])
+def test_lmgen_streaming_equals_parallel(cfg):
+    lm = lively(patch_lm(stock(), cfg))
+    rec = record_forward_text(lm)
+    gen = LMGen(lm, use_sampling=False)
+    user = codes(2, 40)[:, 3:]  # the user's two audio codebooks
+    with gen.streaming(2):
+        for t in range(user.shape[2]):
+            gen.step(user[:, :, t:t + 1])
+    del lm.forward_text
+    seq = torch.cat([r[0] for r in rec], 2)  # what LMGen fed: generated text/audio, user audio, delays
+    with torch.no_grad():
+        out, text = lm.forward_text(seq)
+    assert (out - torch.cat([r[1] for r in rec], 1)).abs().max().item() <= 1e-4
+    assert (text - torch.cat([r[2] for r in rec], 2)).abs().max().item() <= 1e-4
+
+
+CASES = {
+    "ttt_cache+ttt": FULL,
+    "concat": AdapterConfig(memory=MemoryConfig(kind="ttt_cache", window=5, block=3, combine="concat", cold_start="zero")),
+    "pooled": AdapterConfig(memory=MemoryConfig(kind="pooled", window=5, num_virtual=2)),
+    "infini": AdapterConfig(memory=MemoryConfig(kind="infini", window=5)),
+    "sink": AdapterConfig(base_memory=MemoryConfig(kind="sink", window=6, num_sink=2)),
+    "ttt_embed": AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(0, 2), chunk_size=5, target="embed")),
+    "yarn": AdapterConfig(memory=CACHE, memory_layers=(1,), yarn_scale=4.0),
+}
+
+
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("name", list(CASES))
+def test_streaming_forward_equals_parallel(name, k):
+    lm = lively(patch_lm(stock(), CASES[name]))
+    seq = codes(2, 45)
+    assert (stream(lm, seq, k) - parallel(lm, seq)).abs().max().item() <= 1e-4
+
+
+# ---- DESIGN section 9 traps ---------------------------------------------------------------
+def test_trap2_every_row_keeps_its_own_fast_weights():
+    lm = lively(patch_lm(stock(), FULL))
+    seq = codes(3, 26)
+    with torch.no_grad(), lm.streaming(3):
+        batch = torch.cat([lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(26)], 2)
+        s = fast_weights(lm, 1)["s"].clone()
+    for b in range(3):
+        with torch.no_grad(), lm.streaming(1):
+            alone = torch.cat([lm.forward_text(seq[b:b + 1, :, t:t + 1])[1] for t in range(26)], 2)
+            assert torch.allclose(fast_weights(lm, 1)["s"][0], s[b], rtol=1e-5, atol=1e-5)
+        assert (alone[0] - batch[b]).abs().max().item() <= 1e-4
+    assert (s[0] - s[1]).abs().max().item() > 1e-2  # the rows did learn different things
+
+
+def test_trap3_fast_weights_stay_fp32_in_a_bf16_model():
+    cfg = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, lr=1.0, target="hidden"))
+    lm = lively(patch_lm(stock().to(torch.bfloat16), cfg))
+    gating = lm.transformer.layers[1].gating
+    seen = []
+    gating.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    seq = codes(1, 2 * C)
+    with torch.no_grad(), lm.streaming(1):
+        for t in range(2 * C):
+            lm.forward_text(seq[:, :, t:t + 1])
+        s = fast_weights(lm, 1)["s"][0].clone()
+    x = torch.cat(seen, 1)  # [1, 2C, D] bf16: the MLP inputs, step by step
+    with torch.no_grad():
+        z = gating.hidden(x).double()  # bf16 activations, as the layer computes them
+        v = chunk_target(x.double(), gating.target_conv.double(), gating.target_proj.double(), C)
+    ref = (v[0].T @ z[0]).double()  # Σ_chunks η V̂ᵀ Z with η = 1
+    assert s.dtype == torch.float32
+    err = ((s.double() - ref).abs().max() / ref.abs().max()).item()
+    bf16_err = ((s.bfloat16().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5 < bf16_err
+
+
+def test_trap6_lmgen_updates_the_fast_weights_every_chunk():
+    """Counted from the fast weights themselves, not a Python counter (on CUDA the same step is
+    replayed as a graph: tests/test_gpu_moshi.py)."""
+    lm = lively(patch_lm(stock(), AdapterConfig(inplace_ttt=TTT)))
+    gen = LMGen(lm, use_sampling=False)
+    user, updates = codes(2, 18)[:, 3:], 0
+    with gen.streaming(2):
+        prev = fast_weights(lm, 1)["s"].clone()
+        for t in range(18):
+            gen.step(user[:, :, t:t + 1])
+            s = fast_weights(lm, 1)["s"]
+            updates += int(not torch.equal(s, prev))
+            prev = s.clone()
+    assert updates == 18 // C
+
+
+def reset_row1_at(r):
+    return {r: lambda lm: lm.reset_streaming(torch.tensor([False, True]))}
+
+
+def test_trap8_reset_returns_to_the_trained_w_down():
+    lm = lively(patch_lm(stock(), FULL))
+    w = lm.transformer.layers[1].gating.linear_out.weight
+    with torch.no_grad():
+        w.add_(0.05 * torch.randn_like(w))  # "trained": W0 is no longer the pretrained W_down
+    trained = w.detach().clone()
+    seq, r = codes(2, 30), 13
+    out = stream(lm, seq, 1, events=reset_row1_at(r))
+    assert torch.equal(w, trained)  # the reset did not touch the model's W_down
+    fresh = stream(lm, seq[1:, :, r:], 1)
+    assert (out[1, :, r:] - fresh[0]).abs().max().item() <= 1e-5
+    assert (out[0] - stream(lm, seq[:1], 1)[0]).abs().max().item() <= 1e-5
+
+
+def test_trap9_reset_clears_the_buffered_chunk():
+    lm = lively(patch_lm(stock(), FULL))
+    seq, r = codes(2, 30), 2 * C + 3  # row 1 resets with 3 tokens buffered in its open chunk
+    with torch.no_grad(), lm.streaming(2):
+        for t in range(r):
+            lm.forward_text(seq[:, :, t:t + 1])
+        st = fast_weights(lm, 1)
+        assert st["count"].tolist() == [3, 3] and st["zbuf"][1].abs().sum() > 0
+        lm.reset_streaming(torch.tensor([False, True]))
+        assert st["count"].tolist() == [3, 0]
+        for name in ("s", "zbuf", "xbuf"):
+            assert st[name][1].abs().sum() == 0 and st[name][0].abs().sum() > 0
+    out = stream(lm, seq, 1, events=reset_row1_at(r))
+    assert (out[1, :, r:] - stream(lm, seq[1:, :, r:], 1)[0]).abs().max().item() <= 1e-5
+
+
+def test_exec_mask_off_rows_keep_their_memory():
+    """Moshi's set_exec_mask: a row switched off for some steps continues as if they never happened."""
+    lm = lively(patch_lm(stock(), MIXED))
+    seq = codes(2, 30)
+    junk = codes(2, 5, seed=7)
+    with torch.no_grad(), lm.streaming(2):
+        a = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10)]
+        lm.set_exec_mask(torch.tensor([True, False]))
+        for t in range(5):
+            lm.forward_text(junk[:, :, t:t + 1])
+        lm.set_exec_mask(torch.tensor([True, True]))
+        b = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10, 30)]
+    ref = stream(lm, seq[1:], 1)
+    assert (torch.cat(a + b, 2)[1] - ref[0]).abs().max().item() <= 1e-5
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+def write_stock_checkpoint(d, seed=3):
+    """A tiny Moshi checkpoint in Moshi's layout: safetensors weights + config.json of LMModel kwargs."""
+    lm = stock(seed)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(TINY))
+    return lm
+
+
+def test_stock_checkpoint_loads_strictly_then_patches(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = write_stock_checkpoint(tmp_path).state_dict()
+    info = CheckpointInfo.from_hf_repo("kyutai/not-downloaded", moshi_weights=tmp_path / "model.safetensors",
+                                       mimi_weights=tmp_path / "mimi.safetensors", tokenizer=tmp_path / "tok.model",
+                                       config_path=tmp_path / "config.json")
+    lm = info.get_moshi(device="cpu", dtype=torch.float32)  # get_moshi_lm: load_state_dict(strict=True)
+    mine = load_stock(tmp_path / "config.json", tmp_path / "model.safetensors", dtype=torch.float32)
+    for m in (lm, mine):
+        sd = m.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    patch_lm(lm, FULL)
+    sd = lm.state_dict()
+    assert set(sd) - set(ref) == set(added_keys(lm)) and set(ref) <= set(sd)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)  # stock weights under their stock names
+    res = lm.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    assert sorted(res.missing_keys) == sorted(added_keys(lm)) and not res.unexpected_keys
+
+
+def test_added_weights_round_trip_separately_and_together(tmp_path):
+    write_stock_checkpoint(tmp_path)
+    load = (lambda: load_stock(tmp_path / "config.json", tmp_path / "model.safetensors", dtype=torch.float32))
+    a = lively(patch_lm(load(), FULL))
+    save_added(a, tmp_path / "added.safetensors")
+    save_full(a, tmp_path / "full.safetensors")
+    saved = load_file(str(tmp_path / "added.safetensors"))
+    assert set(saved) == set(added_keys(a)) and not set(saved) & set(load().state_dict())
+    b = patch_lm(load(), FULL)
+    load_added(b, tmp_path / "added.safetensors")
+    c = patch_lm(stock(seed=99), FULL)  # other stock weights: all replaced by the full file
+    load_full(c, tmp_path / "full.safetensors")
+    sa = a.state_dict()
+    seq = codes(2, 20)
+    for m in (b, c):
+        sm = m.state_dict()
+        assert sm.keys() == sa.keys() and all(torch.equal(sm[k], sa[k]) for k in sa)
+        assert torch.equal(parallel(m, seq), parallel(a, seq))
+        assert torch.equal(stream(m, seq, 3), stream(a, seq, 3))
+
+
+def test_checkpoint_errors(tmp_path):
+    a = patch_lm(stock(), FULL)
+    save_added(a, tmp_path / "added.safetensors")
+    save_full(a, tmp_path / "full.safetensors")
+    with pytest.raises(ValueError, match="saved from a model patched with"):
+        load_added(patch_lm(stock(), MIXED), tmp_path / "added.safetensors")
+    with pytest.raises(ValueError, match="format"):
+        load_added(patch_lm(stock(), FULL), tmp_path / "full.safetensors")
+    with pytest.raises(ValueError, match="no file of added"):
+        load_added(a, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="not patched"):
+        load_full(stock(), tmp_path / "full.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_added(a, tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="no file"):
+        load_stock(tmp_path / "config.json", tmp_path / "model.safetensors")
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def _patched_twice():
+    patch_lm(patch_lm(stock(), FULL), FULL)
+
+
+def _patch_while_streaming():
+    lm = stock()
+    with lm.streaming(1):
+        patch_lm(lm, FULL)
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda: AdapterConfig(memory=MemoryConfig(kind="full")), "not supported in Moshi"),
+    (lambda: AdapterConfig(base_memory=MemoryConfig(kind="ttt_cache")), "base_memory.kind"),
+    (lambda: AdapterConfig(yarn_scale=1.0), "yarn_scale"),
+    (lambda: AdapterConfig(memory_layers=(1,)), "memory is None"),
+    (lambda: AdapterConfig(memory=CACHE, memory_layers=(1, 1)), "duplicates"),
+    (lambda: AdapterConfig(context=0), "context"),
+    (lambda: AdapterConfig.preset("huge"), "unknown adapter preset"),
+    (lambda: patch_lm(stock(), AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(7,)))), "out of range"),
+    (lambda: patch_lm(stock(), AdapterConfig(memory=CACHE, memory_layers=(3,))), "out of range"),
+    (lambda: patch_lm("model", FULL), "LMModel"),
+    (lambda: patch_lm(stock(), "cfg"), "AdapterConfig"),
+    (_patched_twice, "already patched"),
+    (_patch_while_streaming, "before it starts streaming"),
+    (lambda: patch_lm(stock(gating="gelu"), AdapterConfig(inplace_ttt=TTT)), "silu"),
+    (lambda: unpatch_lm(stock()), "not patched"),
+    (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0, :3], 5), "shape"),
+    (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0].float(), 5), "integer"),
+    (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0] + 60, 5), "out of range"),
+    (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0], 0), "segment"),
+    (lambda: conversation_losses(patch_lm(stock(), MIXED), codes(1, 100)[0], 8), "ring KV cache of 64"),
+])
+def test_bad_input_raises_clear_value_error(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+def test_presets_patch_and_serialise():
+    for name in ("off", "inplace_ttt", "ttt_cache", "both"):
+        cfg = AdapterConfig.preset(name, num_layers=3)
+        assert AdapterConfig.from_json(cfg.to_json()) == cfg
+        patch_lm(stock(), cfg)
+    big = AdapterConfig.preset("both", num_layers=32)
+    assert big.inplace_ttt.layers == (5, 11, 17, 23, 29) and big.memory_layers == tuple(range(3, 32, 4))
+
+
+# ---- conversation training --------------------------------------------------------------------
+TRAIN = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, target="hidden"), memory=CACHE,
+                      memory_layers=(0,), base_memory=MemoryConfig(kind="window", window=6))
+
+
+def test_memory_carries_across_segments_and_reset_does_not():
+    lm = lively(patch_lm(stock(), TRAIN))
+    conv = codes(1, 36)[0]
+    other = conv.clone()
+    other[:, :12] = codes(1, 12, seed=5)[0]  # another first segment, same later segments
+    with torch.no_grad():
+        carried, carried_other = conversation_losses(lm, conv, 12), conversation_losses(lm, other, 12)
+        reset, reset_other = conversation_losses(lm, conv, 12, carry=False), conversation_losses(lm, other, 12, carry=False)
+        out = lm(conv[None, :, 12:24])  # stock Moshi's own training forward on segment 2 alone
+    for i in (1, 2):
+        assert abs(carried[i]["loss"] - carried_other[i]["loss"]).item() > 1e-4
+        assert abs(reset[i]["loss"] - reset_other[i]["loss"]).item() <= 1e-6
+    text = torch.nn.functional.cross_entropy(out.text_logits[out.text_mask], conv[None, :1, 12:24][out.text_mask])
+    audio = torch.nn.functional.cross_entropy(out.logits[out.mask], conv[None, 1:3, 12:24][out.mask])
+    assert abs(reset[1]["text"] - text).item() <= 1e-5 and abs(reset[1]["audio"] - audio).item() <= 1e-5
+
+
+def test_carried_segments_equal_one_parallel_pass():
+    lm = lively(patch_lm(stock(), TRAIN))
+    conv = codes(1, 40)[0]
+    with torch.no_grad():
+        carried = conversation_losses(lm, conv, 13)  # 13, 13, 13, 1 steps
+        inputs, targets = delayed_io(lm, conv[None])
+        out, text = lm.forward_text(inputs)
+        audio = lm.forward_depformer_training(targets, out)
+    assert len(carried) == 4
+    for i, s in enumerate(range(0, 40, 13)):
+        ref = logits_losses(lm, text[:, :, s:s + 13], audio[:, :, s:s + 13], targets[:, :, s:s + 13], s)
+        for name in ("text", "audio"):
+            assert abs(carried[i][name] - ref[name]).item() <= 1e-5
+
+
+def test_segment_backward_matches_forward_and_reaches_new_parameters():
+    lm = lively(patch_lm(stock(), TRAIN)).train()
+    conv = codes(1, 24)[0]
+    trained = conversation_losses(lm, conv, 8, backward=True)
+    with torch.no_grad():
+        plain = conversation_losses(lm, conv, 8)
+    assert all(abs(a["loss"] - b["loss"]).item() <= 1e-5 for a, b in zip(trained, plain))
+    for key in ("transformer.layers.1.gating.target_conv", "transformer.layers.0.self_attn.memory.probes"):
+        g = lm.get_parameter(key).grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# ---- YaRN ------------------------------------------------------------------------------------------
+def paper_yarn(head_dim, base, s, L, alpha=1.0, beta=32.0):
+    """YaRN (Peng et al. 2023) §3.2 per pair: r = L/λ, ramp γ, h(θ) = (1 - γ) θ/s + γ θ."""
+    out = []
+    for d in range(head_dim // 2):
+        theta = base ** (-2 * d / head_dim)
+        r = L / (2 * math.pi / theta)
+        gamma = 0.0 if r < alpha else 1.0 if r > beta else (r - alpha) / (beta - alpha)
+        out.append((1 - gamma) * theta / s + gamma * theta)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rotate(x, pos, freqs):
+    """Pairs (x[2d], x[2d+1]) as complex numbers times exp(i pos θ_d). x [B, H, T, D], pos [T]."""
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * torch.polar(torch.ones((), dtype=torch.float64), pos.double()[:, None] * freqs)).flatten(-2)
+
+
+@pytest.mark.parametrize("head_dim, context", [(8, 64), (128, 3000)])
+def test_yarn_rope_matches_the_paper(head_dim, context):
+    s = 4.0
+    lm = patch_lm(stock(dim=head_dim * 2, num_heads=2, context=context),
+                  AdapterConfig(memory=CACHE, memory_layers=(0,), yarn_scale=s))
+    rope, want = lm.transformer.rope, paper_yarn(head_dim, 10000, s, context)
+    assert all(layer.self_attn.rope is rope for layer in lm.transformer.layers[1:])
+    q, k = torch.randn(2, 2, 9, head_dim), torch.randn(2, 2, 9, head_dim)
+    offset = torch.tensor([0, 1234])
+    qo, ko = rope(q, k, offset)
+    m = 0.1 * math.log(s) + 1  # √(1/t) on q and k each
+    for b in range(2):
+        pos = offset[b] + torch.arange(9)
+        assert (qo[b].double() - m * rotate(q[b:b + 1], pos, want)[0]).abs().max().item() <= 1e-3  # fp32 angles
+        assert (ko[b].double() - m * rotate(k[b:b + 1], pos, want)[0]).abs().max().item() <= 1e-3
+    attn = lm.transformer.layers[0].self_attn
+    assert torch.allclose(attn.freqs.double(), want, rtol=1e-6)
+    assert attn.memory.inv_t == pytest.approx(m * m)
+    theta = paper_yarn(head_dim, 10000, 1.0, context)
+    kept, scaled = (want == theta).sum().item(), torch.isclose(want, theta / s, rtol=1e-12).sum().item()
+    if head_dim == 128:  # trap 10: the ramp keeps high frequencies and interpolates low ones
+        assert (kept, scaled) == (19, 21) and torch.equal(want[:kept], theta[:kept])
