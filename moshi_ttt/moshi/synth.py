@@ -13,7 +13,9 @@ so predicting the answer needs memory of the start of the conversation.
 - ``tone_conversations``: a pure-numpy stand-in needing no tools: each word is a tone burst
   whose pitch depends on the word and the speaker; timings are exact by construction.
 
-Both write ``conversations.jsonl`` and ``audio/conv_NNNNN.{wav,json}`` under ``out_dir``.
+Both write ``conversations.jsonl`` and ``audio/conv_NNNNN.{wav,json}`` under ``out_dir``; each
+.json also holds "facts": [{"key", "value", "told_s", "answer_s"}] (start times of the value's
+word when told and when Moshi answers with it; moshi-finetune ignores the key).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import wave
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -195,12 +197,16 @@ def _assemble(script: Script, render: Callable[[Turn], Utterance], cfg: SynthCon
 def _write_dataset(out_dir: Path, n: int, seed: int, filler_exchanges: int, num_facts: int,
                    write_one: Callable[[Path, Script, np.random.Generator], float]) -> Path:
     items = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        script = conversation_script(int(rng.integers(2**31)), filler_exchanges, num_facts)
+    for i, script in enumerate(dataset_scripts(n, seed, filler_exchanges, num_facts)):
         rel = f"audio/conv_{i:05d}.wav"
-        items.append((rel, write_one(out_dir / rel, script, rng)))
+        items.append((rel, write_one(out_dir / rel, script, np.random.default_rng([seed, i, 1]))))
     return write_jsonl(out_dir / "conversations.jsonl", items)
+
+
+def dataset_scripts(n: int, seed: int, filler_exchanges: int, num_facts: int) -> list[Script]:
+    """The scripts of ``speak_conversations`` / ``tone_conversations`` with the same arguments."""
+    return [conversation_script(int(np.random.default_rng([seed, i]).integers(2**31)),
+                                filler_exchanges, num_facts) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------- tones
@@ -385,9 +391,3 @@ def speak_conversations(out_dir: str | Path, n: int = 2, seed: int = 0, filler_e
 def script_words(script: Script, speaker: str) -> list[str]:
     """The words ``speaker`` (MOSHI or USER) says, in order."""
     return [w for t in script.turns if t.speaker == speaker for w in t.text.split()]
-
-
-def dataset_scripts(n: int, seed: int, filler_exchanges: int, num_facts: int) -> Sequence[Script]:
-    """The scripts ``speak_conversations``/``tone_conversations`` use for the same arguments."""
-    return [conversation_script(int(np.random.default_rng([seed, i]).integers(2**31)),
-                                filler_exchanges, num_facts) for i in range(n)]
