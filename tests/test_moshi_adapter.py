@@ -21,6 +21,7 @@ from moshi_ttt.layers.mlp import GatedMLP
 from moshi_ttt.moshi import (AdapterConfig, added_keys, load_added, load_full, load_stock, patch_lm, save_added,
                              save_full, unpatch_lm)
 from moshi_ttt.moshi.gating import TTTGating
+from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
 from moshi_ttt.ops.inplace_ttt import chunk_target
 
@@ -278,9 +279,10 @@ def test_trap9_reset_clears_the_buffered_chunk():
     assert (out[1, :, r:] - stream(lm, seq[1:, :, r:], 1)[0]).abs().max().item() <= 1e-5
 
 
-def test_exec_mask_off_rows_keep_their_memory():
+@pytest.mark.parametrize("cfg", [MIXED, FULL, CASES["sink"]], ids=["mixed", "full", "sink"])
+def test_exec_mask_off_rows_keep_their_memory(cfg):
     """Moshi's set_exec_mask: a row switched off for some steps continues as if they never happened."""
-    lm = lively(patch_lm(stock(), MIXED))
+    lm = lively(patch_lm(stock(), cfg))
     seq = codes(2, 30)
     junk = codes(2, 5, seed=7)
     with torch.no_grad(), lm.streaming(2):
@@ -498,3 +500,53 @@ def test_yarn_rope_matches_the_paper(head_dim, context):
     kept, scaled = (want == theta).sum().item(), torch.isclose(want, theta / s, rtol=1e-12).sum().item()
     if head_dim == 128:  # trap 10: the ramp keeps high frequencies and interpolates low ones
         assert (kept, scaled) == (19, 21) and torch.equal(want[:kept], theta[:kept])
+
+
+# ---- the 7B benchmark's tiny mode ----------------------------------------------------------------
+def load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "moshi_bench.py"
+    spec = importlib.util.spec_from_file_location("moshi_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_tiny_reports_the_states_it_ran(tmp_path):
+    bench = load_bench()
+    out = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--variants", "off,both",
+                      "--checkpoints", "5,20", "--max-batch", "2", "--frames", "2"])
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(out))
+    assert (tmp_path / "results.png").stat().st_size > 0
+    md = (tmp_path / "results.md").read_text()
+    stock_bytes = 3 * (2 * 64 * 32 * 4 + 8 + 8) + 8  # per layer: ring K/V (fp32) + 2 offsets; the transformer's
+    for name in ("off", "both"):
+        lm = patch_lm(stock(), AdapterConfig.preset(name, num_layers=3))
+        with lm.streaming(1):
+            want = state_nbytes(lm)
+        assert [r["state_bytes"] for r in out["variants"][name]["series"]] == [want, want]
+        assert out["variants"][name]["search"]["at_max"]["state_bytes"] == 2 * want
+        for r in out["variants"][name]["series"]:
+            assert f"| {name} | {r['steps']} | {r['ms_per_frame']:.2f} | {r['state_bytes'] / 1e6:.2f} |" in md
+    assert out["variants"]["off"]["series"][0]["state_bytes"] == stock_bytes
+
+
+def test_bench_search_matches_a_linear_scan():
+    """Doubling + bisection against a scan of a synthetic cost (ms = 3 + 0.7 B, OOM from some B on)."""
+    import argparse
+
+    bench = load_bench()
+    for threshold, oom_at, max_batch in [(80, 1000, 4096), (80, 50, 4096), (10, 1000, 4096), (80, 1000, 16),
+                                         (2, 1000, 64), (500, 1000, 4096)]:
+        fake = (lambda lm, B, args, device: {"batch": B, "oom": True} if B >= oom_at
+                else {"batch": B, "ms_per_frame": 3 + 0.7 * B, "peak_bytes": 0})
+        args = argparse.Namespace(threshold_ms=threshold, max_batch=max_batch)
+        res = bench.concurrency(None, args, torch.device("cpu"), float("inf"), measure=fake)
+        truth = max([B for B in range(1, max_batch + 1) if B < oom_at and 3 + 0.7 * B <= threshold], default=0)
+        assert res["max_concurrent"] <= truth <= res["max_concurrent"] + max(1, res["max_concurrent"] // 16)
+        assert res["stopped_by"] == ("max batch" if truth == max_batch else "out of memory" if truth == oom_at - 1
+                                     else f"> {threshold} ms")
+    goods = [{"batch": 8, "peak_bytes": 5e9 + 8e9}, {"batch": 16, "peak_bytes": 5e9 + 16e9}]  # 5 GB fixed, 1 GB/conv
+    assert bench.fits(goods, 60, 66e9) and not bench.fits(goods, 62, 66e9)

@@ -136,7 +136,8 @@ class MemoryAttention(StreamingMultiheadAttention):
         if state is None:
             o = self._attend(q, k, v, qr, kr, pos, None)
         else:
-            with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask):
+            slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
+            with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots):
                 o = self._attend(q, k, v, qr, kr, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
         if state is not None:

@@ -32,17 +32,38 @@ class TensorState(State):
         self.tensors.reset(reset_mask)
 
 
+RING_NAMES = ("k", "v", "kraw", "kpos")  # ring buffers of layers/memory.py and layers/evicting.py
+
+
+def _ring_index(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """slots [B, n] -> an index into the ring axis of t ([B, H, W, Dh]: dim 2; [B, W]: dim 1)."""
+    if t.dim() == 2:
+        return slots
+    return slots[:, None, :, None].expand(t.shape[0], t.shape[1], slots.shape[1], t.shape[3])
+
+
 @contextlib.contextmanager
-def exec_masked(tensors: StreamingState, exec_mask: torch.Tensor, enabled: bool = True):
-    """Rows with ``exec_mask`` False get their tensors back as they were before the block."""
+def exec_masked(tensors: StreamingState, exec_mask: torch.Tensor, enabled: bool = True,
+                ring_slots: torch.Tensor | None = None):
+    """Rows with ``exec_mask`` False get their tensors back as they were before the block.
+
+    ``ring_slots`` [B, n]: the only slots the block writes in the ring buffers (``RING_NAMES``), so
+    only those are saved and restored; every other tensor is saved whole.
+    """
     if not enabled:
         yield
         return
-    before = {k: t.clone() for k, t in tensors.tensors.items()}
+    rings = {k for k in tensors.tensors if ring_slots is not None and k in RING_NAMES}
+    before = {k: t.gather(1 if t.dim() == 2 else 2, _ring_index(t, ring_slots)) if k in rings else t.clone()
+              for k, t in tensors.tensors.items()}
     yield
     for k, t in tensors.tensors.items():
         m = exec_mask.view(-1, *([1] * (t.dim() - 1)))
-        t.copy_(torch.where(m, t, before[k]))
+        if k in rings:
+            dim, idx = (1 if t.dim() == 2 else 2), _ring_index(t, ring_slots)
+            t.scatter_(dim, idx, torch.where(m, t.gather(dim, idx), before[k]))
+        else:
+            t.copy_(torch.where(m, t, before[k]))
 
 
 def _tensors_of(state) -> list[torch.Tensor]:

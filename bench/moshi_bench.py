@@ -1,0 +1,327 @@
+"""Moshi 7B benchmark (random weights, bf16, LMGen with its CUDA graphs): stock vs patched.
+
+    python bench/moshi_bench.py --out docs/results/moshi-7b-h100            # one H100, ~6 minutes
+    python bench/moshi_bench.py --tiny --device cpu --out /tmp/moshi-tiny    # seconds
+
+Per variant (an ``AdapterConfig`` preset; ``off`` is stock Moshi):
+- batch 1: ms per frame (one ``LMGen.step``: main transformer + depformer + sampling) and the
+  streaming state per conversation after 1k, 3k, 10k and 20k steps. The state is advanced between
+  checkpoints by multi-step ``forward_text`` calls (eager), then timed with graph replays. The
+  weights are random, so only positions and buffer fill matter; Moshi's own ring is exact for
+  one step a call only, so its content after a multi-step call is approximate (not its cost).
+- the most concurrent conversations under ``--threshold-ms`` per frame: batch doubled until too
+  slow or out of memory, then bisected. Every step has static shapes (a CUDA graph), so its cost
+  does not depend on the step count: the batch-1 series shows it, and the search runs fresh states.
+Writes results.json, results.md and results.png under ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from moshi.models.lm import LMGen, LMModel
+from moshi.models.loaders import _lm_kwargs
+from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
+from moshi_ttt.moshi.streaming import state_nbytes
+
+TINY_LM = dict(dim=32, text_card=50, existing_text_padding_id=3, n_q=4, dep_q=2, card=40, num_heads=4, num_layers=3,
+               hidden_scale=4.125, causal=True, layer_scale=None, context=64, max_period=10000, gating="silu",
+               norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16, depformer_dim_feedforward=32,
+               depformer_num_heads=2, depformer_num_layers=1, depformer_layer_scale=None, depformer_multi_linear=True,
+               depformer_context=2, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+               depformer_weights_per_step=True, delays=[0, 0, 1, 0, 1])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
+def user_tokens(lm: LMModel, B: int, device) -> torch.Tensor:
+    """Random user audio for one step: [B, n_q - dep_q, 1]."""
+    return torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, 1), device=device)
+
+
+def time_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> float:
+    """Mean ms per LMGen step over n steps."""
+    inputs = [user_tokens(lm, B, device) for _ in range(n)]
+    sync(device)
+    t0 = time.perf_counter()
+    for x in inputs:
+        gen.step(x)
+    sync(device)
+    return (time.perf_counter() - t0) * 1000 / n
+
+
+@torch.no_grad()
+def fast_forward(lm: LMModel, B: int, steps: int, chunk: int, device) -> None:
+    """Advance the streaming state by ``steps`` with ``forward_text`` calls of up to ``chunk`` steps."""
+    while steps > 0:
+        t = min(chunk, steps)
+        codes = torch.randint(0, lm.card, (B, lm.num_codebooks, t), device=device)
+        codes[:, 0] = torch.randint(0, lm.text_card, (B, t), device=device)
+        lm.forward_text(codes)
+        steps -= t
+
+
+def batch1_series(lm: LMModel, args, device) -> list[dict]:
+    gen = LMGen(lm, use_sampling=True)
+    base = allocated(device)
+    rows, done = [], 0
+    with gen.streaming(1):
+        time_steps(gen, lm, 1, args.warmup, device)  # first step eager, second captures the graphs
+        done += args.warmup
+        for n in args.checkpoints:
+            fast_forward(lm, 1, n - done, args.ff_chunk, device)
+            ms = time_steps(gen, lm, 1, args.frames, device)
+            done = n + args.frames
+            rows.append({"steps": n, "ms_per_frame": ms, "state_bytes": state_nbytes(lm),
+                         "allocated_bytes": allocated(device) - base})
+    return rows
+
+
+def is_oom(e: Exception) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+
+
+def measure(lm: LMModel, B: int, args, device) -> dict:
+    """ms per frame at batch B (fresh states, graphs captured), or OOM; ``peak_bytes``: the most
+    memory the run added (states, graph pools, the eager warm-up step's activations)."""
+    gen = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = allocated(device)
+        gen = LMGen(lm, use_sampling=True)
+        with gen.streaming(B):
+            time_steps(gen, lm, B, args.warmup, device)
+            ms = time_steps(gen, lm, B, args.frames, device)
+            state, alloc = state_nbytes(lm), allocated(device) - base
+        peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
+        return {"batch": B, "ms_per_frame": ms, "state_bytes": state, "allocated_bytes": alloc, "peak_bytes": peak}
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        return {"batch": B, "oom": True}
+    finally:
+        del gen
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fits(goods: list[dict], B: int, free_bytes: float) -> bool:
+    """Whether batch B should fit: the peak memory of the last two good runs, extended as a line in
+    the batch (one run: proportional). An OOM inside CUDA-graph capture can leave the device
+    unusable, so predicted OOMs are not tried."""
+    pts = [(g["batch"], g["peak_bytes"]) for g in goods if g.get("peak_bytes")][-2:]
+    if not pts:
+        return True
+    if len(pts) == 1:
+        return pts[0][1] * B / pts[0][0] <= free_bytes
+    (b1, p1), (b2, p2) = pts
+    return p2 + (p2 - p1) / (b2 - b1) * (B - b2) <= free_bytes
+
+
+def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> dict:
+    """Largest batch with ms per frame <= threshold: doubling, then bisection to within ~6%."""
+    free = (torch.cuda.get_device_properties(device).total_memory * 0.92 - allocated(device)
+            if device.type == "cuda" else float("inf"))
+    tried, ok, bad = [], None, None
+
+    def attempt(B):
+        goods = sorted((t for t in tried if not t.get("oom")), key=lambda t: t["batch"])
+        r = measure(lm, B, args, device) if fits(goods, B, free) else {"batch": B, "oom": True, "predicted": True}
+        tried.append(r)
+        return not r.get("oom") and r["ms_per_frame"] <= args.threshold_ms, r
+
+    B, cut = 1, False
+    while B <= args.max_batch:
+        if time.monotonic() > deadline:
+            cut = True
+            break
+        good, r = attempt(B)
+        if not good:
+            bad = B
+            break
+        ok, B = r, 2 * B
+    while ok is not None and bad is not None and bad - ok["batch"] > max(1, ok["batch"] // 16):
+        if time.monotonic() > deadline:
+            cut = True
+            break
+        good, r = attempt((ok["batch"] + bad) // 2)
+        if good:
+            ok = r
+        else:
+            bad = r["batch"]
+    fail = next((t for t in tried if t["batch"] == bad), None)
+    reason = ("time budget" if cut else "max batch" if bad is None
+              else "out of memory" if fail and fail.get("oom") else f"> {args.threshold_ms} ms")
+    return {"max_concurrent": ok["batch"] if ok else 0, "at_max": ok, "first_failing": bad, "stopped_by": reason,
+            "tried": tried}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    kwargs = TINY_LM if args.tiny else _lm_kwargs
+    t_start = time.monotonic()
+    torch.manual_seed(0)
+    lm = LMModel(device=device, dtype=dtype, **kwargs).eval()
+    built_s = time.monotonic() - t_start
+    n_layers = len(lm.transformer.layers)
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "threshold_ms": args.threshold_ms,
+           "checkpoints": args.checkpoints, "model_build_s": built_s, "variants": {}}
+    per_variant = (args.budget_s - built_s) / len(args.variants)
+    for i, name in enumerate(args.variants):
+        cfg = AdapterConfig.preset(name, num_layers=n_layers)
+        patch_lm(lm, cfg)
+        t0 = time.monotonic()
+        series = batch1_series(lm, args, device)
+        deadline = t_start + built_s + per_variant * (i + 1)
+        search = concurrency(lm, args, device, deadline)
+        unpatch_lm(lm)
+        out["variants"][name] = {"adapter": cfg.to_dict(), "series": series, "search": search,
+                                 "seconds": time.monotonic() - t0}
+        print(f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
+              f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent {search['max_concurrent']} "
+              f"({search['stopped_by']})", flush=True)
+    out["total_s"] = time.monotonic() - t_start
+    out["ratios"] = ratios(out)
+    return out
+
+
+def ratios(out: dict) -> dict:
+    """Each variant against stock (``off``): batch-1 latency, state at the last checkpoint, concurrency."""
+    v = out["variants"]
+    if "off" not in v:
+        return {}
+    s = v["off"]
+    res = {}
+    for name, r in v.items():
+        if name == "off":
+            continue
+        res[name] = {"latency_b1": r["series"][-1]["ms_per_frame"] / s["series"][-1]["ms_per_frame"],
+                     "state_mb_last": r["series"][-1]["state_bytes"] / 1e6,
+                     "state_vs_stock": r["series"][-1]["state_bytes"] / s["series"][-1]["state_bytes"],
+                     "concurrency_vs_stock": r["search"]["max_concurrent"] / max(s["search"]["max_concurrent"], 1)}
+    return res
+
+
+def markdown(out: dict) -> str:
+    lines = [f"# Moshi {'tiny' if out['tiny'] else '7B'} streaming benchmark ({out['device']}, {out['dtype']}, "
+             f"random weights, LMGen{' with CUDA graphs' if 'cuda' in str(out['device']).lower() or not out['tiny'] else ''})",
+             "", "Batch 1: ms per frame and streaming state per conversation after N steps.", "",
+             "| variant | steps | ms/frame | state MB/conv | allocated MB |", "|---|---:|---:|---:|---:|"]
+    for name, r in out["variants"].items():
+        for row in r["series"]:
+            lines.append(f"| {name} | {row['steps']} | {row['ms_per_frame']:.2f} | {row['state_bytes'] / 1e6:.2f} | "
+                         f"{row['allocated_bytes'] / 1e6:.1f} |")
+    lines += ["", f"Most concurrent conversations under {out['threshold_ms']} ms per frame.", "",
+              "| variant | max concurrent | ms/frame there | state MB/conv | allocated GB there | stopped by |",
+              "|---|---:|---:|---:|---:|---|"]
+    for name, r in out["variants"].items():
+        s, at = r["search"], r["search"]["at_max"] or {}
+        lines.append(f"| {name} | {s['max_concurrent']} | {at.get('ms_per_frame', float('nan')):.2f} | "
+                     f"{at.get('state_bytes', 0) / max(at.get('batch', 1), 1) / 1e6:.2f} | "
+                     f"{at.get('allocated_bytes', 0) / 1e9:.2f} | {s['stopped_by']} |")
+    if out["ratios"]:
+        lines += ["", "Against stock (`off`):", "", "| variant | latency at batch 1 | state at last checkpoint (MB) | "
+                  "state / stock | concurrency / stock |", "|---|---:|---:|---:|---:|"]
+        for name, r in out["ratios"].items():
+            lines.append(f"| {name} | {r['latency_b1']:.2f}x | {r['state_mb_last']:.1f} | {r['state_vs_stock']:.4f} | "
+                         f"{r['concurrency_vs_stock']:.1f}x |")
+    lines += ["", f"Total {out['total_s']:.0f} s (model built in {out['model_build_s']:.0f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in out["variants"].items():
+        steps = [row["steps"] for row in r["series"]]
+        ax[0].plot(steps, [row["ms_per_frame"] for row in r["series"]], marker="o", label=name)
+        ax[1].plot(steps, [row["state_bytes"] / 1e6 for row in r["series"]], marker="o", label=name)
+    ax[0].set(xlabel="steps streamed", ylabel="ms per frame (batch 1)", xscale="log")
+    ax[1].set(xlabel="steps streamed", ylabel="state MB per conversation", xscale="log", yscale="log")
+    names = list(out["variants"])
+    ax[2].bar(names, [out["variants"][n]["search"]["max_concurrent"] for n in names])
+    ax[2].set(ylabel=f"concurrent conversations < {out['threshold_ms']} ms/frame")
+    for a in ax[:2]:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="a tiny Moshi config (CPU tests)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)")
+    p.add_argument("--variants", default="off,ttt_cache,both", help="AdapterConfig presets; 'off' is stock Moshi")
+    p.add_argument("--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)")
+    p.add_argument("--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ff-chunk", type=int, default=None, help="steps per fast-forward call (default 500; tiny 50)")
+    p.add_argument("--threshold-ms", type=float, default=80.0, help="real time: 80 ms per frame at 12.5 Hz")
+    p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)")
+    a = p.parse_args(argv)
+    a.variants = [v for v in a.variants.split(",") if v]
+    a.dtype = a.dtype or ("fp32" if a.tiny else "bf16")
+    a.checkpoints = [int(s) for s in (a.checkpoints or ("20,60,150,300" if a.tiny else "1000,3000,10000,20000")).split(",")]
+    a.frames = a.frames or (3 if a.tiny else 20)
+    a.ff_chunk = a.ff_chunk or (50 if a.tiny else 500)
+    a.max_batch = a.max_batch or (8 if a.tiny else 4096)
+    a.budget_s = a.budget_s or (60.0 if a.tiny else 420.0)
+    a.threads = a.threads or (1 if a.tiny else None)
+    if sorted(a.checkpoints) != a.checkpoints or a.checkpoints[0] < a.warmup:
+        raise ValueError(f"--checkpoints must increase and start at >= --warmup ({a.warmup}), got {a.checkpoints}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available (use --tiny --device cpu)")
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        out = run(args)
+    finally:
+        torch.set_num_threads(threads)
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(out, indent=1))
+    (d / "results.md").write_text(markdown(out))
+    plot(out, d / "results.png")
+    print(f"wrote {d}/results.json, results.md, results.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()
