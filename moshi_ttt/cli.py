@@ -1,4 +1,4 @@
-"""Command line: ``moshi-ttt data prepare | train | eval | run``."""
+"""Command line: ``moshi-ttt data prepare | train | eval | study | run | sessions``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .evaluation import BUCKETS
 from .pipeline import STUDY_PRESETS, EvalConfig, evaluate, run_study, run_training
 from .models.lm import StreamingLM
 from .report import git_commit, plot_train_loss, write_json
+from .sessions.cli import add_sessions_parser
 from .training import SPEC_RECIPE, TRAIN_PRESETS, TrainConfig, config_dict
 
 DEFAULT_DATA = Path("data/corpus")
@@ -126,7 +127,8 @@ def variant_name(spec: str, cfg: ModelConfig) -> str:
 # ---- eval, study, run ---------------------------------------------------------------
 def eval_config(a) -> EvalConfig:
     return EvalConfig(max_len=a.max_len, docs=a.docs, concat=a.concat, buckets=tuple(a.buckets), tasks=tuple(a.tasks),
-                      distances=tuple(a.distances), num=a.num, seed=a.seed, diagnostics=not a.no_diagnostics)
+                      distances=tuple(a.distances), num=a.num, seed=a.seed, diagnostics=not a.no_diagnostics,
+                      cross_session=tuple(a.cross_session), cross_session_distance=a.cross_session_distance)
 
 
 def cmd_eval(a) -> None:
@@ -171,6 +173,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concat", action="store_true",
                    help="join held-out documents into --docs streams of --max-len tokens (no memory reset)")
     p.add_argument("--no-diagnostics", action="store_true", help="skip memory diagnostics and the probe")
+    p.add_argument("--cross-session", nargs="*", default=["passkey"], choices=sorted(TASKS),
+                   help="tasks told in session 1 and asked in session 2 after a process restart (none: skip)")
+    p.add_argument("--cross-session-distance", type=int, default=1, help="fact to end of session 1, x the window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(rp)
     rp.set_defaults(buckets=[256, 512, 1000, 2000, 5000])
     rp.set_defaults(func=cmd_run)
+    add_sessions_parser(sub)
     return p
 
 

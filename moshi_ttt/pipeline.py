@@ -36,6 +36,8 @@ class EvalConfig:
     seed: int = 0
     diagnostics: bool = True
     cost_lengths: tuple[int, ...] = (1000, 2000, 5000, 10000)
+    cross_session: tuple[str, ...] = ("passkey",)  # tasks told in session 1, asked after a restart (sessions/recall.py)
+    cross_session_distance: int = 1  # fact to end of session 1, x the window
 
 
 def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path, out: Path, name: str, device: str) -> Path:
@@ -105,6 +107,12 @@ def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: s
         results[name] = {"checkpoint": str(ck), "config": model.cfg.to_dict(), "train": meta.get("train"),
                          "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
                          **evaluate_model(model, docs, ec, device)}
+    if ec.cross_session:
+        from .sessions.recall import cross_session_recall
+
+        rows = cross_session_recall(ckpts, ec.cross_session, ec.cross_session_distance, ec.num, ec.seed, device=device)
+        for name, row in zip(list(results), rows):
+            results[name]["cross_session"] = row
     metrics = {"commit": report.git_commit(), "seed": ec.seed, "eval": dataclasses.asdict(ec),
                "data": {"dir": str(data), "test_docs": len(docs), "test_sha256": manifest["splits"]["test"]["sha256"]},
                "models": results}

@@ -112,6 +112,26 @@ def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def cross_session_table(models: dict) -> list[str]:
+    """Markdown lines: recall of facts told before a process restart (empty if not measured)."""
+    names = [n for n in models if models[n].get("cross_session")]
+    if not names:
+        return []
+    lines = ["", "## Cross-session recall", "",
+             "Facts told in session 1; the state saved to a session store; a new process loads it and "
+             "is asked in session 2. Exact-answer accuracy (answer-token accuracy in brackets); fresh: "
+             "session 2 from an empty memory; identical: the resumed logits equal the one-process ones bit "
+             "for bit.", "",
+             "| memory | task | distance | n | one process | resumed (new process) | fresh memory | identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        for task, r in models[n]["cross_session"].items():
+            lines.append(f"| {n} | {task} | {r['distance']} | {r['n']} | " + " | ".join(
+                f"{r[k]:.2f} ({r[k + '_token']:.2f})" for k in ("one_process", "resumed", "fresh"))
+                + f" | {r['identical_logits']} |")
+    return lines
+
+
 def markdown(metrics: dict) -> str:
     """The evaluation report: tables of every measurement, with the plots."""
     models, ev = metrics["models"], metrics["eval"]
@@ -154,6 +174,7 @@ def markdown(metrics: dict) -> str:
             p = models[n]["probe"]
             lines.append(f"| {n} | {alpha:.2f} | {mass:.2f} | {_fmt(np.mean(cos) if cos else None, '.2f')} | "
                          f"{arrow(first)} | {arrow(last)} | {d['state_finite']} | {p['accuracy']:.3f} ({p['chance']:.3f}) |")
+    lines += cross_session_table(models)
     lines += ["", "## Cost", "", "![state bytes](state_bytes.png)", "",
               "| memory | parameters | state bytes after " + " / ".join(
                   str(r["tokens"]) for r in models[names[0]]["cost"]["state_bytes"]) + " tokens | ms/token (batch 1, eager) |",
