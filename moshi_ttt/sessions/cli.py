@@ -31,7 +31,7 @@ def cmd_show(a) -> None:
     store = SessionStore(a.store)
     info = store.info(a.id)
     print(json.dumps(info.to_dict(), indent=2, sort_keys=True))
-    store._read(a.id)  # checks format and blob hash; ValueError (exit 2) if corrupt
+    store.verify(a.id)  # format and blob hash; ValueError (exit 2) if corrupt
     with safe_open(store.blobs / info.blob, "pt") as f:
         names = list(f.keys())
         shapes = {n: f.get_slice(n).get_shape() for n in names}

@@ -112,9 +112,10 @@ class SessionStore:
             if version not in (0, SESSION_FORMAT):
                 raise ValueError(f"session store {self.root} has format version {version}; "
                                  f"this moshi_ttt reads format {SESSION_FORMAT}")
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(SCHEMA)
-            con.execute(f"PRAGMA user_version={SESSION_FORMAT}")
+            if version == 0:  # a new store (several processes may create it at once: all idempotent)
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute(SCHEMA)
+                con.execute(f"PRAGMA user_version={SESSION_FORMAT}")
 
     def _connect(self) -> "_Closing":
         con = sqlite3.connect(self.db, timeout=60, isolation_level=None)  # transactions are explicit
@@ -162,6 +163,10 @@ class SessionStore:
         if row is None:
             raise ValueError(f"no session {cid!r} in store {self.root}")
         return SessionInfo.from_row(row)
+
+    def verify(self, cid: str) -> SessionInfo:
+        """The row of ``cid`` after checking its format and its blob's sha256."""
+        return self._read(cid)[0]
 
     def list(self) -> list[SessionInfo]:
         with self._connect() as con:
