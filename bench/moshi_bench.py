@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -176,6 +177,17 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
             "tried": tried}
 
 
+def variant_config(name: str, num_layers: int) -> AdapterConfig:
+    """An ``AdapterConfig`` preset; ``NAME+tf32``: its In-Place TTT scan with TF32 products."""
+    base, _, opt = name.partition("+")
+    cfg = AdapterConfig.preset(base, num_layers=num_layers)
+    if opt not in ("", "tf32") or (opt and cfg.inplace_ttt is None):
+        raise ValueError(f"bad variant {name!r}: expected PRESET or PRESET+tf32 (a preset with In-Place TTT)")
+    if opt:
+        cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high"))
+    return cfg
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -187,10 +199,11 @@ def run(args) -> dict:
     n_layers = len(lm.transformer.layers)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "threshold_ms": args.threshold_ms,
+           "cuda_graphs": device.type == "cuda", "frames_timed": args.frames, "ff_chunk": args.ff_chunk,
            "checkpoints": args.checkpoints, "model_build_s": built_s, "variants": {}}
     per_variant = (args.budget_s - built_s) / len(args.variants)
     for i, name in enumerate(args.variants):
-        cfg = AdapterConfig.preset(name, num_layers=n_layers)
+        cfg = variant_config(name, n_layers)
         patch_lm(lm, cfg)
         t0 = time.monotonic()
         series = batch1_series(lm, args, device)
@@ -225,8 +238,9 @@ def ratios(out: dict) -> dict:
 
 
 def markdown(out: dict) -> str:
+    graphs = "LMGen with CUDA graphs" if out["cuda_graphs"] else "LMGen eager (no CUDA graphs off GPU)"
     lines = [f"# Moshi {'tiny' if out['tiny'] else '7B'} streaming benchmark ({out['device']}, {out['dtype']}, "
-             f"random weights, LMGen{' with CUDA graphs' if 'cuda' in str(out['device']).lower() or not out['tiny'] else ''})",
+             f"random weights, {graphs})",
              "", "Batch 1: ms per frame and streaming state per conversation after N steps.", "",
              "| variant | steps | ms/frame | state MB/conv | allocated MB |", "|---|---:|---:|---:|---:|"]
     for name, r in out["variants"].items():
@@ -280,7 +294,8 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny Moshi config (CPU tests)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)")
-    p.add_argument("--variants", default="off,ttt_cache,both", help="AdapterConfig presets; 'off' is stock Moshi")
+    p.add_argument("--variants", default="off,ttt_cache,both",
+                   help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT products")
     p.add_argument("--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)")
     p.add_argument("--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)")
     p.add_argument("--warmup", type=int, default=3)
@@ -300,6 +315,8 @@ def parse(argv=None):
     a.threads = a.threads or (1 if a.tiny else None)
     if sorted(a.checkpoints) != a.checkpoints or a.checkpoints[0] < a.warmup:
         raise ValueError(f"--checkpoints must increase and start at >= --warmup ({a.warmup}), got {a.checkpoints}")
+    for v in a.variants:
+        variant_config(v, 32)  # a typo fails here, before the 7B model is built
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available (use --tiny --device cpu)")
     return a

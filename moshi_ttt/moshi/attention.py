@@ -84,8 +84,8 @@ class MemoryAttention(StreamingMultiheadAttention):
         self.in_projs, self.out_projs = stock.in_projs, stock.out_projs
         H, Dh = stock.num_heads, stock.embed_dim // stock.num_heads
         self.mem_cfg, self.head_dim, self.respect_exec_mask = memory, Dh, respect_exec_mask
-        self.model_cfg = ModelConfig(vocab_size=1, dim=stock.embed_dim, num_layers=1, num_heads=H, memory=memory,
-                                     rope_scale=yarn_scale or 1.0, rope_original_context=original_context or 0)
+        yarn = dict(rope_scale=yarn_scale, rope_original_context=original_context) if yarn_scale else {}
+        self.model_cfg = ModelConfig(vocab_size=1, dim=stock.embed_dim, num_layers=1, num_heads=H, memory=memory, **yarn)
         mem = make_memory(self.model_cfg)
         if isinstance(mem, nn.Module):
             mem.name = name or mem.name  # named in finite-check errors
