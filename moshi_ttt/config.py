@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 MEMORY_KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
@@ -135,8 +136,18 @@ class ModelConfig:
     norm_eps: float = 1e-5
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     inplace_ttt: InPlaceTTTConfig | None = None
+    rope_scale: float = 1.0  # YaRN extension factor s (1: plain RoPE); ops/rope.py
+    rope_original_context: int = 0  # the context (steps) RoPE was trained on; 0: no YaRN
 
     def __post_init__(self):
+        object.__setattr__(self, "rope_scale", float(self.rope_scale))  # 4 and 4.0: one fingerprint
+        object.__setattr__(self, "rope_original_context", int(self.rope_original_context))
+        if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1.0):
+            raise ValueError(f"ModelConfig.rope_scale must be a finite number >= 1, got {self.rope_scale}")
+        if self.rope_original_context < 0:
+            raise ValueError(f"ModelConfig.rope_original_context must be >= 0, got {self.rope_original_context}")
+        if self.rope_scale > 1 and self.rope_original_context == 0:
+            raise ValueError("ModelConfig.rope_scale > 1 (YaRN) needs rope_original_context >= 1")
         for name in ("vocab_size", "dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -175,8 +186,13 @@ class ModelConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Short stable hash of the config (used to match saved states to models)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short stable hash of the config (used to match saved states to models). RoPE fields at
+        their defaults are left out, so configs from before YaRN keep their hash."""
+        d = self.to_dict()
+        for name, default in (("rope_scale", 1.0), ("rope_original_context", 0)):
+            if d[name] == default:
+                del d[name]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod

@@ -78,3 +78,120 @@ def test_yarn_rejects_impossible_arguments():
         yarn_frequencies(128, 10_000.0, 4.0, 0)
     with pytest.raises(ValueError, match="beta_fast"):
         yarn_frequencies(128, 10_000.0, 4.0, 3000, beta_fast=1.0, beta_slow=1.0)
+
+
+# ---- ModelConfig ---------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import moshi_ttt as mt  # noqa: E402
+from moshi_ttt.layers.attention import StreamingAttention  # noqa: E402
+from conftest import reset_parity, stream, tiny_config  # noqa: E402
+
+S, L0 = 4.0, 300  # tiny head dim 8 at L = 300: r = 47.7 (kept), 4.8 (blended), 0.48, 0.048 (interpolated)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rope_scale=0.5, rope_original_context=300), "rope_scale"),
+    (dict(rope_scale=float("nan"), rope_original_context=300), "rope_scale"),
+    (dict(rope_scale=float("inf"), rope_original_context=300), "rope_scale"),
+    (dict(rope_original_context=-1), "rope_original_context"),
+    (dict(rope_scale=2.0), "needs rope_original_context"),
+])
+def test_model_config_rejects_bad_rope_fields(kw, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(tiny_config(), **kw)
+
+
+def test_model_config_old_dicts_load_and_keep_their_fingerprint():
+    """A dict written before the RoPE fields loads to the default config with the hash it had."""
+    cfg = tiny_config("ttt_cache")
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
+    assert mt.ModelConfig.from_dict(old) == cfg
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    yarn = dataclasses.replace(cfg, rope_scale=4, rope_original_context=L0)
+    assert mt.ModelConfig.from_dict(json.loads(json.dumps(yarn.to_dict()))) == yarn
+    assert yarn.rope_scale == 4.0 and isinstance(yarn.rope_scale, float)
+    assert len({cfg.fingerprint(), yarn.fingerprint(), dataclasses.replace(yarn, rope_scale=2.0).fingerprint()}) == 3
+
+
+# ---- the model ------------------------------------------------------------------------------
+def yarn(cfg: mt.ModelConfig, scale: float = S) -> mt.ModelConfig:
+    return dataclasses.replace(cfg, rope_scale=scale, rope_original_context=L0)
+
+
+def cache_config(**kw) -> mt.ModelConfig:
+    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
+                          memory=mt.MemoryConfig(kind="ttt_cache", window=6, block=4, num_virtual=3, **kw))
+
+
+def twin(cfg_a: mt.ModelConfig, cfg_b: mt.ModelConfig):
+    """Two models with the same weights; memory gates and virtual-key projections made non-zero."""
+    a = mt.StreamingLM(cfg_a).eval()
+    with torch.no_grad():
+        for m in a.modules():
+            for name in ("gate", "vkey_proj"):
+                if isinstance(getattr(m, name, None), torch.nn.Parameter):
+                    getattr(m, name).normal_(0, 0.5)
+    b = mt.StreamingLM(cfg_b).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_yarn_attention_equals_scaled_qk_reference():
+    """Full attention with YaRN vs the paper written out: q, k rotated at h(θ), each multiplied by
+    √(1/t) = 0.1 ln s + 1, then softmax(qᵀk / √Dh) with a causal mask."""
+    att = StreamingAttention(yarn(tiny_config("full"))).eval()
+    B, T, H, Dh = 2, 40, 4, 8
+    x, pos = torch.randn(B, T, 32), torch.arange(T).expand(B, T) * 37  # positions far past L0 / S too
+    with torch.no_grad():
+        out = att(x, pos, None)
+        q, k, v = att.in_proj(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        h, m = yarn_frequencies_naive(Dh, 10_000.0, S, L0), yarn_attention_scale(S)
+        q, k = apply_rope(q, pos, h) * m, apply_rope(k, pos, h) * m
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~torch.ones(T, T).tril().bool(), float("-inf"))
+        ref = att.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 32))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "sink", "ttt_cache", "pooled", "infini"])
+def test_yarn_temperature_reaches_every_logit(kind):
+    """The YaRN model equals the model without the temperature (same YaRN frequencies) whose
+    queries are multiplied by 1/t, in the parallel and the streaming paths: 1/t multiplies every
+    softmax logit, window and memory. infini's memory read has no logits: only the windowed q."""
+    cfg = cache_config(combine="concat") if kind == "ttt_cache" else tiny_config(kind, window=6)
+    temp, plain = twin(yarn(cfg), yarn(cfg, 1.0))
+    inv_t = yarn_attention_scale(S) ** 2
+    for att in (mod for mod in plain.modules() if isinstance(mod, StreamingAttention)):
+        att.freqs = yarn_frequencies(8, 10_000.0, S, L0)
+        att._qkv = (lambda f: lambda x, pos: (lambda q, k, v, qr, kr: (
+            q * inv_t, k, v, qr if kind == "infini" else qr * inv_t, kr))(*f(x, pos)))(att._qkv)
+    tokens = torch.randint(0, 50, (2, 90))
+    with torch.no_grad():
+        ref, out = plain(tokens), temp(tokens)
+        ref_s, out_s = stream(plain, tokens, 7)[0], stream(temp, tokens, 7)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_s, ref_s, rtol=1e-4, atol=1e-5)
+    assert (out - twin(yarn(cfg, 1.0), yarn(cfg, 1.0))[0](tokens)).abs().max() > 1e-3  # YaRN changes the model
+
+
+@pytest.mark.parametrize("kind", ["window", "ttt_cache"])
+@pytest.mark.parametrize("k", [1, 7])
+def test_yarn_streaming_equals_parallel(kind, k):
+    cfg = cache_config(combine="concat") if kind == "ttt_cache" else tiny_config(kind, window=6)
+    model = twin(yarn(cfg), yarn(cfg))[0]
+    tokens = torch.randint(0, 50, (2, 90))
+    with torch.no_grad():
+        assert (stream(model, tokens, k)[0] - model(tokens)).abs().max().item() <= 1e-4
+    assert reset_parity(model, T=70, r=33, k=k) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["window", "full", "ttt_cache", "pooled"])
+def test_yarn_scale_one_equals_unscaled_model_exactly(kind):
+    cfg = cache_config() if kind == "ttt_cache" else tiny_config(kind, window=6)
+    plain, one = twin(cfg, yarn(cfg, 1.0))
+    tokens = torch.randint(0, 50, (2, 60))
+    with torch.no_grad():
+        assert torch.equal(plain(tokens), one(tokens))
+        assert torch.equal(stream(plain, tokens, 5)[0], stream(one, tokens, 5)[0])

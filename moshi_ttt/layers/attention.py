@@ -1,6 +1,13 @@
-"""Multi-head attention with RoPE at absolute positions and a pluggable streaming memory."""
+"""Multi-head attention with RoPE at absolute positions and a pluggable streaming memory.
+
+With ``rope_scale`` s > 1 (YaRN, ops/rope.py): RoPE at YaRN's frequencies and every softmax
+logit, window and memory alike, multiplied by 1/t = yarn_attention_scale(s)² (the paper's
+softmax(qᵀk / (t √Dh))), the same in the parallel and streaming paths.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -8,7 +15,7 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..ops.masks import visible
-from ..ops.rope import apply_rope, rope_frequencies
+from ..ops.rope import apply_rope, yarn_attention_scale, yarn_frequencies
 from ..state import ScopedState
 from .memory import make_memory
 
@@ -22,7 +29,10 @@ class StreamingAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.in_proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_period), persistent=False)
+        freqs = yarn_frequencies(cfg.head_dim, cfg.max_period, cfg.rope_scale, cfg.rope_original_context)
+        self.register_buffer("freqs", freqs, persistent=False)  # [Dh/2]; plain RoPE when rope_scale = 1
+        inv_t = yarn_attention_scale(cfg.rope_scale) ** 2
+        self.sdpa_scale = None if inv_t == 1.0 else inv_t / math.sqrt(cfg.head_dim)  # None: 1/√Dh
         self.memory = make_memory(cfg)
 
     def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
@@ -46,12 +56,12 @@ class StreamingAttention(nn.Module):
         if self.cfg.memory.kind in EVICTING:
             return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
         if seg is None and self.cfg.memory.kind == "full":
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.sdpa_scale)
         else:
             mask = self._mask(pos, pos)  # [B, T, T]
             if seg is not None:
                 mask = mask & (seg[:, :, None] == seg[:, None, :])
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.sdpa_scale)
         return self._out(o)
 
     def init_state(self, st: ScopedState, B: int, device, dtype) -> None:
@@ -66,6 +76,6 @@ class StreamingAttention(nn.Module):
         keys = torch.cat([k0.to(k.dtype), k], dim=2)
         vals = torch.cat([v0.to(v.dtype), v], dim=2)
         mask = self._mask(pos, torch.cat([p0, pos], dim=1))  # [B, k, L + k]
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], scale=self.sdpa_scale)
         self.memory.write(st, k, v, pos)
         return self._out(o)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..ops.banded import band, chunked, mix
 from ..ops.masks import visible
+from ..ops.rope import yarn_attention_scale
 from ..state import ScopedState
 from .memory import ring_write
 
@@ -38,6 +39,9 @@ class EvictingMemory(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
         self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # α = σ(gate): weight of the window
+        # softmax logits are qᵀk / √Dh times 1/t, YaRN's temperature (1.0 without YaRN): the window
+        # here, softmax virtual keys in the subclasses
+        self.inv_t = yarn_attention_scale(cfg.rope_scale) ** 2
 
     # ---- subclass hooks -----------------------------------------------------------------
     def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
@@ -61,7 +65,7 @@ class EvictingMemory(nn.Module):
         sq, sk = chunked(seg, W, -2), band(seg, W, -3)
         ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(*pq.shape, pk.shape[-1])
         ok = (ok & (sq[..., None] == sk[..., None, :]))[:, None]  # [B, 1, NC, W, 2W]
-        s_r = (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2)) / math.sqrt(Dh)
+        s_r = (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2)) / math.sqrt(Dh) * self.inv_t
         s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)  # pad rows finite
         vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)  # [B, H, NC, W]
         gate = torch.sigmoid(self.gate).view(1, H, 1, 1).expand_as(vmask)
@@ -99,7 +103,8 @@ class EvictingMemory(nn.Module):
         keys = torch.cat([st["k"].to(k.dtype), k], 2)
         vals = torch.cat([st["v"].to(v.dtype), v], 2)
         ok = visible(pos, torch.cat([st["kpos"], pos], 1), "window", self.cfg.window, 0)[:, None]  # [B, 1, k, W + k]
-        s_r = (q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~ok, float("-inf"))
+        s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, W + k]
+        s_r = s_r.masked_fill(~ok, float("-inf"))
         vmask = read["has"][:, None].expand(B, H, kq)
         gate = torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask)
         out, mass = mix(s_r, vals, vmask, gate, self.cfg.combine,

@@ -5,7 +5,8 @@ Per head, with σ = ELU + 1 and keys/queries before RoPE:
     A_mem(q_t) = σ(q_t) S / (σ(q_t) · z)          (the paper's linear retrieval, eq. 3)
     out = α · A_window + (1 - α) · A_mem,  α = σ(β) per head   (eq. 6; ``combine`` is not used)
 The parallel path computes the sums by chunks of W tokens (prefix states plus a masked product
-with the previous chunk); streaming adds the step's evicted tokens to S and z.
+with the previous chunk); streaming adds the step's evicted tokens to S and z. The memory read
+has no softmax logits, so YaRN's temperature (rope_scale) reaches only the window's logits.
 """
 
 from __future__ import annotations

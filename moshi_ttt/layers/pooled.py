@@ -1,9 +1,9 @@
 """``pooled``: evicted tokens averaged into M slots (the spec's baseline C, fixed compression).
 
 Evicted token p (position within its document) joins slot p mod M; slot m offers one virtual
-key/value, the mean of its keys (before RoPE) and values. Its score is ⟨q, k̄_m⟩/√Dh + log n_m,
-as if the slot's n_m tokens all had the mean key, so a softmax over window and slots stays
-calibrated. Empty slots are masked.
+key/value, the mean of its keys (before RoPE) and values. Its score is ⟨q, k̄_m⟩/(t√Dh) + log n_m
+(1/t: YaRN's temperature, 1 without), as if the slot's n_m tokens all had the mean key, so a
+softmax over window and slots stays calibrated. Empty slots are masked.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class PooledMemory(EvictingMemory):
         """q_raw [B, H, Q, Dh]; sums [B, H, Q, M, Dh]; count [B, Q, M] -> read dict."""
         n = count[:, None, ..., None].to(sum_k.dtype)  # [B, 1, Q, M, 1]
         mean_k, mean_v = sum_k / n.clamp_min(1), sum_v / n.clamp_min(1)
-        s = torch.einsum("bhqd,bhqmd->bhqm", q_raw.float(), mean_k.float()) / math.sqrt(q_raw.shape[-1])
+        s = torch.einsum("bhqd,bhqmd->bhqm", q_raw.float(), mean_k.float())  # [B, H, Q, M]
+        s = s / math.sqrt(q_raw.shape[-1]) * self.inv_t
         s = s + torch.log(n[..., 0].float().clamp_min(1)).expand_as(s)
         empty = (count == 0)[:, None].expand_as(s)
         return {"scores": s.masked_fill(empty, float("-inf")), "values": mean_v, "has": (count > 0).any(-1)}

@@ -84,6 +84,7 @@ class TTTCacheMemory(EvictingMemory):
     def _scores(self, q_raw, kv):
         """q_raw [B, H, ..., Q, Dh], kv [B, H, ..., Q, M, Dh] -> scores [B, H, ..., Q, M]."""
         s = torch.einsum("...qd,...qmd->...qm", q_raw.float(), kv.float()) / math.sqrt(q_raw.shape[-1])
+        s = s * self.inv_t  # YaRN temperature, as on the window logits
         if self.cfg.virtual_position == "decay":  # token m is weighted by exp(-γ m) (spec option B)
             gamma = F.softplus(self.recency).view(1, -1, *([1] * (s.dim() - 2)))
             s = s - gamma * torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
