@@ -550,3 +550,39 @@ def test_bench_search_matches_a_linear_scan():
                                      else f"> {threshold} ms")
     goods = [{"batch": 8, "peak_bytes": 5e9 + 8e9}, {"batch": 16, "peak_bytes": 5e9 + 16e9}]  # 5 GB fixed, 1 GB/conv
     assert bench.fits(goods, 60, 66e9) and not bench.fits(goods, 62, 66e9)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_one_step_fast_path_equals_the_layer_step(clip):
+    """TTTGating.step_one (LMGen's one step a call) against the project's InPlaceTTTMLP.step on the
+    same state, token by token through three chunks, in eval mode (with the inference clip)."""
+    from moshi_ttt.moshi.streaming import empty_state
+
+    cfg = InPlaceTTTConfig(layers=(0,), chunk_size=C, lr=0.5, target="hidden", clip_tau=clip)
+    g = lively(patch_lm(stock(), AdapterConfig(inplace_ttt=cfg))).transformer.layers[0].gating
+    states = [empty_state(2), empty_state(2)]
+    for st in states:
+        g.init_state(st.scope(""), 2, "cpu")
+    x = torch.randn(2, 3 * C + 2, 32)
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            fast = g.step_one(x[:, t:t + 1], x[:, t:t + 1], states[0].scope(""))
+            ref = g.step(x[:, t:t + 1], x[:, t:t + 1], states[1].scope(""))
+            assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)
+            for name, a in states[0].tensors.items():
+                assert torch.allclose(a, states[1][name], rtol=1e-5, atol=1e-6), name
+    assert states[0]["s"].abs().sum() > 0 and states[0]["count"].tolist() == [2, 2]
+
+
+def test_mixed_step_sizes_equal_parallel():
+    """Multi-step calls (the project's step) and one-step calls (the fast path) share one state."""
+    lm = lively(patch_lm(stock(), FULL))
+    seq = codes(2, 40)
+    sizes = [1, 6, 1, 1, 9, 1, 3, 1, 1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert sum(sizes) == 40
+    with torch.no_grad(), lm.streaming(2):
+        outs, t = [], 0
+        for n in sizes:
+            outs.append(lm.forward_text(seq[:, :, t:t + n])[1])
+            t += n
+    assert (torch.cat(outs, 2) - parallel(lm, seq)).abs().max().item() <= 1e-4

@@ -5,7 +5,9 @@
 ``linear_out`` modules (same parameters, same names: checkpoints load strictly) and computes
 Moshi's gating exactly: ``linear_in`` -> [B, T, 2, h], ``silu(gate) * up``, then ``linear_out``
 (W_down, the fast weight's initial value W0). Parallel: ``forward_ttt`` (chunk scan, fast weights
-from W0). Streaming: ``step`` over a ``TensorState`` (s, zbuf, xbuf, count per row, fp32).
+from W0). Streaming over a ``TensorState`` (s, zbuf, xbuf, count per row, fp32): ``step`` for a
+call of several steps, ``step_one`` for LMGen's one step a call (the same state and results, at
+a quarter of the work: one output row and one masked chunk update instead of two chunks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch.nn import functional as F
 
 from ..config import InPlaceTTTConfig
 from ..layers.inplace_ttt import InPlaceTTTMLP
+from ..ops.inplace_ttt import _clip_scale, chunk_target, fp32_matmul_precision
+from ..state import ScopedState
 from .streaming import TensorState, empty_state, exec_masked
 
 
@@ -80,5 +84,32 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         state = self._streaming_state
         if state is None:
             return self.forward_ttt(x, x0, None, None)
+        step = self.step_one if x.shape[1] == 1 else self.step
         with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask):
-            return self.step(x, x0, state.tensors.scope(""))
+            return step(x, x0, state.tensors.scope(""))
+
+    def step_one(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState) -> torch.Tensor:
+        """One new token per row, x, x0 [B, 1, D] -> [B, 1, D]: O = z (W0 + s)ᵀ with the weights
+        before its chunk's update; the chunk's ΔW = η V̂ᵀZ (V̂ from the whole chunk, DESIGN §3) is
+        computed every step and applied where this token completes the chunk (static shapes)."""
+        B, _, D = x.shape
+        C, lr = self.ttt.chunk_size, self.ttt.lr
+        z = self.hidden(x)  # [B, 1, h] in the model dtype, like the plain MLP
+        with torch.autocast(x.device.type, enabled=False), fp32_matmul_precision(self.ttt.matmul_precision):
+            dt = torch.promote_types(z.dtype, torch.float32)
+            z, x0 = z.to(dt), x0.to(dt)
+            s, count = st["s"], st["count"]
+            out = z @ self.linear_out.weight.to(dt).T + torch.bmm(z, s.transpose(1, 2))  # [B, 1, D]
+            slot = count[:, None, None]
+            zb = st["zbuf"].scatter(1, slot.expand(B, 1, z.shape[-1]), z)  # [B, C, h] the chunk so far
+            xb = st["xbuf"].scatter(1, slot.expand(B, 1, D), x0)  # [B, C, D]
+            v = chunk_target(xb, self.target_conv.to(dt), self.target_proj.to(dt), C)  # [B, C, D]
+            done = (count + 1 == C).to(dt)  # [B]: this token completes the chunk
+            coef = lr * done
+            if self._clip() is not None:  # eval-only norm clip of the whole ΔW
+                coef = coef * _clip_scale(lr * v.transpose(1, 2) @ zb, self._clip())
+            s.baddbmm_((v * coef[:, None, None]).transpose(1, 2), zb)  # W += c η V̂ᵀZ
+            st["zbuf"].copy_(zb * (1 - done)[:, None, None])
+            st["xbuf"].copy_(xb * (1 - done)[:, None, None])
+            count.copy_((count + 1) % C)
+        return out.to(x.dtype)
