@@ -84,14 +84,17 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         state = self._streaming_state
         if state is None:
             return self.forward_ttt(x, x0, None, None)
-        step = self.step_one if x.shape[1] == 1 else self.step
+        if x.shape[1] == 1:  # masks its own updates: no copy of the fast weights
+            return self.step_one(x, x0, state.tensors.scope(""), state.exec_mask if self.respect_exec_mask else None)
         with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask):
-            return step(x, x0, state.tensors.scope(""))
+            return self.step(x, x0, state.tensors.scope(""))
 
-    def step_one(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState) -> torch.Tensor:
+    def step_one(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState,
+                 exec_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x, x0 [B, 1, D] -> [B, 1, D]: O = z (W0 + s)ᵀ with the weights
         before its chunk's update; the chunk's ΔW = η V̂ᵀZ (V̂ from the whole chunk, DESIGN §3) is
-        computed every step and applied where this token completes the chunk (static shapes)."""
+        computed every step and applied where this token completes the chunk (static shapes).
+        Rows where ``exec_mask`` [B] is False keep their state."""
         B, _, D = x.shape
         C, lr = self.ttt.chunk_size, self.ttt.lr
         z = self.hidden(x)  # [B, 1, h] in the model dtype, like the plain MLP
@@ -105,11 +108,13 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
             xb = st["xbuf"].scatter(1, slot.expand(B, 1, D), x0)  # [B, C, D]
             v = chunk_target(xb, self.target_conv.to(dt), self.target_proj.to(dt), C)  # [B, C, D]
             done = (count + 1 == C).to(dt)  # [B]: this token completes the chunk
-            coef = lr * done
+            run = torch.ones_like(count, dtype=torch.bool) if exec_mask is None else exec_mask  # [B]
+            coef = lr * done * run.to(dt)
             if self._clip() is not None:  # eval-only norm clip of the whole ΔW
                 coef = coef * _clip_scale(lr * v.transpose(1, 2) @ zb, self._clip())
             s.baddbmm_((v * coef[:, None, None]).transpose(1, 2), zb)  # W += c η V̂ᵀZ
-            st["zbuf"].copy_(zb * (1 - done)[:, None, None])
-            st["xbuf"].copy_(xb * (1 - done)[:, None, None])
-            count.copy_((count + 1) % C)
+            m = run[:, None, None]
+            st["zbuf"].copy_(torch.where(m, zb * (1 - done)[:, None, None], st["zbuf"]))
+            st["xbuf"].copy_(torch.where(m, xb * (1 - done)[:, None, None], st["xbuf"]))
+            count.copy_(torch.where(run, (count + 1) % C, count))
         return out.to(x.dtype)
