@@ -229,6 +229,26 @@ def test_trap3_fast_weights_stay_fp32_in_a_bf16_model():
     assert err <= 1e-5 < bf16_err
 
 
+def test_trap14_fast_weight_updates_run_outside_autocast():
+    """Under bf16 autocast the MLP runs in bf16, but the fast-weight update stays fp32: it equals a
+    float64 reference from the same (bf16-rounded) activations."""
+    from moshi_ttt.moshi.streaming import empty_state
+
+    g = lively(patch_lm(stock(), AdapterConfig(inplace_ttt=TTT))).transformer.layers[1].gating
+    st = empty_state(1)
+    g.init_state(st.scope(""), 1, "cpu")
+    x = torch.randn(1, C, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for t in range(C):
+            g.step_one(x[:, t:t + 1], x[:, t:t + 1], st.scope(""))
+        z = g.hidden(x).double()  # the activations the step saw (bf16 under autocast)
+    v = chunk_target(x.double(), g.target_conv.double(), g.target_proj.double(), C)
+    ref = TTT.lr * v[0].T @ z[0]
+    err = ((st["s"][0].double() - ref).abs().max() / ref.abs().max()).item()
+    bf16_err = ((st["s"][0].bfloat16().double() - ref).abs().max() / ref.abs().max()).item()
+    assert st["s"].dtype == torch.float32 and err <= 1e-5 < bf16_err
+
+
 def test_trap6_lmgen_updates_the_fast_weights_every_chunk():
     """Counted from the fast weights themselves, not a Python counter (on CUDA the same step is
     replayed as a graph: tests/test_gpu_moshi.py)."""
