@@ -99,8 +99,8 @@ class AdapterConfig:
 
         ``off``: stock Moshi. ``inplace_ttt``: In-Place TTT in every 6th layer (5, 11, ...; the
         paper's spacing), chunk 256 steps (20.5 s). ``ttt_cache``: the TTT cache (window 64,
-        8 virtual tokens, a shared compressor of width 64) in every 4th layer, a 64-step window in
-        the others: a state of tens of MB per conversation on the 7B (DESIGN section 8).
+        8 virtual tokens, compressors of width 32 per head) in every 4th layer, a 64-step window
+        in the others: about 50 MB of state per conversation on the 7B (DESIGN section 8).
         ``both``: the two together.
         """
         if name not in PRESET_NAMES:
@@ -109,8 +109,7 @@ class AdapterConfig:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         ttt = InPlaceTTTConfig(layers=tuple(range(5, num_layers, 6)) or (num_layers - 1,), chunk_size=256,
                                lr=0.3, target="hidden")
-        cache = dict(memory=MemoryConfig(kind="ttt_cache", window=64, num_virtual=8, block=16,
-                                         compressor_hidden=64, compressor_shared=True),
+        cache = dict(memory=MemoryConfig(kind="ttt_cache", window=64, num_virtual=8, block=16, compressor_hidden=32),
                      memory_layers=tuple(range(3, num_layers, 4)) or (num_layers - 1,),
                      base_memory=MemoryConfig(kind="window", window=64))
         base = {"off": {}, "inplace_ttt": dict(inplace_ttt=ttt), "ttt_cache": cache,
