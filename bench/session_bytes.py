@@ -74,8 +74,9 @@ def moshi_7b() -> dict:
 def markdown(res: dict) -> str:
     a = res["args"]
     lines = ["# Session bytes per conversation", "",
-             f"`{res['command']}` at commit `{res['commit']}` on {res['device']} (torch {res['torch']}), "
-             f"{res['seconds']:.0f} s.", "",
+             f"`{res['command']}` at commit `{res['commit']}`"
+             + (f" with modified files {res['modified']}" if res["modified"] else " (no modified files)")
+             + f" on {res['device']} (torch {res['torch']}, CPU), {res['seconds']:.0f} s.", "",
              f"## `{a['preset']}` preset (StreamingLM, fp32 state)", "",
              "Blob bytes: what the SessionStore writes for one conversation (safetensors of the whole "
              "batch-1 state: windows, compressor and fast weights, buffers, positions); tensor bytes: the "
@@ -114,9 +115,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("docs/results/session-bytes-small"))
     a = ap.parse_args(argv)
     t0 = time.time()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    src = Path(__file__).resolve().parent.parent
+    git = lambda *c: subprocess.run(["git", *c], cwd=src, capture_output=True, text=True).stdout.strip()  # noqa: E731
     res = {"command": "python bench/session_bytes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "commit": commit, "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "commit": git("rev-parse", "HEAD") or "unknown", "modified": git("status", "--porcelain", "--untracked-files=no",
+                                                                           "moshi_ttt", "bench").splitlines(),
+           "source": str(Path(__import__("moshi_ttt").__file__).parent), "device": platform.processor() or platform.machine(),
+           "torch": torch.__version__,
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "small": {}}
     with tempfile.TemporaryDirectory() as tmp:
         store = SessionStore(tmp)
