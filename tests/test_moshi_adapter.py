@@ -36,6 +36,8 @@ TTT = InPlaceTTTConfig(layers=(1, 2), chunk_size=C, lr=0.5, target="hidden")
 CACHE = MemoryConfig(kind="ttt_cache", window=6, block=2, num_virtual=3)
 FULL = AdapterConfig(inplace_ttt=TTT, memory=CACHE, memory_layers=(0, 2), base_memory=MemoryConfig(kind="window", window=9))
 MIXED = AdapterConfig(inplace_ttt=TTT, memory=CACHE, memory_layers=(0,))  # layers 1, 2 keep Moshi's ring
+TRAIN = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, target="hidden"), memory=CACHE,
+                      memory_layers=(0,), base_memory=MemoryConfig(kind="window", window=6))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -416,6 +418,7 @@ def _patch_while_streaming():
     (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0] + 60, 5), "out of range"),
     (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0], 0), "segment"),
     (lambda: conversation_losses(patch_lm(stock(), MIXED), codes(1, 100)[0], 8), "ring KV cache of 64"),
+    (lambda: conversation_losses(patch_lm(stock(), TRAIN), codes(1, 20)[0], C, backward=True), "trap 11"),
 ])
 def test_bad_input_raises_clear_value_error(make, msg):
     with pytest.raises(ValueError, match=msg):
@@ -432,10 +435,6 @@ def test_presets_patch_and_serialise():
 
 
 # ---- conversation training --------------------------------------------------------------------
-TRAIN = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, target="hidden"), memory=CACHE,
-                      memory_layers=(0,), base_memory=MemoryConfig(kind="window", window=6))
-
-
 def test_memory_carries_across_segments_and_reset_does_not():
     lm = lively(patch_lm(stock(), TRAIN))
     conv = codes(1, 36)[0]

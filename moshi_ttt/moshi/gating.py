@@ -84,7 +84,7 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         state = self._streaming_state
         if state is None:
             return self.forward_ttt(x, x0, None, None)
-        if x.shape[1] == 1:  # masks its own updates: no copy of the fast weights
+        if x.shape[1] == 1 and not torch.is_grad_enabled():  # inference; masks its own updates (no state copy)
             return self.step_one(x, x0, state.tensors.scope(""), state.exec_mask if self.respect_exec_mask else None)
         with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask):
             return self.step(x, x0, state.tensors.scope(""))

@@ -95,6 +95,10 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
     """
     _check_codes(lm, codes, segment)
     _check_contexts(lm, segment, codes.shape[1])
+    ttt = getattr(lm, "moshi_ttt_config", None) and lm.moshi_ttt_config.inplace_ttt
+    if backward and ttt and segment <= ttt.chunk_size:
+        raise ValueError(f"segment={segment} <= In-Place TTT chunk_size={ttt.chunk_size}: no update is applied "
+                         "inside a segment, so TTT gets no gradient (DESIGN section 9, trap 11)")
     codes = codes.to(lm.device).long()[None]  # [1, K, T]
     T = codes.shape[2]
     inputs, targets = delayed_io(lm, codes)
