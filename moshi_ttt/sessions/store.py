@@ -138,8 +138,7 @@ class SessionStore:
 
     def get_tensors(self, cid: str, identity: ModelIdentity) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors on CPU, meta) of ``cid``, after checking format, model identity and blob hash."""
-        info, data = self._read(cid)
-        check_identity(info, identity)
+        info, data = self._read(cid, identity)
         return st_load(data), info.meta
 
     # ---- StreamingLM states (sessions/states.py) ----------------------------------------------
@@ -262,14 +261,16 @@ class SessionStore:
             (self.blobs / old[0]).unlink(missing_ok=True)
         return SessionInfo.from_row(row)
 
-    def _read(self, cid: str) -> tuple[SessionInfo, bytes]:
-        """The row and its blob bytes, checked (format, sha256). A blob replaced by a concurrent
-        writer between reading the row and the file is retried with the new row."""
+    def _read(self, cid: str, identity: ModelIdentity | None = None) -> tuple[SessionInfo, bytes]:
+        """The row and its blob bytes, checked (format, ``identity`` if given, sha256). A blob replaced
+        by a concurrent writer between reading the row and the file is retried with the new row."""
         for _ in range(20):
             info = self.info(cid)
             if info.format != SESSION_FORMAT:
                 raise ValueError(f"session {cid!r} was saved with session format {info.format}; "
                                  f"this moshi_ttt reads format {SESSION_FORMAT}")
+            if identity is not None:
+                check_identity(info, identity)
             try:
                 data = (self.blobs / info.blob).read_bytes()
             except FileNotFoundError:
