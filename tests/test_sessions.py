@@ -95,6 +95,19 @@ def test_storage_does_not_grow_with_the_conversation(tmp_path):
             assert session_bytes(long) == session_bytes(short), kind
 
 
+def test_generic_tensors_and_meta_round_trip(tmp_path):
+    ident = ModelIdentity("moshi.LMGen", "a" * 16, "b" * 64, "ttt_cache", {"dim": 8})
+    tensors = {"cache": torch.randn(1, 2, 5, 4).to(torch.bfloat16), "offset": torch.tensor([7]),
+               "mask": torch.tensor([[True, False]]), "fast.w": torch.randn(1, 3, 3)}
+    meta = {"step": 7, "nested": {"a": [1, 2]}}
+    store = SessionStore(tmp_path)
+    info = store.put_tensors("lmgen-1", tensors, meta, ident, tokens=7)
+    back, meta2 = store.get_tensors("lmgen-1", ident)
+    assert meta2 == meta and set(back) == set(tensors)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    assert (info.tokens, info.memory, info.config, info.state_kind) == (7, "ttt_cache", {"dim": 8}, "moshi.LMGen")
+
+
 # ---- bad input: each a ValueError naming the problem ----------------------------------------
 def test_wrong_config_and_wrong_weights(tmp_path):
     store = SessionStore(tmp_path)
