@@ -25,7 +25,8 @@ class MemoryConfig:
     ``infini``: the window plus Infini-attention's linear memory of evicted tokens, gated.
     ``ttt_cache``: the window plus a compressor (per head, fast weights) that learns every evicted
     (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
-    ``compressor_hidden`` its width (0: 2 x head dim), ``inner_lr`` the bound on its per-token
+    ``compressor_hidden`` its width (0: 2 x head dim), ``compressor_depth`` its layers (2 or 3),
+    ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr`` the bound on its per-token
     step size, ``decay`` forgetting towards the initial state, ``momentum`` (Titans), ``max_state_norm``
     a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate softmaxes mixed by a learned gate per head) or
     ``"concat"`` (one softmax), ``virtual_position`` ``"relative"`` (RoPE offsets), ``"decay"``
@@ -33,7 +34,7 @@ class MemoryConfig:
     ``"learned"`` (learned initial state) or ``"wait"`` (no virtual tokens before the first
     update), ``bptt`` how many compressor updates gradients flow through (0: all),
     ``check_finite`` a per-update check that names the layer and update on NaN/Inf,
-    ``compile_scan`` runs each compressor update through torch.compile (fused kernels).
+    ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels).
     """
 
     kind: str = "window"
@@ -42,6 +43,8 @@ class MemoryConfig:
     num_virtual: int = 4
     block: int = 16
     compressor_hidden: int = 0
+    compressor_depth: int = 2
+    compressor_shared: bool = False
     inner_lr: float = 1.0
     decay: float = 0.0
     momentum: float = 0.0
@@ -74,6 +77,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if self.block < 1 or self.compressor_hidden < 0 or self.bptt < 0:
             raise ValueError("MemoryConfig.block must be >= 1, compressor_hidden and bptt >= 0")
+        if self.compressor_depth not in (2, 3):
+            raise ValueError(f"MemoryConfig.compressor_depth must be 2 or 3, got {self.compressor_depth}")
         if not 0 < self.inner_lr <= 10:
             raise ValueError(f"MemoryConfig.inner_lr must be in (0, 10], got {self.inner_lr}")
         if not (0 <= self.decay < 1 and 0 <= self.momentum < 1):
@@ -186,12 +191,16 @@ class ModelConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Short stable hash of the config (used to match saved states to models). RoPE fields at
-        their defaults are left out, so configs from before YaRN keep their hash."""
+        """Short stable hash of the config (used to match saved states to models). Fields added
+        later (YaRN, compressor depth and sharing) are left out at their defaults, so older
+        configs keep their hash."""
         d = self.to_dict()
         for name, default in (("rope_scale", 1.0), ("rope_original_context", 0)):
             if d[name] == default:
                 del d[name]
+        for name, default in (("compressor_depth", 2), ("compressor_shared", False)):
+            if d["memory"][name] == default:
+                del d["memory"][name]
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

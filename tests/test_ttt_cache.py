@@ -51,7 +51,8 @@ def test_parallel_equals_streaming_every_option(combine, position, cold):
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
-@pytest.mark.parametrize("extra", [dict(momentum=0.5), dict(decay=0.1), dict(max_state_norm=2.0), dict(bptt=2)])
+@pytest.mark.parametrize("extra", [dict(momentum=0.5), dict(decay=0.1), dict(max_state_norm=2.0), dict(bptt=2),
+                                   dict(compressor_depth=3), dict(compressor_shared=True)])
 def test_parallel_equals_streaming_update_options(k, extra):
     model = lively(mt.StreamingLM(cache_config(**extra))).eval()
     tokens = torch.randint(0, 50, (2, 150))
@@ -60,24 +61,60 @@ def test_parallel_equals_streaming_update_options(k, extra):
         assert (out - model(tokens)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(compressor_shared=True, cold_start="zero")])
+def test_fused_window_attention_equals_banded_reference(extra):
+    """Option A's window attention through the fused kernel equals the explicit banded scores:
+    outputs and gradients, with document boundaries."""
+    model = lively(mt.StreamingLM(cache_config(window=8, block=4, **extra))).double()
+    tokens = torch.randint(0, 50, (2, 70))
+    resets = torch.zeros(2, 70, dtype=torch.bool)
+    resets[0, 33] = True
+    results = []
+    for banded in (True, False):
+        for mem in memories(model):
+            mem.banded = banded
+        model.zero_grad()
+        logits = model(tokens, resets=resets)
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 10
+    for ref, fast in zip(*results):
+        assert (fast - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1.0)  # banded is fp32
+
+
+def test_shared_compressor_is_one_state_for_all_heads():
+    """Shared: one compressor per layer learns every head's evicted pairs (state [B, 1, ...]);
+    per head: H independent states. Both read M virtual tokens per head."""
+    for shared, hc in ((True, 1), (False, 4)):
+        model = mt.StreamingLM(cache_config(compressor_shared=shared, compressor_depth=3)).eval()
+        mem = memories(model)[0]
+        assert [tuple(w.shape) for w in mem.inits()] == [(hc, 8, 16), (hc, 16, 16), (hc, 16, 8)]
+        with torch.no_grad():
+            _, st = stream(model, torch.randint(0, 50, (2, 60)), 7)
+        assert st["layers.0.d3"].shape == (2, hc, 16, 8) and st["layers.0.d3"].abs().max() > 0
+
+
 # ---- naive vs fast ------------------------------------------------------------------
-def test_block_step_naive_equals_fast_float64():
+@pytest.mark.parametrize("depth", [2, 3])
+def test_block_step_naive_equals_fast_float64(depth):
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
-            for s in ((3, 4, 6), (3, 6, 4), (3, 5, 4), (3, 5, 4))]
+    shapes = [(3, 4, 6)] + [(3, 6, 6)] * (depth - 2) + [(3, 6, 4)]
+    ws = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
+    xy = [torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2)]
     eta = torch.rand(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     results = []
     for f in (block_step_naive, block_step):
-        for a in (*args, eta):
+        for a in (*ws, *xy, eta):
             a.grad = None
-        d1, d2, loss = f(*args, eta)
-        (d1.sin().sum() + d2.cos().sum() + loss.sum()).backward()
-        results.append([d1.detach(), d2.detach(), loss.detach()] + [a.grad.clone() for a in (*args, eta)])
+        deltas, loss = f(tuple(ws), *xy, eta)
+        (sum(d.sin().sum() * (i + 1) for i, d in enumerate(deltas)) + loss.sum()).backward()
+        results.append([d.detach() for d in deltas] + [loss.detach()] + [a.grad.clone() for a in (*ws, *xy, eta)])
     for ref, fast in zip(*results):
         assert ((fast - ref).abs().max() / ref.abs().max()).item() < 1e-6
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(momentum=0.5, decay=0.1)])
+@pytest.mark.parametrize("extra", [dict(), dict(momentum=0.5, decay=0.1), dict(compressor_depth=3),
+                                   dict(compressor_shared=True, momentum=0.5)])
 def test_model_naive_equals_fast_float64(extra):
     """States, outputs and gradients of every parameter through the whole model."""
     model = lively(mt.StreamingLM(cache_config(**extra))).double()
@@ -128,8 +165,8 @@ def test_virtual_tokens_depend_on_evicted_tokens_only():
         la, sa = stream(model, a, 7)
         lb, sb = stream(model, b, 7)
         read = mem._read(model.layers[0].self_attn.freqs, 1)
-        va = read((mem.w1_init + sa["layers.0.d1"][0])[:, None], (mem.w2_init + sa["layers.0.d2"][0])[:, None])[1]
-        vb = read((mem.w1_init + sb["layers.0.d1"][0])[:, None], (mem.w2_init + sb["layers.0.d2"][0])[:, None])[1]
+        va = read(tuple((w + sa[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1)))[1]
+        vb = read(tuple((w + sb[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1)))[1]
         pa, pb = plain(a), plain(b)
     assert (va - vb).abs().max() > 1e-3
     assert (la[:, -1] - lb[:, -1]).abs().max() > 1e-4
@@ -143,10 +180,10 @@ def test_truncated_bptt_stops_gradients():
     keys = torch.nn.functional.normalize(torch.randn(G, N, b, D, dtype=torch.float64, generator=g), dim=-1)
     init1, init2 = torch.randn(G, D, m, dtype=torch.float64, generator=g), torch.randn(G, m, D, dtype=torch.float64, generator=g)
     probes = torch.randn(G, 1, 2, D, dtype=torch.float64, generator=g)
-    read = (lambda w1, w2: (probes, compressor(w1, w2, probes)))
+    read = (lambda states: (probes, compressor(states, probes)))
     grads = {}
     for bptt in (0, 2):
-        (_, reads), *_ = compress_scan(torch.zeros_like(init1), torch.zeros_like(init2), None, None, init1, init2,
+        (_, reads), *_ = compress_scan((torch.zeros_like(init1), torch.zeros_like(init2)), None, (init1, init2),
                                        keys, vals, torch.full((G, N, b), 0.3, dtype=torch.float64),
                                        torch.ones(G, N, dtype=torch.float64), read, bptt=bptt)
         grads[bptt], = torch.autograd.grad(reads[:, -1].sum(), vals)
@@ -206,12 +243,12 @@ def test_trap14_state_updates_not_rounded_by_autocast():
     g = torch.Generator().manual_seed(0)
     G, N, b, Dh, m = 4, 5, 4, 8, 16
     keys, vals = torch.randn(G, N, b, Dh, generator=g), torch.randn(G, N, b, Dh, generator=g)
-    args = (torch.zeros(G, Dh, m), torch.zeros(G, m, Dh), None, None, keys, vals, torch.ones(G, N),
+    args = ((torch.zeros(G, Dh, m), torch.zeros(G, m, Dh)), None, keys, vals, torch.ones(G, N),
             model.layers[0].self_attn.freqs, 1)
     with torch.no_grad():
-        (rk, rv), (d1, d2, _, _), _ = mem._scan(*args)
+        (rk, rv), ((d1, d2), _), _ = mem._scan(*args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (ak, av), (a1, a2, _, _), _ = mem._scan(*args)
+            (ak, av), ((a1, a2), _), _ = mem._scan(*args)
             _, st = stream(model, torch.randint(0, 50, (1, 40)), 40)
     assert torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)
     assert d2.dtype == torch.float32 and st["layers.0.d2"].dtype == torch.float32

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
-from ..ops.banded import band, chunked, mix
+from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
 from ..ops.rope import yarn_attention_scale
 from ..state import ScopedState
@@ -38,6 +38,7 @@ class EvictingMemory(nn.Module):
         self.cfg = cfg.memory
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
+        self.banded = False  # gate-mixed reads: window attention by explicit banded scores (the reference)
         self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # α = σ(gate): weight of the window
         # softmax logits are qᵀk / √Dh times 1/t, YaRN's temperature (1.0 without YaRN): the window
         # here, softmax virtual keys in the subclasses
@@ -60,6 +61,15 @@ class EvictingMemory(nn.Module):
         W = self.cfg.window
         seg = seg if seg is not None else torch.zeros_like(pos)
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
+        reads = {n: x for n, x in read.items() if n in ("scores", "values", "out")}
+        if (self.cfg.combine == "gate" or "out" in read) and not self.banded:
+            # option A normalises the window on its own: fused attention, as the window memory runs
+            ok = visible(pos, pos, "window", W, 0) & (seg[:, :, None] == seg[:, None, :])  # [B, T, T]
+            o_r = F.scaled_dot_product_attention(q, k, v, attn_mask=ok[:, None], scale=self.inv_t / math.sqrt(Dh))
+            vmask = read["has"][:, None].expand(B, H, T)
+            out, mass = gate_mix(o_r, vmask, torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask), **reads)
+            self._record(mass, read)
+            return out.to(q.dtype)
         # the window: chunks of W queries against the 2W keys around them, masked by positions
         pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
         sq, sk = chunked(seg, W, -2), band(seg, W, -3)
@@ -69,8 +79,7 @@ class EvictingMemory(nn.Module):
         s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)  # pad rows finite
         vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)  # [B, H, NC, W]
         gate = torch.sigmoid(self.gate).view(1, H, 1, 1).expand_as(vmask)
-        out, mass = mix(s_r, band(v, W), vmask, gate, self.cfg.combine,
-                        **{n: chunked_q(x, W) for n, x in read.items() if n in ("scores", "values", "out")})
+        out, mass = mix(s_r, band(v, W), vmask, gate, self.cfg.combine, **{n: chunked_q(x, W) for n, x in reads.items()})
         self._record(mass.flatten(2)[..., :T], read)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)
 

@@ -31,11 +31,14 @@ class TTTCacheMemory(EvictingMemory):
         mc = self.cfg
         H, Dh, M = cfg.num_heads, cfg.head_dim, mc.num_virtual
         m = mc.compressor_hidden or 2 * Dh
-        self.w1_init = nn.Parameter(torch.randn(H, Dh, m) / math.sqrt(Dh))
-        if mc.cold_start == "zero":  # the state starts with a zero output layer (never both layers)
-            self.register_buffer("w2_init", torch.zeros(H, m, Dh))
-        else:
-            self.w2_init = nn.Parameter(torch.randn(H, m, Dh) / math.sqrt(m))
+        self.hc = 1 if mc.compressor_shared else H  # compressors per layer (shared: one for all heads)
+        dims = [Dh] + [m] * (mc.compressor_depth - 1) + [Dh]
+        for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:]), 1):
+            init = torch.randn(self.hc, din, dout) / math.sqrt(din)
+            if i == mc.compressor_depth and mc.cold_start == "zero":  # the state starts with a zero
+                self.register_buffer(f"w{i}_init", torch.zeros_like(init))  # output layer (never all)
+            else:
+                setattr(self, f"w{i}_init", nn.Parameter(init))
         self.lr_w = nn.Parameter(torch.zeros(H, Dh))  # η_t = inner_lr σ(k̂_t·lr_w + lr_b) / b
         self.lr_b = nn.Parameter(torch.zeros(H))
         self.probes = nn.Parameter(torch.randn(H, M, Dh))
@@ -46,13 +49,25 @@ class TTTCacheMemory(EvictingMemory):
         self.want_aux, self.aux = False, None  # the reconstruction loss of training stage 1
 
     # ---- compressor ---------------------------------------------------------------------
+    def inits(self) -> tuple:
+        """The compressor's initial state (W1, ..., W_L), each [hc, d_in, d_out]."""
+        return tuple(getattr(self, f"w{i}_init") for i in range(1, self.cfg.compressor_depth + 1))
+
+    def _per_head(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Shared compressor: [rows, S, H * M, Dh] -> [rows * H, S, M, Dh] (per head: unchanged)."""
+        if self.hc == self.num_heads:
+            return x
+        S, Dh = x.shape[1], x.shape[-1]
+        return x.view(rows, S, self.num_heads, -1, Dh).transpose(1, 2).reshape(rows * self.num_heads, S, -1, Dh)
+
     def _read(self, freqs, rows: int):
-        """read(w1 [G, S, Dh, m], w2 [G, S, m, Dh]) -> (K, V) [G, S, M, Dh] for G = rows * H groups."""
-        probes = F.normalize(self.probes, dim=-1).repeat(rows, 1, 1)[:, None]  # [G, 1, M, Dh]
+        """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S, M, Dh]."""
+        Dh = self.probes.shape[-1]
+        probes = F.normalize(self.probes, dim=-1).reshape(self.hc, -1, Dh).repeat(rows, 1, 1)[:, None]  # [G, 1, M', Dh]
         vkeys, proj = self.vkeys.repeat(rows, 1, 1)[:, None], self.vkey_proj.repeat(rows, 1, 1)[:, None]
 
-        def read(w1, w2):
-            v = compressor(w1, w2, probes.to(w1.dtype))  # [G, S, M, Dh]
+        def read(states):
+            v = self._per_head(compressor(states, probes.to(states[0].dtype)), rows)  # [rows * H, S, M, Dh]
             k = vkeys.to(v.dtype) + v @ proj.to(v.dtype)
             if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
                 G, S, M, Dh = k.shape
@@ -67,16 +82,22 @@ class TTTCacheMemory(EvictingMemory):
         logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
         return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
 
-    def _scan(self, d1, d2, mom1, mom2, keys, vals, apply, freqs, rows, valid=None):
-        """keys raw [G, N, b, Dh] -> compress_scan outputs (fp32 or float64)."""
+    def _scan(self, ds, moms, keys, vals, apply, freqs, rows, valid=None):
+        """Per head: keys raw, vals [rows * H, N, b, Dh], apply [rows * H, N], valid [rows * H, N, b];
+        ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (fp32 or float64). A shared
+        compressor learns the block's tokens of all heads in one step (b H tokens, η / H each)."""
         dt = torch.promote_types(keys.dtype, torch.float32)
         keys, vals = F.normalize(keys.to(dt), dim=-1), vals.to(dt)
         eta = self._eta(keys, rows) * (apply[..., None] if valid is None else valid)
-        init1 = self.w1_init.to(dt).repeat(rows, 1, 1)
-        init2 = self.w2_init.to(dt).repeat(rows, 1, 1)
+        if self.hc != self.num_heads:
+            H = self.num_heads
+            merge = (lambda x: x.view(rows, H, *x.shape[1:]).transpose(1, 2).reshape(rows, x.shape[1], -1, *x.shape[3:]))
+            keys, vals, eta = merge(keys), merge(vals), merge(eta[..., None])[..., 0] / H  # [rows, N, H b, ...]
+            apply = apply.view(rows, H, -1)[:, 0]
+        inits = tuple(w.to(dt).repeat(rows, 1, 1) for w in self.inits())
         mc = self.cfg
         with torch.autocast(keys.device.type, enabled=False):
-            return compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, self._read(freqs, rows),
+            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows),
                                  decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
                                  naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
                                  compiled=mc.compile_scan)
@@ -98,7 +119,7 @@ class TTTCacheMemory(EvictingMemory):
         """The evicted tokens of each document, in blocks of b from its position 0; a query at
         position t reads the state after floor(max(t - W + 1, 0) / b) updates."""
         B, H, T, Dh = q_raw.shape
-        W, b, m = self.cfg.window, self.cfg.block, self.w1_init.shape[-1]
+        W, b = self.cfg.window, self.cfg.block
         r, rows, L = segment_rows(pos, seg)
         N = max(L - W, 0) // b
 
@@ -107,11 +128,9 @@ class TTTCacheMemory(EvictingMemory):
             return xp.reshape(rows, N, b, H, Dh).permute(0, 3, 1, 2, 4).reshape(rows * H, N, b, Dh)
 
         dt = torch.promote_types(q_raw.dtype, torch.float32)
-        G = rows * H
-        d = (q_raw.new_zeros(G, Dh, m, dtype=dt), q_raw.new_zeros(G, m, Dh, dtype=dt))
-        mom = d if self.cfg.momentum else (None, None)
-        (kv, vv), _, losses = self._scan(*d, *mom, blocks(k_raw), blocks(v), q_raw.new_ones(G, N, dtype=dt),
-                                         freqs, rows)
+        d = tuple(q_raw.new_zeros(rows * self.hc, *w.shape[1:], dtype=dt) for w in self.inits())
+        (kv, vv), _, losses = self._scan(d, d if self.cfg.momentum else None, blocks(k_raw), blocks(v),
+                                         q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows)
         if self.want_aux:
             self.aux = self._reconstruction(blocks(k_raw), blocks(v), kv, vv)
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
@@ -132,13 +151,17 @@ class TTTCacheMemory(EvictingMemory):
         return (att @ vv[:, 1:].float() - vals.float()).pow(2).sum(-1).mean()
 
     # ---- streaming ----------------------------------------------------------------------------
+    def state_names(self) -> tuple:
+        """Compressor state offsets d1..dL (and momenta mom1..momL): [B, hc, d_in, d_out] each."""
+        L = self.cfg.compressor_depth
+        return tuple(f"{p}{i}" for p in (("d", "mom") if self.cfg.momentum else ("d",)) for i in range(1, L + 1))
+
     def init_memory(self, st: ScopedState, B: int, device) -> None:
-        H, Dh, b, m = self.num_heads, self.head_dim, self.cfg.block, self.w1_init.shape[-1]
-        f32 = torch.promote_types(self.w1_init.dtype, torch.float32)
-        names = ("d1", "d2", "mom1", "mom2") if self.cfg.momentum else ("d1", "d2")
-        for name in names:  # compressor state as offsets from the (trained) initial state
-            shape = (B, H, Dh, m) if name.endswith("1") else (B, H, m, Dh)
-            st.add(name, torch.zeros(*shape, device=device, dtype=f32), 0.0)
+        H, Dh, b = self.num_heads, self.head_dim, self.cfg.block
+        inits = self.inits()
+        f32 = torch.promote_types(inits[0].dtype, torch.float32)
+        for name in self.state_names():  # compressor state as offsets from the (trained) initial state
+            st.add(name, torch.zeros(B, *inits[int(name[-1]) - 1].shape, device=device, dtype=f32), 0.0)
         st.add("ek", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # evicted, open block
         st.add("ev", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)
         st.add("ecount", torch.zeros(B, dtype=torch.long, device=device), 0)
@@ -167,9 +190,10 @@ class TTTCacheMemory(EvictingMemory):
         G = B * H
         rows = (lambda x: x[:, :, :L].reshape(G, NB, b, Dh))
         per_g = (lambda x: x[:, None].expand(B, H, *x.shape[1:]).reshape(G, *x.shape[1:]))
-        mom = (st["mom1"].flatten(0, 1), st["mom2"].flatten(0, 1)) if self.cfg.momentum else (None, None)
-        (kv, vv), (d1, d2, m1, m2), losses = self._scan(
-            st["d1"].flatten(0, 1), st["d2"].flatten(0, 1), *mom, rows(lay_k), rows(lay_v),
+        depth = self.cfg.compressor_depth
+        flat = (lambda p: tuple(st[f"{p}{i}"].flatten(0, 1) for i in range(1, depth + 1)))
+        (kv, vv), (ds, moms), losses = self._scan(
+            flat("d"), flat("mom") if self.cfg.momentum else None, rows(lay_k), rows(lay_v),
             per_g(apply.to(lay_k.dtype)), freqs, B, valid=per_g(tok_ok.to(lay_k.dtype)))
         n_q = (ecount[:, None] + (ar + 1 - (kq - nvalid)[:, None]).clamp_min(0)) // b  # [B, k]
         sel = (lambda x: x.view(B, H, NB + 1, *x.shape[2:]).gather(
@@ -177,11 +201,10 @@ class TTTCacheMemory(EvictingMemory):
         has = (st["updates"][:, None] + n_q > 0) if self.cfg.cold_start == "wait" else torch.ones_like(valid)
         read = self._read_dict(q_raw, sel(kv), sel(vv), has, losses)
         # store the compressor state, the open block and the counters
-        st["d1"].copy_(d1.view_as(st["d1"]))
-        st["d2"].copy_(d2.view_as(st["d2"]))
-        if self.cfg.momentum:
-            st["mom1"].copy_(m1.view_as(st["mom1"]))
-            st["mom2"].copy_(m2.view_as(st["mom2"]))
+        for i in range(depth):
+            st[f"d{i + 1}"].copy_(ds[i].view_as(st[f"d{i + 1}"]))
+            if self.cfg.momentum:
+                st[f"mom{i + 1}"].copy_(moms[i].view_as(st[f"mom{i + 1}"]))
         keep = ((total // b) * b)[:, None] + torch.arange(b, device=q_raw.device)  # [B, b]
         kidx = keep[:, None, :, None].expand(-1, H, -1, Dh)
         st["ek"].copy_(lay_k.gather(2, kidx))

@@ -27,6 +27,16 @@ def chunked(x: torch.Tensor, window: int, fill: float = 0.0) -> torch.Tensor:
     return F.pad(x, (0, pad), value=fill).unflatten(1, (-1, window))
 
 
+def gate_mix(o_r, vmask, gate, scores=None, values=None, out=None):
+    """Option A: α·o_r + (1-α)·read, the read normalised on its own. o_r [..., Q, D] the window's
+    attention output; the rest as in ``mix``. Returns (out [..., Q, D], mass on the memory [..., Q])."""
+    if out is None:  # rows without a read get harmless finite scores, then weight 0
+        p_v = torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
+        out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
+    alpha = torch.where(vmask, gate, torch.ones_like(gate))
+    return alpha[..., None] * o_r.float() + (1 - alpha[..., None]) * out.float(), 1 - alpha
+
+
 def mix(s_r, v_r, vmask, gate, combine: str, scores=None, values=None, out=None):
     """Attention output from the window and a memory read.
 
@@ -39,12 +49,7 @@ def mix(s_r, v_r, vmask, gate, combine: str, scores=None, values=None, out=None)
     """
     s_r, v_r = s_r.float(), v_r.float()
     if combine == "gate" or out is not None:
-        o_r = torch.softmax(s_r, -1) @ v_r
-        if out is None:  # rows without a read get harmless finite scores, then weight 0
-            p_v = torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
-            out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
-        alpha = torch.where(vmask, gate, torch.ones_like(gate))
-        return alpha[..., None] * o_r + (1 - alpha[..., None]) * out.float(), 1 - alpha
+        return gate_mix(torch.softmax(s_r, -1) @ v_r, vmask, gate, scores, values, out)
     s_v = scores.float().masked_fill(~vmask[..., None], float("-inf"))
     m = torch.maximum(s_r.amax(-1), s_v.amax(-1))[..., None]
     e_r, e_v = torch.exp(s_r - m), torch.exp(s_v - m)

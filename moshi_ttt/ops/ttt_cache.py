@@ -1,15 +1,17 @@
-"""TTT-cache compressor ops (DESIGN section 4): a 2-layer MLP with fast weights per (row, head).
+"""TTT-cache compressor ops (DESIGN section 4): an MLP of depth L (2 or 3) with fast weights.
 
-    f_θ(x) = gelu(x W1) W2,  θ = (W1 [Dh, m], W2 [m, Dh])
+    f_θ(x) = gelu(... gelu(x W1) ...) W_L,  θ = (W1 [Dh, m], ..., W_L [m, Dh])
     ℓ_t = ½ ‖f_θ(k̂_t) − v_t‖²  over each mini-batch of b evicted tokens (k̂ = L2-normalised key)
     θ ← θ − Σ_t η_t ∇_θ ℓ_t(θ)   (one gradient step per mini-batch, at the block-start state)
 
-η_t = η_max · σ(w·k̂_t + c) / (b (1 + ‖gelu(k̂_t W1)‖²)) is bounded and normalised by the hidden
-activation's energy (normalised LMS), so a mini-batch step cannot overshoot. Optional
-forgetting pulls θ back towards its initial state, optional momentum follows Titans, and a norm
-cap keeps ‖W‖_F bounded. Two implementations of the block step share one signature:
-``block_step_naive`` takes per-token gradients with autograd in a token loop (the reference),
-``block_step`` uses the closed-form batched gradient.
+η_t = η_max · σ(w·k̂_t + c) / (b (1 + ‖a_t‖²)), with a_t the last hidden activation (the input of
+W_L), is bounded and normalised by that activation's energy (normalised LMS), so a mini-batch
+step cannot overshoot. Optional forgetting pulls θ back towards its initial state, optional
+momentum follows Titans, and a norm cap keeps each ‖W‖_F bounded. Weights are tuples
+``ws = (W1, ..., W_L)``, each [G, d_in, d_out] for G independent compressors. Two
+implementations of the block step share one signature: ``block_step_naive`` takes per-token
+gradients with autograd in a token loop (the reference), ``block_step`` backpropagates by hand
+for the whole block at once.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from torch.nn import functional as F
 
 
-def compressor(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """f_θ(x). w1 [G, Dh, m], w2 [G, m, Dh], x [G, n, Dh] -> [G, n, Dh]."""
-    return F.gelu(x @ w1) @ w2
+def compressor(ws, x: torch.Tensor) -> torch.Tensor:
+    """f_θ(x). ws (W1 [G, Dh, m], ..., W_L [G, m, Dh]) (extra batch dims broadcast), x [G, n, Dh]."""
+    for w in ws[:-1]:
+        x = F.gelu(x @ w)
+    return x @ ws[-1]
 
 
 def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -32,40 +36,53 @@ def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
     return cdf + h * pdf
 
 
-def block_step(w1, w2, x, y, eta):
-    """One mini-batch gradient step. x, y [G, b, Dh]; eta [G, b] (0 drops a token).
+def nlms_eta(eta: torch.Tensor, a_last: torch.Tensor) -> torch.Tensor:
+    """η / (1 + ‖a‖²): eta [G, b], last hidden activation a [G, b, m]."""
+    return eta / (1.0 + a_last.pow(2).sum(-1))
 
-    Returns (ΔW1 [G, Dh, m], ΔW2 [G, m, Dh], loss per token before the step [G, b]); the caller
-    adds the deltas (so forgetting and momentum are shared by both implementations).
+
+def block_step(ws, x, y, eta):
+    """One mini-batch gradient step. x, y [G, b, Dh]; eta [G, b] (0 drops a token), normalised
+    here by ``nlms_eta``.
+
+    Returns (deltas (ΔW1, ..., ΔW_L), loss per token before the step [G, b]); the caller adds
+    the deltas (so forgetting and momentum are shared by both implementations).
     """
-    h = x @ w1  # [G, b, m]
-    a = F.gelu(h)
-    err = a @ w2 - y  # [G, b, Dh]
-    ge = err * eta[..., None]
-    d_w2 = a.transpose(1, 2) @ ge  # Σ_t η_t a_tᵀ err_t: [G, m, Dh]
-    d_h = (ge @ w2.transpose(1, 2)) * _gelu_grad(h)  # [G, b, m]
-    d_w1 = x.transpose(1, 2) @ d_h  # [G, Dh, m]
-    return -d_w1, -d_w2, 0.5 * err.pow(2).sum(-1)
+    hs, acts = [], [x]  # pre-activations [G, b, m], layer inputs
+    for w in ws[:-1]:
+        hs.append(acts[-1] @ w)
+        acts.append(F.gelu(hs[-1]))
+    err = acts[-1] @ ws[-1] - y  # [G, b, Dh]
+    g = err * nlms_eta(eta, acts[-1])[..., None]  # η_t ∂ℓ_t/∂out
+    deltas = []
+    for i in range(len(ws) - 1, -1, -1):
+        deltas.append(-(acts[i].transpose(1, 2) @ g))  # -Σ_t η_t a_tᵀ g_t: [G, d_in, d_out]
+        if i:
+            g = (g @ ws[i].transpose(1, 2)) * _gelu_grad(hs[i - 1])
+    return tuple(reversed(deltas)), 0.5 * err.pow(2).sum(-1)
 
 
-def block_step_naive(w1, w2, x, y, eta):
+def block_step_naive(ws, x, y, eta):
     """Reference: per-token gradients by autograd, summed over the block at the block-start state."""
     with torch.enable_grad():
-        if not (w1.requires_grad and w2.requires_grad):
-            w1, w2 = w1.detach().requires_grad_(), w2.detach().requires_grad_()
-        return _naive(w1, w2, x, y, eta)
+        if not all(w.requires_grad for w in ws):
+            ws = tuple(w.detach().requires_grad_() for w in ws)
+        return _naive(tuple(ws), x, y, eta)
 
 
-def _naive(w1, w2, x, y, eta):
-    d1, d2, losses = torch.zeros_like(w1), torch.zeros_like(w2), []
+def _naive(ws, x, y, eta):
+    deltas, losses = [torch.zeros_like(w) for w in ws], []
     for t in range(x.shape[1]):
         xt, yt = x[:, t:t + 1], y[:, t:t + 1]
-        loss = 0.5 * (compressor(w1, w2, xt) - yt).pow(2).sum(-1)[:, 0]  # [G]
-        g1, g2 = torch.autograd.grad(loss.sum(), (w1, w2), create_graph=True)
-        d1 = d1 - eta[:, t, None, None] * g1
-        d2 = d2 - eta[:, t, None, None] * g2
+        a = xt
+        for w in ws[:-1]:
+            a = F.gelu(a @ w)
+        eta_t = eta[:, t] / (1.0 + a[:, 0].pow(2).sum(-1))  # NLMS, token by token
+        loss = 0.5 * (a @ ws[-1] - yt).pow(2).sum(-1)[:, 0]  # [G]
+        grads = torch.autograd.grad(loss.sum(), ws, create_graph=True)
+        deltas = [d - eta_t[:, None, None] * gr for d, gr in zip(deltas, grads)]
         losses.append(loss)
-    return d1, d2, torch.stack(losses, 1)
+    return tuple(deltas), torch.stack(losses, 1)
 
 
 def apply_update(w, delta, mom, w_init, decay: float, momentum: float, max_norm: float):
@@ -82,67 +99,83 @@ def apply_update(w, delta, mom, w_init, decay: float, momentum: float, max_norm:
     return w, mom
 
 
-def scan_step(w1, w2, mom1, mom2, init1, init2, x, y, eta, apply_n, decay: float, momentum: float,
-              max_norm: float, naive: bool = False):
+def scan_step(ws, moms, inits, x, y, eta, apply_n, decay: float, momentum: float, max_norm: float,
+              naive: bool = False):
     """One block: gradient step, momentum, forgetting and norm cap; rows with ``apply_n`` [G] false
-    keep their state. Returns (w1, w2, mom1, mom2, loss before the step [G, b])."""
+    keep their state. ws, inits tuples of [G, ...]; moms a tuple or None. Returns (ws, moms, loss
+    before the step [G, b])."""
     a = apply_n[:, None, None] > 0
-    eta = eta / (1.0 + F.gelu(x @ w1).pow(2).sum(-1))  # normalised (NLMS) step: no overshoot whatever m
-    u1, u2, loss = (block_step_naive if naive else block_step)(w1, w2, x, y, eta)
-    n1, nm1 = apply_update(w1, u1, mom1, init1, decay, momentum, max_norm)
-    n2, nm2 = apply_update(w2, u2, mom2, init2, decay, momentum, max_norm)
-    if momentum:
-        mom1, mom2 = torch.where(a, nm1, mom1), torch.where(a, nm2, mom2)
-    return torch.where(a, n1, w1), torch.where(a, n2, w2), mom1, mom2, loss
+    deltas, loss = (block_step_naive if naive else block_step)(ws, x, y, eta)
+    new_ws, new_moms = [], []
+    for i, (w, d, w0) in enumerate(zip(ws, deltas, inits)):
+        mom = moms[i] if moms is not None else None
+        nw, nm = apply_update(w, d, mom, w0, decay, momentum, max_norm)
+        new_ws.append(torch.where(a, nw, w))
+        new_moms.append(torch.where(a, nm, mom) if momentum else mom)
+    return tuple(new_ws), (tuple(new_moms) if moms is not None else None), loss
 
 
-_compiled_step = None
+def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum: float, max_norm: float,
+                bptt: int, naive: bool = False, step=scan_step):
+    """The sequential part of ``compress_scan``: N block steps (``step``: ``scan_step`` or its
+    compiled form) from θ = inits + ds. Returns (every state, a tuple of [G, N + 1, ...] (index n:
+    after n blocks), the final momenta, the loss of each token before its block's step [G, N, b])."""
+    ws = tuple(w0 + d for w0, d in zip(inits, ds))
+    hist, losses = [ws], []
+    for n in range(keys.shape[1]):
+        if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
+            ws = tuple(w.detach() for w in ws)
+            moms = tuple(m.detach() for m in moms) if moms is not None else None
+        ws, moms, loss = step(ws, moms, inits, keys[:, n], vals[:, n], eta[:, n], apply[:, n],
+                              decay, momentum, max_norm, naive)
+        hist.append(ws)
+        losses.append(loss)
+    states = tuple(torch.stack([h[i] for h in hist], 1) for i in range(len(ws)))
+    loss = torch.stack(losses, 1) if losses else keys.new_zeros(keys.shape[0], 0, keys.shape[2])
+    return states, moms, loss
+
+
+_compiled = None
 
 
 def compiled_scan_step():
-    """``scan_step`` through torch.compile (fewer, fused kernels; compiled once per shape)."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(scan_step, dynamic=False)
-    return _compiled_step
+    """``scan_step`` through torch.compile: one block's update, forward and backward, as a few
+    fused kernels (compiled once per shape; unrolling the whole loop compiles too slowly)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(scan_step, dynamic=False)
+    return _compiled
 
 
-def compress_scan(d1, d2, mom1, mom2, init1, init2, keys, vals, eta, apply, read, *, decay: float = 0.0,
-                  momentum: float = 0.0, max_norm: float = 100.0, bptt: int = 0, naive: bool = False,
-                  record: bool = False, check: str | None = None, compiled: bool = False):
+def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float = 0.0, momentum: float = 0.0,
+                  max_norm: float = 100.0, bptt: int = 0, naive: bool = False, record: bool = False,
+                  check: str | None = None, compiled: bool = False):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
 
-    d1, d2 [G, Dh, m], [G, m, Dh]: the state as offsets from the initial state init1, init2 (a
-    reset sets them to zero); mom1, mom2 the momentum (or None); keys (normalised), vals
+    ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a reset
+    sets the offsets to zero); moms the momenta (a tuple, or None); keys (normalised), vals
     [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
-    skipped block leaves the state as it is); read(w1, w2) -> (K, V): [G, S, Dh, m], [G, S, m, Dh]
-    -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most ``bptt``
-    consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
-    blocks), the final (d1, d2, mom1, mom2) and, when ``record``, the inner losses before and
-    after each update [G, N] (mean over the block's tokens).
+    skipped block leaves the state as it is); read(states) -> (K, V): states [G, S, d_in, d_out]
+    each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most
+    ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
+    blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
+    update [G, N] (mean over the block's tokens).
     """
     step = compiled_scan_step() if compiled and not naive else scan_step
-    N = keys.shape[1]
-    w1, w2 = init1 + d1, init2 + d2
-    w1s, w2s, before, after = [w1], [w2], [], []
-    for n in range(N):
-        if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
-            w1, w2 = w1.detach(), w2.detach()
-            mom1, mom2 = (m.detach() if m is not None else None for m in (mom1, mom2))
-        w1, w2, mom1, mom2, loss = step(w1, w2, mom1, mom2, init1, init2, keys[:, n], vals[:, n], eta[:, n],
-                                        apply[:, n], decay, momentum, max_norm, naive)
-        if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
-                raise FloatingPointError(f"{check}: compressor state not finite after update {n}")
-        if record:
-            with torch.no_grad():
-                valid = (eta[:, n] > 0).float()
-                denom = valid.sum(1).clamp_min(1.0)
-                err = compressor(w1, w2, keys[:, n]) - vals[:, n]
-                before.append((loss * valid).sum(1) / denom)
-                after.append((0.5 * err.pow(2).sum(-1) * valid).sum(1) / denom)
-        w1s.append(w1)
-        w2s.append(w2)
-    stack = (lambda xs: torch.stack(xs, 1) if xs else None)
-    reads = read(torch.stack(w1s, 1), torch.stack(w2s, 1))
-    return reads, (w1 - init1, w2 - init2, mom1, mom2), (stack(before), stack(after))
+    states, moms, loss = scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum,
+                                     max_norm, bptt, naive, step)
+    if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
+        finite = torch.stack([torch.isfinite(s[:, 1:]).flatten(2).all(-1).all(0) for s in states]).all(0)  # [N]
+        if not finite.all():
+            bad = int((~finite).nonzero()[0, 0])
+            raise FloatingPointError(f"{check}: compressor state not finite after update {bad}")
+    before = after = None
+    if record and keys.shape[1]:
+        with torch.no_grad():
+            valid = (eta > 0).float()  # [G, N, b]
+            denom = valid.sum(-1).clamp_min(1.0)
+            err = compressor(tuple(s[:, 1:] for s in states), keys) - vals  # θ after block n on its tokens
+            before = (loss * valid).sum(-1) / denom
+            after = (0.5 * err.pow(2).sum(-1) * valid).sum(-1) / denom
+    final = tuple(s[:, -1] - w0 for s, w0 in zip(states, inits))
+    return read(states), (final, moms), (before, after)

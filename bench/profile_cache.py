@@ -1,0 +1,80 @@
+"""Time the parts of one TTT-cache attention layer (forward + backward) against the window layer.
+
+    python bench/profile_cache.py --batch 4 --seq 8192 --block 256 --out prof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import moshi_ttt as mt
+from moshi_ttt.layers.attention import StreamingAttention
+
+
+def timed(fn, reps=5):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def layer(kind: str, window: int, block: int, **kw) -> StreamingAttention:
+    cfg = mt.ModelConfig.preset("small", memory=mt.MemoryConfig(kind=kind, window=window, block=block, **kw))
+    return StreamingAttention(cfg).cuda()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    B, T = a.batch, a.seq
+    x = torch.randn(B, T, 512, device="cuda", requires_grad=True)
+    pos = torch.arange(T, device="cuda").expand(B, T)
+    res = {"batch": B, "seq": T, "window": a.window, "block": a.block, "device": torch.cuda.get_device_name()}
+
+    def run(mod):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mod(x, pos, None).float().sum().backward()
+
+    for name, mod in [("window", layer("window", a.window, a.block)),
+                      ("ttt_cache_gate", layer("ttt_cache", a.window, a.block)),
+                      ("ttt_cache_concat", layer("ttt_cache", a.window, a.block, combine="concat"))]:
+        res[f"{name}_ms"] = timed(lambda: run(mod))
+    mem = layer("ttt_cache", a.window, a.block)
+    q = torch.randn(B, 8, T, 64, device="cuda", requires_grad=True)
+
+    def virtual():
+        r = mem.memory.virtual_parallel(q, q, q, pos, torch.zeros_like(pos), mem.freqs)
+        (r["scores"].sum() + r["values"].sum()).backward()
+
+    res["virtual_parallel_ms"] = timed(virtual)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(mem)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    print(json.dumps(res, indent=1))
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        with open(a.out.replace(".json", ".txt"), "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
