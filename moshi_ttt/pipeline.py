@@ -148,6 +148,15 @@ STUDY_PRESETS = {
                                          answer_weight=5.0),
                        eval=EvalConfig(max_len=5000, docs=4, buckets=(256, 1000, 2000, 5000), num=16,
                                        tasks=("passkey", "mqar"))),
+    # the GPU study (bench/study_small.py runs it a few memories per device call): window 64 so the
+    # evaluation reaches 64 x W = 4096 tokens; trained at 1024 = 16 x W
+    "small": StudyPreset(model="small", memories=("window", "window@256", "sink", "pooled", "infini", "ttt_cache",
+                                                  "window+ttt4", "ttt_cache+ttt4", "full"), window=64, block=64,
+                         train=TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
+                                           task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),
+                                           answer_weight=5.0),
+                         eval=EvalConfig(max_len=4096, docs=4, buckets=(64, 256, 1024, 2048, 4096), num=16,
+                                         tasks=("passkey", "mqar"))),
 }
 
 
@@ -160,8 +169,10 @@ def run_study(preset: str, data: Path, out: Path, device: str) -> dict:
     base = ModelConfig.preset(sp.model)
     ckpts = []
     for spec in sp.memories:
-        cfg = variant(base, spec, sp.ttt_chunk, sp.window)
+        spec, _, w = spec.partition("@")  # kind@W: another window
+        window = int(w) if w else sp.window
+        cfg = variant(base, spec, sp.ttt_chunk, window)
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, block=sp.block))
-        name = spec if spec.startswith("full") else f"{spec}-{sp.window}"
+        name = spec if spec.startswith("full") else f"{spec}-{window}"
         ckpts.append(run_training(cfg, sp.train, data, out / name.replace("/", "-"), name, device))
     return evaluate(ckpts, data, out, sp.eval, device, sp.train.seq_len)
