@@ -93,10 +93,11 @@ def cmd_train(a) -> None:
             name, cfg = model_config(spec)
             ckpt = run_training(cfg, SP.train, a.data, a.out / name.replace("/", "-"), name, a.device)
         t1 = time.perf_counter()
-        evaluate([ckpt], a.data, ckpt.parent / "eval", SP.eval, a.device, SP.train.seq_len)
+        ev = a.out / f"eval-{ckpt.parent.name}"  # shallow: the device brings back folders a few levels deep
+        evaluate([ckpt], a.data, ev, SP.eval, a.device, SP.train.seq_len)
         timing = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, "device": torch.cuda.get_device_name()
                   if torch.cuda.is_available() else "cpu"}
-        (ckpt.parent / "eval" / "wall.json").write_text(json.dumps(timing))
+        (ev / "wall.json").write_text(json.dumps(timing))
         ckpt.unlink()  # too large to bring back; the metrics are what the study keeps
         print(f"{spec}: train {timing['train_s']:.0f} s, eval {timing['eval_s']:.0f} s", file=sys.stderr, flush=True)
 
@@ -105,7 +106,7 @@ def cmd_merge(a) -> None:
     """Join the per-model metrics of several calls into one metrics.json, report and plots."""
     merged, timing = None, {}
     for d in a.dirs:
-        for m in sorted(Path(d).rglob("eval/metrics.json")):
+        for m in sorted(Path(d).glob("eval-*/metrics.json")):
             met = json.loads(m.read_text())
             timing.update(json.loads((m.parent / "timing.json").read_text()))
             for n in met["models"]:
@@ -115,7 +116,7 @@ def cmd_merge(a) -> None:
             else:
                 merged["models"].update(met["models"])
     if merged is None:
-        raise ValueError(f"no eval/metrics.json under {a.dirs}")
+        raise ValueError(f"no eval-*/metrics.json under {a.dirs}")
     merged["commit"] = sorted({m["commit_trained"] for m in merged["models"].values()})
     a.out.mkdir(parents=True, exist_ok=True)
     report.write_json(a.out / "metrics.json", merged)

@@ -67,6 +67,7 @@ def memory_features(model: StreamingLM, tokens: torch.Tensor, layer: int) -> tor
 def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300, seed: int = 0):
     """Linear softmax probe: train on the first 70% of samples, accuracy on the rest, and the
     majority-class accuracy on the same test samples (chance). feats [N, F], labels [N]."""
+    feats, labels = feats.detach().float().cpu(), labels.cpu()  # a small fit: on the CPU, wherever the model ran
     g = torch.Generator().manual_seed(seed)
     n = len(labels)
     perm = torch.randperm(n, generator=g)
