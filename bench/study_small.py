@@ -117,7 +117,7 @@ def cmd_merge(a) -> None:
                 merged["models"].update(met["models"])
     if merged is None:
         raise ValueError(f"no eval-*/metrics.json under {a.dirs}")
-    merged["commit"] = sorted({m["commit_trained"] for m in merged["models"].values()})
+    merged["commit"] = a.commit or sorted({m["commit_trained"] for m in merged["models"].values()})
     a.out.mkdir(parents=True, exist_ok=True)
     report.write_json(a.out / "metrics.json", merged)
     report.write_json(a.out / "timing.json", timing)
@@ -142,6 +142,7 @@ def main():
     m = sub.add_parser("merge")
     m.add_argument("dirs", nargs="+", type=Path)
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--commit", default=None, help="the commit the runs used (when the device's copy cannot tell)")
     m.set_defaults(func=cmd_merge)
     a = p.parse_args()
     a.func(a)

@@ -177,7 +177,7 @@ def markdown(metrics: dict) -> str:
     lines += cross_session_table(models)
     lines += ["", "## Cost", "", "![state bytes](state_bytes.png)", "",
               "| memory | parameters | state bytes after " + " / ".join(
-                  str(r["tokens"]) for r in models[names[0]]["cost"]["state_bytes"]) + " tokens | ms/token (batch 1, eager) |",
+                  str(r["tokens"]) for r in max((models[n]["cost"]["state_bytes"] for n in names), key=len)) + " tokens | ms/token (batch 1, eager) |",
               "|---|---|---|---|"]
     for n in names:
         c, t = models[n]["cost"], metrics["timing"][n]
