@@ -33,15 +33,11 @@ import torch
 
 from moshi.models.lm import LMGen, LMModel
 from moshi.models.loaders import _lm_kwargs
+from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
 from moshi_ttt.moshi.streaming import state_nbytes
 
-TINY_LM = dict(dim=32, text_card=50, existing_text_padding_id=3, n_q=4, dep_q=2, card=40, num_heads=4, num_layers=3,
-               hidden_scale=4.125, causal=True, layer_scale=None, context=64, max_period=10000, gating="silu",
-               norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16, depformer_dim_feedforward=32,
-               depformer_num_heads=2, depformer_num_layers=1, depformer_layer_scale=None, depformer_multi_linear=True,
-               depformer_context=2, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
-               depformer_weights_per_step=True, delays=[0, 0, 1, 0, 1])
+TINY_LM = tiny_lm_kwargs()
 
 
 def sync(device):

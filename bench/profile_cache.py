@@ -12,21 +12,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.layers.attention import StreamingAttention
-
-
-def timed(fn, reps=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from profile_ttt import timed  # bench/ is the script's folder
 
 
 def layer(kind: str, window: int, block: int, **kw) -> StreamingAttention:

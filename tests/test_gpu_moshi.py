@@ -14,16 +14,13 @@ from moshi.models.lm import LMGen, LMModel
 from moshi.utils.compile import no_cuda_graph
 
 from moshi_ttt import InPlaceTTTConfig, MemoryConfig
+from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-KW = dict(dim=64, text_card=60, existing_text_padding_id=3, n_q=4, dep_q=2, card=48, num_heads=4, num_layers=4,
-          hidden_scale=4.125, causal=True, layer_scale=None, context=40, max_period=10000, gating="silu",
-          norm="rms_norm_f32", positional_embedding="rope", depformer_dim=32, depformer_dim_feedforward=64,
-          depformer_num_heads=2, depformer_num_layers=1, depformer_layer_scale=None, depformer_multi_linear=True,
-          depformer_context=2, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
-          depformer_weights_per_step=True, delays=[0, 0, 1, 0, 1])
+KW = tiny_lm_kwargs(dim=64, text_card=60, card=48, num_layers=4, context=40, depformer_dim=32,
+                    depformer_dim_feedforward=64)
 C = 8
 CFG = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1, 3), chunk_size=C, lr=0.5, target="hidden"),
                     memory=MemoryConfig(kind="ttt_cache", window=8, block=4, num_virtual=3), memory_layers=(0, 2))

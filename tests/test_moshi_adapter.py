@@ -20,17 +20,13 @@ from moshi_ttt import InPlaceTTTConfig, MemoryConfig
 from moshi_ttt.layers.mlp import GatedMLP
 from moshi_ttt.moshi import (AdapterConfig, added_keys, load_added, load_full, load_stock, patch_lm, save_added,
                              save_full, unpatch_lm)
+from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.gating import TTTGating
 from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
 from moshi_ttt.ops.inplace_ttt import chunk_target
 
-TINY = dict(dim=32, text_card=50, existing_text_padding_id=3, n_q=4, dep_q=2, card=40, num_heads=4, num_layers=3,
-            hidden_scale=4.125, causal=True, layer_scale=None, context=64, max_period=10000, gating="silu",
-            norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16, depformer_dim_feedforward=32,
-            depformer_num_heads=2, depformer_num_layers=1, depformer_layer_scale=None, depformer_multi_linear=True,
-            depformer_context=2, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
-            depformer_weights_per_step=True, delays=[0, 0, 1, 0, 1])
+TINY = tiny_lm_kwargs()
 K, C = 5, 4  # codebooks (text + 4 audio), In-Place TTT chunk
 TTT = InPlaceTTTConfig(layers=(1, 2), chunk_size=C, lr=0.5, target="hidden")
 CACHE = MemoryConfig(kind="ttt_cache", window=6, block=2, num_virtual=3)

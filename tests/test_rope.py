@@ -105,15 +105,19 @@ def test_model_config_rejects_bad_rope_fields(kw, match):
 
 
 def test_model_config_old_dicts_load_and_keep_their_fingerprint():
-    """A dict written before the RoPE fields loads to the default config with the hash it had."""
+    """A dict written before the RoPE and compressor depth/sharing fields loads to the default
+    config with the hash it had."""
     cfg = tiny_config("ttt_cache")
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
+    old["memory"] = {k: v for k, v in old["memory"].items() if not k.startswith("compressor_") or k == "compressor_hidden"}
     assert mt.ModelConfig.from_dict(old) == cfg
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     yarn = dataclasses.replace(cfg, rope_scale=4, rope_original_context=L0)
     assert mt.ModelConfig.from_dict(json.loads(json.dumps(yarn.to_dict()))) == yarn
     assert yarn.rope_scale == 4.0 and isinstance(yarn.rope_scale, float)
     assert len({cfg.fingerprint(), yarn.fingerprint(), dataclasses.replace(yarn, rope_scale=2.0).fingerprint()}) == 3
+    deep = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, compressor_depth=3))
+    assert deep.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(deep.to_dict()) == deep
 
 
 # ---- the model ------------------------------------------------------------------------------
