@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..state import StreamingState
-from .identity import STREAMING_LM, ModelIdentity, identity_of
+from .identity import ModelIdentity, identity_of
 from .store import SessionInfo, SessionStore, serialize
 
 
