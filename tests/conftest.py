@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
-import moshi_ttt as mt
+if not torch.cuda.is_available():  # Triton kernels, where installed, run under its interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moshi_ttt as mt  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -15,12 +20,13 @@ def tiny_config(kind: str = "window", window: int = 5, num_sink: int = 2, vocab:
 
 
 def stream(model, tokens, k, state=None, resets_at=None):
-    """Feed ``tokens`` [B, T] k at a time; ``resets_at`` {t: mask} resets rows before token t."""
+    """Feed ``tokens`` [B, T] k at a time (a list: step sizes in turn); ``resets_at`` {t: mask} resets
+    rows before token t."""
     B, T = tokens.shape
     state = state if state is not None else model.init_state(B)
-    outs, t = [], 0
+    outs, t, sizes = [], 0, (list(k) if isinstance(k, (list, tuple)) else [k])
     while t < T:
-        step = k
+        step = sizes[len(outs) % len(sizes)]
         for r, mask in (resets_at or {}).items():
             if t == r:
                 state.reset(mask)

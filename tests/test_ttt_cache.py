@@ -37,7 +37,8 @@ def lively(model):
 # ---- parallel vs streaming ----------------------------------------------------------
 @pytest.mark.parametrize("combine, position, cold", OPTIONS)
 def test_parallel_equals_streaming_every_option(combine, position, cold):
-    """Batch 3, row 1 reset mid-stream, 2000 tokens, window 6 (wraps 300+ times), 37 tokens a step."""
+    """Batch 3, row 1 reset mid-stream, 2000 tokens, window 6 (wraps 300+ times), steps of 37 tokens
+    (the block layout) and of one token (the open block and the cached read) in turn."""
     model = lively(mt.StreamingLM(cache_config(combine=combine, virtual_position=position, cold_start=cold))).eval()
     T, r = 2000, 999
     tokens = torch.randint(0, 50, (3, T))
@@ -45,7 +46,7 @@ def test_parallel_equals_streaming_every_option(combine, position, cold):
     resets[1, r] = True
     with torch.no_grad():
         ref = model(tokens, resets=resets)
-        out, state = stream(model, tokens, 37, resets_at={r: torch.tensor([False, True, False])})
+        out, state = stream(model, tokens, [1] * 7 + [37], resets_at={r: torch.tensor([False, True, False])})
     assert (out - ref).abs().max().item() <= 1e-4
     assert state["layers.0.updates"].tolist() == [(T - 6) // 4, (T - r - 6) // 4, (T - 6) // 4]
 
@@ -243,13 +244,24 @@ def test_trap14_state_updates_not_rounded_by_autocast():
     g = torch.Generator().manual_seed(0)
     G, N, b, Dh, m = 4, 5, 4, 8, 16
     keys, vals = torch.randn(G, N, b, Dh, generator=g), torch.randn(G, N, b, Dh, generator=g)
-    args = ((torch.zeros(G, Dh, m), torch.zeros(G, m, Dh)), None, keys, vals, torch.ones(G, N),
-            model.layers[0].self_attn.freqs, 1)
+    d0 = (torch.zeros(G, Dh, m), torch.zeros(G, m, Dh))
+    freqs = model.layers[0].self_attn.freqs
+
+    def scan():
+        kn, eta = mem._prep(keys, 1)
+        return mem._scan(d0, None, kn, vals, eta, torch.ones(G, N), freqs, 1)
+
+    tokens = torch.randint(0, 50, (1, 40))
     with torch.no_grad():
-        (rk, rv), ((d1, d2), _), _ = mem._scan(*args)
+        (rk, rv), ((d1, d2), _), _ = scan()
+        _, ref = stream(model, tokens, 1)  # one-token steps: the streaming block update
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (ak, av), ((a1, a2), _), _ = mem._scan(*args)
-            _, st = stream(model, torch.randint(0, 50, (1, 40)), 40)
+            (ak, av), ((a1, a2), _), _ = scan()
+            _, st = stream(model, tokens, 40)
+            _, st1 = stream(model, tokens, 1)
     assert torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)
     assert d2.dtype == torch.float32 and st["layers.0.d2"].dtype == torch.float32
     assert st["layers.0.d2"].abs().max() > 0
+    for name in ("d1", "d2", "vk", "vv", "ek", "eeta"):  # the state's own arithmetic stays fp32 under autocast
+        assert st1[f"layers.0.{name}"].dtype == torch.float32
+    assert st1["layers.0.updates"].item() == ref["layers.0.updates"].item() > 0

@@ -72,6 +72,12 @@ class StreamingAttention(nn.Module):
         q, k, v, q_raw, k_raw = self._qkv(x, pos)
         if self.cfg.memory.kind in EVICTING:
             return self._out(self.memory.attend_step(q_raw, k_raw, v, q, k, pos, st, self.freqs))
+        if x.shape[1] == 1 and self.cfg.memory.kind == "window":  # the token takes a slot no query sees
+            self.memory.write(st, k, v, pos)
+            k0, v0, p0 = self.memory.context(st)
+            o = F.scaled_dot_product_attention(q, k0.to(k.dtype), v0.to(v.dtype), attn_mask=self._mask(pos, p0)[:, None],
+                                               scale=self.sdpa_scale)
+            return self._out(o)
         k0, v0, p0 = self.memory.context(st)  # [B, H, L, Dh], [B, L]
         keys = torch.cat([k0.to(k.dtype), k], dim=2)
         vals = torch.cat([v0.to(v.dtype), v], dim=2)

@@ -93,33 +93,49 @@ class EvictingMemory(nn.Module):
 
     def candidates(self, st: ScopedState, k_raw, v, pos):
         """Tokens leaving the window in this step: positions P - W + j for j < k, valid when >= 0
-        (a suffix). -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
+        (a suffix). Only those ring slots are read. -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
         B, H, kq, Dh = k_raw.shape
         W = self.cfg.window
         P = pos[:, 0]
-        order = (P[:, None] - W + torch.arange(W, device=pos.device)) % W  # ring slots by position
+        n = min(kq, W)
+        order = (P[:, None] - W + torch.arange(n, device=pos.device)) % W  # ring slots of positions P - W + j
         gather = (lambda buf: buf.gather(2, order[:, None, :, None].expand(-1, H, -1, Dh)))
-        cand_k = torch.cat([gather(st["kraw"]), k_raw.to(st["kraw"].dtype)], 2)[:, :, :kq]
-        cand_v = torch.cat([gather(st["v"]), v.to(st["v"].dtype)], 2)[:, :, :kq]
+        cand_k, cand_v = gather(st["kraw"]), gather(st["v"])
+        if kq > W:  # the rest leave within the step
+            cand_k = torch.cat([cand_k, k_raw[:, :, :kq - W].to(cand_k.dtype)], 2)
+            cand_v = torch.cat([cand_v, v[:, :, :kq - W].to(cand_v.dtype)], 2)
         return cand_k, cand_v, (P[:, None] - W + torch.arange(kq, device=pos.device)) >= 0
 
-    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs):
+    def self_masked(self) -> tuple:
+        """Names of state tensors that ``attend_step`` keeps unchanged by itself for inactive rows."""
+        return ()
+
+    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
         """k new tokens at positions pos [B, k]: evict, read the memory, attend to window + memory,
-        then store the tokens in the window. Static shapes only (CUDA-graph safe)."""
+        then store the tokens in the window. ``active`` [B]: rows that evict nothing when False (the
+        caller restores their ring slots). Static shapes only (CUDA-graph safe)."""
         B, H, kq, Dh = q.shape
         cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
+        if active is not None:
+            valid = valid & active[:, None]
         read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
-        keys = torch.cat([st["k"].to(k.dtype), k], 2)
-        vals = torch.cat([st["v"].to(v.dtype), v], 2)
-        ok = visible(pos, torch.cat([st["kpos"], pos], 1), "window", self.cfg.window, 0)[:, None]  # [B, 1, k, W + k]
-        s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, W + k]
+        write = (lambda: ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),)))
+        if kq == 1:  # the new token takes the slot of one no query here sees: attend to the ring itself
+            write()
+            keys, vals, kpos = st["k"], st["v"], st["kpos"]
+        else:
+            keys, vals = torch.cat([st["k"].to(k.dtype), k], 2), torch.cat([st["v"].to(v.dtype), v], 2)
+            kpos = torch.cat([st["kpos"], pos], 1)
+        ok = visible(pos, kpos, "window", self.cfg.window, 0)[:, None]  # [B, 1, k, K]
+        s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, K]
         s_r = s_r.masked_fill(~ok, float("-inf"))
         vmask = read["has"][:, None].expand(B, H, kq)
         gate = torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask)
         out, mass = mix(s_r, vals, vmask, gate, self.cfg.combine,
                         **{n: x for n, x in read.items() if n in ("scores", "values", "out")})
         self._record(mass, read)
-        ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),))
+        if kq > 1:
+            write()
         return out.to(q.dtype)
 
     # ---- diagnostics ----------------------------------------------------------------------

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..ops.rope import apply_rope
 from ..ops.segments import pack, segment_rows
-from ..ops.ttt_cache import compress_scan, compressor
+from ..ops import ttt_cache_triton as ttt_triton
+from ..ops.ttt_cache import complete_block, compress_scan, compressor
 from ..state import ScopedState
 from .evicting import EvictingMemory
 
@@ -60,21 +61,40 @@ class TTTCacheMemory(EvictingMemory):
         S, Dh = x.shape[1], x.shape[-1]
         return x.view(rows, S, self.num_heads, -1, Dh).transpose(1, 2).reshape(rows * self.num_heads, S, -1, Dh)
 
-    def _read(self, freqs, rows: int):
-        """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S, M, Dh]."""
-        Dh = self.probes.shape[-1]
-        probes = F.normalize(self.probes, dim=-1).reshape(self.hc, -1, Dh).repeat(rows, 1, 1)[:, None]  # [G, 1, M', Dh]
-        vkeys, proj = self.vkeys.repeat(rows, 1, 1)[:, None], self.vkey_proj.repeat(rows, 1, 1)[:, None]
+    def _keys(self, v: torch.Tensor, freqs) -> torch.Tensor:
+        """Virtual keys K_m = key_m + V_m A (at their relative RoPE offsets). v [rows * H, S, M, Dh]."""
+        G, S, M, Dh = v.shape
+        vh = v.view(-1, self.num_heads, S, M, Dh)
+        k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum("rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype))
+        k = k.reshape(G, S, M, Dh)
+        if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
+            off = -self.offsets.to(k.device).expand(G * S, M)
+            k = apply_rope(k.reshape(G * S, 1, M, Dh), off, freqs).view(G, S, M, Dh)
+        return k
+
+    def _probes(self) -> torch.Tensor:
+        """Normalised probes per compressor: [hc, M * H / hc, Dh]."""
+        return F.normalize(self.probes, dim=-1).reshape(self.hc, -1, self.probes.shape[-1])
+
+    def _read(self, freqs, rows: int, first: int = 0):
+        """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S - first, M, Dh]
+        of the states from index ``first``."""
+        probes = self._probes().repeat(rows, 1, 1)[:, None]  # [G, 1, M', Dh]
 
         def read(states):
+            states = tuple(w[:, first:] for w in states)
             v = self._per_head(compressor(states, probes.to(states[0].dtype)), rows)  # [rows * H, S, M, Dh]
-            k = vkeys.to(v.dtype) + v @ proj.to(v.dtype)
-            if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
-                G, S, M, Dh = k.shape
-                off = -self.offsets.to(k.device).expand(G * S, M)
-                k = apply_rope(k.reshape(G * S, 1, M, Dh), off, freqs).view(G, S, M, Dh)
-            return k, v
+            return self._keys(v, freqs), v
         return read
+
+    def _prep(self, keys: torch.Tensor, rows: int):
+        """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or float64) and
+        their step sizes η_t [..]."""
+        dt = torch.promote_types(keys.dtype, torch.float32)
+        with torch.autocast(keys.device.type, enabled=False):
+            kn = F.normalize(keys.to(dt), dim=-1)
+            shape = kn.shape
+            return kn, self._eta(kn.reshape(rows * self.num_heads, -1, 1, shape[-1]), rows).view(shape[:-1])
 
     def _eta(self, keys: torch.Tensor, rows: int) -> torch.Tensor:
         """Per-token step size, bounded by inner_lr / b. keys [G, N, b, Dh] normalised -> [G, N, b]."""
@@ -82,22 +102,21 @@ class TTTCacheMemory(EvictingMemory):
         logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
         return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
 
-    def _scan(self, ds, moms, keys, vals, apply, freqs, rows, valid=None):
-        """Per head: keys raw, vals [rows * H, N, b, Dh], apply [rows * H, N], valid [rows * H, N, b];
-        ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (fp32 or float64). A shared
-        compressor learns the block's tokens of all heads in one step (b H tokens, η / H each)."""
-        dt = torch.promote_types(keys.dtype, torch.float32)
-        keys, vals = F.normalize(keys.to(dt), dim=-1), vals.to(dt)
-        eta = self._eta(keys, rows) * (apply[..., None] if valid is None else valid)
+    def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0):
+        """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
+        apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads of
+        the states from index ``first``). A shared compressor learns the block's tokens of all heads in
+        one step (b H tokens, η / H each)."""
+        vals = vals.to(keys.dtype)
         if self.hc != self.num_heads:
             H = self.num_heads
             merge = (lambda x: x.view(rows, H, *x.shape[1:]).transpose(1, 2).reshape(rows, x.shape[1], -1, *x.shape[3:]))
             keys, vals, eta = merge(keys), merge(vals), merge(eta[..., None])[..., 0] / H  # [rows, N, H b, ...]
             apply = apply.view(rows, H, -1)[:, 0]
-        inits = tuple(w.to(dt).repeat(rows, 1, 1) for w in self.inits())
+        inits = tuple(w.to(keys.dtype).repeat(rows, 1, 1) for w in self.inits())
         mc = self.cfg
         with torch.autocast(keys.device.type, enabled=False):
-            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows),
+            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first),
                                  decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
                                  naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
                                  compiled=mc.compile_scan)
@@ -129,7 +148,8 @@ class TTTCacheMemory(EvictingMemory):
 
         dt = torch.promote_types(q_raw.dtype, torch.float32)
         d = tuple(q_raw.new_zeros(rows * self.hc, *w.shape[1:], dtype=dt) for w in self.inits())
-        (kv, vv), _, losses = self._scan(d, d if self.cfg.momentum else None, blocks(k_raw), blocks(v),
+        keys, eta = self._prep(blocks(k_raw), rows)
+        (kv, vv), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(v), eta,
                                          q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows)
         if self.want_aux:
             self.aux = self._reconstruction(blocks(k_raw), blocks(v), kv, vv)
@@ -157,22 +177,41 @@ class TTTCacheMemory(EvictingMemory):
         return tuple(f"{p}{i}" for p in (("d", "mom") if self.cfg.momentum else ("d",)) for i in range(1, L + 1))
 
     def init_memory(self, st: ScopedState, B: int, device) -> None:
-        H, Dh, b = self.num_heads, self.head_dim, self.cfg.block
+        H, Dh, b, M = self.num_heads, self.head_dim, self.cfg.block, self.cfg.num_virtual
         inits = self.inits()
         f32 = torch.promote_types(inits[0].dtype, torch.float32)
         for name in self.state_names():  # compressor state as offsets from the (trained) initial state
             st.add(name, torch.zeros(B, *inits[int(name[-1]) - 1].shape, device=device, dtype=f32), 0.0)
-        st.add("ek", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # evicted, open block
-        st.add("ev", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)
+        st.add("ek", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # the open block: normalised keys,
+        st.add("ev", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # values
+        st.add("eeta", torch.zeros(B, H, b, device=device, dtype=f32), 0.0)  # and step sizes
         st.add("ecount", torch.zeros(B, dtype=torch.long, device=device), 0)
         st.add("updates", torch.zeros(B, dtype=torch.long, device=device), 0)
+        st.add("vk", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # the read of the current state
+        st.add("vv", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # (valid once updates > 0)
+
+    def self_masked(self) -> tuple:
+        """State a step leaves unchanged by itself for rows that evict nothing (the others: the ring)."""
+        return self.state_names() + ("ek", "ev", "eeta", "ecount", "updates", "vk", "vv")
+
+    def _current(self, st: ScopedState, freqs):
+        """The virtual tokens of the state now: (K, V) [B, H, M, Dh] (the initial state's before any update)."""
+        dt = st["vk"].dtype
+        with torch.autocast(st["vk"].device.type, enabled=False):
+            k0, v0 = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))  # [H, 1, M, Dh]
+        has = (st["updates"] > 0)[:, None, None, None]
+        return torch.where(has, st["vk"], k0[:, 0]), torch.where(has, st["vv"], v0[:, 0])
 
     def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
         """Lay the open block and the step's evicted tokens out from the block start, scan the
         blocks that complete (the others are masked), and give each query the state after the
-        blocks completed by its own eviction."""
+        blocks completed by its own eviction. One-token steps take ``_step_one``."""
         B, H, kq, Dh = q_raw.shape
         b = self.cfg.block
+        kn, eta_t = self._prep(cand_k, B)  # [B, H, k, Dh], [B, H, k]
+        cv = cand_v.to(kn.dtype)
+        if kq == 1 and not (self.record or self.naive):
+            return self._step_one(q_raw, kn, cv, eta_t, valid[:, 0], st, freqs)
         ar = torch.arange(kq, device=q_raw.device)
         nvalid = valid.sum(1)
         ecount = st["ecount"]
@@ -180,38 +219,92 @@ class TTTCacheMemory(EvictingMemory):
         L = NB * b
         # L slots of blocks, b zero slots (the next open block when all complete), one spill slot
         slot = torch.where(valid, ecount[:, None] + ar - (kq - nvalid)[:, None], L + b)
-        idx = slot[:, None, :, None].expand(-1, H, -1, Dh)
-        pad = (lambda buf: torch.cat([buf, buf.new_zeros(B, H, L + 1, Dh)], 2))  # [B, H, L + b + 1, Dh]
-        lay_k = pad(st["ek"]).scatter(2, idx, cand_k.to(st["ek"].dtype))
-        lay_v = pad(st["ev"]).scatter(2, idx, cand_v.to(st["ev"].dtype))
+        pad = (lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], L + 1, *buf.shape[3:])], 2))
+        lay_k = pad(st["ek"]).scatter(2, slot[:, None, :, None].expand(-1, H, -1, Dh), kn)  # [B, H, L + b + 1, Dh]
+        lay_v = pad(st["ev"]).scatter(2, slot[:, None, :, None].expand(-1, H, -1, Dh), cv)
+        lay_e = pad(st["eeta"]).scatter(2, slot[:, None, :].expand(-1, H, -1), eta_t)  # [B, H, L + b + 1]
         total = ecount + nvalid  # evicted tokens in the open blocks after this step
         apply = (torch.arange(NB, device=q_raw.device) + 1) * b <= total[:, None]  # [B, NB]
         tok_ok = (torch.arange(L, device=q_raw.device) < total[:, None]).view(B, NB, b) & apply[..., None]
         G = B * H
-        rows = (lambda x: x[:, :, :L].reshape(G, NB, b, Dh))
+        rows = (lambda x: x[:, :, :L].reshape(G, NB, b, *x.shape[3:]))
         per_g = (lambda x: x[:, None].expand(B, H, *x.shape[1:]).reshape(G, *x.shape[1:]))
         depth = self.cfg.compressor_depth
         flat = (lambda p: tuple(st[f"{p}{i}"].flatten(0, 1) for i in range(1, depth + 1)))
         (kv, vv), (ds, moms), losses = self._scan(
             flat("d"), flat("mom") if self.cfg.momentum else None, rows(lay_k), rows(lay_v),
-            per_g(apply.to(lay_k.dtype)), freqs, B, valid=per_g(tok_ok.to(lay_k.dtype)))
+            rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)), per_g(apply.to(lay_k.dtype)), freqs, B, first=1)
+        k0, v0 = self._current(st, freqs)
+        kv = torch.cat([k0.reshape(G, 1, *kv.shape[2:]).to(kv.dtype), kv], 1)  # [G, NB + 1, M, Dh]
+        vv = torch.cat([v0.reshape(G, 1, *vv.shape[2:]).to(vv.dtype), vv], 1)
         n_q = (ecount[:, None] + (ar + 1 - (kq - nvalid)[:, None]).clamp_min(0)) // b  # [B, k]
-        sel = (lambda x: x.view(B, H, NB + 1, *x.shape[2:]).gather(
-            2, n_q[:, None, :, None, None].expand(-1, H, -1, *x.shape[2:])))  # [B, H, k, M, Dh]
+        sel = (lambda x, n: x.view(B, H, NB + 1, *x.shape[2:]).gather(
+            2, n[:, None, :, None, None].expand(-1, H, -1, *x.shape[2:])))  # [B, H, n, M, Dh]
         has = (st["updates"][:, None] + n_q > 0) if self.cfg.cold_start == "wait" else torch.ones_like(valid)
-        read = self._read_dict(q_raw, sel(kv), sel(vv), has, losses)
-        # store the compressor state, the open block and the counters
+        read = self._read_dict(q_raw, sel(kv, n_q), sel(vv, n_q), has, losses)
+        # store the compressor state and its read, the open block and the counters
         for i in range(depth):
             st[f"d{i + 1}"].copy_(ds[i].view_as(st[f"d{i + 1}"]))
             if self.cfg.momentum:
                 st[f"mom{i + 1}"].copy_(moms[i].view_as(st[f"mom{i + 1}"]))
+        n_last = (total // b)[:, None]  # [B, 1]
+        done = (n_last > 0)[:, :, None, None]  # [B, 1, 1, 1]
+        st["vk"].copy_(torch.where(done, sel(kv, n_last)[:, :, 0].to(st["vk"].dtype), st["vk"]))
+        st["vv"].copy_(torch.where(done, sel(vv, n_last)[:, :, 0].to(st["vv"].dtype), st["vv"]))
         keep = ((total // b) * b)[:, None] + torch.arange(b, device=q_raw.device)  # [B, b]
         kidx = keep[:, None, :, None].expand(-1, H, -1, Dh)
         st["ek"].copy_(lay_k.gather(2, kidx))
         st["ev"].copy_(lay_v.gather(2, kidx))
+        st["eeta"].copy_(lay_e.gather(2, keep[:, None, :].expand(-1, H, -1)))
         st["updates"].add_(total // b)
         ecount.copy_(total % b)
         return read
+
+    def _step_one(self, q_raw, kn, cv, eta_t, valid, st: ScopedState, freqs) -> dict:
+        """A one-token step: append the evicted token (if any; ``valid`` [B]) to the open block and,
+        for the rows whose block completes, update the compressor and cache its read."""
+        B, H, _, Dh = q_raw.shape
+        b = self.cfg.block
+        ecount = st["ecount"]
+        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)
+        ok = valid.view(B, 1, 1, 1)
+        st["ek"].scatter_(2, idx, torch.where(ok, kn, st["ek"].gather(2, idx)))
+        st["ev"].scatter_(2, idx, torch.where(ok, cv, st["ev"].gather(2, idx)))
+        st["eeta"].scatter_(2, idx[..., 0], torch.where(ok[..., 0], eta_t, st["eeta"].gather(2, idx[..., 0])))
+        done = valid & (ecount + 1 >= b)  # [B]
+        self._complete(st, done, freqs, B)
+        ecount.copy_(torch.where(valid, (ecount + 1) % b, ecount))
+        st["updates"].add_(done.long())
+        k, v = self._current(st, freqs)
+        has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
+        return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None))
+
+    def _complete(self, st: ScopedState, done: torch.Tensor, freqs, B: int) -> None:
+        """The rows with ``done`` [B] take one step on their full open block; their read is cached.
+        Through the Triton kernel where it applies (no gradients, CUDA), else the reference."""
+        mc, H, hc = self.cfg, self.num_heads, self.hc
+        x, y, eta = st["ek"], st["ev"], st["eeta"]  # [B, H, b, Dh], [B, H, b]
+        if hc == H:
+            x, y, eta = x.flatten(0, 1), y.flatten(0, 1), eta.flatten(0, 1)
+        else:  # one block of b H tokens per row, η / H
+            x, y = x.reshape(B, -1, x.shape[-1]), y.reshape(B, -1, y.shape[-1])
+            eta = eta.reshape(B, -1) / H
+        ds = tuple(st[f"d{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
+        moms = tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1)) if mc.momentum else None
+        probes, inits = self._probes(), tuple(w.to(x.dtype) for w in self.inits())
+        fast = not torch.is_grad_enabled() and ttt_triton.supports(ds, x, probes)
+        with torch.autocast(x.device.type, enabled=False):
+            v = (ttt_triton.complete_block if fast else complete_block)(
+                ds, moms, inits, x, y, eta, done[:, None].expand(B, hc).reshape(-1), probes,
+                decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm)
+            v = self._per_head(v[:, None], B)  # [B * H, 1, M, Dh]
+            k = self._keys(v, freqs)
+        m = done.view(B, 1, 1, 1)
+        st["vk"].copy_(torch.where(m, k.view_as(st["vk"]).to(st["vk"].dtype), st["vk"]))
+        st["vv"].copy_(torch.where(m, v.view_as(st["vv"]).to(st["vv"].dtype), st["vv"]))
+        if mc.check_finite and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if not all(torch.isfinite(d).all() for d in ds):
+                raise FloatingPointError(f"{self.name}: compressor state not finite after an update")
 
     def extra_stats(self, read, sel) -> dict:
         """Virtual-key cosine similarity (pairwise, mean) and the inner losses before/after updates."""

@@ -112,12 +112,19 @@ class MemoryAttention(StreamingMultiheadAttention):
         if kind in EVICTING:
             if state is None:
                 return self.memory.attend_parallel(q, k, v, qr, kr, pos, None, self.freqs)
-            return self.memory.attend_step(q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs)
+            active = state.exec_mask if self.respect_exec_mask else None
+            return self.memory.attend_step(q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active)
         W, S = self.mem_cfg.window, self.mem_cfg.num_sink
         if state is None:
             mask = visible(pos, pos, kind, W, S)  # [B, T, T]
             return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask[:, None], scale=self.sdpa_scale)
         st = state.tensors.scope("")
+        if kind == "window" and pos.shape[1] == 1:  # the token takes a slot no query sees: attend to the ring
+            self.memory.write(st, kr, v, pos)
+            k0, v0, p0 = self.memory.context(st)
+            mask = visible(pos, p0, kind, W, S)  # [B, 1, W]
+            return F.scaled_dot_product_attention(qr, k0.to(kr.dtype), v0.to(v.dtype), attn_mask=mask[:, None],
+                                                  scale=self.sdpa_scale)
         k0, v0, p0 = self.memory.context(st)  # stored before this step
         keys, vals = torch.cat([k0.to(kr.dtype), kr], 2), torch.cat([v0.to(v.dtype), v], 2)
         mask = visible(pos, torch.cat([p0, pos], 1), kind, W, S)  # [B, T, L + T]
@@ -137,7 +144,8 @@ class MemoryAttention(StreamingMultiheadAttention):
             o = self._attend(q, k, v, qr, kr, pos, None)
         else:
             slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
-            with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots):
+            own = self.memory.self_masked() if self.mem_cfg.kind in EVICTING else ()
+            with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own):
                 o = self._attend(q, k, v, qr, kr, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
         if state is not None:

@@ -44,20 +44,23 @@ def _ring_index(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def exec_masked(tensors: StreamingState, exec_mask: torch.Tensor, enabled: bool = True,
-                ring_slots: torch.Tensor | None = None):
+                ring_slots: torch.Tensor | None = None, skip: tuple = ()):
     """Rows with ``exec_mask`` False get their tensors back as they were before the block.
 
     ``ring_slots`` [B, n]: the only slots the block writes in the ring buffers (``RING_NAMES``), so
-    only those are saved and restored; every other tensor is saved whole.
+    only those are saved and restored; every other tensor is saved whole, but those named in
+    ``skip`` (the block itself leaves them unchanged for those rows).
     """
     if not enabled:
         yield
         return
     rings = {k for k in tensors.tensors if ring_slots is not None and k in RING_NAMES}
     before = {k: t.gather(1 if t.dim() == 2 else 2, _ring_index(t, ring_slots)) if k in rings else t.clone()
-              for k, t in tensors.tensors.items()}
+              for k, t in tensors.tensors.items() if k not in skip}
     yield
     for k, t in tensors.tensors.items():
+        if k in skip:
+            continue
         m = exec_mask.view(-1, *([1] * (t.dim() - 1)))
         if k in rings:
             dim, idx = (1 if t.dim() == 2 else 2), _ring_index(t, ring_slots)

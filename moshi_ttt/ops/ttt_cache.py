@@ -135,6 +135,28 @@ def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum:
     return states, moms, loss
 
 
+def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay: float = 0.0, momentum: float = 0.0,
+                   max_norm: float = 100.0) -> torch.Tensor:
+    """A streaming step's block update: the rows with ``done`` [G] take one ``scan_step`` on their
+    completed block and read their new state; the others keep theirs. In place.
+
+    ds, moms (or None): tuples of [G, d_in, d_out] state offsets and momenta, G = B·HC rows in
+    (row, compressor) order; inits [HC, d_in, d_out] each; x (normalised keys), y [G, b, Dh]; eta
+    [G, b]; probes [HC, M, Dh] (normalised). Returns the read f_θ(p̂_m) [G, M, Dh] of the done rows
+    (the others' rows are unspecified). ``ops.ttt_cache_triton.complete_block`` is the fast form.
+    """
+    reps = x.shape[0] // inits[0].shape[0]
+    w0 = tuple(w.to(x.dtype).repeat(reps, 1, 1) for w in inits)
+    ws = tuple(a + d for a, d in zip(w0, ds))
+    new, new_moms, _ = scan_step(ws, moms, w0, x, y, eta, done.to(x.dtype), decay, momentum, max_norm)
+    for d, w, a in zip(ds, new, w0):
+        d.copy_(w - a)
+    if moms is not None:
+        for mo, nm in zip(moms, new_moms):
+            mo.copy_(nm)
+    return compressor(new, probes.to(x.dtype).repeat(reps, 1, 1))
+
+
 _compiled = None
 
 

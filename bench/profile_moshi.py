@@ -1,0 +1,99 @@
+"""Where a Moshi 7B LMGen step spends its GPU time: stock vs patched, per batch size.
+
+    NO_TORCH_COMPILE=1 python bench/profile_moshi.py --out prof-moshi.json            # one H100
+    python bench/profile_moshi.py --tiny --device cpu --batches 1,2 --out /tmp/p.json  # seconds
+
+Per variant and batch: ms per frame with CUDA graphs (replays), then a few eager steps under the
+profiler: kernels per step, GPU time per step and in the main transformer (``forward_text``), and
+the kernels that take the most GPU time.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse
+import json
+
+import torch
+from moshi.models.lm import LMGen, LMModel
+from moshi.models.loaders import _lm_kwargs
+from moshi.utils.compile import no_cuda_graph
+
+from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant_config  # bench/ is the script's folder
+from moshi_ttt.moshi import patch_lm, unpatch_lm
+
+
+def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
+    """n eager steps under the profiler -> kernels and GPU microseconds per step, top kernels."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    inputs = [user_tokens(lm, B, device) for _ in range(n)]
+    with no_cuda_graph(), torch.profiler.profile(activities=acts) as prof:
+        for x in inputs:
+            gen.step(x)
+        sync(device)
+    ev = prof.key_averages()
+    main = next((e for e in ev if e.key == "forward_text"), None)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    return {"kernels_per_step": len(kernels) / n,
+            "gpu_us_per_step": sum(k.device_time for k in kernels) / n,
+            "main_gpu_us_per_step": (main.device_time_total / n) if main else None,
+            "top": [{"name": e.key[:90], "calls_per_step": e.count / n, "gpu_us_per_step": e.self_device_time_total / n}
+                    for e in top if e.self_device_time_total > 0]}
+
+
+def labelled(fn, name):
+    def run(*a, **k):
+        with torch.profiler.record_function(name):
+            return fn(*a, **k)
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", default="off,ttt_cache")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--extra-batches", default="128", help="batches for the patched variants only (stock runs out of memory)")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--profiled", type=int, default=3)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.float32 if a.tiny else torch.bfloat16
+    torch.manual_seed(0)
+    lm = LMModel(device=device, dtype=dtype, **(TINY_LM if a.tiny else _lm_kwargs)).eval()
+    lm.forward_text = labelled(lm.forward_text, "forward_text")
+    has_if = hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "cuda_graph_if_nodes": has_if, "runs": []}
+    print(json.dumps({k: res[k] for k in ("device", "torch", "cuda_graph_if_nodes")}), flush=True)
+    for name in a.variants.split(","):
+        patch_lm(lm, variant_config(name, len(lm.transformer.layers)))
+        batches = a.batches + ("," + a.extra_batches if name != "off" and a.extra_batches else "")
+        for B in (int(s) for s in batches.split(",")):
+            gen = LMGen(lm, use_sampling=True)
+            with gen.streaming(B):
+                time_steps(gen, lm, B, 3, device)
+                ms = time_steps(gen, lm, B, a.frames, device)
+                prof = profile_steps(gen, lm, B, a.profiled, device)
+            run = {"variant": name, "batch": B, "graph_ms_per_frame": ms, **prof}
+            res["runs"].append(run)
+            print(f"{name} B={B}: {ms:.2f} ms/frame (graphs); eager profile: {prof['kernels_per_step']:.0f} kernels, "
+                  f"{prof['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main {(prof['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms",
+                  flush=True)
+            for t in prof["top"][:12]:
+                print(f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  {t['name']}")
+            del gen
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        unpatch_lm(lm)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

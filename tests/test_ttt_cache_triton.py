@@ -1,0 +1,87 @@
+"""The Triton block update (ops/ttt_cache_triton.py) against its reference (ops/ttt_cache.complete_block):
+on CPU under Triton's interpreter where Triton is installed, on the GPU with ``-m gpu``."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import moshi_ttt as mt
+from moshi_ttt.ops import ttt_cache as ops
+from moshi_ttt.ops import ttt_cache_triton as tri
+
+from conftest import stream
+
+pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.fixture
+def on(monkeypatch):
+    monkeypatch.setattr(tri, "CPU_INTERPRET", True)
+
+    def device(name):
+        if name == "cpu" and not torch.cuda.is_available():
+            import os
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
+        return torch.device(name)
+    return device
+
+
+def problem(B, HC, b, Dh, m, M, momentum, device):
+    G = B * HC
+    inits = (torch.randn(HC, Dh, m) / Dh ** 0.5, torch.randn(HC, m, Dh) / m ** 0.5)
+    ds = tuple(0.1 * torch.randn(G, *w.shape[1:]) for w in inits)
+    moms = tuple(0.1 * torch.randn(G, *w.shape[1:]) for w in inits) if momentum else None
+    x = F.normalize(torch.randn(G, b, Dh), dim=-1)
+    y, eta = torch.randn(G, b, Dh), torch.rand(G, b) / b
+    done = torch.arange(G) % 3 != 1
+    probes = F.normalize(torch.randn(HC, M, Dh), dim=-1)
+    mv = (lambda t: tuple(a.to(device) for a in t) if isinstance(t, tuple) else (t.to(device) if t is not None else None))
+    return [mv(a) for a in (ds, moms, inits, x, y, eta, done, probes)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, opts", [
+    ((3, 2, 16, 32, 16, 8), dict()),                                        # Moshi-like: b 16, M 8 (< 16 probes)
+    ((2, 3, 64, 16, 32, 4), dict(momentum=0.9, decay=0.1, max_norm=3.0)),    # two token chunks, every option
+    ((2, 1, 32, 16, 16, 16), dict(momentum=0.5, max_norm=1.0)),              # one compressor (shared), cap active
+])
+def test_triton_block_update_equals_reference(on, device, shape, opts):
+    dev = on(device)
+    ds, moms, inits, x, y, eta, done, probes = problem(*shape, opts.get("momentum", 0.0), dev)
+    clone = (lambda t: tuple(a.clone() for a in t) if t is not None else None)
+    ref_ds, ref_m, fast_ds, fast_m = clone(ds), clone(moms), clone(ds), clone(moms)
+    assert tri.supports(fast_ds, x, probes)
+    v_ref = ops.complete_block(ref_ds, ref_m, inits, x, y, eta, done, probes, **opts)
+    v_fast = tri.complete_block(fast_ds, fast_m, inits, x, y, eta, done, probes, **opts)
+    for a, b, before in zip(ref_ds + (ref_m or ()), fast_ds + (fast_m or ()), ds + (moms or ())):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b[~done], before[~done])  # rows without a completed block are untouched
+        assert not torch.equal(b[done], before[done])
+    assert torch.allclose(v_ref[done], v_fast[done], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_with_triton_equals_reference(on, device, monkeypatch):
+    """One-token streaming (batch 2, a row reset) with the kernel equals the reference step."""
+    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
+        kind="ttt_cache", window=8, block=16, num_virtual=4, momentum=0.5, cold_start="zero"))
+    model = mt.StreamingLM(cfg).to(on(device)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
+    tokens = torch.randint(0, 50, (2, 90), device=model.emb.weight.device)
+    reset = {50: torch.tensor([False, True], device=tokens.device)}
+    calls, kernel = [], tri.complete_block
+    monkeypatch.setattr(tri, "complete_block", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        fast, st_fast = stream(model, tokens, 1, resets_at=reset)
+        assert len(calls) == 2 * 90  # every step of both layers went through the kernel
+        monkeypatch.setattr(tri, "supports", lambda *a: False)
+        ref, st_ref = stream(model, tokens, 1, resets_at=reset)
+    assert st_fast["layers.0.updates"].tolist() == [(90 - 8) // 16, (90 - 50 - 8) // 16]
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+    for name in ("d1", "d2", "mom1", "vk", "vv"):
+        assert torch.allclose(st_fast[f"layers.1.{name}"], st_ref[f"layers.1.{name}"], atol=1e-5, rtol=1e-4)
