@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
-from ..ops.rope import apply_rope
+from ..ops.rope import rotate
 from ..ops.segments import pack, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops.ttt_cache import complete_block, compress_scan, compressor
@@ -68,8 +68,11 @@ class TTTCacheMemory(EvictingMemory):
         k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum("rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype))
         k = k.reshape(G, S, M, Dh)
         if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
-            off = -self.offsets.to(k.device).expand(G * S, M)
-            k = apply_rope(k.reshape(G * S, 1, M, Dh), off, freqs).view(G, S, M, Dh)
+            angle = -self.offsets.to(k.device)[:, None] * freqs  # [M, Dh/2] (buffers only: cacheable)
+            key = (angle.device, angle.dtype, freqs.data_ptr(), freqs._version)
+            if getattr(self, "_rot_key", None) != key:
+                self._rot, self._rot_key = (torch.cos(angle), torch.sin(angle)), key
+            k = rotate(k, *self._rot)
         return k
 
     def _probes(self) -> torch.Tensor:
@@ -196,6 +199,8 @@ class TTTCacheMemory(EvictingMemory):
 
     def _current(self, st: ScopedState, freqs):
         """The virtual tokens of the state now: (K, V) [B, H, M, Dh] (the initial state's before any update)."""
+        if self.cfg.cold_start == "wait":  # no virtual tokens before the first update: nothing to read
+            return st["vk"], st["vv"]
         dt = st["vk"].dtype
         with torch.autocast(st["vk"].device.type, enabled=False):
             k0, v0 = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))  # [H, 1, M, Dh]
@@ -266,11 +271,10 @@ class TTTCacheMemory(EvictingMemory):
         B, H, _, Dh = q_raw.shape
         b = self.cfg.block
         ecount = st["ecount"]
-        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)
-        ok = valid.view(B, 1, 1, 1)
-        st["ek"].scatter_(2, idx, torch.where(ok, kn, st["ek"].gather(2, idx)))
-        st["ev"].scatter_(2, idx, torch.where(ok, cv, st["ev"].gather(2, idx)))
-        st["eeta"].scatter_(2, idx[..., 0], torch.where(ok[..., 0], eta_t, st["eeta"].gather(2, idx[..., 0])))
+        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)  # the first free slot: written whether or not
+        st["ek"].scatter_(2, idx, kn)  # a token was evicted (a free slot is never read)
+        st["ev"].scatter_(2, idx, cv)
+        st["eeta"].scatter_(2, idx[..., 0], eta_t)
         done = valid & (ecount + 1 >= b)  # [B]
         self._complete(st, done, freqs, B)
         ecount.copy_(torch.where(valid, (ecount + 1) % b, ecount))

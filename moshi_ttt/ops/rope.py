@@ -88,10 +88,12 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch
 
     ``pos`` [B, T] holds absolute positions (any integers); computed in fp32, returned in x's dtype.
     """
-    B, H, T, D = x.shape
     angle = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    xp = x.float().view(B, H, T, D // 2, 2)
-    xr, xi = xp[..., 0], xp[..., 1]  # [B, H, T, D/2] each
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)  # [B, H, T, D/2, 2]
-    return out.view(B, H, T, D).to(x.dtype)
+    return rotate(x, torch.cos(angle), torch.sin(angle))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation of ``apply_rope`` by given cos, sin (broadcast to [..., D/2]): x [..., D] -> x's dtype."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    xr, xi = xp[..., 0], xp[..., 1]  # [..., D/2] each
+    return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2).to(x.dtype)
