@@ -100,7 +100,7 @@ class AdapterConfig:
         ``off``: stock Moshi. ``inplace_ttt``: In-Place TTT in every 6th layer (5, 11, ...; the
         paper's spacing), chunk 256 steps (20.5 s). ``ttt_cache``: the TTT cache (window 64,
         8 virtual tokens, compressors of width 32 per head) in every 4th layer, a 64-step window
-        in the others: about 50 MB of state per conversation on the 7B (DESIGN section 8).
+        in the others: about 52 MB of state per conversation on the 7B (DESIGN section 8).
         ``both``: the two together.
         """
         if name not in PRESET_NAMES:
