@@ -46,11 +46,12 @@ class FullMemory:
         st["kpos"][:, n:n + t] = pos
 
 
-def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=()) -> None:
+def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=(), stored=None) -> None:
     """Store the last ``size`` of the step's tokens at slots ``pos % size``, in place.
 
     kbuf, vbuf [B, H, size, Dh]; pbuf [B, size]; k, v [B, H, T, Dh]; pos [B, T]; ``extra``:
-    more (buffer, values) pairs shaped like (kbuf, k).
+    more (buffer, values) pairs shaped like (kbuf, k); ``stored``: the positions to record (default
+    ``pos``; -1 marks a slot empty).
     """
     size = pbuf.shape[1]
     pos = pos[:, -size:]
@@ -58,7 +59,7 @@ def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=()) -> None:
     idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, H, t, Dh]
     for buf, x in ((kbuf, k), (vbuf, v), *extra):
         buf.scatter_(2, idx, x[:, :, -size:].to(buf.dtype))
-    pbuf.scatter_(1, slots, pos)
+    pbuf.scatter_(1, slots, (stored if stored is not None else pos)[:, -size:])
 
 
 class WindowMemory:
@@ -76,8 +77,8 @@ class WindowMemory:
     def context(self, st: ScopedState):
         return st["k"], st["v"], st["kpos"]
 
-    def write(self, st: ScopedState, k, v, pos) -> None:
-        ring_write(st["k"], st["v"], st["kpos"], k, v, pos)
+    def write(self, st: ScopedState, k, v, pos, stored=None) -> None:
+        ring_write(st["k"], st["v"], st["kpos"], k, v, pos, stored=stored)
 
 
 class SinkMemory(WindowMemory):

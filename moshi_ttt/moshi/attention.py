@@ -120,7 +120,10 @@ class MemoryAttention(StreamingMultiheadAttention):
             return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask[:, None], scale=self.sdpa_scale)
         st = state.tensors.scope("")
         if kind == "window" and pos.shape[1] == 1:  # the token takes a slot no query sees: attend to the ring
-            self.memory.write(st, kr, v, pos)
+            # a row off Moshi's exec mask writes an empty slot (position -1): the token it replaces
+            # (W back) is never visible again, so the row continues as if the step never happened
+            off = ~state.exec_mask[:, None] if self.respect_exec_mask else torch.zeros_like(pos, dtype=torch.bool)
+            self.memory.write(st, kr, v, pos, stored=pos.masked_fill(off, -1))
             k0, v0, p0 = self.memory.context(st)
             mask = visible(pos, p0, kind, W, S)  # [B, 1, W]
             return F.scaled_dot_product_attention(qr, k0.to(kr.dtype), v0.to(v.dtype), attn_mask=mask[:, None],
@@ -145,6 +148,8 @@ class MemoryAttention(StreamingMultiheadAttention):
         else:
             slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
             own = self.memory.self_masked() if self.mem_cfg.kind in EVICTING else ()
+            if self.mem_cfg.kind == "window" and T == 1:  # an off row's write is marked empty instead
+                own = ("k", "v", "kpos")
             with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own):
                 o = self._attend(q, k, v, qr, kr, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
