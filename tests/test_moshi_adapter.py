@@ -297,7 +297,8 @@ def test_trap9_reset_clears_the_buffered_chunk():
     assert (out[1, :, r:] - stream(lm, seq[1:, :, r:], 1)[0]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("cfg", [MIXED, FULL, CASES["sink"]], ids=["mixed", "full", "sink"])
+@pytest.mark.parametrize("cfg", [MIXED, FULL, CASES["sink"], CASES["pooled"], CASES["infini"]],
+                         ids=["mixed", "full", "sink", "pooled", "infini"])
 def test_exec_mask_off_rows_keep_their_memory(cfg):
     """Moshi's set_exec_mask: a row switched off for some steps continues as if they never happened."""
     lm = lively(patch_lm(stock(), cfg))

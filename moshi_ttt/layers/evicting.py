@@ -96,9 +96,12 @@ class EvictingMemory(nn.Module):
         (a suffix). Only those ring slots are read. -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
         B, H, kq, Dh = k_raw.shape
         W = self.cfg.window
+        if kq == 1:  # position P - W sits in the slot P takes
+            gather = (lambda buf: buf.gather(2, (pos % W)[:, None, :, None].expand(-1, H, -1, Dh)))
+            return gather(st["kraw"]), gather(st["v"]), pos >= W
         P = pos[:, 0]
         n = min(kq, W)
-        order = (P[:, None] - W + torch.arange(n, device=pos.device)) % W  # ring slots of positions P - W + j
+        order = (P[:, None] + torch.arange(n, device=pos.device)) % W  # ring slots of positions P - W + j
         gather = (lambda buf: buf.gather(2, order[:, None, :, None].expand(-1, H, -1, Dh)))
         cand_k, cand_v = gather(st["kraw"]), gather(st["v"])
         if kq > W:  # the rest leave within the step
@@ -106,9 +109,10 @@ class EvictingMemory(nn.Module):
             cand_v = torch.cat([cand_v, v[:, :, :kq - W].to(cand_v.dtype)], 2)
         return cand_k, cand_v, (P[:, None] - W + torch.arange(kq, device=pos.device)) >= 0
 
-    def self_masked(self) -> tuple:
-        """Names of state tensors that ``attend_step`` keeps unchanged by itself for inactive rows."""
-        return ()
+    def self_masked(self, kq: int) -> tuple:
+        """Names of state tensors that a ``kq``-token ``attend_step`` given ``active`` keeps unchanged
+        by itself for inactive rows (one-token steps: the ring)."""
+        return ("k", "v", "kraw", "kpos") if kq == 1 else ()
 
     def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
         """k new tokens at positions pos [B, k]: evict, read the memory, attend to window + memory,
@@ -121,7 +125,13 @@ class EvictingMemory(nn.Module):
         read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
         write = (lambda: ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),)))
         if kq == 1:  # the new token takes the slot of one no query here sees: attend to the ring itself
-            write()
+            if active is None:
+                write()
+            else:  # an inactive row records an empty slot and keeps the token it would evict
+                on = active.view(B, 1, 1, 1)
+                ring_write(st["k"], st["v"], st["kpos"], k, torch.where(on, v.to(cand_v.dtype), cand_v), pos,
+                           extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
+                           stored=pos.masked_fill(~active[:, None], -1))
             keys, vals, kpos = st["k"], st["v"], st["kpos"]
         else:
             keys, vals = torch.cat([st["k"].to(k.dtype), k], 2), torch.cat([st["v"].to(v.dtype), v], 2)

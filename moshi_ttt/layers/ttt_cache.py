@@ -193,9 +193,9 @@ class TTTCacheMemory(EvictingMemory):
         st.add("vk", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # the read of the current state
         st.add("vv", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # (valid once updates > 0)
 
-    def self_masked(self) -> tuple:
-        """State a step leaves unchanged by itself for rows that evict nothing (the others: the ring)."""
-        return self.state_names() + ("ek", "ev", "eeta", "ecount", "updates", "vk", "vv")
+    def self_masked(self, kq: int) -> tuple:
+        """State a step leaves unchanged by itself for rows that evict nothing (the ring: one-token steps)."""
+        return super().self_masked(kq) + self.state_names() + ("ek", "ev", "eeta", "ecount", "updates", "vk", "vv")
 
     def _current(self, st: ScopedState, freqs):
         """The virtual tokens of the state now: (K, V) [B, H, M, Dh] (the initial state's before any update)."""

@@ -147,7 +147,7 @@ class MemoryAttention(StreamingMultiheadAttention):
             o = self._attend(q, k, v, qr, kr, pos, None)
         else:
             slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
-            own = self.memory.self_masked() if self.mem_cfg.kind in EVICTING else ()
+            own = self.memory.self_masked(T) if self.mem_cfg.kind in EVICTING else ()
             if self.mem_cfg.kind == "window" and T == 1:  # an off row's write is marked empty instead
                 own = ("k", "v", "kpos")
             with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own):
