@@ -136,7 +136,8 @@ class EvictingMemory(nn.Module):
         else:
             keys, vals = torch.cat([st["k"].to(k.dtype), k], 2), torch.cat([st["v"].to(v.dtype), v], 2)
             kpos = torch.cat([st["kpos"], pos], 1)
-        ok = visible(pos, kpos, "window", self.cfg.window, 0)[:, None]  # [B, 1, k, K]
+        # the ring after a one-token write holds only this row's last W positions (or -1: empty)
+        ok = (kpos >= 0)[:, None, None, :] if kq == 1 else visible(pos, kpos, "window", self.cfg.window, 0)[:, None]
         s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, K]
         s_r = s_r.masked_fill(~ok, float("-inf"))
         vmask = read["has"][:, None].expand(B, H, kq)

@@ -124,9 +124,8 @@ class MemoryAttention(StreamingMultiheadAttention):
             # (W back) is never visible again, so the row continues as if the step never happened
             off = ~state.exec_mask[:, None] if self.respect_exec_mask else torch.zeros_like(pos, dtype=torch.bool)
             self.memory.write(st, kr, v, pos, stored=pos.masked_fill(off, -1))
-            k0, v0, p0 = self.memory.context(st)
-            mask = visible(pos, p0, kind, W, S)  # [B, 1, W]
-            return F.scaled_dot_product_attention(qr, k0.to(kr.dtype), v0.to(v.dtype), attn_mask=mask[:, None],
+            k0, v0, p0 = self.memory.context(st)  # the ring holds only this row's last W positions (or -1)
+            return F.scaled_dot_product_attention(qr, k0.to(kr.dtype), v0.to(v.dtype), attn_mask=(p0 >= 0)[:, None, None],
                                                   scale=self.sdpa_scale)
         k0, v0, p0 = self.memory.context(st)  # stored before this step
         keys, vals = torch.cat([k0.to(kr.dtype), kr], 2), torch.cat([v0.to(v.dtype), v], 2)
