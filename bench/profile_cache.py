@@ -49,10 +49,12 @@ def main():
         (r["scores"].sum() + r["values"].sum()).backward()
 
     res["virtual_parallel_ms"] = timed(virtual)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         run(mem)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
+                                                                max_name_column_width=40, max_shapes_column_width=90)
     print(json.dumps(res, indent=1))
     print(table)
     if a.out:

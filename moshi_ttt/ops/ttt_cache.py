@@ -21,6 +21,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from . import ttt_scan_triton
+
 
 def compressor(ws, x: torch.Tensor) -> torch.Tensor:
     """f_θ(x). ws (W1 [G, Dh, m], ..., W_L [G, m, Dh]) (extra batch dims broadcast), x [G, n, Dh]."""
@@ -181,11 +183,16 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float
     each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most
     ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
     blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
-    update [G, N] (mean over the block's tokens).
+    update [G, N] (mean over the block's tokens). Depth-2 fp32 scans on CUDA run as the fused
+    kernels of ``ops.ttt_scan_triton`` (unless ``naive`` or ``compiled``).
     """
-    step = compiled_scan_step() if compiled and not naive else scan_step
-    states, moms, loss = scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum,
-                                     max_norm, bptt, naive, step)
+    if not (naive or compiled) and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
+        states, moms, loss = ttt_scan_triton.scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply,
+                                                         decay, momentum, max_norm, bptt)
+    else:
+        step = compiled_scan_step() if compiled and not naive else scan_step
+        states, moms, loss = scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum,
+                                         max_norm, bptt, naive, step)
     if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
         finite = torch.stack([torch.isfinite(s[:, 1:]).flatten(2).all(-1).all(0) for s in states]).all(0)  # [N]
         if not finite.all():

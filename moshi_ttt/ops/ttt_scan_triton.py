@@ -1,0 +1,291 @@
+"""``ops.ttt_cache.scan_states`` (the training path's compressor scan) as Triton kernels with a
+hand-written backward: per block, one program per (compressor, token chunk) and one per compressor.
+
+Forward, per block n (``scan_step``): each chunk's share of the NLMS gradient step Δ_n at θ_n
+(``_fwd_chunk``), then per compressor (``_fwd_update``) their sum, momentum S_{n+1} = β S_n + Δ_n,
+U_n = θ_n + S_{n+1} (or + Δ_n), forgetting U ← A + (1 − λ)(U − A) and the cap θ_{n+1} = c_n U_n,
+c_n = min(1, R / ‖U_n‖). Every θ_n and c_n is kept for the backward, which walks the blocks in
+reverse with dθ, the gradient of θ_{n+1} (``_bwd_state``):
+    dU = c (dθ − θ' (θ'·dθ) / ‖θ'‖²) if c < 1 else dθ   (θ' = θ_{n+1} = c U)
+    dA += λ dU,  dV = (1 − λ) dU,  dΔ = dV (+ dS with momentum; dS ← β (dS + dV))
+and then the vector-Jacobian product of the block step Δ(θ, X, Y, η) chunk by chunk
+(``_bwd_chunk``: second order through gelu and the NLMS normaliser, recomputing the activations).
+Depth 2, fp32; products as three TF32 products (fp32 accuracy: ``PRECISION``, ``BWD_PRECISION``);
+``supports`` says which shapes run here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ttt_cache_triton as tct
+
+NUM_WARPS = 4  # per program
+CHUNK = 32  # tokens per program
+PRECISION = "tf32x3"  # tl.dot's input precision: three TF32 products, fp32 accuracy
+BWD_PRECISION = "tf32x3"  # the same for the backward's products
+triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
+
+
+def supports(ds, keys) -> bool:
+    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block; CUDA
+    tensors (CPU ones under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
+    if triton is None or len(ds) != 2 or keys.dtype != torch.float32 or keys.dim() != 4:
+        return False
+    if not (keys.is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    Dh, m, b = ds[0].shape[-2], ds[0].shape[-1], keys.shape[2]
+    return all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
+
+
+if triton is not None:
+    _gelu, _gelu_grad = tct._gelu, tct._gelu_grad
+
+    @triton.jit
+    def _gelu_grad2(h):
+        """d² gelu / dh² = φ(h) (2 − h²)."""
+        return tl.exp(-0.5 * h * h) * 0.3989422804014327 * (2.0 - h * h)
+
+    @triton.jit
+    def _idx(DH: tl.constexpr, MH: tl.constexpr):
+        rd, rm = tl.arange(0, DH), tl.arange(0, MH)
+        return rd, rd[:, None] * MH + rm[None, :], rm[:, None] * DH + rd[None, :]  # W1 [DH, MH], W2 [MH, DH]
+
+    @triton.jit
+    def _chunk(st1, st2, x, y, eta, g, n, N, c, BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr,
+               MH: tl.constexpr, PREC: tl.constexpr):
+        """A chunk's tokens and the forward of the block step at θ_n on them."""
+        rd, i1, i2 = _idx(DH, MH)
+        SZ = DH * MH
+        w1 = tl.load(st1 + (g * (N + 1) + n) * SZ + i1)
+        w2 = tl.load(st2 + (g * (N + 1) + n) * SZ + i2)
+        rt = (g * N + n) * BLK + c * CH + tl.arange(0, CH)
+        xc = tl.load(x + rt[:, None] * DH + rd[None, :])  # [CH, DH]
+        yc = tl.load(y + rt[:, None] * DH + rd[None, :])
+        ec = tl.load(eta + rt)  # [CH]
+        hh = tl.dot(xc, w1, input_precision=PREC)  # [CH, MH]
+        a = _gelu(hh)
+        err = tl.dot(a, w2, input_precision=PREC) - yc  # [CH, DH]
+        rr = 1.0 / (1.0 + tl.sum(a * a, 1))  # NLMS: η_t / (1 + ‖a_t‖²)
+        return w1, w2, rt, xc, ec, hh, a, err, rr
+
+    @triton.jit(do_not_specialize=["n", "N"])
+    def _fwd_chunk(st1, st2, x, y, eta, part1, part2, loss, n, N,
+                   BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, PREC: tl.constexpr):
+        g, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        w1, w2, rt, xc, ec, hh, a, err, rr = _chunk(st1, st2, x, y, eta, g, n, N, c, BLK, CH, DH, MH, PREC)
+        _, i1, i2 = _idx(DH, MH)
+        tl.store(loss + rt, 0.5 * tl.sum(err * err, 1))
+        gg = err * (ec * rr)[:, None]
+        gh = tl.dot(gg, tl.trans(w2), input_precision=PREC) * _gelu_grad(hh)
+        p = (g * (BLK // CH) + c) * DH * MH
+        tl.store(part1 + p + i1, -tl.dot(tl.trans(xc), gh, input_precision=PREC))  # this chunk's Δ1, Δ2
+        tl.store(part2 + p + i2, -tl.dot(tl.trans(a), gg, input_precision=PREC))
+
+    @triton.jit(do_not_specialize=["n", "N"])
+    def _fwd_update(st1, st2, s1, s2, a1, a2, part1, part2, apply, cap, n, N, decay, momentum, max_norm,
+                    NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, HAS_MOM: tl.constexpr,
+                    HAS_DECAY: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64)
+        _, i1, i2 = _idx(DH, MH)
+        SZ = DH * MH
+        w1 = tl.load(st1 + (g * (N + 1) + n) * SZ + i1)
+        w2 = tl.load(st2 + (g * (N + 1) + n) * SZ + i2)
+        c1 = max_norm * 0.0 + 1.0  # fp32 scalars: the cap factors (1: no update, or under the cap)
+        c2 = max_norm * 0.0 + 1.0
+        if tl.load(apply + g * N + n) != 0:
+            g1 = tl.zeros((DH, MH), dtype=tl.float32)
+            g2 = tl.zeros((MH, DH), dtype=tl.float32)
+            for c in range(NC):
+                g1 += tl.load(part1 + (g * NC + c) * SZ + i1)
+                g2 += tl.load(part2 + (g * NC + c) * SZ + i2)
+            if HAS_MOM:
+                g1 = momentum * tl.load(s1 + g * SZ + i1) + g1
+                g2 = momentum * tl.load(s2 + g * SZ + i2) + g2
+                tl.store(s1 + g * SZ + i1, g1)
+                tl.store(s2 + g * SZ + i2, g2)
+            w1 = w1 + g1
+            w2 = w2 + g2
+            if HAS_DECAY:
+                w10 = tl.load(a1 + g * SZ + i1)
+                w20 = tl.load(a2 + g * SZ + i2)
+                w1 = w10 + (1.0 - decay) * (w1 - w10)
+                w2 = w20 + (1.0 - decay) * (w2 - w20)
+            c1 = tl.minimum(max_norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(w1 * w1, 1), 0)), 1e-12), 1.0)
+            c2 = tl.minimum(max_norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(w2 * w2, 1), 0)), 1e-12), 1.0)
+            w1 = w1 * c1
+            w2 = w2 * c2
+        tl.store(cap + (g * N + n) * 2, c1)
+        tl.store(cap + (g * N + n) * 2 + 1, c2)
+        tl.store(st1 + (g * (N + 1) + n + 1) * SZ + i1, w1)
+        tl.store(st2 + (g * (N + 1) + n + 1) * SZ + i2, w2)
+
+    @triton.jit(do_not_specialize=["k", "N", "bptt"])
+    def _bwd_state(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2,
+                   k, N, bptt, decay, momentum,
+                   NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, HAS_MOM: tl.constexpr,
+                   HAS_DECAY: tl.constexpr):
+        """dθ_k = (block k's direct part and its chunks' parts) cut by truncated BPTT, plus the read's
+        gradient dst[k] (written back there); then, for k > 0, block k - 1's cap, forgetting and
+        momentum backward: dΔ into dd, the direct part into acc."""
+        g = tl.program_id(0).to(tl.int64)
+        _, i1, i2 = _idx(DH, MH)
+        SZ = DH * MH
+        acc1 = tl.zeros((DH, MH), dtype=tl.float32)
+        acc2 = tl.zeros((MH, DH), dtype=tl.float32)
+        if k < N:
+            acc1 = tl.load(acc1p + g * SZ + i1)
+            acc2 = tl.load(acc2p + g * SZ + i2)
+            if tl.load(apply + g * N + k) != 0:
+                for c in range(NC):
+                    acc1 += tl.load(part1 + (g * NC + c) * SZ + i1)
+                    acc2 += tl.load(part2 + (g * NC + c) * SZ + i2)
+        if (bptt > 0) & (k > 0) & (k < N) & (k % tl.maximum(bptt, 1) == 0):  # θ_k, S_k enter block k detached
+            acc1 = tl.zeros((DH, MH), dtype=tl.float32)
+            acc2 = tl.zeros((MH, DH), dtype=tl.float32)
+            if HAS_MOM:
+                tl.store(ds1 + g * SZ + i1, tl.zeros((DH, MH), dtype=tl.float32))
+                tl.store(ds2 + g * SZ + i2, tl.zeros((MH, DH), dtype=tl.float32))
+        acc1 += tl.load(dst1 + (g * (N + 1) + k) * SZ + i1)
+        acc2 += tl.load(dst2 + (g * (N + 1) + k) * SZ + i2)
+        tl.store(dst1 + (g * (N + 1) + k) * SZ + i1, acc1)  # the final dθ_k
+        tl.store(dst2 + (g * (N + 1) + k) * SZ + i2, acc2)
+        if k > 0:
+            j = k - 1
+            if tl.load(apply + g * N + j) != 0:
+                c1 = tl.load(cap + (g * N + j) * 2)
+                c2 = tl.load(cap + (g * N + j) * 2 + 1)
+                if c1 < 1.0:
+                    wn = tl.load(st1 + (g * (N + 1) + k) * SZ + i1)
+                    proj = tl.sum(tl.sum(wn * acc1, 1), 0) / tl.sum(tl.sum(wn * wn, 1), 0)
+                    acc1 = c1 * (acc1 - wn * proj)
+                if c2 < 1.0:
+                    wn = tl.load(st2 + (g * (N + 1) + k) * SZ + i2)
+                    proj = tl.sum(tl.sum(wn * acc2, 1), 0) / tl.sum(tl.sum(wn * wn, 1), 0)
+                    acc2 = c2 * (acc2 - wn * proj)
+                if HAS_DECAY:  # U = A + (1 - λ)(V - A)
+                    tl.store(da1 + g * SZ + i1, tl.load(da1 + g * SZ + i1) + decay * acc1)
+                    tl.store(da2 + g * SZ + i2, tl.load(da2 + g * SZ + i2) + decay * acc2)
+                    acc1 = (1.0 - decay) * acc1
+                    acc2 = (1.0 - decay) * acc2
+                if HAS_MOM:  # S' = β S + Δ, V = θ + S'
+                    dd1 = tl.load(ds1 + g * SZ + i1) + acc1
+                    dd2 = tl.load(ds2 + g * SZ + i2) + acc2
+                    tl.store(ds1 + g * SZ + i1, momentum * dd1)
+                    tl.store(ds2 + g * SZ + i2, momentum * dd2)
+                else:
+                    dd1 = acc1
+                    dd2 = acc2
+                tl.store(dd1p + g * SZ + i1, dd1)
+                tl.store(dd2p + g * SZ + i2, dd2)
+            tl.store(acc1p + g * SZ + i1, acc1)  # dθ_j's direct part (all of it when block j is skipped)
+            tl.store(acc2p + g * SZ + i2, acc2)
+
+    @triton.jit(do_not_specialize=["n", "N"])
+    def _bwd_chunk(st1, st2, x, y, eta, apply, dd1p, dd2p, part1, part2, dx, dy, deta, n, N,
+                   BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, PREC: tl.constexpr):
+        """The block step's VJP on one chunk, given dΔ (dd): its tokens' dX, dY, dη and its part of dθ_n."""
+        g, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        if tl.load(apply + g * N + n) != 0:
+            w1, w2, rt, xc, ec, hh, a, err, rr = _chunk(st1, st2, x, y, eta, g, n, N, c, BLK, CH, DH, MH, PREC)
+            rd, i1, i2 = _idx(DH, MH)
+            SZ = DH * MH
+            dd1 = tl.load(dd1p + g * SZ + i1)
+            dd2 = tl.load(dd2p + g * SZ + i2)
+            gp = _gelu_grad(hh)
+            sv = ec * rr
+            gg = err * sv[:, None]
+            q = tl.dot(gg, tl.trans(w2), input_precision=PREC)  # [CH, MH]
+            gh = q * gp
+            # Δ1 = -Xᵀ gh, Δ2 = -aᵀ g
+            dgh = -tl.dot(xc, dd1, input_precision=PREC)  # [CH, MH]
+            dxc = -tl.dot(gh, tl.trans(dd1), input_precision=PREC)  # [CH, DH]
+            dq = dgh * gp
+            dh = dgh * q * _gelu_grad2(hh)
+            dg = tl.dot(dq, w2, input_precision=PREC) - tl.dot(a, dd2, input_precision=PREC)  # [CH, DH]
+            da = -tl.dot(gg, tl.trans(dd2), input_precision=PREC)  # [CH, MH]
+            de = dg * sv[:, None]
+            dsv = tl.sum(dg * err, 1)  # [CH]
+            tl.store(deta + rt, dsv * rr)
+            da += a * (-2.0 * dsv * sv * rr)[:, None]
+            tl.store(dy + rt[:, None] * DH + rd[None, :], -de)
+            da += tl.dot(de, tl.trans(w2), input_precision=PREC)
+            dh += da * gp
+            dxc += tl.dot(dh, tl.trans(w1), input_precision=PREC)
+            tl.store(dx + rt[:, None] * DH + rd[None, :], dxc)
+            p = (g * (BLK // CH) + c) * SZ
+            tl.store(part1 + p + i1, tl.dot(tl.trans(xc), dh, input_precision=PREC))
+            tl.store(part2 + p + i2, tl.dot(tl.trans(dq), gg, input_precision=PREC)
+                     + tl.dot(tl.trans(a), de, input_precision=PREC))
+
+
+def _meta(b, Dh, m, prec):
+    ch = min(b, CHUNK)
+    return dict(BLK=b, CH=ch, DH=Dh, MH=m, PREC=prec, num_warps=NUM_WARPS), b // ch
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w1, w2, s1, s2, a1, a2, x, y, eta, apply, decay, momentum, max_norm, bptt):
+        G, N, b, Dh = x.shape
+        m = w1.shape[2]
+        has_mom = s1 is not None
+        c = (lambda t: t.detach().float().contiguous())
+        x, y, eta, a1, a2 = c(x), c(y), c(eta), c(a1), c(a2)
+        s1 = s1.detach().clone().float().contiguous() if has_mom else a1
+        s2 = s2.detach().clone().float().contiguous() if has_mom else a2
+        ap = (apply > 0).to(torch.int32).contiguous()
+        st1, st2 = x.new_empty(G, N + 1, Dh, m), x.new_empty(G, N + 1, m, Dh)
+        st1[:, 0], st2[:, 0] = w1, w2
+        cap, loss = x.new_empty(G, N, 2), x.new_empty(G, N, b)
+        meta, NC = _meta(b, Dh, m, PRECISION)
+        part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
+        flags = dict(NC=NC, DH=Dh, MH=m, HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay),
+                     num_warps=NUM_WARPS)
+        for n in range(N):
+            _fwd_chunk[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, n, N, **meta)
+            _fwd_update[(G,)](st1, st2, s1, s2, a1, a2, part1, part2, ap, cap, n, N, float(decay), float(momentum),
+                              float(max_norm), **flags)
+        ctx.save_for_backward(st1, st2, cap, x, y, eta, ap)
+        ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags)
+        ctx.mark_non_differentiable(loss)
+        return st1, st2, (s1 if has_mom else None), (s2 if has_mom else None), loss
+
+    @staticmethod
+    def backward(ctx, dst1, dst2, dsn1, dsn2, _dloss):
+        st1, st2, cap, x, y, eta, ap = ctx.saved_tensors
+        decay, momentum, bptt, has_mom, flags = ctx.opts
+        G, N, b, Dh = x.shape
+        m = st1.shape[-1]
+        dz = (lambda t, like: t.float().contiguous().clone() if t is not None else torch.zeros_like(like))
+        dst1, dst2 = dz(dst1, st1), dz(dst2, st2)  # become dθ_0..dθ_N in place
+        ds1 = dz(dsn1, st1[:, 0]) if has_mom else None
+        ds2 = dz(dsn2, st2[:, 0]) if has_mom else None
+        da1, da2 = torch.zeros_like(st1[:, 0]), torch.zeros_like(st2[:, 0])
+        acc1, acc2, dd1, dd2 = (torch.empty_like(t) for t in (da1, da2, da1, da2))
+        dx, dy, deta = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(eta)
+        meta, NC = _meta(b, Dh, m, BWD_PRECISION)
+        part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
+        state = (lambda k: _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2,
+                                            ds1 if has_mom else da1, ds2 if has_mom else da2, da1, da2,
+                                            part1, part2, k, N, bptt, decay, momentum, **flags))
+        state(N)
+        for n in range(N - 1, -1, -1):
+            _bwd_chunk[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, n, N, **meta)
+            state(n)
+        return (dst1[:, 0], dst2[:, 0], ds1, ds2, da1 if decay else None, da2 if decay else None,
+                dx, dy, deta, None, None, None, None, None)
+
+
+def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum: float, max_norm: float,
+                bptt: int):
+    """Triton form of ``ops.ttt_cache.scan_states`` (same arguments and results; ``supports`` must
+    hold): ds, inits (W1 [G, Dh, m], W2 [G, m, Dh]), moms the same or None; keys, vals [G, N, b, Dh];
+    eta [G, N, b]; apply [G, N]. Returns ((W1, W2) [G, N + 1, ...], final momenta, loss [G, N, b])."""
+    w1, w2 = (w0 + d for w0, d in zip(inits, ds))
+    s1, s2 = moms if moms is not None else (None, None)
+    st1, st2, m1, m2, loss = _Scan.apply(w1, w2, s1, s2, inits[0], inits[1], keys, vals, eta, apply,
+                                         decay, momentum, max_norm, bptt)
+    return (st1, st2), ((m1, m2) if moms is not None else None), loss

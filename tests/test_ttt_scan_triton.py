@@ -1,0 +1,97 @@
+"""The Triton training scan (ops/ttt_scan_triton.py) against its reference (ops/ttt_cache.scan_states):
+states, final momenta, losses and every gradient, on CPU under Triton's interpreter where Triton is
+installed and on the GPU with ``-m gpu``."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from moshi_ttt.ops import ttt_cache as ops
+from moshi_ttt.ops import ttt_cache_triton as tct
+from moshi_ttt.ops import ttt_scan_triton as tri
+
+from test_ttt_cache_triton import DEVICES, on  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.skipif(not tri.triton, reason="needs Triton")
+
+
+def problem(G, N, b, Dh, m, momentum, device):
+    inits = (torch.randn(G, Dh, m) / Dh ** 0.5, torch.randn(G, m, Dh) / m ** 0.5)
+    ds = tuple(0.1 * torch.randn_like(w) for w in inits)
+    moms = tuple(0.1 * torch.randn_like(w) for w in inits) if momentum else None
+    keys = F.normalize(torch.randn(G, N, b, Dh), dim=-1)
+    vals, eta = torch.randn(G, N, b, Dh), 4 * torch.rand(G, N, b) / b
+    eta[:, -1, b // 2:] = 0.0  # a partly filled block
+    apply = torch.ones(G, N)
+    apply[0, 1] = 0.0  # a skipped block
+    mv = (lambda t: tuple(a.to(device).requires_grad_() for a in t) if t is not None else None)
+    return mv(ds), mv(moms), mv(inits), *(t.to(device).requires_grad_() for t in (keys, vals, eta)), apply.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, opts", [
+    ((3, 5, 16, 16, 32), dict(decay=0.0, momentum=0.0, max_norm=100.0, bptt=0)),
+    ((2, 4, 64, 16, 16), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2)),   # every option, cap active
+    ((2, 3, 32, 32, 16), dict(decay=0.0, momentum=0.5, max_norm=100.0, bptt=1)),
+])
+def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts):
+    dev = on(device)
+    torch.manual_seed(0)
+    ds, moms, inits, keys, vals, eta, apply = problem(*shape, opts["momentum"], dev)
+    assert tri.supports(ds, keys)
+    args = (ds, moms, inits, keys, vals, eta, apply, opts["decay"], opts["momentum"], opts["max_norm"], opts["bptt"])
+    ref = ops.scan_states(*args)
+    fast = tri.scan_states(*args)
+    leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
+    weights = [torch.randn_like(s) for s in ref[0]] + [torch.randn_like(s) for s in (ref[1] or ())]
+
+    def grads(out):
+        total = sum((w * s).sum() for w, s in zip(weights, [*out[0], *(out[1] or ())]))
+        return torch.autograd.grad(total, leaves)
+
+    for a, b in zip([*ref[0], *(ref[1] or ()), ref[2]], [*fast[0], *(fast[1] or ()), fast[2]]):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (a - b).abs().max()
+    if opts["max_norm"] < 10:  # the cap binds somewhere (so its backward is exercised)
+        assert (torch.linalg.vector_norm(fast[0][0][:, 1:], dim=(-2, -1)) > opts["max_norm"] - 1e-4).any()
+    for name, a, b in zip("d1 d2 m1 m2 i1 i2 keys vals eta".split() if moms else "d1 d2 i1 i2 keys vals eta".split(),
+                          grads(ref), grads(fast)):
+        assert torch.allclose(a, b, atol=5e-5, rtol=1e-3), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_model_training_with_triton_scan_equals_reference(on, device, shared, monkeypatch):
+    """A TTT-cache model's logits and every parameter's gradient (batch 2 with a reset, momentum,
+    decay, the cap and truncated BPTT) are the same through the fused scan and the reference."""
+    import moshi_ttt as mt
+    dev = on(device)
+    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
+        kind="ttt_cache", window=8, block=16, num_virtual=4, momentum=0.5, decay=0.05, max_state_norm=4.0,
+        bptt=2, compressor_shared=shared, cold_start="zero"))
+    model = mt.StreamingLM(cfg).to(dev)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
+    tokens = torch.randint(0, 50, (2, 120), device=dev)
+    resets = torch.zeros(2, 120, dtype=torch.bool, device=dev)
+    resets[1, 40] = True
+    calls, kernel = [], tri.scan_states
+    monkeypatch.setattr(tri, "scan_states", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+
+    def run(fused):
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(tri, "supports", lambda *a: False)
+            model.zero_grad()
+            logits = model(tokens, resets)
+            (logits.float().logsumexp(-1).mean() - logits[..., 0].float().mean()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = run(False)
+    n_ref = len(calls)
+    logits, grads = run(True)
+    assert n_ref == 0 and len(calls) == cfg.num_layers  # the fused scan ran in every layer, and only then
+    assert torch.allclose(ref_logits, logits, atol=1e-5, rtol=1e-5)
+    assert ref_grads.keys() == grads.keys() and any("w1_init" in n for n in grads)
+    for n in ref_grads:
+        assert torch.allclose(ref_grads[n], grads[n], atol=1e-5, rtol=1e-3), (n, (ref_grads[n] - grads[n]).abs().max())
