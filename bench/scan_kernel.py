@@ -52,10 +52,11 @@ def main():
     apply = torch.ones(G, N, device=dev)
     leaves = [*ds, *inits, keys, vals, eta]
     weights = None
+    extra = (lambda scan: ("v",) if scan is tri.scan_states else ())
 
     def run(scan):
         nonlocal weights
-        states, _, _ = scan(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0)
+        states, _, _ = scan(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0, *extra(scan))
         weights = weights or [torch.randn_like(s) for s in states]
         return states, torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, states)), leaves)
 
@@ -66,7 +67,7 @@ def main():
     for v in a.variants:
         prec, w, ch = v.split(":")
         tri.PRECISION, tri.NUM_WARPS, tri.CHUNK = prec.split("/")[0], int(w), int(ch)
-        tri.BWD_PRECISION, prec = prec.split("/")[-1], prec.replace("/", "-")
+        tri.GRAD_PRECISION["v"], prec = prec.split("/")[-1], prec.replace("/", "-")
         try:
             states, grads = run(tri.scan_states)
         except Exception as e:  # a variant that does not fit the machine

@@ -13,6 +13,7 @@ IMPLEMENTED_MEMORY_KINDS = MEMORY_KINDS
 COMBINES = ("gate", "concat")  # spec option A (separate softmaxes, learned gate) / B (one softmax)
 VIRTUAL_POSITIONS = ("relative", "decay", "none")  # spec options A / B / C
 COLD_STARTS = ("zero", "learned", "wait")  # spec options A / B / C
+GRAD_PRECISIONS = ("tf32", "fp32")  # products in the backward of the fused compressor scan (GPU)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class MemoryConfig:
     ``"learned"`` (learned initial state) or ``"wait"`` (no virtual tokens before the first
     update), ``bptt`` how many compressor updates gradients flow through (0: all),
     ``check_finite`` a per-update check that names the layer and update on NaN/Inf,
-    ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels).
+    ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels),
+    ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"`` (gradients to
+    about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state, is fp32 either way.
     """
 
     kind: str = "window"
@@ -55,6 +58,7 @@ class MemoryConfig:
     bptt: int = 0
     check_finite: bool = False
     compile_scan: bool = False
+    grad_precision: str = "tf32"
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
@@ -72,7 +76,7 @@ class MemoryConfig:
         if self.num_virtual < 1:
             raise ValueError(f"MemoryConfig.num_virtual must be >= 1, got {self.num_virtual}")
         for name, allowed in (("combine", COMBINES), ("virtual_position", VIRTUAL_POSITIONS),
-                              ("cold_start", COLD_STARTS)):
+                              ("cold_start", COLD_STARTS), ("grad_precision", GRAD_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if self.block < 1 or self.compressor_hidden < 0 or self.bptt < 0:

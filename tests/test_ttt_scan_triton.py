@@ -29,19 +29,20 @@ def problem(G, N, b, Dh, m, momentum, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_precision", ["fp32", "tf32"])
 @pytest.mark.parametrize("shape, opts", [
     ((3, 5, 16, 16, 32), dict(decay=0.0, momentum=0.0, max_norm=100.0, bptt=0)),
     ((2, 4, 64, 16, 16), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2)),   # every option, cap active
     ((2, 3, 32, 32, 16), dict(decay=0.0, momentum=0.5, max_norm=100.0, bptt=1)),
 ])
-def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts):
+def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts, grad_precision):
     dev = on(device)
     torch.manual_seed(0)
     ds, moms, inits, keys, vals, eta, apply = problem(*shape, opts["momentum"], dev)
     assert tri.supports(ds, keys)
     args = (ds, moms, inits, keys, vals, eta, apply, opts["decay"], opts["momentum"], opts["max_norm"], opts["bptt"])
     ref = ops.scan_states(*args)
-    fast = tri.scan_states(*args)
+    fast = tri.scan_states(*args, grad_precision)
     leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
     weights = [torch.randn_like(s) for s in ref[0]] + [torch.randn_like(s) for s in (ref[1] or ())]
 
@@ -55,19 +56,21 @@ def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts):
         assert (torch.linalg.vector_norm(fast[0][0][:, 1:], dim=(-2, -1)) > opts["max_norm"] - 1e-4).any()
     for name, a, b in zip("d1 d2 m1 m2 i1 i2 keys vals eta".split() if moms else "d1 d2 i1 i2 keys vals eta".split(),
                           grads(ref), grads(fast)):
-        assert torch.allclose(a, b, atol=5e-5, rtol=1e-3), (name, (a - b).abs().max())
+        err = ((a - b).abs().max() / a.abs().max()).item()
+        assert err < (3e-3 if grad_precision == "tf32" else 1e-5), (name, err)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [False, True])
 def test_model_training_with_triton_scan_equals_reference(on, device, shared, monkeypatch):
     """A TTT-cache model's logits and every parameter's gradient (batch 2 with a reset, momentum,
-    decay, the cap and truncated BPTT) are the same through the fused scan and the reference."""
+    decay, the cap and truncated BPTT) are the same through the fused scan and the reference (TF32
+    gradients, per-head compressors, to 3e-3 of their largest entry on the GPU)."""
     import moshi_ttt as mt
     dev = on(device)
     cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
         kind="ttt_cache", window=8, block=16, num_virtual=4, momentum=0.5, decay=0.05, max_state_norm=4.0,
-        bptt=2, compressor_shared=shared, cold_start="zero"))
+        bptt=2, compressor_shared=shared, cold_start="zero", grad_precision="fp32" if shared else "tf32"))
     model = mt.StreamingLM(cfg).to(dev)
     with torch.no_grad():
         for layer in model.layers:
@@ -93,5 +96,7 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
     assert n_ref == 0 and len(calls) == cfg.num_layers  # the fused scan ran in every layer, and only then
     assert torch.allclose(ref_logits, logits, atol=1e-5, rtol=1e-5)
     assert ref_grads.keys() == grads.keys() and any("w1_init" in n for n in grads)
+    tol = 3e-3 if device == "cuda" and cfg.memory.grad_precision == "tf32" else 1e-5
     for n in ref_grads:
-        assert torch.allclose(ref_grads[n], grads[n], atol=1e-5, rtol=1e-3), (n, (ref_grads[n] - grads[n]).abs().max())
+        err = ((ref_grads[n] - grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
+        assert err < tol, (n, err)

@@ -50,6 +50,7 @@ def test_bad_resets_shape(model):
     (lambda: mt.MemoryConfig(kind="ttt_cache", combine="sum"), "combine"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", virtual_position="abs"), "virtual_position"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", cold_start="warm"), "cold_start"),
+    (lambda: mt.MemoryConfig(kind="ttt_cache", grad_precision="bf16"), "grad_precision"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", block=0), "block must be >= 1"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", bptt=-1), "bptt"),
     (lambda: mt.MemoryConfig(kind="ttt_cache", inner_lr=0.0), "inner_lr"),

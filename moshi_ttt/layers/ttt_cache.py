@@ -122,7 +122,7 @@ class TTTCacheMemory(EvictingMemory):
             return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first),
                                  decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
                                  naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
-                                 compiled=mc.compile_scan)
+                                 compiled=mc.compile_scan, grad_precision=mc.grad_precision)
 
     def _scores(self, q_raw, kv):
         """q_raw [B, H, ..., Q, Dh], kv [B, H, ..., Q, M, Dh] -> scores [B, H, ..., Q, M]."""

@@ -173,7 +173,7 @@ def compiled_scan_step():
 
 def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float = 0.0, momentum: float = 0.0,
                   max_norm: float = 100.0, bptt: int = 0, naive: bool = False, record: bool = False,
-                  check: str | None = None, compiled: bool = False):
+                  check: str | None = None, compiled: bool = False, grad_precision: str = "fp32"):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
 
     ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a reset
@@ -184,11 +184,12 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float
     ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
     blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
     update [G, N] (mean over the block's tokens). Depth-2 fp32 scans on CUDA run as the fused
-    kernels of ``ops.ttt_scan_triton`` (unless ``naive`` or ``compiled``).
+    kernels of ``ops.ttt_scan_triton`` (unless ``naive`` or ``compiled``), their backward's products
+    in ``grad_precision`` ("fp32" or "tf32").
     """
     if not (naive or compiled) and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
         states, moms, loss = ttt_scan_triton.scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply,
-                                                         decay, momentum, max_norm, bptt)
+                                                         decay, momentum, max_norm, bptt, grad_precision)
     else:
         step = compiled_scan_step() if compiled and not naive else scan_step
         states, moms, loss = scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum,

@@ -10,8 +10,8 @@ reverse with dθ, the gradient of θ_{n+1} (``_bwd_state``):
     dA += λ dU,  dV = (1 − λ) dU,  dΔ = dV (+ dS with momentum; dS ← β (dS + dV))
 and then the vector-Jacobian product of the block step Δ(θ, X, Y, η) chunk by chunk
 (``_bwd_chunk``: second order through gelu and the NLMS normaliser, recomputing the activations).
-Depth 2, fp32; products as three TF32 products (fp32 accuracy: ``PRECISION``, ``BWD_PRECISION``);
-``supports`` says which shapes run here.
+Depth 2, fp32 state; the forward's products as three TF32 products (fp32 accuracy), the backward's
+likewise or in TF32 (``grad_precision``); ``supports`` says which shapes run here.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from . import ttt_cache_triton as tct
 
 NUM_WARPS = 4  # per program
 CHUNK = 32  # tokens per program
-PRECISION = "tf32x3"  # tl.dot's input precision: three TF32 products, fp32 accuracy
-BWD_PRECISION = "tf32x3"  # the same for the backward's products
+PRECISION = "tf32x3"  # tl.dot's input precision in the forward: three TF32 products, fp32 accuracy
+GRAD_PRECISION = {"fp32": "tf32x3", "tf32": "tf32"}  # the backward's, by ``MemoryConfig.grad_precision``
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 
 
@@ -228,7 +228,7 @@ def _meta(b, Dh, m, prec):
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w1, w2, s1, s2, a1, a2, x, y, eta, apply, decay, momentum, max_norm, bptt):
+    def forward(ctx, w1, w2, s1, s2, a1, a2, x, y, eta, apply, decay, momentum, max_norm, bptt, grad_prec):
         G, N, b, Dh = x.shape
         m = w1.shape[2]
         has_mom = s1 is not None
@@ -249,14 +249,14 @@ class _Scan(torch.autograd.Function):
             _fwd_update[(G,)](st1, st2, s1, s2, a1, a2, part1, part2, ap, cap, n, N, float(decay), float(momentum),
                               float(max_norm), **flags)
         ctx.save_for_backward(st1, st2, cap, x, y, eta, ap)
-        ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags)
+        ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags, grad_prec)
         ctx.mark_non_differentiable(loss)
         return st1, st2, (s1 if has_mom else None), (s2 if has_mom else None), loss
 
     @staticmethod
     def backward(ctx, dst1, dst2, dsn1, dsn2, _dloss):
         st1, st2, cap, x, y, eta, ap = ctx.saved_tensors
-        decay, momentum, bptt, has_mom, flags = ctx.opts
+        decay, momentum, bptt, has_mom, flags, grad_prec = ctx.opts
         G, N, b, Dh = x.shape
         m = st1.shape[-1]
         dz = (lambda t, like: t.float().contiguous().clone() if t is not None else torch.zeros_like(like))
@@ -266,7 +266,7 @@ class _Scan(torch.autograd.Function):
         da1, da2 = torch.zeros_like(st1[:, 0]), torch.zeros_like(st2[:, 0])
         acc1, acc2, dd1, dd2 = (torch.empty_like(t) for t in (da1, da2, da1, da2))
         dx, dy, deta = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(eta)
-        meta, NC = _meta(b, Dh, m, BWD_PRECISION)
+        meta, NC = _meta(b, Dh, m, GRAD_PRECISION[grad_prec])
         part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
         state = (lambda k: _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2,
                                             ds1 if has_mom else da1, ds2 if has_mom else da2, da1, da2,
@@ -276,16 +276,16 @@ class _Scan(torch.autograd.Function):
             _bwd_chunk[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, n, N, **meta)
             state(n)
         return (dst1[:, 0], dst2[:, 0], ds1, ds2, da1 if decay else None, da2 if decay else None,
-                dx, dy, deta, None, None, None, None, None)
+                dx, dy, deta, None, None, None, None, None, None)
 
 
 def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum: float, max_norm: float,
-                bptt: int):
+                bptt: int, grad_precision: str = "fp32"):
     """Triton form of ``ops.ttt_cache.scan_states`` (same arguments and results; ``supports`` must
     hold): ds, inits (W1 [G, Dh, m], W2 [G, m, Dh]), moms the same or None; keys, vals [G, N, b, Dh];
-    eta [G, N, b]; apply [G, N]. Returns ((W1, W2) [G, N + 1, ...], final momenta, loss [G, N, b])."""
+    eta [G, N, b]; apply [G, N]; ``grad_precision`` "fp32" or "tf32" (the backward's products). Returns ((W1, W2) [G, N + 1, ...], final momenta, loss [G, N, b])."""
     w1, w2 = (w0 + d for w0, d in zip(inits, ds))
     s1, s2 = moms if moms is not None else (None, None)
     st1, st2, m1, m2, loss = _Scan.apply(w1, w2, s1, s2, inits[0], inits[1], keys, vals, eta, apply,
-                                         decay, momentum, max_norm, bptt)
+                                         decay, momentum, max_norm, bptt, grad_precision)
     return (st1, st2), ((m1, m2) if moms is not None else None), loss
