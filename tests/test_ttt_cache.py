@@ -83,6 +83,27 @@ def test_fused_window_attention_equals_banded_reference(extra):
         assert (fast - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1.0)  # banded is fp32
 
 
+@pytest.mark.parametrize("position, cold", [("relative", "wait"), ("decay", "zero"), ("none", "learned")])
+def test_read_without_per_query_copies_equals_reference(position, cold, monkeypatch):
+    """Training reads against all states' virtual tokens, masked per query (``_read_out``), equal the
+    per-query copies and ``_scores`` (the reference): logits and every gradient (float64 model)."""
+    model = lively(mt.StreamingLM(cache_config(window=8, block=4, virtual_position=position, cold_start=cold))).double()
+    tokens = torch.randint(0, 50, (2, 70))
+    calls, read_out = [], type(memories(model)[0])._read_out
+    monkeypatch.setattr(type(memories(model)[0]), "_read_out", lambda *a: calls.append(1) or read_out(*a))
+    results = []
+    for fast in (False, True):
+        for mem in memories(model):
+            mem.fast_read = fast
+        model.zero_grad()
+        logits = model(tokens)
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(calls) == 2  # the fast read ran in both layers, only when on
+    for ref, fast in zip(*results):
+        assert (fast - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1.0)  # reads are fp32
+
+
 def test_shared_compressor_is_one_state_for_all_heads():
     """Shared: one compressor per layer learns every head's evicted pairs (state [B, 1, ...]);
     per head: H independent states. Both read M virtual tokens per head."""

@@ -48,6 +48,7 @@ class TTTCacheMemory(EvictingMemory):
         self.recency = nn.Parameter(torch.full((H,), math.log(math.expm1(0.1))))  # position "decay"
         self.register_buffer("offsets", mc.window * (1.0 + torch.arange(M)), persistent=False)
         self.want_aux, self.aux = False, None  # the reconstruction loss of training stage 1
+        self.fast_read = True  # training reads without per-query copies (``_read_out``; False: the reference)
 
     # ---- compressor ---------------------------------------------------------------------
     def inits(self) -> tuple:
@@ -162,7 +163,26 @@ class TTTCacheMemory(EvictingMemory):
             return x.view(rows, H, *x.shape[1:]).transpose(1, 2)[r, n_q].permute(0, 2, 1, 3, 4)
 
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
+        if self.fast_read and rows == B and self.cfg.combine == "gate" and not self.record:
+            return {"out": self._read_out(q_raw, kv, vv, n_q), "has": has, "losses": losses}
         return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses)
+
+    def _read_out(self, q_raw, kv, vv, n_q):
+        """The softmax read of the virtual tokens (option A normalises it on its own) with each row
+        one document: every query against all N + 1 states' keys, masked to its own state's M, so
+        no per-query copy of the virtual tokens is made. q_raw [B, H, T, Dh]; kv, vv [B * H, S, M, Dh];
+        n_q [B, T] -> [B, H, T, Dh] (fp32); equals the softmax of ``_scores`` against ``per_query``."""
+        B, H, T, Dh = q_raw.shape
+        S, M = kv.shape[1:3]
+        k, v = kv.reshape(B, H, S * M, Dh).float(), vv.reshape(B, H, S * M, Dh).float()
+        col = torch.arange(S * M, device=q_raw.device)
+        ok = (col // M)[None, None, None, :] == n_q[:, None, :, None]  # [B, 1, T, S M]
+        if self.cfg.virtual_position != "decay":
+            return F.scaled_dot_product_attention(q_raw.float(), k, v, attn_mask=ok,
+                                                  scale=self.inv_t / math.sqrt(Dh))
+        gamma = F.softplus(self.recency).float().view(1, H, 1, 1)  # token m weighted by exp(-γ m)
+        s = (q_raw.float() @ k.transpose(-1, -2)) * (self.inv_t / math.sqrt(Dh)) - gamma * (col % M).float()
+        return torch.softmax(s.masked_fill(~ok, float("-inf")), -1) @ v
 
     def _reconstruction(self, keys, vals, kv, vv):
         """Spec stage 1: after absorbing block n, its keys (as queries into the virtual tokens)
