@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..ops.rope import rotate
 from ..ops.segments import pack, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
+from ..ops import ttt_evict_triton as ttt_evict
 from ..ops.ttt_cache import complete_block, compress_scan, compressor
 from ..state import ScopedState
 from .evicting import EvictingMemory
@@ -68,13 +69,16 @@ class TTTCacheMemory(EvictingMemory):
         vh = v.view(-1, self.num_heads, S, M, Dh)
         k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum("rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype))
         k = k.reshape(G, S, M, Dh)
-        if self.cfg.virtual_position == "relative":  # as if key m sat offsets[m] tokens back
-            angle = -self.offsets.to(k.device)[:, None] * freqs  # [M, Dh/2] (buffers only: cacheable)
-            key = (angle.device, angle.dtype, freqs.data_ptr(), freqs._version)
-            if getattr(self, "_rot_key", None) != key:
-                self._rot, self._rot_key = (torch.cos(angle), torch.sin(angle)), key
-            k = rotate(k, *self._rot)
-        return k
+        return rotate(k, *self._rotation(freqs)) if self.cfg.virtual_position == "relative" else k
+
+    def _rotation(self, freqs):
+        """(cos, sin) [M, Dh/2] of the relative RoPE offsets: virtual key m sits offsets[m] tokens back
+        (buffers only: cached)."""
+        key = (freqs.device, freqs.dtype, freqs.data_ptr(), freqs._version)
+        if getattr(self, "_rot_key", None) != key:
+            angle = -self.offsets.to(freqs.device)[:, None] * freqs
+            self._rot, self._rot_key = (torch.cos(angle), torch.sin(angle)), key
+        return self._rot
 
     def _probes(self) -> torch.Tensor:
         """Normalised probes per compressor: [hc, M * H / hc, Dh]."""
@@ -233,10 +237,10 @@ class TTTCacheMemory(EvictingMemory):
         blocks completed by its own eviction. One-token steps take ``_step_one``."""
         B, H, kq, Dh = q_raw.shape
         b = self.cfg.block
+        if kq == 1 and not (self.record or self.naive):
+            return self._step_one(q_raw, cand_k, cand_v, valid[:, 0], st, freqs)
         kn, eta_t = self._prep(cand_k, B)  # [B, H, k, Dh], [B, H, k]
         cv = cand_v.to(kn.dtype)
-        if kq == 1 and not (self.record or self.naive):
-            return self._step_one(q_raw, kn, cv, eta_t, valid[:, 0], st, freqs)
         ar = torch.arange(kq, device=q_raw.device)
         nvalid = valid.sum(1)
         ecount = st["ecount"]
@@ -285,23 +289,33 @@ class TTTCacheMemory(EvictingMemory):
         ecount.copy_(total % b)
         return read
 
-    def _step_one(self, q_raw, kn, cv, eta_t, valid, st: ScopedState, freqs) -> dict:
+    def _step_one(self, q_raw, cand_k, cand_v, valid, st: ScopedState, freqs) -> dict:
         """A one-token step: append the evicted token (if any; ``valid`` [B]) to the open block and,
-        for the rows whose block completes, update the compressor and cache its read."""
+        for the rows whose block completes, update the compressor and cache its read. One Triton
+        kernel where it applies (``ops.ttt_evict_triton``), else the steps below (its reference)."""
         B, H, _, Dh = q_raw.shape
+        if ttt_evict.supports(self, st):
+            rot = self._rotation(freqs) if self.cfg.virtual_position == "relative" else None
+            ttt_evict.evict_step(self, st, cand_k, cand_v, valid, rot)
+        else:
+            self._append_one(cand_k, cand_v, valid, st, freqs)
+        k, v = self._current(st, freqs)
+        has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
+        return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None))
+
+    def _append_one(self, cand_k, cand_v, valid, st: ScopedState, freqs) -> None:
+        B, H, _, Dh = cand_k.shape
         b = self.cfg.block
+        kn, eta_t = self._prep(cand_k, B)  # [B, H, 1, Dh], [B, H, 1]
         ecount = st["ecount"]
         idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)  # the first free slot: written whether or not
         st["ek"].scatter_(2, idx, kn)  # a token was evicted (a free slot is never read)
-        st["ev"].scatter_(2, idx, cv)
+        st["ev"].scatter_(2, idx, cand_v.to(kn.dtype))
         st["eeta"].scatter_(2, idx[..., 0], eta_t)
         done = valid & (ecount + 1 >= b)  # [B]
         self._complete(st, done, freqs, B)
         ecount.copy_(torch.where(valid, (ecount + 1) % b, ecount))
         st["updates"].add_(done.long())
-        k, v = self._current(st, freqs)
-        has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
-        return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None))
 
     def _complete(self, st: ScopedState, done: torch.Tensor, freqs, B: int) -> None:
         """The rows with ``done`` [B] take one step on their full open block; their read is cached.

@@ -49,20 +49,17 @@ if triton is not None:
         return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
     @triton.jit
-    def _complete_kernel(d1, d2, m1, m2, w1i, w2i, x, y, eta, done, probes, vout,
-                         decay, momentum, max_norm,
-                         HC: tl.constexpr, BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr,
-                         MH: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, HAS_MOM: tl.constexpr,
-                         HAS_DECAY: tl.constexpr):
-        g = tl.program_id(0)
-        if tl.load(done + g) == 0:
-            return
-        h = g % HC
+    def _update_read(d1, d2, m1, m2, w1i, w2i, x, y, eta, probes, g, h, decay, momentum, max_norm,
+                     BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, M: tl.constexpr,
+                     MP: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr, NORM_P: tl.constexpr):
+        """Compressor g (initial state h): one step on its block x, y [BLK, DH], eta [BLK] (state and
+        momenta updated in place), then the read f_θ(p̂_m) of the new state: [MP, DH] (rows >= M zero
+        probes). ``NORM_P``: normalise the probes here."""
         rd, rm = tl.arange(0, DH), tl.arange(0, MH)
         i1 = rd[:, None] * MH + rm[None, :]  # [DH, MH]
         i2 = rm[:, None] * DH + rd[None, :]  # [MH, DH]
-        w10 = tl.load(w1i + h * DH * MH + i1)
-        w20 = tl.load(w2i + h * MH * DH + i2)
+        w10 = tl.load(w1i + h * DH * MH + i1).to(tl.float32)
+        w20 = tl.load(w2i + h * MH * DH + i2).to(tl.float32)
         w1 = w10 + tl.load(d1 + g * DH * MH + i1)
         w2 = w20 + tl.load(d2 + g * MH * DH + i2)
         g1 = tl.zeros((DH, MH), dtype=tl.float32)  # -Σ η_t ∂ℓ_t/∂W1
@@ -97,7 +94,23 @@ if triton is not None:
         tl.store(d2 + g * MH * DH + i2, w2 - w20)
         rp = tl.arange(0, MP)
         p = tl.load(probes + h * M * DH + rp[:, None] * DH + rd[None, :], mask=rp[:, None] < M, other=0.0)
-        v = tl.dot(_gelu(tl.dot(p, w1, input_precision="ieee")), w2, input_precision="ieee")  # [MP, DH]
+        p = p.to(tl.float32)
+        if NORM_P:  # F.normalize: p / max(‖p‖, 1e-12)
+            p = p / tl.maximum(tl.sqrt(tl.sum(p * p, 1)), 1e-12)[:, None]
+        return tl.dot(_gelu(tl.dot(p, w1, input_precision="ieee")), w2, input_precision="ieee")  # [MP, DH]
+
+    @triton.jit
+    def _complete_kernel(d1, d2, m1, m2, w1i, w2i, x, y, eta, done, probes, vout,
+                         decay, momentum, max_norm,
+                         HC: tl.constexpr, BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr,
+                         MH: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, HAS_MOM: tl.constexpr,
+                         HAS_DECAY: tl.constexpr):
+        g = tl.program_id(0)
+        if tl.load(done + g) == 0:
+            return
+        v = _update_read(d1, d2, m1, m2, w1i, w2i, x, y, eta, probes, g, g % HC, decay, momentum, max_norm,
+                         BLK, CH, DH, MH, M, MP, HAS_MOM, HAS_DECAY, False)
+        rd, rp = tl.arange(0, DH), tl.arange(0, MP)
         tl.store(vout + g * M * DH + rp[:, None] * DH + rd[None, :], v, mask=rp[:, None] < M)
 
 
