@@ -21,6 +21,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
+from moshi_ttt.ops import ttt_evict_triton as ttt_evict
 
 
 def sync(device):
@@ -126,7 +127,10 @@ def main(argv=None):
     p.add_argument("--stream-tokens", type=int, default=100)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--fused-step", action="store_true",
+                   help="ttt_cache: one-token steps as one Triton kernel on CUDA (ops/ttt_evict_triton.py)")
     a = p.parse_args(argv)
+    ttt_evict.ON_CUDA = a.fused_step
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []

@@ -36,6 +36,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
 from moshi_ttt.moshi.streaming import state_nbytes
+from moshi_ttt.ops import ttt_evict_triton as ttt_evict
 
 TINY_LM = tiny_lm_kwargs()
 
@@ -300,6 +301,8 @@ def parse(argv=None):
     p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)")
+    p.add_argument("--fused-step", action="store_true",
+                   help="TTT-cache one-token steps as one Triton kernel on CUDA (ops/ttt_evict_triton.py)")
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.dtype = a.dtype or ("fp32" if a.tiny else "bf16")
@@ -323,10 +326,12 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    ttt_evict.ON_CUDA = args.fused_step
     try:
         out = run(args)
     finally:
         torch.set_num_threads(threads)
+    out["fused_step"] = args.fused_step
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(out, indent=1))

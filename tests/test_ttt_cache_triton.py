@@ -89,6 +89,7 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
     monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
     if kernel == "complete":
         monkeypatch.setattr(evict, "supports", lambda *a: False)
+    monkeypatch.setattr(evict, "ON_CUDA", True)
     with torch.no_grad():
         fast, st_fast = stream(model, tokens, 1, resets_at=reset)
         assert len(calls) == 2 * 90  # every step of both layers went through the kernel

@@ -4,6 +4,9 @@ Triton kernel: a program per (row, head) normalises the evicted key, takes its s
 completes, updates the compressor and writes its read (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE
 at the relative offsets) into the cached virtual tokens. The last program of a row moves the row's
 counters. Per-head compressors of depth 2 only; ``supports`` says which memories run here.
+
+``ON_CUDA`` is off: the kernel is tested under Triton's interpreter only, and it has not been
+compiled or timed on a GPU yet. The GPU test turns it on.
 """
 
 from __future__ import annotations
@@ -16,18 +19,19 @@ import torch
 from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
+ON_CUDA = False  # CUDA tensors take this kernel (else the reference step)
 
 
 def supports(mem, st) -> bool:
     """A per-head depth-2 compressor, fp32 state, no gradients, no per-update finiteness check;
     powers of two >= 16 for the head and hidden widths and the block, <= 16 virtual tokens; CUDA
-    (CPU under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
+    with ``ON_CUDA`` (CPU under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
     mc = mem.cfg
     if triton is None or torch.is_grad_enabled() or mc.compressor_depth != 2 or mem.hc != mem.num_heads:
         return False
     if mc.check_finite or mc.num_virtual > 16 or st["ek"].dtype != torch.float32:
         return False
-    if not (st["ek"].is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not ((st["ek"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     Dh, m = st["d1"].shape[-2:]
     return all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, mc.block))
