@@ -21,7 +21,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
-from moshi_ttt.ops import ttt_evict_triton as ttt_evict
+from moshi_ttt.ops import ttt_step_triton as ttt_step
 
 
 def sync(device):
@@ -128,9 +128,9 @@ def main(argv=None):
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--fused-step", action="store_true",
-                   help="ttt_cache: one-token steps as one Triton kernel on CUDA (ops/ttt_evict_triton.py)")
+                   help="ttt_cache: one-token steps as Triton kernels on CUDA (ops/ttt_step_triton.py)")
     a = p.parse_args(argv)
-    ttt_evict.ON_CUDA = a.fused_step
+    ttt_step.ON_CUDA = a.fused_step
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []

@@ -36,7 +36,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
 from moshi_ttt.moshi.streaming import state_nbytes
-from moshi_ttt.ops import ttt_evict_triton as ttt_evict
+from moshi_ttt.ops import ttt_step_triton as ttt_step
 
 TINY_LM = tiny_lm_kwargs()
 
@@ -302,7 +302,7 @@ def parse(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)")
     p.add_argument("--fused-step", action="store_true",
-                   help="TTT-cache one-token steps as one Triton kernel on CUDA (ops/ttt_evict_triton.py)")
+                   help="TTT-cache one-token steps as Triton kernels on CUDA (ops/ttt_step_triton.py)")
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.dtype = a.dtype or ("fp32" if a.tiny else "bf16")
@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ttt_evict.ON_CUDA = args.fused_step
+    ttt_step.ON_CUDA = args.fused_step
     try:
         out = run(args)
     finally:

@@ -25,6 +25,8 @@ from moshi_ttt.moshi.gating import TTTGating
 from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
 from moshi_ttt.ops.inplace_ttt import chunk_target
+from moshi_ttt.ops import ttt_cache_triton as tct
+from moshi_ttt.ops import ttt_step_triton as step
 
 TINY = tiny_lm_kwargs()
 K, C = 5, 4  # codebooks (text + 4 audio), In-Place TTT chunk
@@ -301,8 +303,13 @@ def test_trap9_reset_clears_the_buffered_chunk():
                          ids=["mixed", "full", "sink", "pooled", "infini"])
 def test_exec_mask_off_rows_keep_their_memory(cfg):
     """Moshi's set_exec_mask: a row switched off for some steps continues as if they never happened."""
-    lm = lively(patch_lm(stock(), cfg))
-    seq = codes(2, 30)
+    masked, ref = exec_mask_run(lively(patch_lm(stock(), cfg)))
+    assert (masked - ref).abs().max().item() <= 1e-5
+
+
+def exec_mask_run(lm, T=30):
+    """Row 1 off for 5 junk steps after 10: its logits over the T real steps, and row 1 streamed alone."""
+    seq = codes(2, T)
     junk = codes(2, 5, seed=7)
     with torch.no_grad(), lm.streaming(2):
         a = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10)]
@@ -310,9 +317,32 @@ def test_exec_mask_off_rows_keep_their_memory(cfg):
         for t in range(5):
             lm.forward_text(junk[:, :, t:t + 1])
         lm.set_exec_mask(torch.tensor([True, True]))
-        b = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10, 30)]
-    ref = stream(lm, seq[1:], 1)
-    assert (torch.cat(a + b, 2)[1] - ref[0]).abs().max().item() <= 1e-5
+        b = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10, T)]
+    return torch.cat(a + b, 2)[1], stream(lm, seq[1:], 1)[0]
+
+
+@pytest.mark.skipif(not tct.available(), reason="needs Triton")
+def test_exec_mask_with_fused_step_kernels(monkeypatch):
+    """The same through the one-token step kernels (Triton's interpreter on CPU), which ran on every
+    TTT-cache step, and equal to the reference step."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
+    monkeypatch.setattr(tct, "CPU_INTERPRET", True)
+    monkeypatch.setattr(step, "ON_CUDA", True)
+    calls = []
+    for name in ("evict_step", "attend_one"):
+        fn = getattr(step, name)
+        monkeypatch.setattr(step, name, lambda *a, _f=fn, **k: calls.append(1) or _f(*a, **k))
+    cfg = AdapterConfig(memory=MemoryConfig(kind="ttt_cache", window=6, block=16, num_virtual=3, compressor_hidden=16),
+                        memory_layers=(0,))
+    lm = lively(patch_lm(stock(num_heads=2), cfg))  # head width 16
+    masked, ref = exec_mask_run(lm, T=40)
+    assert len(calls) == 2 * (45 + 40)  # both kernels, every step of the masked run (40 + 5) and the reference
+    assert (masked - ref).abs().max().item() <= 1e-5
+    monkeypatch.setattr(step, "ON_CUDA", False)
+    monkeypatch.setattr(tct, "CPU_INTERPRET", False)
+    plain, _ = exec_mask_run(lm, T=40)
+    assert (masked - plain).abs().max().item() <= 1e-5
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 import moshi_ttt as mt
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
-from moshi_ttt.ops import ttt_evict_triton as evict
+from moshi_ttt.ops import ttt_step_triton as step
 
 from conftest import stream
 
@@ -67,36 +67,43 @@ def test_triton_block_update_equals_reference(on, device, shape, opts):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel, extra", [
     ("complete", dict(momentum=0.5, cold_start="zero")),                                 # the block update alone
-    ("evict", dict(momentum=0.5, cold_start="zero")),                                    # the whole step
-    ("evict", dict(decay=0.1, max_state_norm=2.0, virtual_position="decay")),            # no rotation, cap
-    ("evict", dict(virtual_position="none", cold_start="wait", num_virtual=3)),          # 3 of 16 probe rows
+    ("step", dict(momentum=0.5, cold_start="zero")),                                     # the whole step
+    ("step", dict(decay=0.1, max_state_norm=2.0, virtual_position="decay")),             # no rotation, cap
+    ("step", dict(virtual_position="none", cold_start="wait", num_virtual=3, combine="concat")),  # option B
 ])
 def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monkeypatch):
     """One-token streaming (batch 2, a row reset) through the Triton block update, or the whole
-    one-token step in one kernel, equals the reference step: logits and every state tensor."""
-    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
+    one-token step (evict_step and attend_one), equals the reference step: logits and every state tensor."""
+    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=1, num_heads=4, memory=mt.MemoryConfig(
         kind="ttt_cache", window=8, block=16, **{"num_virtual": 4, **extra}))
     model = mt.StreamingLM(cfg).to(on(device)).eval()
     with torch.no_grad():
         for layer in model.layers:
             layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
             layer.self_attn.memory.lr_w.normal_(0, 1.0)
-    tokens = torch.randint(0, 50, (2, 90), device=model.emb.weight.device)
-    reset = {50: torch.tensor([False, True], device=tokens.device)}
-    calls = []
-    mod, name = (tri, "complete_block") if kernel == "complete" else (evict, "evict_step")
-    fn = getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+            layer.self_attn.memory.gate.normal_(0, 1.0)
+            layer.self_attn.memory.recency.normal_(0, 1.0)
+    T, r = 70, 40
+    tokens = torch.randint(0, 50, (2, T), device=model.emb.weight.device)
+    reset = {r: torch.tensor([False, True], device=tokens.device)}
+    calls = {}
+    for mod, name in ((tri, "complete_block"), (step, "evict_step"), (step, "attend_one")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k))
+    monkeypatch.setattr(step, "ON_CUDA", True)
     if kernel == "complete":
-        monkeypatch.setattr(evict, "supports", lambda *a: False)
-    monkeypatch.setattr(evict, "ON_CUDA", True)
+        monkeypatch.setattr(step, "supports", lambda *a: False)
+        monkeypatch.setattr(step, "attend_supports", lambda *a: False)
     with torch.no_grad():
         fast, st_fast = stream(model, tokens, 1, resets_at=reset)
-        assert len(calls) == 2 * 90  # every step of both layers went through the kernel
+        # every step of both layers went through the kernels
+        n = T  # steps
+        assert calls == ({"complete_block": n} if kernel == "complete" else {"evict_step": n, "attend_one": n})
+        for name in ("supports", "attend_supports"):
+            monkeypatch.setattr(step, name, lambda *a: False)
         monkeypatch.setattr(tri, "supports", lambda *a: False)
-        monkeypatch.setattr(evict, "supports", lambda *a: False)
         ref, st_ref = stream(model, tokens, 1, resets_at=reset)
-    assert st_fast["layers.0.updates"].tolist() == [(90 - 8) // 16, (90 - 50 - 8) // 16]
+    assert st_fast["layers.0.updates"].tolist() == [(T - 8) // 16, (T - r - 8) // 16]
     assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
     assert st_fast.tensors.keys() == st_ref.tensors.keys()
     for name, t in st_ref.tensors.items():

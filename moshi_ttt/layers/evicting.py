@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
+from ..ops import ttt_step_triton as ttt_step
 from ..ops.rope import yarn_attention_scale
 from ..state import ScopedState
 from .memory import ring_write
@@ -132,6 +133,8 @@ class EvictingMemory(nn.Module):
                 ring_write(st["k"], st["v"], st["kpos"], k, torch.where(on, v.to(cand_v.dtype), cand_v), pos,
                            extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
                            stored=pos.masked_fill(~active[:, None], -1))
+            if "fused" in read:  # a subclass's virtual tokens [B, H, M, Dh], for the fused kernel
+                return ttt_step.attend_one(self, st, q, q_raw, *read["fused"], read["has"]).to(q.dtype)
             keys, vals, kpos = st["k"], st["v"], st["kpos"]
         else:
             keys, vals = torch.cat([st["k"].to(k.dtype), k], 2), torch.cat([st["v"].to(v.dtype), v], 2)

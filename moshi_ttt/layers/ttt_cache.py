@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..ops.rope import rotate
 from ..ops.segments import pack, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
-from ..ops import ttt_evict_triton as ttt_evict
+from ..ops import ttt_step_triton as ttt_step
 from ..ops.ttt_cache import complete_block, compress_scan, compressor
 from ..state import ScopedState
 from .evicting import EvictingMemory
@@ -292,15 +292,17 @@ class TTTCacheMemory(EvictingMemory):
     def _step_one(self, q_raw, cand_k, cand_v, valid, st: ScopedState, freqs) -> dict:
         """A one-token step: append the evicted token (if any; ``valid`` [B]) to the open block and,
         for the rows whose block completes, update the compressor and cache its read. One Triton
-        kernel where it applies (``ops.ttt_evict_triton``), else the steps below (its reference)."""
+        kernel where it applies (``ops.ttt_step_triton``), else the steps below (its reference)."""
         B, H, _, Dh = q_raw.shape
-        if ttt_evict.supports(self, st):
+        if ttt_step.supports(self, st):
             rot = self._rotation(freqs) if self.cfg.virtual_position == "relative" else None
-            ttt_evict.evict_step(self, st, cand_k, cand_v, valid, rot)
+            ttt_step.evict_step(self, st, cand_k, cand_v, valid, rot)
         else:
             self._append_one(cand_k, cand_v, valid, st, freqs)
         k, v = self._current(st, freqs)
         has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
+        if ttt_step.attend_supports(self, st):  # attention and mix in one kernel (attend_step)
+            return {"fused": (k, v), "has": has}
         return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None))
 
     def _append_one(self, cand_k, cand_v, valid, st: ScopedState, freqs) -> None:

@@ -1,11 +1,14 @@
-"""The TTT cache's one-token streaming step (``TTTCacheMemory._step_one`` up to the read) as one
-Triton kernel: a program per (row, head) normalises the evicted key, takes its step size
-η = inner_lr σ(k̂·w + c) / b, appends the token to the open block and, when the row's block
-completes, updates the compressor and writes its read (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE
-at the relative offsets) into the cached virtual tokens. The last program of a row moves the row's
-counters. Per-head compressors of depth 2 only; ``supports`` says which memories run here.
+"""The TTT cache's one-token streaming step as two Triton kernels, a program per (row, head) each.
 
-``ON_CUDA`` is off: the kernel is tested under Triton's interpreter only, and it has not been
+``evict_step`` (``TTTCacheMemory._append_one``): normalise the evicted key, take its step size
+η = inner_lr σ(k̂·w + c) / b, append the token to the open block and, when the row's block
+completes, update the compressor and write its read (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE at
+the relative offsets) into the cached virtual tokens; the last program of a row moves the row's
+counters. Per-head compressors of depth 2 only (``supports``).
+``attend_one`` (``EvictingMemory.attend_step``'s scores and ``mix``): the query against the ring
+and the virtual tokens, combined by option A or B (``attend_supports``).
+
+``ON_CUDA`` is off: the kernels are tested under Triton's interpreter only, and they have not been
 compiled or timed on a GPU yet. The GPU test turns it on.
 """
 
@@ -109,3 +112,70 @@ def evict_step(mem, st, cand_k, cand_v, valid, rot) -> None:
                           H=H, BLK=mc.block, CH=min(mc.block, 32), DH=Dh, MH=m, M=M,
                           MP=max(16, 1 << math.ceil(math.log2(M))), HAS_MOM=bool(mc.momentum),
                           HAS_DECAY=bool(mc.decay), ROTATE=rot is not None, num_warps=4 if Dh * m <= 4096 else 8)
+
+
+if triton is not None:
+    @triton.jit
+    def _attend_kernel(q, qr, rk, rv, kpos, vk, vv, has, gate, recency, out, scale,
+                       H: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, DH: tl.constexpr, M: tl.constexpr,
+                       MP: tl.constexpr, GATE: tl.constexpr, DECAY: tl.constexpr):
+        bi, h = tl.program_id(0), tl.program_id(1)
+        g = bi * H + h
+        rd, rw, rm = tl.arange(0, DH), tl.arange(0, WP), tl.arange(0, MP)
+        inw, inm = rw < W, rm < M
+        # the window: the ring after this step's write, its empty slots (position -1) masked
+        k = tl.load(rk + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * tl.load(q + g * DH + rd).to(tl.float32)[None, :], 1) * scale  # [WP]
+        s = tl.where(inw & (tl.load(kpos + bi * W + rw, mask=inw, other=-1) >= 0), s, float("-inf"))
+        v = tl.load(rv + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0).to(tl.float32)
+        # the virtual tokens, scored by the query before RoPE
+        kv = tl.load(vk + (g * M + rm[:, None]) * DH + rd[None, :], mask=inm[:, None], other=0.0).to(tl.float32)
+        sv = tl.sum(kv * tl.load(qr + g * DH + rd).to(tl.float32)[None, :], 1) * scale  # [MP]
+        if DECAY:  # token m weighted by exp(-γ m), γ = softplus(recency)
+            r = tl.load(recency + h).to(tl.float32)
+            gamma = tl.maximum(r, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(r)))
+            sv -= gamma * rm.to(tl.float32)
+        sv = tl.where(inm, sv, float("-inf"))
+        vv_ = tl.load(vv + (g * M + rm[:, None]) * DH + rd[None, :], mask=inm[:, None], other=0.0).to(tl.float32)
+        on = tl.load(has + bi) != 0
+        if GATE:  # option A: α softmax(window) + (1 - α) softmax(virtual); α = 1 without a read
+            er = tl.exp(s - tl.max(s, 0))
+            ev = tl.exp(sv - tl.max(sv, 0))
+            o_r = tl.sum(er[:, None] * v, 0) / tl.sum(er, 0)
+            o_v = tl.sum(ev[:, None] * vv_, 0) / tl.sum(ev, 0)
+            a = 1.0 / (1.0 + tl.exp(-tl.load(gate + h).to(tl.float32)))
+            a = tl.where(on, a, 1.0)
+            o = a * o_r + (1.0 - a) * o_v
+        else:  # option B: one softmax over window and virtual keys
+            sv = tl.where(on, sv, float("-inf"))
+            mx = tl.maximum(tl.max(s, 0), tl.max(sv, 0))
+            er = tl.exp(s - mx)
+            ev = tl.exp(sv - mx)
+            o = (tl.sum(er[:, None] * v, 0) + tl.sum(ev[:, None] * vv_, 0)) / (tl.sum(er, 0) + tl.sum(ev, 0))
+        tl.store(out + g * DH + rd, o)
+
+
+def attend_supports(mem, st) -> bool:
+    """The fused attention of a one-token step: the conditions of ``supports``' device, a power-of-two
+    head width, a window of at most 1024 and at most 16 virtual tokens."""
+    if triton is None or torch.is_grad_enabled() or mem.record or mem.cfg.num_virtual > 16:
+        return False
+    if not ((st["k"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    Dh = st["k"].shape[-1]
+    return Dh >= 16 and Dh & (Dh - 1) == 0 and mem.cfg.window <= 1024
+
+
+def attend_one(mem, st, q, q_raw, vk, vv, has) -> torch.Tensor:
+    """A one-token step's attention output [B, H, 1, Dh] (fp32) from the ring (after the write),
+    the virtual tokens vk, vv [B, H, M, Dh] and has [B]: ``EvictingMemory.attend_step``'s ``mix``."""
+    B, H, _, Dh = q.shape
+    W, M = mem.cfg.window, vk.shape[2]
+    out = torch.empty(B, H, 1, Dh, device=q.device, dtype=torch.float32)
+    c = (lambda t: t if t.is_contiguous() else t.contiguous())
+    _attend_kernel[(B, H)](c(q), c(q_raw), st["k"], st["v"], st["kpos"], c(vk), c(vv), c(has), mem.gate,
+                           mem.recency, out, mem.inv_t / math.sqrt(Dh), H=H, W=W,
+                           WP=max(16, 1 << math.ceil(math.log2(W))), DH=Dh, M=M,
+                           MP=max(16, 1 << math.ceil(math.log2(M))), GATE=mem.cfg.combine == "gate",
+                           DECAY=mem.cfg.virtual_position == "decay", num_warps=4)
+    return out
