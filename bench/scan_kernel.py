@@ -1,7 +1,7 @@
 """Time the TTT-cache compressor scan (forward + backward) at one layer's training shape on the GPU:
 the fused Triton kernels against the reference block loop, in one run, and check they agree.
 
-    python bench/scan_kernel.py --rows 4 --heads 8 --seq 8192 --window 256 --block 256 --out scan.json
+    cd bench && python scan_kernel.py --rows 4 --heads 8 --seq 8192 --window 256 --block 256 --out scan.json
 """
 
 from __future__ import annotations
@@ -14,20 +14,7 @@ from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_scan_triton as tri
-
-
-def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from profile_ttt import timed  # bench/ is the script's folder
 
 
 def main():
@@ -62,8 +49,8 @@ def main():
 
     ref_states, ref_grads = run(ops.scan_states)
     res = {"shape": dict(G=G, N=N, b=b, Dh=Dh, m=m), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "reference_ms": timed(lambda: run(ops.scan_states)),
-           "reference_forward_ms": timed(lambda: ops.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0))}
+           "torch": torch.__version__, "reference_ms": timed(lambda: run(ops.scan_states), reps=5),
+           "reference_forward_ms": timed(lambda: ops.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0), reps=5)}
     for v in a.variants:
         prec, w, ch = v.split(":")
         tri.PRECISION, tri.NUM_WARPS, tri.CHUNK = prec.split("/")[0], int(w), int(ch)
@@ -74,8 +61,8 @@ def main():
             res[f"fused_{prec}_w{w}_c{ch}"] = {"error": str(e)[:200]}
             continue
         err = max((x - y).abs().max().item() / (y.abs().max().item() + 1e-12) for x, y in zip(states + grads, ref_states + ref_grads))
-        res[f"fused_{prec}_w{w}_c{ch}"] = {"ms": timed(lambda: run(tri.scan_states)), "max_rel_err": err,
-                              "forward_ms": timed(lambda: tri.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0))}
+        res[f"fused_{prec}_w{w}_c{ch}"] = {"ms": timed(lambda: run(tri.scan_states), reps=5), "max_rel_err": err,
+                              "forward_ms": timed(lambda: tri.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0), reps=5)}
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:

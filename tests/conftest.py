@@ -14,6 +14,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Triton kernel tests: on CPU under the interpreter, and on the GPU with ``-m gpu``
+TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """Lets Triton kernels take CPU tensors (under the interpreter); ``on(name)`` -> the device."""
+    from moshi_ttt.ops import ttt_cache_triton
+    monkeypatch.setattr(ttt_cache_triton, "CPU_INTERPRET", True)
+
+    def device(name):
+        if name == "cpu" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
+        return torch.device(name)
+    return device
+
+
 def tiny_config(kind: str = "window", window: int = 5, num_sink: int = 2, vocab: int = 50, num_layers: int = 2) -> mt.ModelConfig:
     return mt.ModelConfig(vocab_size=vocab, dim=32, num_layers=num_layers, num_heads=4,
                           memory=mt.MemoryConfig(kind=kind, window=window, num_sink=num_sink))

@@ -34,6 +34,14 @@ def lively(model):
     return model
 
 
+def logits_and_grads(model, tokens, **kw) -> list:
+    """The logits of a float64 model and every parameter's gradient of a fixed linear loss."""
+    model.zero_grad()
+    logits = model(tokens, **kw)
+    (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+    return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 # ---- parallel vs streaming ----------------------------------------------------------
 @pytest.mark.parametrize("combine, position, cold", OPTIONS)
 def test_parallel_equals_streaming_every_option(combine, position, cold):
@@ -74,10 +82,7 @@ def test_fused_window_attention_equals_banded_reference(extra):
     for banded in (True, False):
         for mem in memories(model):
             mem.banded = banded
-        model.zero_grad()
-        logits = model(tokens, resets=resets)
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
-        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        results.append(logits_and_grads(model, tokens, resets=resets))
     assert len(results[0]) == len(results[1]) > 10
     for ref, fast in zip(*results):
         assert (fast - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1.0)  # banded is fp32
@@ -95,10 +100,7 @@ def test_read_without_per_query_copies_equals_reference(position, cold, monkeypa
     for fast in (False, True):
         for mem in memories(model):
             mem.fast_read = fast
-        model.zero_grad()
-        logits = model(tokens)
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
-        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        results.append(logits_and_grads(model, tokens))
     assert len(calls) == 2  # the fast read ran in both layers, only when on
     for ref, fast in zip(*results):
         assert (fast - ref).abs().max().item() <= 1e-6 * max(ref.abs().max().item(), 1.0)  # reads are fp32

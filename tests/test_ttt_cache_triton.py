@@ -10,24 +10,10 @@ from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
 from moshi_ttt.ops import ttt_step_triton as step
 
-from conftest import stream
+from conftest import TRITON_DEVICES, stream
 
 pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
-
-
-@pytest.fixture
-def on(monkeypatch):
-    monkeypatch.setattr(tri, "CPU_INTERPRET", True)
-
-    def device(name):
-        if name == "cpu" and not torch.cuda.is_available():
-            import os
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
-        return torch.device(name)
-    return device
+DEVICES = TRITON_DEVICES
 
 
 def problem(B, HC, b, Dh, m, M, momentum, device):

@@ -7,10 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
-from moshi_ttt.ops import ttt_cache_triton as tct
 from moshi_ttt.ops import ttt_scan_triton as tri
 
-from test_ttt_cache_triton import DEVICES, on  # noqa: F401 (fixture)
+from conftest import TRITON_DEVICES as DEVICES
 
 pytestmark = pytest.mark.skipif(not tri.triton, reason="needs Triton")
 
