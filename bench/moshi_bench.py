@@ -174,15 +174,19 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
             "tried": tried}
 
 
-def variant_config(name: str, num_layers: int) -> AdapterConfig:
-    """An ``AdapterConfig`` preset; ``NAME+tf32``: its In-Place TTT scan with TF32 products."""
-    base, _, opt = name.partition("+")
+def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool]:
+    """An ``AdapterConfig`` preset and whether its TTT-cache steps take the fused Triton step:
+    ``NAME+tf32`` its In-Place TTT scan with TF32 products, ``NAME+fused`` one-token TTT-cache steps
+    through ``ops/ttt_step_triton.py`` (both may be given)."""
+    base, *opts = name.split("+")
     cfg = AdapterConfig.preset(base, num_layers=num_layers)
-    if opt not in ("", "tf32") or (opt and cfg.inplace_ttt is None):
-        raise ValueError(f"bad variant {name!r}: expected PRESET or PRESET+tf32 (a preset with In-Place TTT)")
-    if opt:
+    if any(o not in ("tf32", "fused") for o in opts) or len(set(opts)) != len(opts) or \
+            ("tf32" in opts and cfg.inplace_ttt is None) or ("fused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache")):
+        raise ValueError(f"bad variant {name!r}: expected PRESET, PRESET+tf32 (a preset with In-Place TTT) "
+                         "and/or PRESET+fused (a preset with the TTT cache)")
+    if "tf32" in opts:
         cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high"))
-    return cfg
+    return cfg, "fused" in opts
 
 
 def run(args) -> dict:
@@ -200,14 +204,18 @@ def run(args) -> dict:
            "checkpoints": args.checkpoints, "model_build_s": built_s, "variants": {}}
     per_variant = (args.budget_s - built_s) / len(args.variants)
     for i, name in enumerate(args.variants):
-        cfg = variant_config(name, n_layers)
+        cfg, fused = variant_config(name, n_layers)
         patch_lm(lm, cfg)
+        ttt_step.ON_CUDA = fused
         t0 = time.monotonic()
-        series = batch1_series(lm, args, device)
-        deadline = t_start + built_s + per_variant * (i + 1)
-        search = concurrency(lm, args, device, deadline)
+        try:
+            series = batch1_series(lm, args, device)
+            deadline = t_start + built_s + per_variant * (i + 1)
+            search = concurrency(lm, args, device, deadline)
+        finally:
+            ttt_step.ON_CUDA = False
         unpatch_lm(lm)
-        out["variants"][name] = {"adapter": cfg.to_dict(), "series": series, "search": search,
+        out["variants"][name] = {"adapter": cfg.to_dict(), "fused_step": fused, "series": series, "search": search,
                                  "seconds": time.monotonic() - t0}
         print(f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
               f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent {search['max_concurrent']} "
@@ -292,7 +300,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)")
     p.add_argument("--variants", default="off,ttt_cache,both",
-                   help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT products")
+                   help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT products, "
+                        "PRESET+fused for the fused one-token TTT-cache step (ops/ttt_step_triton.py)")
     p.add_argument("--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)")
     p.add_argument("--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)")
     p.add_argument("--warmup", type=int, default=3)
@@ -301,8 +310,6 @@ def parse(argv=None):
     p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)")
-    p.add_argument("--fused-step", action="store_true",
-                   help="TTT-cache one-token steps as Triton kernels on CUDA (ops/ttt_step_triton.py)")
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.dtype = a.dtype or ("fp32" if a.tiny else "bf16")
@@ -326,12 +333,10 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ttt_step.ON_CUDA = args.fused_step
     try:
         out = run(args)
     finally:
         torch.set_num_threads(threads)
-    out["fused_step"] = args.fused_step
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     (d / "results.json").write_text(json.dumps(out, indent=1))

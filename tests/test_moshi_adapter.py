@@ -307,24 +307,25 @@ def test_exec_mask_off_rows_keep_their_memory(cfg):
     assert (masked - ref).abs().max().item() <= 1e-5
 
 
-def exec_mask_run(lm, T=30):
-    """Row 1 off for 5 junk steps after 10: its logits over the T real steps, and row 1 streamed alone."""
+def exec_mask_run(lm, T=30, off_at=10):
+    """Row 1 off for 5 junk steps after ``off_at``: its logits over the T real steps, and row 1 streamed alone."""
     seq = codes(2, T)
     junk = codes(2, 5, seed=7)
     with torch.no_grad(), lm.streaming(2):
-        a = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10)]
+        a = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(off_at)]
         lm.set_exec_mask(torch.tensor([True, False]))
         for t in range(5):
             lm.forward_text(junk[:, :, t:t + 1])
         lm.set_exec_mask(torch.tensor([True, True]))
-        b = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(10, T)]
+        b = [lm.forward_text(seq[:, :, t:t + 1])[1] for t in range(off_at, T)]
     return torch.cat(a + b, 2)[1], stream(lm, seq[1:], 1)[0]
 
 
 @pytest.mark.skipif(not tct.available(), reason="needs Triton")
 def test_exec_mask_with_fused_step_kernels(monkeypatch):
     """The same through the one-token step kernels (Triton's interpreter on CPU), which ran on every
-    TTT-cache step, and equal to the reference step."""
+    TTT-cache step, and equal to the reference step. Row 1 is off while its open block holds b - 1
+    tokens (window 6, block 16: from step 20), so the junk steps must not complete it."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
     monkeypatch.setattr(tct, "CPU_INTERPRET", True)
@@ -336,12 +337,12 @@ def test_exec_mask_with_fused_step_kernels(monkeypatch):
     cfg = AdapterConfig(memory=MemoryConfig(kind="ttt_cache", window=6, block=16, num_virtual=3, compressor_hidden=16),
                         memory_layers=(0,))
     lm = lively(patch_lm(stock(num_heads=2), cfg))  # head width 16
-    masked, ref = exec_mask_run(lm, T=40)
+    masked, ref = exec_mask_run(lm, T=40, off_at=20)
     assert len(calls) == 2 * (45 + 40)  # both kernels, every step of the masked run (40 + 5) and the reference
     assert (masked - ref).abs().max().item() <= 1e-5
     monkeypatch.setattr(step, "ON_CUDA", False)
     monkeypatch.setattr(tct, "CPU_INTERPRET", False)
-    plain, _ = exec_mask_run(lm, T=40)
+    plain, _ = exec_mask_run(lm, T=40, off_at=20)
     assert (masked - plain).abs().max().item() <= 1e-5
 
 
@@ -577,6 +578,19 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
         for r in out["variants"][name]["series"]:
             assert f"| {name} | {r['steps']} | {r['ms_per_frame']:.2f} | {r['state_bytes'] / 1e6:.2f} |" in md
     assert out["variants"]["off"]["series"][0]["state_bytes"] == stock_bytes
+
+
+def test_bench_variant_names():
+    """PRESET[+tf32][+fused]: the options apply to presets that have what they change, else a clear error."""
+    bench = load_bench()
+    for name, tf32, fused in [("ttt_cache", False, False), ("ttt_cache+fused", False, True),
+                              ("both+tf32+fused", True, True), ("both+fused+tf32", True, True)]:
+        cfg, on = bench.variant_config(name, 32)
+        assert on == fused and cfg.memory.kind == "ttt_cache"
+        assert (cfg.inplace_ttt.matmul_precision == "high") == tf32 if cfg.inplace_ttt else not tf32
+    for bad in ("off+fused", "ttt_cache+tf32", "ttt_cache+fast", "ttt_cache+fused+fused"):
+        with pytest.raises(ValueError, match="bad variant"):
+            bench.variant_config(bad, 32)
 
 
 def test_bench_search_matches_a_linear_scan():
