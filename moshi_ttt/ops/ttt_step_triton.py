@@ -88,24 +88,22 @@ if triton is not None:
             tl.store(updates + bi, tl.load(updates + bi) + done.to(tl.int64))
 
 
-_arrive: dict = {}  # per (device, rows): the kernel's arrival counters (zero between steps)
-
-
 def evict_step(mem, st, cand_k, cand_v, valid, rot) -> None:
     """In place on ``st``: cand_k (before RoPE), cand_v [B, H, 1, Dh] the evicted tokens, valid [B];
     rot the (cos, sin) [M, Dh/2] of the virtual keys' offsets (None: no rotation)."""
     mc = mem.cfg
     B, H, _, Dh = cand_k.shape
     M, m = mc.num_virtual, st["d1"].shape[-1]
-    key = (cand_k.device, B)
-    if key not in _arrive:
-        _arrive[key] = torch.zeros(B, dtype=torch.int32, device=cand_k.device)
+    arrive = mem.__dict__.setdefault("_arrive", {})  # per layer, device and rows: the kernel's arrival
+    key = (cand_k.device, B)  # counters (zero between steps)
+    if key not in arrive:
+        arrive[key] = torch.zeros(B, dtype=torch.int32, device=cand_k.device)
     flat = (lambda t: t.flatten(0, 1))
     moms = (flat(st["mom1"]), flat(st["mom2"])) if mc.momentum else (flat(st["d1"]), flat(st["d2"]))
     cos, sin = rot if rot is not None else (st["ek"], st["ek"])  # unread without rotation
     c = (lambda t: t if t.is_contiguous() else t.contiguous())
     _evict_kernel[(B, H)](c(cand_k), c(cand_v), c(valid), st["ek"], st["ev"], st["eeta"], st["ecount"],
-                          st["updates"], _arrive[key], flat(st["d1"]), flat(st["d2"]), *moms,
+                          st["updates"], arrive[key], flat(st["d1"]), flat(st["d2"]), *moms,
                           mem.w1_init, mem.w2_init, mem.probes, mem.lr_w, mem.lr_b, mem.vkeys, mem.vkey_proj,
                           cos, sin, st["vk"], st["vv"], mc.inner_lr / mc.block, float(mc.decay),
                           float(mc.momentum), float(mc.max_state_norm),
