@@ -155,13 +155,14 @@ if triton is not None:
 
 def attend_supports(mem, st) -> bool:
     """The fused attention of a one-token step: the conditions of ``supports``' device, a power-of-two
-    head width, a window of at most 1024 and at most 16 virtual tokens."""
+    head width, at most 16 virtual tokens, and a ring of at most 32768 entries (window x head width)
+    that a program holds in registers."""
     if triton is None or torch.is_grad_enabled() or mem.record or mem.cfg.num_virtual > 16:
         return False
     if not ((st["k"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     Dh = st["k"].shape[-1]
-    return Dh >= 16 and Dh & (Dh - 1) == 0 and mem.cfg.window <= 1024
+    return Dh >= 16 and Dh & (Dh - 1) == 0 and mem.cfg.window * Dh <= 32768
 
 
 def attend_one(mem, st, q, q_raw, vk, vv, has) -> torch.Tensor:
@@ -175,5 +176,5 @@ def attend_one(mem, st, q, q_raw, vk, vv, has) -> torch.Tensor:
                            mem.recency, out, mem.inv_t / math.sqrt(Dh), H=H, W=W,
                            WP=max(16, 1 << math.ceil(math.log2(W))), DH=Dh, M=M,
                            MP=max(16, 1 << math.ceil(math.log2(M))), GATE=mem.cfg.combine == "gate",
-                           DECAY=mem.cfg.virtual_position == "decay", num_warps=4)
+                           DECAY=mem.cfg.virtual_position == "decay", num_warps=4 if W * Dh < 8192 else 8)
     return out
