@@ -94,3 +94,21 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
     assert st_fast.tensors.keys() == st_ref.tensors.keys()
     for name, t in st_ref.tensors.items():
         assert torch.allclose(st_fast[name].float(), t.float(), atol=1e-5, rtol=1e-4), name
+
+
+def test_wide_compressors_take_the_reference(on):
+    """Weights past the kernels' shared-memory bound (Dh 128 x hidden 256) are left to the reference."""
+    from moshi_ttt.ops import ttt_scan_triton as scan
+    on("cpu")
+    ds = (torch.zeros(2, 128, 256), torch.zeros(2, 256, 128))
+    x, probes = torch.zeros(2, 16, 128), torch.zeros(1, 4, 128)
+    assert tri.supports(tuple(d[:, :, :64] for d in ds[:1]) + (ds[1][:, :64],), x, probes)  # 128 x 64: fits
+    assert not tri.supports(ds, x, probes)
+    assert not scan.supports(ds, x[:, None])
+    for dim, fits in ((128, True), (256, False)):  # 2 heads: Dh 64 x hidden 128, Dh 128 x hidden 256
+        cfg = mt.ModelConfig(vocab_size=50, dim=dim, num_layers=1, num_heads=2, memory=mt.MemoryConfig(
+            kind="ttt_cache", window=8, block=16))
+        model = mt.StreamingLM(cfg).eval()
+        with torch.no_grad():
+            assert step.supports(model.layers[0].self_attn.memory, model.init_state(1).scope("layers.0.")) == fits
+

@@ -22,6 +22,7 @@ except ImportError:  # CPU installs: the reference runs
 
 
 CPU_INTERPRET = False  # tests: run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)
+MAX_WEIGHTS = 16384  # Dh x hidden: IEEE products stage their operands in shared memory (~8 Dh m bytes)
 
 
 def available() -> bool:
@@ -29,14 +30,15 @@ def available() -> bool:
 
 
 def supports(ds, x, probes) -> bool:
-    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16 probes;
+    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16 probes,
+    at most ``MAX_WEIGHTS`` entries per weight (the per-block shared memory of an H100);
     CUDA tensors (CPU ones under Triton's interpreter with ``CPU_INTERPRET``, for tests)."""
     if triton is None or len(ds) != 2 or x.dtype != torch.float32 or probes.shape[1] > 16:
         return False
     if not (x.is_cuda or (CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     Dh, m, b = ds[0].shape[1], ds[0].shape[2], x.shape[1]
-    return all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
+    return Dh * m <= MAX_WEIGHTS and all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
 
 
 if triton is not None:

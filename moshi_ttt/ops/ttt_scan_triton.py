@@ -24,20 +24,21 @@ from . import ttt_cache_triton as tct
 
 NUM_WARPS = 4  # per program
 CHUNK = 32  # tokens per program
+MAX_WEIGHTS = 8192  # Dh x hidden, as large as measured on an H100 (its operands sit in shared memory)
 PRECISION = "tf32x3"  # tl.dot's input precision in the forward: three TF32 products, fp32 accuracy
 GRAD_PRECISION = {"fp32": "tf32x3", "tf32": "tf32"}  # the backward's, by ``MemoryConfig.grad_precision``
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 
 
 def supports(ds, keys) -> bool:
-    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block; CUDA
-    tensors (CPU ones under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
+    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, weights of at
+    most ``MAX_WEIGHTS`` entries; CUDA tensors (CPU ones under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
     if triton is None or len(ds) != 2 or keys.dtype != torch.float32 or keys.dim() != 4:
         return False
     if not (keys.is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     Dh, m, b = ds[0].shape[-2], ds[0].shape[-1], keys.shape[2]
-    return all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
+    return Dh * m <= MAX_WEIGHTS and all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
 
 
 if triton is not None:

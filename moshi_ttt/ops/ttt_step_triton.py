@@ -27,7 +27,8 @@ ON_CUDA = False  # CUDA tensors take this kernel (else the reference step)
 
 def supports(mem, st) -> bool:
     """A per-head depth-2 compressor, fp32 state, no gradients, no per-update finiteness check;
-    powers of two >= 16 for the head and hidden widths and the block, <= 16 virtual tokens; CUDA
+    powers of two >= 16 for the head and hidden widths and the block, <= 16 virtual tokens, weights
+    of at most ``ttt_cache_triton.MAX_WEIGHTS`` entries; CUDA
     with ``ON_CUDA`` (CPU under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
     mc = mem.cfg
     if triton is None or torch.is_grad_enabled() or mc.compressor_depth != 2 or mem.hc != mem.num_heads:
@@ -37,7 +38,7 @@ def supports(mem, st) -> bool:
     if not ((st["ek"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     Dh, m = st["d1"].shape[-2:]
-    return all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, mc.block))
+    return Dh * m <= tct.MAX_WEIGHTS and all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, mc.block))
 
 
 if triton is not None:
@@ -82,6 +83,7 @@ if triton is not None:
             out = g * M * DH + rp[:, None] * DH + rd[None, :]
             tl.store(vk + out, k, mask=rows)
             tl.store(vv + out, v, mask=rows)
+        tl.debug_barrier()  # every thread's reads of ecount and valid come before the release below
         if tl.atomic_add(arrive + bi, 1) == H - 1:  # the row's last program (all have read ecount)
             tl.store(arrive + bi, 0)
             tl.store(ecount + bi, tl.where(ok, (e + 1) % BLK, e))

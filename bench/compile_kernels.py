@@ -1,0 +1,102 @@
+"""Compile the project's Triton kernels for a GPU target without a GPU (Triton's ahead-of-time path
+and the ptxas it ships) and report each one's registers, spill stack and shared memory per block.
+
+    python bench/compile_kernels.py --out docs/results/kernel-compile-sm90/compile.json
+
+This shows whether a kernel fits an H100 (sm_90, 232,448 bytes of shared memory per block) before
+any device time is spent. It does not run them: correctness is the tests' job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moshi_ttt.ops import ttt_cache_triton as cache_k
+from moshi_ttt.ops import ttt_scan_triton as scan_k
+from moshi_ttt.ops import ttt_step_triton as step_k
+
+SHARED_LIMIT = 232448  # bytes per block on an H100
+
+
+def source(fn, types: dict, consts: dict) -> ASTSource:
+    """Pointers are fp32 unless ``types`` says otherwise; constexprs from ``consts``."""
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        sig[name] = "constexpr" if p.is_constexpr else types.get(name, "*fp32")
+    return ASTSource(fn, sig, consts)
+
+
+def kernels() -> list:
+    """(name, shape, source, num_warps) at the `small` preset's and the Moshi 7B preset's shapes."""
+    out = []
+    f32s = {n: "fp32" for n in ("decay", "momentum", "max_norm", "eta_scale", "scale")}
+    for label, Dh, m, b, M in (("small", 64, 128, 256, 4), ("moshi7b", 128, 32, 16, 8)):
+        MP = max(16, 1 << (M - 1).bit_length())
+        common = dict(BLK=b, CH=min(b, 32), DH=Dh, MH=m, M=M, MP=MP, HAS_MOM=False, HAS_DECAY=False)
+        nw = 4 if Dh * m <= 4096 else 8
+        out.append(("complete_block", label, source(cache_k._complete_kernel, {**f32s, "done": "*i32"},
+                                                    {**common, "HC": 8}), nw))
+        out.append(("evict_step", label, source(step_k._evict_kernel, {
+            **f32s, "kraw": "*bf16", "cv": "*bf16", "valid": "*i1", "ecount": "*i64", "updates": "*i64",
+            "arrive": "*i32"}, {**common, "H": 8, "ROTATE": True}), nw))
+    for label, W, Dh, M in (("small", 256, 64, 4), ("moshi7b", 64, 128, 8)):
+        out.append(("attend_one", label, source(step_k._attend_kernel, {
+            "q": "*bf16", "qr": "*bf16", "rk": "*bf16", "rv": "*bf16", "kpos": "*i64", "has": "*i1", "scale": "fp32"},
+            dict(H=8, W=W, WP=max(16, 1 << (W - 1).bit_length()), DH=Dh, M=M, MP=max(16, 1 << (M - 1).bit_length()),
+                 GATE=True, DECAY=True)), 4 if W * Dh < 8192 else 8))
+    ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32"}
+    chunk = dict(BLK=256, CH=32, DH=64, MH=128)
+    flags = dict(NC=8, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
+    out += [("scan_fwd_chunk", "small", source(scan_k._fwd_chunk, ints, {**chunk, "PREC": scan_k.PRECISION}), 4),
+            ("scan_fwd_update", "small", source(scan_k._fwd_update, {**ints, **f32s, "apply": "*i32"}, flags), 4),
+            ("scan_bwd_state", "small", source(scan_k._bwd_state, {**ints, **f32s, "apply": "*i32"}, flags), 4),
+            ("scan_bwd_chunk", "small", source(scan_k._bwd_chunk, {**ints, "apply": "*i32"},
+                                               {**chunk, "PREC": scan_k.GRAD_PRECISION["tf32"]}), 4)]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    target = GPUTarget("cuda", a.arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows, ok = [], True
+    for name, shape, src, nw in kernels():
+        t0 = time.time()
+        k = triton.compile(src, target=target, options=dict(num_warps=nw))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage, re.S)
+        row = {"kernel": name, "shape": shape, "num_warps": nw, "registers": int(m[1]), "spill_stack_bytes": int(m[2]),
+               "shared_bytes": k.metadata.shared, "fits": k.metadata.shared <= SHARED_LIMIT,
+               "compile_s": round(time.time() - t0, 1)}
+        ok &= row["fits"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    res = {"command": "python bench/compile_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "triton": triton.__version__, "arch": f"sm_{a.arch}", "shared_limit": SHARED_LIMIT, "kernels": rows}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
