@@ -127,10 +127,10 @@ def main(argv=None):
     p.add_argument("--stream-tokens", type=int, default=100)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--fused-step", action="store_true",
-                   help="ttt_cache: one-token steps as Triton kernels on CUDA (ops/ttt_step_triton.py)")
+    p.add_argument("--reference-step", action="store_true",
+                   help="ttt_cache: one-token steps through the PyTorch reference on CUDA (default: ops/ttt_step_triton.py)")
     a = p.parse_args(argv)
-    ttt_step.ON_CUDA = a.fused_step
+    ttt_step.ON_CUDA = not a.reference_step
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []

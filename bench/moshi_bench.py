@@ -175,18 +175,18 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
 
 
 def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool]:
-    """An ``AdapterConfig`` preset and whether its TTT-cache steps take the fused Triton step:
-    ``NAME+tf32`` its In-Place TTT scan with TF32 products, ``NAME+fused`` one-token TTT-cache steps
-    through ``ops/ttt_step_triton.py`` (both may be given)."""
+    """An ``AdapterConfig`` preset and whether its TTT-cache steps take the fused Triton step
+    (``ops/ttt_step_triton.py``, the default): ``NAME+tf32`` its In-Place TTT scan with TF32 products,
+    ``NAME+unfused`` one-token TTT-cache steps through the PyTorch reference step (both may be given)."""
     base, *opts = name.split("+")
     cfg = AdapterConfig.preset(base, num_layers=num_layers)
-    if any(o not in ("tf32", "fused") for o in opts) or len(set(opts)) != len(opts) or \
-            ("tf32" in opts and cfg.inplace_ttt is None) or ("fused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache")):
+    if any(o not in ("tf32", "unfused") for o in opts) or len(set(opts)) != len(opts) or \
+            ("tf32" in opts and cfg.inplace_ttt is None) or ("unfused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache")):
         raise ValueError(f"bad variant {name!r}: expected PRESET, PRESET+tf32 (a preset with In-Place TTT) "
-                         "and/or PRESET+fused (a preset with the TTT cache)")
+                         "and/or PRESET+unfused (a preset with the TTT cache)")
     if "tf32" in opts:
         cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high"))
-    return cfg, "fused" in opts
+    return cfg, "unfused" not in opts
 
 
 def run(args) -> dict:
@@ -206,14 +206,14 @@ def run(args) -> dict:
     for i, name in enumerate(args.variants):
         cfg, fused = variant_config(name, n_layers)
         patch_lm(lm, cfg)
-        ttt_step.ON_CUDA = fused
+        default, ttt_step.ON_CUDA = ttt_step.ON_CUDA, fused
         t0 = time.monotonic()
         try:
             series = batch1_series(lm, args, device)
             deadline = t_start + built_s + per_variant * (i + 1)
             search = concurrency(lm, args, device, deadline)
         finally:
-            ttt_step.ON_CUDA = False
+            ttt_step.ON_CUDA = default
         unpatch_lm(lm)
         out["variants"][name] = {"adapter": cfg.to_dict(), "fused_step": fused, "series": series, "search": search,
                                  "seconds": time.monotonic() - t0}
@@ -301,7 +301,7 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)")
     p.add_argument("--variants", default="off,ttt_cache,both",
                    help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT products, "
-                        "PRESET+fused for the fused one-token TTT-cache step (ops/ttt_step_triton.py)")
+                        "PRESET+unfused for the PyTorch reference one-token TTT-cache step (default: ops/ttt_step_triton.py)")
     p.add_argument("--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)")
     p.add_argument("--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)")
     p.add_argument("--warmup", type=int, default=3)

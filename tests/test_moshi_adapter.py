@@ -581,14 +581,14 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
 
 
 def test_bench_variant_names():
-    """PRESET[+tf32][+fused]: the options apply to presets that have what they change, else a clear error."""
+    """PRESET[+tf32][+unfused]: the options apply to presets that have what they change, else a clear error."""
     bench = load_bench()
-    for name, tf32, fused in [("ttt_cache", False, False), ("ttt_cache+fused", False, True),
-                              ("both+tf32+fused", True, True), ("both+fused+tf32", True, True)]:
+    for name, tf32, fused in [("ttt_cache", False, True), ("ttt_cache+unfused", False, False),
+                              ("both+tf32+unfused", True, False), ("both+unfused+tf32", True, False), ("both+tf32", True, True)]:
         cfg, on = bench.variant_config(name, 32)
         assert on == fused and cfg.memory.kind == "ttt_cache"
         assert (cfg.inplace_ttt.matmul_precision == "high") == tf32 if cfg.inplace_ttt else not tf32
-    for bad in ("off+fused", "ttt_cache+tf32", "ttt_cache+fast", "ttt_cache+fused+fused"):
+    for bad in ("off+unfused", "ttt_cache+tf32", "ttt_cache+fused", "ttt_cache+unfused+unfused"):
         with pytest.raises(ValueError, match="bad variant"):
             bench.variant_config(bad, 32)
 

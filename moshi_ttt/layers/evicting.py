@@ -57,21 +57,22 @@ class EvictingMemory(nn.Module):
 
     # ---- parallel path --------------------------------------------------------------------
     def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
-        """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row) -> out [B, H, T, Dh]."""
+        """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row, pos 0..T-1) -> out [B, H, T, Dh]."""
         B, H, T, Dh = q.shape
         W = self.cfg.window
-        seg = seg if seg is not None else torch.zeros_like(pos)
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
         reads = {n: x for n, x in read.items() if n in ("scores", "values", "out")}
         if (self.cfg.combine == "gate" or "out" in read) and not self.banded:
             # option A normalises the window on its own: fused attention, as the window memory runs
-            ok = visible(pos, pos, "window", W, 0) & (seg[:, :, None] == seg[:, None, :])  # [B, T, T]
+            ok = visible(pos, pos, "window", W, 0)  # [B, T, T]
+            ok = ok if seg is None else ok & (seg[:, :, None] == seg[:, None, :])
             o_r = F.scaled_dot_product_attention(q, k, v, attn_mask=ok[:, None], scale=self.inv_t / math.sqrt(Dh))
             vmask = read["has"][:, None].expand(B, H, T)
             out, mass = gate_mix(o_r, vmask, torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask), **reads)
             self._record(mass, read)
             return out.to(q.dtype)
         # the window: chunks of W queries against the 2W keys around them, masked by positions
+        seg = seg if seg is not None else torch.zeros_like(pos)
         pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
         sq, sk = chunked(seg, W, -2), band(seg, W, -3)
         ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(*pq.shape, pk.shape[-1])

@@ -13,7 +13,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ..ops.segments import pack, segment_rows
+from ..ops.segments import pack, row_of, segment_rows
 from ..state import ScopedState
 from .evicting import EvictingMemory
 
@@ -49,7 +49,7 @@ class PooledMemory(EvictingMemory):
         cnt = torch.cumsum(real[..., None] * onehot, dim=1)  # [rows, L, M]
         idx = pos - W  # the last evicted position for each query
         ok = idx >= 0
-        j = idx.clamp_min(0)
+        j, r = idx.clamp_min(0), row_of(r, pos)
         gather = (lambda x: torch.where(ok[..., None, None, None], x[r, j], 0.0).permute(0, 2, 1, 3, 4))
         count = torch.where(ok[..., None], cnt[r, j], 0.0)  # [B, T, M]
         return self._read(q_raw, gather(sk), gather(sv), count)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..ops.rope import rotate
-from ..ops.segments import pack, segment_rows
+from ..ops.segments import pack, row_of, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops import ttt_step_triton as ttt_step
 from ..ops.ttt_cache import complete_block, compress_scan, compressor
@@ -164,7 +164,7 @@ class TTTCacheMemory(EvictingMemory):
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
-            return x.view(rows, H, *x.shape[1:]).transpose(1, 2)[r, n_q].permute(0, 2, 1, 3, 4)
+            return x.view(rows, H, *x.shape[1:]).transpose(1, 2)[row_of(r, pos), n_q].permute(0, 2, 1, 3, 4)
 
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
         if self.fast_read and rows == B and self.cfg.combine == "gate" and not self.record:

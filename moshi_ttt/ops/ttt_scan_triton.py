@@ -22,7 +22,8 @@ import torch
 
 from . import ttt_cache_triton as tct
 
-NUM_WARPS = 4  # per program
+NUM_WARPS = 4  # per (compressor, chunk) program
+STATE_WARPS = 8  # per compressor program (momentum, forgetting, cap and their VJPs)
 CHUNK = 32  # tokens per program
 MAX_WEIGHTS = 8192  # Dh x hidden, as large as measured on an H100 (its operands sit in shared memory)
 PRECISION = "tf32x3"  # tl.dot's input precision in the forward: three TF32 products, fp32 accuracy
@@ -244,7 +245,7 @@ class _Scan(torch.autograd.Function):
         meta, NC = _meta(b, Dh, m, PRECISION)
         part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
         flags = dict(NC=NC, DH=Dh, MH=m, HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay),
-                     num_warps=NUM_WARPS)
+                     num_warps=STATE_WARPS)
         for n in range(N):
             _fwd_chunk[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, n, N, **meta)
             _fwd_update[(G,)](st1, st2, s1, s2, a1, a2, part1, part2, ap, cap, n, N, float(decay), float(momentum),

@@ -8,8 +8,8 @@ counters. Per-head compressors of depth 2 only (``supports``).
 ``attend_one`` (``EvictingMemory.attend_step``'s scores and ``mix``): the query against the ring
 and the virtual tokens, combined by option A or B (``attend_supports``).
 
-``ON_CUDA`` is off: the kernels are tested under Triton's interpreter only, and they have not been
-compiled or timed on a GPU yet. The GPU test turns it on.
+``ON_CUDA`` (on) sends CUDA tensors here; off, they take the reference step (``bench/moshi_bench.py``'s
+``+unfused`` variants time that). Tests compare both paths, on CPU under Triton's interpreter and on the GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
-ON_CUDA = False  # CUDA tensors take this kernel (else the reference step)
+ON_CUDA = True  # CUDA tensors take these kernels (else the reference step)
 
 
 def supports(mem, st) -> bool:
