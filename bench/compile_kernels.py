@@ -56,14 +56,14 @@ def kernels() -> list:
             "q": "*bf16", "qr": "*bf16", "rk": "*bf16", "rv": "*bf16", "kpos": "*i64", "has": "*i1", "scale": "fp32"},
             dict(H=8, W=W, WP=max(16, 1 << (W - 1).bit_length()), DH=Dh, M=M, MP=max(16, 1 << (M - 1).bit_length()),
                  GATE=True, DECAY=True)), 4 if W * Dh < 8192 else 8))
-    ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32"}
-    chunk = dict(BLK=256, CH=32, DH=64, MH=128)
+    ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32", "apply": "*i32", "count": "*i32"}
+    chunk = dict(BLK=256, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     flags = dict(NC=8, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
-    out += [("scan_fwd_chunk", "small", source(scan_k._fwd_chunk, ints, {**chunk, "PREC": scan_k.PRECISION}), 4),
-            ("scan_fwd_update", "small", source(scan_k._fwd_update, {**ints, **f32s, "apply": "*i32"}, flags), 4),
-            ("scan_bwd_state", "small", source(scan_k._bwd_state, {**ints, **f32s, "apply": "*i32"}, flags), 4),
-            ("scan_bwd_chunk", "small", source(scan_k._bwd_chunk, {**ints, "apply": "*i32"},
-                                               {**chunk, "PREC": scan_k.GRAD_PRECISION["tf32"]}), 4)]
+    for name, fn, ch, nw, prec in (("scan_fwd_block", scan_k._fwd_block, scan_k.CHUNK, scan_k.NUM_WARPS, scan_k.PRECISION),
+                                   ("scan_bwd_block", scan_k._bwd_block, scan_k.GRAD_CHUNK, scan_k.GRAD_WARPS,
+                                    scan_k.GRAD_PRECISION["tf32"])):
+        out.append((name, "small", source(fn, {**ints, **f32s}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}), nw))
+    out.append(("scan_bwd_state", "small", source(scan_k._bwd_state, {**ints, **f32s}, flags), scan_k.STATE_WARPS))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Time the parts of one TTT-cache attention layer (forward + backward) against the window layer.
+"""Time the parts of one TTT-cache attention layer (forward + backward) against the window layer:
+both timed and profiled, with the operators where the TTT cache spends GPU time the window does not.
 
     python bench/profile_cache.py --batch 4 --seq 8192 --block 256 --out prof.json
 """
@@ -50,19 +51,28 @@ def main():
 
     res["virtual_parallel_ms"] = timed(virtual)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
-        run(mem)
-        torch.cuda.synchronize()
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=50,
-                                                                max_name_column_width=40, max_shapes_column_width=90)
+    tables, ops = {}, {}
+    for name, mod in (("ttt_cache", mem), ("window", layer("window", a.window, a.block))):
+        run(mod)
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            run(mod)
+            torch.cuda.synchronize()
+        avg = prof.key_averages(group_by_input_shape=True)
+        tables[name] = avg.table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=40,
+                                 max_shapes_column_width=90)
+        cpu_side = [e for e in avg if e.device_type == torch.autograd.DeviceType.CPU]  # operators (their kernels' time)
+        ops[name] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3, e.count) for e in cpu_side}
+        res[f"{name}_profiled_gpu_ms"] = sum(e.self_device_time_total for e in avg
+                                             if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    # where the TTT cache layer's GPU time goes beyond the window layer's: per operator and input shapes
+    diff = {k: (ms - ops["window"].get(k, (0.0, 0))[0], n) for k, (ms, n) in ops["ttt_cache"].items()}
+    res["extra_ms_by_op"] = {k: round(v[0], 3) for k, v in sorted(diff.items(), key=lambda kv: -kv[1][0])[:25]}
     print(json.dumps(res, indent=1))
-    print(table)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         with open(a.out.replace(".json", ".txt"), "w") as f:
-            f.write(table)
-
+            f.write("\n\n".join(f"== {n}\n{t}" for n, t in tables.items()))
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,8 @@ def main():
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--variants", nargs="+", default=["ieee:8:32"], help="PRECISION[/BACKWARD_PRECISION]:WARPS:CHUNK[:STATE_WARPS] of the fused kernels")
+    p.add_argument("--variants", nargs="+", default=["tf32x3/tf32:8:32:8:16"],
+                   help="PRECISION[/BACKWARD_PRECISION]:WARPS:CHUNK[:BACKWARD_WARPS:BACKWARD_CHUNK] of the fused kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     G, N, b, Dh, m = a.rows * a.heads, (a.seq - a.window) // a.block, a.block, a.head_dim, 2 * a.head_dim
@@ -52,17 +53,18 @@ def main():
            "torch": torch.__version__, "reference_ms": timed(lambda: run(ops.scan_states), reps=5),
            "reference_forward_ms": timed(lambda: ops.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0), reps=5)}
     for v in a.variants:
-        prec, w, ch, sw = (v.split(":") + [None])[:4]
-        sw = sw or "4"
-        tri.PRECISION, tri.NUM_WARPS, tri.CHUNK, tri.STATE_WARPS = prec.split("/")[0], int(w), int(ch), int(sw)
+        prec, w, ch, *back = v.split(":")
+        gw, gch = back or (w, ch)
+        tri.PRECISION, tri.NUM_WARPS, tri.CHUNK = prec.split("/")[0], int(w), int(ch)
+        tri.GRAD_WARPS, tri.GRAD_CHUNK = int(gw), int(gch)
         tri.GRAD_PRECISION["v"], prec = prec.split("/")[-1], prec.replace("/", "-")
         try:
             states, grads = run(tri.scan_states)
         except Exception as e:  # a variant that does not fit the machine
-            res[f"fused_{prec}_w{w}_c{ch}_s{sw}"] = {"error": str(e)[:200]}
+            res[f"fused_{prec}_w{w}_c{ch}_gw{gw}_gc{gch}"] = {"error": str(e)[:200]}
             continue
         err = max((x - y).abs().max().item() / (y.abs().max().item() + 1e-12) for x, y in zip(states + grads, ref_states + ref_grads))
-        res[f"fused_{prec}_w{w}_c{ch}_s{sw}"] = {"ms": timed(lambda: run(tri.scan_states), reps=5), "max_rel_err": err,
+        res[f"fused_{prec}_w{w}_c{ch}_gw{gw}_gc{gch}"] = {"ms": timed(lambda: run(tri.scan_states), reps=5), "max_rel_err": err,
                               "forward_ms": timed(lambda: tri.scan_states(ds, None, inits, keys, vals, eta, apply, 0.0, 0.0, 100.0, 0), reps=5)}
     print(json.dumps(res, indent=1))
     if a.out:

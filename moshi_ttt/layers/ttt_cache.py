@@ -181,9 +181,9 @@ class TTTCacheMemory(EvictingMemory):
         k, v = kv.reshape(B, H, S * M, Dh).float(), vv.reshape(B, H, S * M, Dh).float()
         col = torch.arange(S * M, device=q_raw.device)
         ok = (col // M)[None, None, None, :] == n_q[:, None, :, None]  # [B, 1, T, S M]
-        if self.cfg.virtual_position != "decay":
-            return F.scaled_dot_product_attention(q_raw.float(), k, v, attn_mask=ok,
-                                                  scale=self.inv_t / math.sqrt(Dh))
+        if self.cfg.virtual_position != "decay":  # (autocast casts all three to its dtype: no fp32 copy of q)
+            q = q_raw if torch.is_autocast_enabled(q_raw.device.type) else q_raw.float()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=self.inv_t / math.sqrt(Dh)).float()
         gamma = F.softplus(self.recency).float().view(1, H, 1, 1)  # token m weighted by exp(-γ m)
         s = (q_raw.float() @ k.transpose(-1, -2)) * (self.inv_t / math.sqrt(Dh)) - gamma * (col % M).float()
         return torch.softmax(s.masked_fill(~ok, float("-inf")), -1) @ v

@@ -1,15 +1,16 @@
 """``ops.ttt_cache.scan_states`` (the training path's compressor scan) as Triton kernels with a
-hand-written backward: per block, one program per (compressor, token chunk) and one per compressor.
+hand-written backward: a launch per block, of a program per (compressor, token chunk).
 
-Forward, per block n (``scan_step``): each chunk's share of the NLMS gradient step Δ_n at θ_n
-(``_fwd_chunk``), then per compressor (``_fwd_update``) their sum, momentum S_{n+1} = β S_n + Δ_n,
-U_n = θ_n + S_{n+1} (or + Δ_n), forgetting U ← A + (1 − λ)(U − A) and the cap θ_{n+1} = c_n U_n,
-c_n = min(1, R / ‖U_n‖). Every θ_n and c_n is kept for the backward, which walks the blocks in
-reverse with dθ, the gradient of θ_{n+1} (``_bwd_state``):
+Forward, per block n (``scan_step``), one launch (``_fwd_block``): each chunk's share of the NLMS
+gradient step Δ_n at θ_n; the compressor's last chunk program to arrive (an atomic counter) then adds
+the shares up: momentum S_{n+1} = β S_n + Δ_n, U_n = θ_n + S_{n+1} (or + Δ_n), forgetting
+U ← A + (1 − λ)(U − A) and the cap θ_{n+1} = c_n U_n, c_n = min(1, R / ‖U_n‖). Every θ_n and c_n is
+kept for the backward, which walks the blocks in reverse with dθ, the gradient of θ_{n+1}
+(``_states``: for k = N in a launch of its own, for k = n in the last chunk program of block n's):
     dU = c (dθ − θ' (θ'·dθ) / ‖θ'‖²) if c < 1 else dθ   (θ' = θ_{n+1} = c U)
     dA += λ dU,  dV = (1 − λ) dU,  dΔ = dV (+ dS with momentum; dS ← β (dS + dV))
-and then the vector-Jacobian product of the block step Δ(θ, X, Y, η) chunk by chunk
-(``_bwd_chunk``: second order through gelu and the NLMS normaliser, recomputing the activations).
+and the vector-Jacobian product of the block step Δ(θ, X, Y, η) chunk by chunk (``_bwd_block``:
+second order through gelu and the NLMS normaliser, recomputing the activations): N + 1 launches.
 Depth 2, fp32 state; the forward's products as three TF32 products (fp32 accuracy), the backward's
 likewise or in TF32 (``grad_precision``); ``supports`` says which shapes run here.
 """
@@ -22,9 +23,9 @@ import torch
 
 from . import ttt_cache_triton as tct
 
-NUM_WARPS = 4  # per (compressor, chunk) program
-STATE_WARPS = 8  # per compressor program (momentum, forgetting, cap and their VJPs)
-CHUNK = 32  # tokens per program
+NUM_WARPS, CHUNK = 8, 32  # the forward's (compressor, chunk) programs: warps, tokens
+GRAD_WARPS, GRAD_CHUNK = 8, 16  # the backward's (as fast as measured on an H100: docs/results/)
+STATE_WARPS = 8  # the backward's first launch, a program per compressor
 MAX_WEIGHTS = 8192  # Dh x hidden, as large as measured on an H100 (its operands sit in shared memory)
 PRECISION = "tf32x3"  # tl.dot's input precision in the forward: three TF32 products, fp32 accuracy
 GRAD_PRECISION = {"fp32": "tf32x3", "tf32": "tf32"}  # the backward's, by ``MemoryConfig.grad_precision``
@@ -73,123 +74,133 @@ if triton is not None:
         rr = 1.0 / (1.0 + tl.sum(a * a, 1))  # NLMS: η_t / (1 + ‖a_t‖²)
         return w1, w2, rt, xc, ec, hh, a, err, rr
 
+    @triton.jit
+    def _last_of(count, g, NC: tl.constexpr):
+        """After this program's stores: whether it is the last of compressor g's NC chunk programs to
+        arrive (that one resets the counter and reads the others' parts)."""
+        tl.debug_barrier()  # every thread's stores come before the release below
+        last = tl.atomic_add(count + g, 1) == NC - 1
+        if last:
+            tl.store(count + g, 0)
+        return last
+
+    @triton.jit
+    def _update(st, s, a0, part, cap, g, n, N, on, decay, momentum, max_norm, idx, NC: tl.constexpr,
+                R: tl.constexpr, C: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr, WHICH: tl.constexpr):
+        """One weight matrix [R, C] of compressor g: θ_{n+1} from θ_n and the chunks' parts of Δ_n
+        (momentum, forgetting, the cap); stores θ_{n+1} and c_n."""
+        SZ = R * C
+        w = tl.load(st + (g * (N + 1) + n) * SZ + idx)
+        cf = max_norm * 0.0 + 1.0  # an fp32 scalar: 1 without an update or under the cap
+        if on:
+            d = tl.zeros((R, C), dtype=tl.float32)
+            for c in range(NC):
+                d += tl.load(part + (g * NC + c) * SZ + idx, cache_modifier=".cg")
+            if HAS_MOM:
+                d = momentum * tl.load(s + g * SZ + idx) + d
+                tl.store(s + g * SZ + idx, d)
+            w = w + d
+            if HAS_DECAY:
+                w0 = tl.load(a0 + g * SZ + idx)
+                w = w0 + (1.0 - decay) * (w - w0)
+            cf = tl.minimum(max_norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(w * w, 1), 0)), 1e-12), 1.0)
+            w = w * cf
+        tl.store(cap + (g * N + n) * 2 + WHICH, cf)
+        tl.store(st + (g * (N + 1) + n + 1) * SZ + idx, w)
+
     @triton.jit(do_not_specialize=["n", "N"])
-    def _fwd_chunk(st1, st2, x, y, eta, part1, part2, loss, n, N,
-                   BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, PREC: tl.constexpr):
+    def _fwd_block(st1, st2, x, y, eta, part1, part2, loss, s1, s2, a1, a2, apply, cap, count, n, N, decay,
+                   momentum, max_norm, BLK: tl.constexpr, CH: tl.constexpr, NC: tl.constexpr, DH: tl.constexpr,
+                   MH: tl.constexpr, PREC: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr):
+        """Block n: each chunk's part of Δ_n at θ_n, then (the compressor's last chunk program) θ_{n+1}."""
         g, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
         w1, w2, rt, xc, ec, hh, a, err, rr = _chunk(st1, st2, x, y, eta, g, n, N, c, BLK, CH, DH, MH, PREC)
         _, i1, i2 = _idx(DH, MH)
         tl.store(loss + rt, 0.5 * tl.sum(err * err, 1))
         gg = err * (ec * rr)[:, None]
         gh = tl.dot(gg, tl.trans(w2), input_precision=PREC) * _gelu_grad(hh)
-        p = (g * (BLK // CH) + c) * DH * MH
+        p = (g * NC + c) * DH * MH
         tl.store(part1 + p + i1, -tl.dot(tl.trans(xc), gh, input_precision=PREC))  # this chunk's Δ1, Δ2
         tl.store(part2 + p + i2, -tl.dot(tl.trans(a), gg, input_precision=PREC))
+        if _last_of(count, g, NC):
+            on = tl.load(apply + g * N + n) != 0
+            _update(st1, s1, a1, part1, cap, g, n, N, on, decay, momentum, max_norm, i1, NC, DH, MH, HAS_MOM, HAS_DECAY, 0)
+            _update(st2, s2, a2, part2, cap, g, n, N, on, decay, momentum, max_norm, i2, NC, MH, DH, HAS_MOM, HAS_DECAY, 1)
 
-    @triton.jit(do_not_specialize=["n", "N"])
-    def _fwd_update(st1, st2, s1, s2, a1, a2, part1, part2, apply, cap, n, N, decay, momentum, max_norm,
-                    NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, HAS_MOM: tl.constexpr,
-                    HAS_DECAY: tl.constexpr):
-        g = tl.program_id(0).to(tl.int64)
-        _, i1, i2 = _idx(DH, MH)
-        SZ = DH * MH
-        w1 = tl.load(st1 + (g * (N + 1) + n) * SZ + i1)
-        w2 = tl.load(st2 + (g * (N + 1) + n) * SZ + i2)
-        c1 = max_norm * 0.0 + 1.0  # fp32 scalars: the cap factors (1: no update, or under the cap)
-        c2 = max_norm * 0.0 + 1.0
-        if tl.load(apply + g * N + n) != 0:
-            g1 = tl.zeros((DH, MH), dtype=tl.float32)
-            g2 = tl.zeros((MH, DH), dtype=tl.float32)
-            for c in range(NC):
-                g1 += tl.load(part1 + (g * NC + c) * SZ + i1)
-                g2 += tl.load(part2 + (g * NC + c) * SZ + i2)
-            if HAS_MOM:
-                g1 = momentum * tl.load(s1 + g * SZ + i1) + g1
-                g2 = momentum * tl.load(s2 + g * SZ + i2) + g2
-                tl.store(s1 + g * SZ + i1, g1)
-                tl.store(s2 + g * SZ + i2, g2)
-            w1 = w1 + g1
-            w2 = w2 + g2
-            if HAS_DECAY:
-                w10 = tl.load(a1 + g * SZ + i1)
-                w20 = tl.load(a2 + g * SZ + i2)
-                w1 = w10 + (1.0 - decay) * (w1 - w10)
-                w2 = w20 + (1.0 - decay) * (w2 - w20)
-            c1 = tl.minimum(max_norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(w1 * w1, 1), 0)), 1e-12), 1.0)
-            c2 = tl.minimum(max_norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(w2 * w2, 1), 0)), 1e-12), 1.0)
-            w1 = w1 * c1
-            w2 = w2 * c2
-        tl.store(cap + (g * N + n) * 2, c1)
-        tl.store(cap + (g * N + n) * 2 + 1, c2)
-        tl.store(st1 + (g * (N + 1) + n + 1) * SZ + i1, w1)
-        tl.store(st2 + (g * (N + 1) + n + 1) * SZ + i2, w2)
-
-    @triton.jit(do_not_specialize=["k", "N", "bptt"])
-    def _bwd_state(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2,
-                   k, N, bptt, decay, momentum,
-                   NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, HAS_MOM: tl.constexpr,
-                   HAS_DECAY: tl.constexpr):
-        """dθ_k = (block k's direct part and its chunks' parts) cut by truncated BPTT, plus the read's
-        gradient dst[k] (written back there); then, for k > 0, block k - 1's cap, forgetting and
-        momentum backward: dΔ into dd, the direct part into acc."""
-        g = tl.program_id(0).to(tl.int64)
-        _, i1, i2 = _idx(DH, MH)
-        SZ = DH * MH
-        acc1 = tl.zeros((DH, MH), dtype=tl.float32)
-        acc2 = tl.zeros((MH, DH), dtype=tl.float32)
+    @triton.jit
+    def _state(st, cap, apply, dst, accp, ddp, ds, da, part, g, k, N, bptt, decay, momentum, idx, NC: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr, WHICH: tl.constexpr):
+        """One weight matrix [R, C] of compressor g. dθ_k = (block k's direct part and its chunks'
+        parts) cut by truncated BPTT, plus the read's gradient dst[k] (written back there); then, for
+        k > 0, block k - 1's cap, forgetting and momentum backward: dΔ into dd, the direct part into acc."""
+        SZ = R * C
+        acc = tl.zeros((R, C), dtype=tl.float32)
         if k < N:
-            acc1 = tl.load(acc1p + g * SZ + i1)
-            acc2 = tl.load(acc2p + g * SZ + i2)
+            acc = tl.load(accp + g * SZ + idx)
             if tl.load(apply + g * N + k) != 0:
                 for c in range(NC):
-                    acc1 += tl.load(part1 + (g * NC + c) * SZ + i1)
-                    acc2 += tl.load(part2 + (g * NC + c) * SZ + i2)
+                    acc += tl.load(part + (g * NC + c) * SZ + idx, cache_modifier=".cg")
         if (bptt > 0) & (k > 0) & (k < N) & (k % tl.maximum(bptt, 1) == 0):  # θ_k, S_k enter block k detached
-            acc1 = tl.zeros((DH, MH), dtype=tl.float32)
-            acc2 = tl.zeros((MH, DH), dtype=tl.float32)
+            acc = tl.zeros((R, C), dtype=tl.float32)
             if HAS_MOM:
-                tl.store(ds1 + g * SZ + i1, tl.zeros((DH, MH), dtype=tl.float32))
-                tl.store(ds2 + g * SZ + i2, tl.zeros((MH, DH), dtype=tl.float32))
-        acc1 += tl.load(dst1 + (g * (N + 1) + k) * SZ + i1)
-        acc2 += tl.load(dst2 + (g * (N + 1) + k) * SZ + i2)
-        tl.store(dst1 + (g * (N + 1) + k) * SZ + i1, acc1)  # the final dθ_k
-        tl.store(dst2 + (g * (N + 1) + k) * SZ + i2, acc2)
+                tl.store(ds + g * SZ + idx, tl.zeros((R, C), dtype=tl.float32))
+        acc += tl.load(dst + (g * (N + 1) + k) * SZ + idx)
+        tl.store(dst + (g * (N + 1) + k) * SZ + idx, acc)  # the final dθ_k
         if k > 0:
             j = k - 1
             if tl.load(apply + g * N + j) != 0:
-                c1 = tl.load(cap + (g * N + j) * 2)
-                c2 = tl.load(cap + (g * N + j) * 2 + 1)
-                if c1 < 1.0:
-                    wn = tl.load(st1 + (g * (N + 1) + k) * SZ + i1)
-                    proj = tl.sum(tl.sum(wn * acc1, 1), 0) / tl.sum(tl.sum(wn * wn, 1), 0)
-                    acc1 = c1 * (acc1 - wn * proj)
-                if c2 < 1.0:
-                    wn = tl.load(st2 + (g * (N + 1) + k) * SZ + i2)
-                    proj = tl.sum(tl.sum(wn * acc2, 1), 0) / tl.sum(tl.sum(wn * wn, 1), 0)
-                    acc2 = c2 * (acc2 - wn * proj)
+                cf = tl.load(cap + (g * N + j) * 2 + WHICH)
+                if cf < 1.0:
+                    wn = tl.load(st + (g * (N + 1) + k) * SZ + idx)
+                    proj = tl.sum(tl.sum(wn * acc, 1), 0) / tl.sum(tl.sum(wn * wn, 1), 0)
+                    acc = cf * (acc - wn * proj)
                 if HAS_DECAY:  # U = A + (1 - λ)(V - A)
-                    tl.store(da1 + g * SZ + i1, tl.load(da1 + g * SZ + i1) + decay * acc1)
-                    tl.store(da2 + g * SZ + i2, tl.load(da2 + g * SZ + i2) + decay * acc2)
-                    acc1 = (1.0 - decay) * acc1
-                    acc2 = (1.0 - decay) * acc2
+                    tl.store(da + g * SZ + idx, tl.load(da + g * SZ + idx) + decay * acc)
+                    acc = (1.0 - decay) * acc
                 if HAS_MOM:  # S' = β S + Δ, V = θ + S'
-                    dd1 = tl.load(ds1 + g * SZ + i1) + acc1
-                    dd2 = tl.load(ds2 + g * SZ + i2) + acc2
-                    tl.store(ds1 + g * SZ + i1, momentum * dd1)
-                    tl.store(ds2 + g * SZ + i2, momentum * dd2)
+                    dd = tl.load(ds + g * SZ + idx) + acc
+                    tl.store(ds + g * SZ + idx, momentum * dd)
                 else:
-                    dd1 = acc1
-                    dd2 = acc2
-                tl.store(dd1p + g * SZ + i1, dd1)
-                tl.store(dd2p + g * SZ + i2, dd2)
-            tl.store(acc1p + g * SZ + i1, acc1)  # dθ_j's direct part (all of it when block j is skipped)
-            tl.store(acc2p + g * SZ + i2, acc2)
+                    dd = acc
+                tl.store(ddp + g * SZ + idx, dd)
+            tl.store(accp + g * SZ + idx, acc)  # dθ_j's direct part (all of it when block j is skipped)
 
-    @triton.jit(do_not_specialize=["n", "N"])
-    def _bwd_chunk(st1, st2, x, y, eta, apply, dd1p, dd2p, part1, part2, dx, dy, deta, n, N,
-                   BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, PREC: tl.constexpr):
-        """The block step's VJP on one chunk, given dΔ (dd): its tokens' dX, dY, dη and its part of dθ_n."""
+    @triton.jit
+    def _states(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2, g, k,
+                N, bptt, decay, momentum, NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr,
+                HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr):
+        _, i1, i2 = _idx(DH, MH)
+        _state(st1, cap, apply, dst1, acc1p, dd1p, ds1, da1, part1, g, k, N, bptt, decay, momentum, i1, NC, DH, MH,
+               HAS_MOM, HAS_DECAY, 0)
+        _state(st2, cap, apply, dst2, acc2p, dd2p, ds2, da2, part2, g, k, N, bptt, decay, momentum, i2, NC, MH, DH,
+               HAS_MOM, HAS_DECAY, 1)
+
+    @triton.jit(do_not_specialize=["k", "N", "bptt"])
+    def _bwd_state(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2,
+                   k, N, bptt, decay, momentum, NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr,
+                   HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr):
+        """``_states`` of the last state (k = N): a program per compressor."""
+        _states(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2,
+                tl.program_id(0).to(tl.int64), k, N, bptt, decay, momentum, NC, DH, MH, HAS_MOM, HAS_DECAY)
+
+    @triton.jit(do_not_specialize=["n", "N", "bptt"])
+    def _bwd_block(st1, st2, x, y, eta, apply, dd1p, dd2p, part1, part2, dx, dy, deta, cap, dst1, dst2, acc1p, acc2p,
+                   ds1, ds2, da1, da2, count, n, N, bptt, decay, momentum, BLK: tl.constexpr, CH: tl.constexpr,
+                   NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, PREC: tl.constexpr, HAS_MOM: tl.constexpr,
+                   HAS_DECAY: tl.constexpr):
+        """The block step's VJP on one chunk, given dΔ_n (dd): its tokens' dX, dY, dη and its part of
+        dθ_n; then (the compressor's last chunk program) ``_states`` at k = n, which writes dΔ_{n-1}."""
         g, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        _chunk_vjp(st1, st2, x, y, eta, apply, dd1p, dd2p, part1, part2, dx, dy, deta, g, c, n, N,
+                   BLK, CH, NC, DH, MH, PREC)
+        if _last_of(count, g, NC):
+            _states(st1, st2, cap, apply, dst1, dst2, acc1p, acc2p, dd1p, dd2p, ds1, ds2, da1, da2, part1, part2,
+                    g, n, N, bptt, decay, momentum, NC, DH, MH, HAS_MOM, HAS_DECAY)
+
+    @triton.jit
+    def _chunk_vjp(st1, st2, x, y, eta, apply, dd1p, dd2p, part1, part2, dx, dy, deta, g, c, n, N,
+                   BLK: tl.constexpr, CH: tl.constexpr, NC: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr,
+                   PREC: tl.constexpr):
         if tl.load(apply + g * N + n) != 0:
             w1, w2, rt, xc, ec, hh, a, err, rr = _chunk(st1, st2, x, y, eta, g, n, N, c, BLK, CH, DH, MH, PREC)
             rd, i1, i2 = _idx(DH, MH)
@@ -217,15 +228,15 @@ if triton is not None:
             dh += da * gp
             dxc += tl.dot(dh, tl.trans(w1), input_precision=PREC)
             tl.store(dx + rt[:, None] * DH + rd[None, :], dxc)
-            p = (g * (BLK // CH) + c) * SZ
+            p = (g * NC + c) * SZ
             tl.store(part1 + p + i1, tl.dot(tl.trans(xc), dh, input_precision=PREC))
             tl.store(part2 + p + i2, tl.dot(tl.trans(dq), gg, input_precision=PREC)
                      + tl.dot(tl.trans(a), de, input_precision=PREC))
 
 
-def _meta(b, Dh, m, prec):
-    ch = min(b, CHUNK)
-    return dict(BLK=b, CH=ch, DH=Dh, MH=m, PREC=prec, num_warps=NUM_WARPS), b // ch
+def _meta(b, Dh, m, prec, chunk, warps):
+    ch = min(b, chunk)
+    return dict(BLK=b, CH=ch, NC=b // ch, DH=Dh, MH=m, PREC=prec, num_warps=warps), b // ch
 
 
 class _Scan(torch.autograd.Function):
@@ -242,14 +253,13 @@ class _Scan(torch.autograd.Function):
         st1, st2 = x.new_empty(G, N + 1, Dh, m), x.new_empty(G, N + 1, m, Dh)
         st1[:, 0], st2[:, 0] = w1, w2
         cap, loss = x.new_empty(G, N, 2), x.new_empty(G, N, b)
-        meta, NC = _meta(b, Dh, m, PRECISION)
+        meta, NC = _meta(b, Dh, m, PRECISION, CHUNK, NUM_WARPS)
         part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
-        flags = dict(NC=NC, DH=Dh, MH=m, HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay),
-                     num_warps=STATE_WARPS)
+        count = torch.zeros(G, dtype=torch.int32, device=x.device)  # arrivals per compressor (zero between launches)
+        flags = dict(HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay))
         for n in range(N):
-            _fwd_chunk[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, n, N, **meta)
-            _fwd_update[(G,)](st1, st2, s1, s2, a1, a2, part1, part2, ap, cap, n, N, float(decay), float(momentum),
-                              float(max_norm), **flags)
+            _fwd_block[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, s1, s2, a1, a2, ap, cap, count, n, N,
+                                float(decay), float(momentum), float(max_norm), **meta, **flags)
         ctx.save_for_backward(st1, st2, cap, x, y, eta, ap)
         ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags, grad_prec)
         ctx.mark_non_differentiable(loss)
@@ -268,15 +278,15 @@ class _Scan(torch.autograd.Function):
         da1, da2 = torch.zeros_like(st1[:, 0]), torch.zeros_like(st2[:, 0])
         acc1, acc2, dd1, dd2 = (torch.empty_like(t) for t in (da1, da2, da1, da2))
         dx, dy, deta = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(eta)
-        meta, NC = _meta(b, Dh, m, GRAD_PRECISION[grad_prec])
+        meta, NC = _meta(b, Dh, m, GRAD_PRECISION[grad_prec], GRAD_CHUNK, GRAD_WARPS)
         part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
-        state = (lambda k: _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2,
-                                            ds1 if has_mom else da1, ds2 if has_mom else da2, da1, da2,
-                                            part1, part2, k, N, bptt, decay, momentum, **flags))
-        state(N)
+        count = torch.zeros(G, dtype=torch.int32, device=x.device)
+        moms = (ds1, ds2) if has_mom else (da1, da2)  # (unused without momentum)
+        _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2, *moms, da1, da2, part1, part2,
+                         N, N, bptt, decay, momentum, NC=NC, DH=Dh, MH=m, **flags, num_warps=STATE_WARPS)
         for n in range(N - 1, -1, -1):
-            _bwd_chunk[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, n, N, **meta)
-            state(n)
+            _bwd_block[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, cap, dst1, dst2,
+                                acc1, acc2, *moms, da1, da2, count, n, N, bptt, decay, momentum, **meta, **flags)
         return (dst1[:, 0], dst2[:, 0], ds1, ds2, da1 if decay else None, da2 if decay else None,
                 dx, dy, deta, None, None, None, None, None, None)
 
