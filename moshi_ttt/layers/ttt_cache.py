@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..ops.rope import rotate
+from ..ops import l2norm_triton as l2norm
 from ..ops.segments import pack, row_of, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops import ttt_step_triton as ttt_step
@@ -95,12 +96,11 @@ class TTTCacheMemory(EvictingMemory):
             return self._keys(v, freqs), v
         return read
 
-    def _prep(self, keys: torch.Tensor, rows: int):
+    def _prep(self, keys: torch.Tensor, rows: int, fused: bool = False):
         """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or float64) and
-        their step sizes η_t [..]."""
-        dt = torch.promote_types(keys.dtype, torch.float32)
+        their step sizes η_t [..] (``fused``: the normalisation as a Triton kernel where it runs)."""
         with torch.autocast(keys.device.type, enabled=False):
-            kn = F.normalize(keys.to(dt), dim=-1)
+            kn = l2norm.normalize(keys, naive=not fused)
             shape = kn.shape
             return kn, self._eta(kn.reshape(rows * self.num_heads, -1, 1, shape[-1]), rows).view(shape[:-1])
 
@@ -156,7 +156,7 @@ class TTTCacheMemory(EvictingMemory):
 
         dt = torch.promote_types(q_raw.dtype, torch.float32)
         d = tuple(q_raw.new_zeros(rows * self.hc, *w.shape[1:], dtype=dt) for w in self.inits())
-        keys, eta = self._prep(blocks(k_raw), rows)
+        keys, eta = self._prep(blocks(k_raw), rows, fused=not self.naive)
         (kv, vv), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(v), eta,
                                          q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows)
         if self.want_aux:

@@ -33,8 +33,9 @@ def gate_mix(o_r, vmask, gate, scores=None, values=None, out=None):
     if out is None:  # rows without a read get harmless finite scores, then weight 0
         p_v = torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
         out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
-    alpha = torch.where(vmask, gate, torch.ones_like(gate))
-    return alpha[..., None] * o_r.float() + (1 - alpha[..., None]) * out.float(), 1 - alpha
+    alpha = torch.where(vmask, gate, torch.ones_like(gate))  # (lerp at weight 1 gives o_r exactly)
+    dt = torch.promote_types(torch.promote_types(o_r.dtype, alpha.dtype), torch.float32)
+    return torch.lerp(out.to(dt), o_r.to(dt), alpha[..., None].to(dt)), 1 - alpha
 
 
 def mix(s_r, v_r, vmask, gate, combine: str, scores=None, values=None, out=None):
