@@ -22,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from moshi_ttt.ops import l2norm_triton as l2_k
 from moshi_ttt.ops import ttt_cache_triton as cache_k
 from moshi_ttt.ops import ttt_scan_triton as scan_k
 from moshi_ttt.ops import ttt_step_triton as step_k
@@ -63,6 +64,9 @@ def kernels() -> list:
                                    ("scan_bwd_block", scan_k._bwd_block, scan_k.GRAD_CHUNK, scan_k.GRAD_WARPS,
                                     scan_k.GRAD_PRECISION["tf32"])):
         out.append((name, "small", source(fn, {**ints, **f32s}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}), nw))
+    norm = dict(EPS=l2_k.EPS, ROWS=l2_k.ROWS, D=64)
+    out += [("l2norm_fwd", "small", source(l2_k._fwd, {"x": "*bf16", "R": "i32"}, norm), 4),
+            ("l2norm_bwd", "small", source(l2_k._bwd, {"dx": "*bf16", "R": "i32"}, norm), 4)]
     out.append(("scan_bwd_state", "small", source(scan_k._bwd_state, {**ints, **f32s}, flags), scan_k.STATE_WARPS))
     return out
 
