@@ -65,3 +65,24 @@ def reset_parity(model, T: int, r: int, k: int, vocab: int = 50) -> float:
         ref = model(tokens, resets=resets)
         out, _ = stream(model, tokens, k, resets_at={r: torch.tensor([False, True, False])})
     return (out - ref).abs().max().item()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small prepared corpus from a fake source (12 documents of random words)."""
+    import numpy as np
+    from moshi_ttt.data import prepare
+    from moshi_ttt.data.sources import Document, LoadedSource, Provenance
+
+    rng = np.random.default_rng(0)
+    words = ["the", "pass", "key", "river", "stone", "light", "memory", "window"]
+
+    def fake_source(name, cache_dir):
+        docs = [Document(name, f"d{i}", f"doc {i}", " ".join(rng.choice(words, size=int(rng.integers(300, 900)))),
+                         "public domain") for i in range(12)]
+        return LoadedSource(name, docs, Provenance("fake", "1", "0" * 64, "public domain"))
+
+    monkeypatch.setattr(prepare, "load_source", fake_source)
+    out = tmp_path / "corpus"
+    prepare.prepare_corpus(out, sources=("a", "b"), progress=False, val_frac=0.2, test_frac=0.2)
+    return out

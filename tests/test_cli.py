@@ -2,28 +2,7 @@
 
 import json
 
-import numpy as np
-import pytest
-
 from moshi_ttt import cli
-from moshi_ttt.data import prepare
-from moshi_ttt.data.sources import Document, LoadedSource, Provenance
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    words = ["the", "pass", "key", "river", "stone", "light", "memory", "window"]
-
-    def fake_source(name, cache_dir):
-        docs = [Document(name, f"d{i}", f"doc {i}", " ".join(rng.choice(words, size=int(rng.integers(300, 900)))),
-                         "public domain") for i in range(12)]
-        return LoadedSource(name, docs, Provenance("fake", "1", "0" * 64, "public domain"))
-
-    monkeypatch.setattr(prepare, "load_source", fake_source)
-    out = tmp_path / "corpus"
-    prepare.prepare_corpus(out, sources=("a", "b"), progress=False, val_frac=0.2, test_frac=0.2)
-    return out
 
 
 def test_run_trains_evaluates_and_reports(corpus, tmp_path):

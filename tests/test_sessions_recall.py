@@ -6,7 +6,6 @@ import json
 import torch
 
 from induction import induction_model
-from test_cli import corpus  # noqa: F401  (fixture)
 from moshi_ttt import report
 from moshi_ttt.checkpoint import save_checkpoint
 from moshi_ttt.data.tasks import make_task
