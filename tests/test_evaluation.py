@@ -5,7 +5,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.evaluation import bucket_edges, loss_by_position, stream_predictions, task_accuracy
-from conftest import tiny_config
+from conftest import assert_close, tiny_config
 
 
 def test_loss_by_position_equals_parallel():
@@ -24,7 +24,7 @@ def test_loss_by_position_equals_parallel():
     assert [(r["lo"], r["hi"]) for r in rows] == [(0, 1000), (1000, 2000), (2000, 2200)]
     assert [r["tokens"] for r in rows] == [counts[0], counts[1], counts[2]]
     for b, r in enumerate(rows):
-        assert abs(r["loss"] - sums[b] / counts[b]) < 1e-4
+        assert_close(r["loss"], sums[b] / counts[b], 1e-4)
 
 
 def test_bucket_edges_stop_at_max_len():

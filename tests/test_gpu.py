@@ -5,6 +5,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
+from conftest import assert_close
 
 pytestmark = pytest.mark.gpu
 C = 16
@@ -43,10 +44,10 @@ def test_cuda_graph_replay_equals_eager_and_updates_fast_weights():
             updates += 1
             prev = s.clone()
     replayed = torch.cat(outs, 1)
-    assert (replayed - eager).abs().max().item() <= 1e-4
+    assert_close(replayed, eager, 1e-4, "logits")
     assert updates == T // C == 3
     for name, t in eager_state.tensors.items():
-        assert torch.allclose(state[name].float(), t.float(), atol=1e-4), name
+        assert_close(state[name], t, 1e-4, name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -80,7 +81,7 @@ def test_ttt_cache_graph_replay_equals_eager(combine):
     state = model.init_state(2)
     step = GraphedStep(model, state)
     outs = [step(tokens[:, t:t + 1]).clone() for t in range(T)]
-    assert (torch.cat(outs, 1) - eager).abs().max().item() <= 1e-4
+    assert_close(torch.cat(outs, 1), eager, 1e-4, "logits")
     assert state["layers.0.updates"].tolist() == [(T - 8) // 4] * 2
     for name, t in eager_state.tensors.items():
-        assert torch.allclose(state[name].float(), t.float(), atol=1e-4), name
+        assert_close(state[name], t, 1e-4, name)

@@ -11,6 +11,7 @@ from moshi_ttt.data.tasks import task_batch
 from moshi_ttt.data.tokenizer import ByteTokenizer
 from moshi_ttt.diagnostics import fit_probe, memory_diagnostics, state_bytes_curve
 from moshi_ttt.evaluation import loss_by_position, task_accuracy
+from conftest import assert_close
 
 
 class Oracle(torch.nn.Module):
@@ -40,7 +41,8 @@ def test_uniform_model_loss_is_log_vocab():
     rows = loss_by_position(model, docs, 2500, progress=False)
     assert [r["tokens"] for r in rows] == [999, 1000, 500]
     for r in rows:
-        assert abs(r["loss"] - math.log(256)) < 1e-5 and abs(r["ppl"] - 256) < 1e-2
+        assert_close(r["loss"], math.log(256), 1e-5, "loss")
+        assert_close(r["ppl"], 256, 4e-5, "perplexity")
 
 
 def test_recall_oracle_is_perfect_and_random_is_chance():
@@ -83,4 +85,5 @@ def test_virtual_key_cosine_detects_identical_keys():
             mem = layer.self_attn.memory
             mem.vkeys.copy_(mem.vkeys[:, :1].expand_as(mem.vkeys))  # all virtual keys the same
     same = memory_diagnostics(model, x)["layer0"]["virtual_key_cos"]
-    assert abs(same - 1.0) < 1e-5 and diverse < 0.5
+    assert_close(same, 1.0, 1e-5)
+    assert diverse < 0.5

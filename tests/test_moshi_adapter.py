@@ -27,6 +27,7 @@ from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
 from moshi_ttt.ops.inplace_ttt import chunk_target
 from moshi_ttt.ops import ttt_cache_triton as tct
 from moshi_ttt.ops import ttt_step_triton as step
+from conftest import assert_close
 
 TINY = tiny_lm_kwargs()
 K, C = 5, 4  # codebooks (text + 4 audio), In-Place TTT chunk
@@ -109,7 +110,7 @@ def test_gated_mlp_equals_moshi_activation_gating_exactly():
     with torch.no_grad():
         assert torch.equal(mlp(x), g(x))
         fresh = TTTGating(copy.deepcopy(g), InPlaceTTTConfig(layers=(0,), chunk_size=3, target="hidden"))(x)  # conv 0: plain MLP
-    assert (fresh - g(x)).abs().max().item() <= 1e-6
+    assert_close(fresh, g(x), 1e-6)
 
 
 def test_memory_off_logits_equal_stock_exactly():
@@ -123,7 +124,7 @@ def test_memory_off_logits_equal_stock_exactly():
     assert torch.equal(stream(short, seq, 1), stream(ref_short, seq, 1))
     ours = patch_lm(stock(), AdapterConfig(base_memory=MemoryConfig(kind="window", window=64)))  # our ring, same size
     assert torch.equal(parallel(ours, seq), parallel(ref, seq))
-    assert (stream(ours, seq, 1) - parallel(ref, seq)).abs().max().item() <= 1e-5
+    assert_close(stream(ours, seq, 1), parallel(ref, seq), 1e-5)
     assert torch.equal(parallel(unpatch_lm(patch_lm(stock(), FULL)), seq), parallel(ref, seq))
 
 
@@ -134,8 +135,8 @@ def test_fresh_patch_reproduces_stock():
                         memory=MemoryConfig(kind="ttt_cache", window=64, block=4, num_virtual=3))
     ref, lm = stock(), patch_lm(stock(), cfg)
     seq = codes(2, 60)
-    assert (parallel(lm, seq) - parallel(ref, seq)).abs().max().item() <= 1e-5
-    assert (stream(lm, seq, 7) - parallel(ref, seq)).abs().max().item() <= 1e-5
+    assert_close(parallel(lm, seq), parallel(ref, seq), 1e-5, "parallel")
+    assert_close(stream(lm, seq, 7), parallel(ref, seq), 1e-5, "streaming")
     long = codes(2, 100)
     gate_window = (parallel(lm, long) - parallel(ref, long)).abs().max().item()
     half = patch_lm(stock(), AdapterConfig(memory=cfg.memory, gate_init=0.0))
@@ -169,8 +170,8 @@ def test_lmgen_streaming_equals_parallel(cfg):
     seq = torch.cat([r[0] for r in rec], 2)  # what LMGen fed: generated text/audio, user audio, delays
     with torch.no_grad():
         out, text = lm.forward_text(seq)
-    assert (out - torch.cat([r[1] for r in rec], 1)).abs().max().item() <= 1e-4
-    assert (text - torch.cat([r[2] for r in rec], 2)).abs().max().item() <= 1e-4
+    assert_close(out, torch.cat([r[1] for r in rec], 1), 1e-4, "transformer output")
+    assert_close(text, torch.cat([r[2] for r in rec], 2), 1e-4, "text logits")
 
 
 CASES = {
@@ -189,7 +190,7 @@ CASES = {
 def test_streaming_forward_equals_parallel(name, k):
     lm = lively(patch_lm(stock(), CASES[name]))
     seq = codes(2, 45)
-    assert (stream(lm, seq, k) - parallel(lm, seq)).abs().max().item() <= 1e-4
+    assert_close(stream(lm, seq, k), parallel(lm, seq), 1e-4)
 
 
 # ---- DESIGN section 9 traps ---------------------------------------------------------------
@@ -202,8 +203,8 @@ def test_trap2_every_row_keeps_its_own_fast_weights():
     for b in range(3):
         with torch.no_grad(), lm.streaming(1):
             alone = torch.cat([lm.forward_text(seq[b:b + 1, :, t:t + 1])[1] for t in range(26)], 2)
-            assert torch.allclose(fast_weights(lm, 1)["s"][0], s[b], rtol=1e-5, atol=1e-5)
-        assert (alone[0] - batch[b]).abs().max().item() <= 1e-4
+            assert_close(fast_weights(lm, 1)["s"][0], s[b], 1e-5, "fast weights")
+        assert_close(alone[0], batch[b], 1e-4, "logits")
     assert (s[0] - s[1]).abs().max().item() > 1e-2  # the rows did learn different things
 
 
@@ -224,9 +225,8 @@ def test_trap3_fast_weights_stay_fp32_in_a_bf16_model():
         v = chunk_target(x.double(), gating.target_conv.double(), gating.target_proj.double(), C)
     ref = (v[0].T @ z[0]).double()  # Σ_chunks η V̂ᵀ Z with η = 1
     assert s.dtype == torch.float32
-    err = ((s.double() - ref).abs().max() / ref.abs().max()).item()
-    bf16_err = ((s.bfloat16().double() - ref).abs().max() / ref.abs().max()).item()
-    assert err <= 1e-5 < bf16_err
+    assert_close(s, ref, 1e-5, floor=0.0)
+    assert ((s.bfloat16().double() - ref).abs().max() / ref.abs().max()).item() > 1e-5
 
 
 def test_trap14_fast_weight_updates_run_outside_autocast():
@@ -244,9 +244,9 @@ def test_trap14_fast_weight_updates_run_outside_autocast():
         z = g.hidden(x).double()  # the activations the step saw (bf16 under autocast)
     v = chunk_target(x.double(), g.target_conv.double(), g.target_proj.double(), C)
     ref = TTT.lr * v[0].T @ z[0]
-    err = ((st["s"][0].double() - ref).abs().max() / ref.abs().max()).item()
-    bf16_err = ((st["s"][0].bfloat16().double() - ref).abs().max() / ref.abs().max()).item()
-    assert st["s"].dtype == torch.float32 and err <= 1e-5 < bf16_err
+    assert st["s"].dtype == torch.float32
+    assert_close(st["s"][0], ref, 1e-5, floor=0.0)
+    assert ((st["s"][0].bfloat16().double() - ref).abs().max() / ref.abs().max()).item() > 1e-5
 
 
 def test_trap6_lmgen_updates_the_fast_weights_every_chunk():
@@ -279,8 +279,8 @@ def test_trap8_reset_returns_to_the_trained_w_down():
     out = stream(lm, seq, 1, events=reset_row1_at(r))
     assert torch.equal(w, trained)  # the reset did not touch the model's W_down
     fresh = stream(lm, seq[1:, :, r:], 1)
-    assert (out[1, :, r:] - fresh[0]).abs().max().item() <= 1e-5
-    assert (out[0] - stream(lm, seq[:1], 1)[0]).abs().max().item() <= 1e-5
+    assert_close(out[1, :, r:], fresh[0], 1e-5, "row 1 after the reset vs a fresh row")
+    assert_close(out[0], stream(lm, seq[:1], 1)[0], 1e-5, "row 0 vs row 0 alone")
 
 
 def test_trap9_reset_clears_the_buffered_chunk():
@@ -296,7 +296,7 @@ def test_trap9_reset_clears_the_buffered_chunk():
         for name in ("s", "zbuf", "xbuf"):
             assert st[name][1].abs().sum() == 0 and st[name][0].abs().sum() > 0
     out = stream(lm, seq, 1, events=reset_row1_at(r))
-    assert (out[1, :, r:] - stream(lm, seq[1:, :, r:], 1)[0]).abs().max().item() <= 1e-5
+    assert_close(out[1, :, r:], stream(lm, seq[1:, :, r:], 1)[0], 1e-5)
 
 
 @pytest.mark.parametrize("cfg", [MIXED, FULL, CASES["sink"], CASES["pooled"], CASES["infini"]],
@@ -304,7 +304,7 @@ def test_trap9_reset_clears_the_buffered_chunk():
 def test_exec_mask_off_rows_keep_their_memory(cfg):
     """Moshi's set_exec_mask: a row switched off for some steps continues as if they never happened."""
     masked, ref = exec_mask_run(lively(patch_lm(stock(), cfg)))
-    assert (masked - ref).abs().max().item() <= 1e-5
+    assert_close(masked, ref, 1e-5)
 
 
 def exec_mask_run(lm, T=30, off_at=10):
@@ -339,11 +339,11 @@ def test_exec_mask_with_fused_step_kernels(monkeypatch):
     lm = lively(patch_lm(stock(num_heads=2), cfg))  # head width 16
     masked, ref = exec_mask_run(lm, T=40, off_at=20)
     assert len(calls) == 2 * (45 + 40)  # both kernels, every step of the masked run (40 + 5) and the reference
-    assert (masked - ref).abs().max().item() <= 1e-5
+    assert_close(masked, ref, 1e-5, "masked vs row 1 alone")
     monkeypatch.setattr(step, "ON_CUDA", False)
     monkeypatch.setattr(tct, "CPU_INTERPRET", False)
     plain, _ = exec_mask_run(lm, T=40, off_at=20)
-    assert (masked - plain).abs().max().item() <= 1e-5
+    assert_close(masked, plain, 1e-5, "kernels vs reference step")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -474,10 +474,11 @@ def test_memory_carries_across_segments_and_reset_does_not():
         out = lm(conv[None, :, 12:24])  # stock Moshi's own training forward on segment 2 alone
     for i in (1, 2):
         assert abs(carried[i]["loss"] - carried_other[i]["loss"]).item() > 1e-4
-        assert abs(reset[i]["loss"] - reset_other[i]["loss"]).item() <= 1e-6
+        assert_close(reset[i]["loss"], reset_other[i]["loss"], 1e-6)
     text = torch.nn.functional.cross_entropy(out.text_logits[out.text_mask], conv[None, :1, 12:24][out.text_mask])
     audio = torch.nn.functional.cross_entropy(out.logits[out.mask], conv[None, 1:3, 12:24][out.mask])
-    assert abs(reset[1]["text"] - text).item() <= 1e-5 and abs(reset[1]["audio"] - audio).item() <= 1e-5
+    assert_close(reset[1]["text"], text, 1e-5, "text loss")
+    assert_close(reset[1]["audio"], audio, 1e-5, "audio loss")
 
 
 def test_carried_segments_equal_one_parallel_pass():
@@ -492,7 +493,7 @@ def test_carried_segments_equal_one_parallel_pass():
     for i, s in enumerate(range(0, 40, 13)):
         ref = logits_losses(lm, text[:, :, s:s + 13], audio[:, :, s:s + 13], targets[:, :, s:s + 13], s)
         for name in ("text", "audio"):
-            assert abs(carried[i][name] - ref[name]).item() <= 1e-5
+            assert_close(carried[i][name], ref[name], 1e-5, name)
 
 
 def test_segment_backward_matches_forward_and_reaches_new_parameters():
@@ -501,7 +502,8 @@ def test_segment_backward_matches_forward_and_reaches_new_parameters():
     trained = conversation_losses(lm, conv, 8, backward=True)
     with torch.no_grad():
         plain = conversation_losses(lm, conv, 8)
-    assert all(abs(a["loss"] - b["loss"]).item() <= 1e-5 for a, b in zip(trained, plain))
+    for a, b in zip(trained, plain):
+        assert_close(a["loss"], b["loss"], 1e-5)
     for key in ("transformer.layers.1.gating.target_conv", "transformer.layers.0.self_attn.memory.probes"):
         g = lm.get_parameter(key).grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
@@ -538,11 +540,11 @@ def test_yarn_rope_matches_the_paper(head_dim, context):
     m = 0.1 * math.log(s) + 1  # √(1/t) on q and k each
     for b in range(2):
         pos = offset[b] + torch.arange(9)
-        assert (qo[b].double() - m * rotate(q[b:b + 1], pos, want)[0]).abs().max().item() <= 1e-3  # fp32 angles
-        assert (ko[b].double() - m * rotate(k[b:b + 1], pos, want)[0]).abs().max().item() <= 1e-3
+        assert_close(qo[b], m * rotate(q[b:b + 1], pos, want)[0], 1e-3, "q")  # fp32 angles
+        assert_close(ko[b], m * rotate(k[b:b + 1], pos, want)[0], 1e-3, "k")
     attn = lm.transformer.layers[0].self_attn
-    assert torch.allclose(attn.freqs.double(), want, rtol=1e-6)
-    assert attn.memory.inv_t == pytest.approx(m * m)
+    assert_close(attn.freqs.double() / want, torch.ones_like(want), 1e-6, "frequency / the paper's")
+    assert_close(attn.memory.inv_t, m * m, 1e-6)
     theta = paper_yarn(head_dim, 10000, 1.0, context)
     kept, scaled = (want == theta).sum().item(), torch.isclose(want, theta / s, rtol=1e-12).sum().item()
     if head_dim == 128:  # trap 10: the ramp keeps high frequencies and interpolates low ones
@@ -628,9 +630,9 @@ def test_one_step_fast_path_equals_the_layer_step(clip):
         for t in range(x.shape[1]):
             fast = g.step_one(x[:, t:t + 1], x[:, t:t + 1], states[0].scope(""))
             ref = g.step(x[:, t:t + 1], x[:, t:t + 1], states[1].scope(""))
-            assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)
+            assert_close(fast, ref, 1e-5, "output")
             for name, a in states[0].tensors.items():
-                assert torch.allclose(a, states[1][name], rtol=1e-5, atol=1e-6), name
+                assert_close(a, states[1][name], 1e-5, name)
     assert states[0]["s"].abs().sum() > 0 and states[0]["count"].tolist() == [2, 2]
 
 
@@ -645,4 +647,4 @@ def test_mixed_step_sizes_equal_parallel():
         for n in sizes:
             outs.append(lm.forward_text(seq[:, :, t:t + n])[1])
             t += n
-    assert (torch.cat(outs, 2) - parallel(lm, seq)).abs().max().item() <= 1e-4
+    assert_close(torch.cat(outs, 2), parallel(lm, seq), 1e-4)

@@ -14,6 +14,7 @@ import torch
 
 from moshi_ttt.moshi import data as md
 from moshi_ttt.moshi import synth
+from conftest import assert_close
 
 CFG = md.DataConfig()
 QUICK = synth.SynthConfig(lead_s=0.3, turn_gap_s=(0.15, 0.3), words_per_minute=220,
@@ -165,7 +166,7 @@ def test_resample_matches_the_sine_sampled_at_24k(tmp_path, rate):
     ref = sines(24_000)
     assert y.shape == ref.shape
     edge = 1200  # 50 ms: the signal is cut off outside [0, 1 s)
-    np.testing.assert_allclose(y[:, edge:-edge], ref[:, edge:-edge], atol=2e-3)
+    assert_close(y[:, edge:-edge], ref[:, edge:-edge], 2e-3)
     # the reader resamples other rates the same way
     md.write_conversation(tmp_path / "s.wav", sines(rate).astype(np.float32) * 0.5, rate, [])
     conv = md.read_conversation(tmp_path / "s.wav")

@@ -7,6 +7,7 @@ import torch
 
 from moshi_ttt.ops.rope import (apply_rope, rope_frequencies, yarn_attention_scale, yarn_frequencies,
                                 yarn_frequencies_naive, yarn_ramp)
+from conftest import assert_close
 
 
 @pytest.mark.parametrize("head_dim,max_period,scale,context,fast,slow", [
@@ -21,7 +22,7 @@ def test_yarn_vectorised_equals_per_pair_reference(head_dim, max_period, scale, 
     fast_path = yarn_frequencies(head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow)
     ref = yarn_frequencies_naive(head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow)
     assert fast_path.dtype == torch.float32
-    torch.testing.assert_close(fast_path, ref, rtol=1e-6, atol=0)
+    assert_close(fast_path / ref, torch.ones_like(ref), 1e-6, "frequency / reference")
 
 
 def test_trap10_yarn_ramp_and_temperature():
@@ -38,22 +39,21 @@ def test_trap10_yarn_ramp_and_temperature():
     assert (len(fast), len(band), len(slow)) == (19, 24, 21)
     assert fast == list(range(19)) and slow == list(range(43, 64))  # high frequencies are kept
     assert torch.equal(h[fast], theta[fast])
-    torch.testing.assert_close(h[slow], theta[slow] / s, rtol=1e-6, atol=0)
+    assert_close(h[slow] / (theta[slow] / s), torch.ones(len(slow)), 1e-6, "h / (θ/s)")
     # the band: strictly between θ/s and θ, the kept fraction γ falling with d
     gamma = (h[band] - theta[band] / s) / (theta[band] - theta[band] / s)
     assert ((gamma > 0) & (gamma < 1)).all() and (gamma.diff() < 0).all()
-    torch.testing.assert_close(gamma.double(), torch.tensor([(r[d] - 1) / 31 for d in band], dtype=torch.float64),
-                               rtol=0, atol=1e-5)
+    assert_close(gamma, torch.tensor([(r[d] - 1) / 31 for d in band], dtype=torch.float64), 1e-5)
     # counted from the result: 19 pairs untouched, 21 divided by s (43 pairs have r > α: a ramp
     # with α and β swapped would leave all 43 untouched, the earlier attempt's count)
     assert int((h == theta).sum()) == 19
     assert int(torch.isclose(h, theta / s, rtol=1e-6, atol=0).sum()) == 21
     # the slowest pair's wavelength is stretched s times
-    assert math.isclose(2 * math.pi / h[-1].item(), s * 2 * math.pi / theta[-1].item(), rel_tol=1e-6)
+    assert_close(2 * math.pi / h[-1].item(), s * 2 * math.pi / theta[-1].item(), 1e-6)
     # temperature: √(1/t) = 0.1 ln s + 1 on q and k each, 1/t on the logits
-    assert yarn_attention_scale(s) == pytest.approx(0.1 * math.log(4.0) + 1.0, rel=1e-12)
-    assert yarn_attention_scale(s) == pytest.approx(1.1386294361, abs=1e-9)
-    assert yarn_attention_scale(s) ** 2 == pytest.approx(1.2964769928, abs=1e-9)
+    assert_close(yarn_attention_scale(s), 0.1 * math.log(4.0) + 1.0, 1e-12)
+    assert_close(yarn_attention_scale(s), 1.1386294361, 1e-9)
+    assert_close(yarn_attention_scale(s) ** 2, 1.2964769928, 1e-9)
     assert yarn_attention_scale(1.0) == 1.0 and yarn_attention_scale(0.5) == 1.0
 
 
@@ -61,7 +61,7 @@ def test_yarn_ramp_boundaries():
     """γ at and around α and β against the piecewise definition."""
     r = torch.tensor([0.0, 0.5, 1.0, 1.0 + 1e-3, 16.5, 32.0 - 1e-3, 32.0, 40.0], dtype=torch.float64)
     ref = [0.0 if x < 1 else 1.0 if x > 32 else (x - 1) / 31 for x in r.tolist()]
-    torch.testing.assert_close(yarn_ramp(r, 1.0, 32.0), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_close(yarn_ramp(r, 1.0, 32.0), torch.tensor(ref, dtype=torch.float64), 1e-12)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -156,7 +156,7 @@ def test_yarn_attention_equals_scaled_qk_reference():
         q, k = apply_rope(q, pos, h) * m, apply_rope(k, pos, h) * m
         logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~torch.ones(T, T).tril().bool(), float("-inf"))
         ref = att.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 32))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert_close(out, ref, 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["full", "window", "sink", "ttt_cache", "pooled", "infini"])
@@ -175,8 +175,8 @@ def test_yarn_temperature_reaches_every_logit(kind):
     with torch.no_grad():
         ref, out = plain(tokens), temp(tokens)
         ref_s, out_s = stream(plain, tokens, 7)[0], stream(temp, tokens, 7)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out_s, ref_s, rtol=1e-4, atol=1e-5)
+    assert_close(out, ref, 1e-4, "parallel")
+    assert_close(out_s, ref_s, 1e-4, "streaming")
     assert (out - twin(yarn(cfg, 1.0), yarn(cfg, 1.0))[0](tokens)).abs().max() > 1e-3  # YaRN changes the model
 
 
@@ -187,8 +187,8 @@ def test_yarn_streaming_equals_parallel(kind, k):
     model = twin(yarn(cfg), yarn(cfg))[0]
     tokens = torch.randint(0, 50, (2, 90))
     with torch.no_grad():
-        assert (stream(model, tokens, k)[0] - model(tokens)).abs().max().item() <= 1e-4
-    assert reset_parity(model, T=70, r=33, k=k) <= 1e-4
+        assert_close(stream(model, tokens, k)[0], model(tokens), 1e-4)
+    reset_parity(model, T=70, r=33, k=k, rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["window", "full", "ttt_cache", "pooled"])

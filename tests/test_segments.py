@@ -6,6 +6,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.ops.segments import pack, row_of, segment_rows, unpack
+from conftest import assert_close
 
 
 @pytest.mark.parametrize("kind, extra", [
@@ -30,11 +31,11 @@ def test_unpacked_rows_equal_packed_reference(kind, extra):
                                     [q, k, v] + [p for p in mem.parameters() if p.requires_grad], allow_unused=True)
         outs.append((out, grads))
     (a, ga), (b, gb) = outs
-    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert_close(a, b, 1e-12, "outputs")
     for x, y in zip(ga, gb):
         assert (x is None) == (y is None)
         if x is not None:
-            assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+            assert_close(x, y, 1e-10, "gradients")
 
 
 def test_unpacked_helpers_equal_index_forms():

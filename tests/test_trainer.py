@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import moshi_ttt as mt
 from moshi_ttt.trainer import Trainer
 from moshi_ttt.training import Stage, TrainConfig
+from conftest import assert_close
 
 
 def corpus(n_docs=30, seed=0):
@@ -125,8 +126,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
     mp.spawn(_ddp_worker, args=(port, cfg, tmp_path / "ddp.pt"), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")
     for n, p in single.model.state_dict().items():
-        assert torch.allclose(p, ddp["weights"][n], atol=1e-5), n
-    assert np.allclose(losses, ddp["losses"], rtol=1e-5)  # the logged loss is the global batch's
+        assert_close(p, ddp["weights"][n], 1e-5, n)
+    assert_close(losses, ddp["losses"], 1e-5, "losses")  # the logged loss is the global batch's
 
 
 def test_logs_csv_and_tensorboard_events(tmp_path):
@@ -134,6 +135,6 @@ def test_logs_csv_and_tensorboard_events(tmp_path):
     log = Trainer(cache_model(), cfg, corpus(), val_data=corpus(seed=1), out=tmp_path, progress=False).fit()
     rows = (tmp_path / "train_log.csv").read_text().splitlines()
     assert len(rows) == 1 + len(log) == 5 and rows[0].split(",")[-1] == "val_loss"
-    assert float(rows[-1].split(",")[3]) == pytest.approx(log[-1]["loss"], rel=1e-5)
+    assert_close(float(rows[-1].split(",")[3]), log[-1]["loss"], 1e-5)  # written to 6 digits
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and b"train/val_loss" in events[0].read_bytes() and b"train/loss" in events[0].read_bytes()

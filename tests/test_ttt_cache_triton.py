@@ -10,7 +10,7 @@ from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
 from moshi_ttt.ops import ttt_step_triton as step
 
-from conftest import TRITON_DEVICES, stream
+from conftest import TRITON_DEVICES, assert_close, stream
 
 pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
 DEVICES = TRITON_DEVICES
@@ -44,10 +44,10 @@ def test_triton_block_update_equals_reference(on, device, shape, opts):
     v_ref = ops.complete_block(ref_ds, ref_m, inits, x, y, eta, done, probes, **opts)
     v_fast = tri.complete_block(fast_ds, fast_m, inits, x, y, eta, done, probes, **opts)
     for a, b, before in zip(ref_ds + (ref_m or ()), fast_ds + (fast_m or ()), ds + (moms or ())):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(b, a, 1e-5, "state")
         assert torch.equal(b[~done], before[~done])  # rows without a completed block are untouched
         assert not torch.equal(b[done], before[done])
-    assert torch.allclose(v_ref[done], v_fast[done], atol=1e-5, rtol=1e-5)
+    assert_close(v_fast[done], v_ref[done], 1e-5, "virtual tokens")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,10 +90,10 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
         monkeypatch.setattr(tri, "supports", lambda *a: False)
         ref, st_ref = stream(model, tokens, 1, resets_at=reset)
     assert st_fast["layers.0.updates"].tolist() == [(T - 8) // 16, (T - r - 8) // 16]
-    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+    assert_close(fast, ref, 1e-4, "logits")
     assert st_fast.tensors.keys() == st_ref.tensors.keys()
     for name, t in st_ref.tensors.items():
-        assert torch.allclose(st_fast[name].float(), t.float(), atol=1e-5, rtol=1e-4), name
+        assert_close(st_fast[name], t, 1e-4, name)
 
 
 def test_wide_compressors_take_the_reference(on):
