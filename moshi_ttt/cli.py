@@ -57,7 +57,7 @@ def parse_schedule(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 def train_config(a) -> TrainConfig:
-    base = TRAIN_PRESETS[a.preset]
+    base = TRAIN_PRESETS["recall" if a.recipe == "recall" else a.preset]
     over = {k: getattr(a, k) for k in ("steps", "batch_size", "seq_len", "lr", "seed", "grad_accum", "task_frac",
                                        "answer_weight", "checkpoint_every", "eval_every", "log_every")
             if getattr(a, k, None) is not None}
@@ -97,14 +97,17 @@ def cmd_train(a) -> None:
 
     cfg, tcfg = model_config(a), train_config(a)  # bad options fail before any download
     init_distributed()
-    ensure_corpus(a.data)
+    synthetic = tcfg.task_frac == 1.0  # task rows only: no corpus
+    if not synthetic:
+        ensure_corpus(a.data)
     name = a.name or variant_name(a.memory or cfg.memory.kind, cfg)
     out = a.out or Path("runs") / name
     torch.manual_seed(tcfg.seed)
     model = StreamingLM(cfg)
     if a.init:
         init_from(model, a.init)
-    train_data, val_data = load_split(a.data, "train")[:2], load_split(a.data, "val")[:2]
+    train_data, val_data = (None, None) if synthetic else (load_split(a.data, "train")[:2],
+                                                           load_split(a.data, "val")[:2])
     device = a.device
     if device == "cuda" and torch.distributed.is_initialized():
         device = f"cuda:{torch.cuda.current_device()}"
@@ -128,7 +131,10 @@ def variant_name(spec: str, cfg: ModelConfig) -> str:
 def eval_config(a) -> EvalConfig:
     return EvalConfig(max_len=a.max_len, docs=a.docs, concat=a.concat, buckets=tuple(a.buckets), tasks=tuple(a.tasks),
                       distances=tuple(a.distances), num=a.num, seed=a.seed, diagnostics=not a.no_diagnostics,
-                      cross_session=tuple(a.cross_session), cross_session_distance=a.cross_session_distance)
+                      cross_session=tuple(a.cross_session), cross_session_distance=a.cross_session_distance,
+                      binding_keys=tuple(a.binding_keys), binding_distances=tuple(a.binding_distances),
+                      binding_num=a.binding_num, binding_all_questions=a.binding_all_questions,
+                      perplexity=not a.no_perplexity)
 
 
 def cmd_eval(a) -> None:
@@ -141,9 +147,11 @@ def cmd_study(a) -> None:
     t0 = time.perf_counter()
     if a.preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {a.preset!r}: expected one of {sorted(STUDY_PRESETS)}")
-    ensure_corpus(a.data)
+    if STUDY_PRESETS[a.preset].corpus:
+        ensure_corpus(a.data)
     out = a.out or Path("runs") / f"study-{a.preset}"
-    run_study(a.preset, a.data, out, a.device)
+    run_study(a.preset, a.data, out, a.device, jobs=a.jobs, steps=a.steps,
+              memories=tuple(a.memories) if a.memories else None)
     print(f"done in {time.perf_counter() - t0:.0f} s: report {out / 'report.md'}, plots {out}/*.png")
 
 
@@ -176,6 +184,16 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-session", nargs="*", default=["passkey"], choices=sorted(TASKS),
                    help="tasks told in session 1 and asked in session 2 after a process restart (none: skip)")
     p.add_argument("--cross-session-distance", type=int, default=1, help="fact to end of session 1, x the window")
+    p.add_argument("--binding-keys", nargs="*", type=int, default=[],
+                   help="key-value binding with these numbers of keys N, one question per sample "
+                        "(chance 1/N), e.g. 1 2 4 8 16 32 (none: skip)")
+    p.add_argument("--binding-distances", nargs="+", type=float, default=[0.5, 1, 2, 4, 16, 64],
+                   help="filler between the facts and the question, as multiples of each model's window")
+    p.add_argument("--binding-num", type=int, default=200, help="binding samples per (N, distance)")
+    p.add_argument("--binding-all-questions", action="store_true",
+                   help="also ask every key in turn (drawn with the bag line H_N/N)")
+    p.add_argument("--no-perplexity", action="store_true",
+                   help="skip perplexity by position (no corpus needed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -204,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("checkpoint-every", int), ("eval-every", int), ("log-every", int)):
         tp.add_argument(f"--{name}", type=typ, default=None, help="override the preset's value")
     tp.add_argument("--seq-schedule", default=None, help="sequence-length curriculum, e.g. 0:512,1000:1024")
-    tp.add_argument("--recipe", default="scratch", choices=["scratch", "spec"],
+    tp.add_argument("--recipe", default="scratch", choices=["scratch", "spec", "recall"],
                     help="scratch: one stage; spec: memory alone (reconstruction), then attention above "
-                         "the lower half, then everything (spec 003)")
+                         "the lower half, then everything; recall: key-value binding rows only, facts "
+                         "inside the window first, answers only in the loss (TRAIN_PRESETS['recall'])")
     tp.add_argument("--stage-steps", default=None, help="with --recipe spec: steps of the 3 stages, e.g. 100,300,600")
     tp.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (a backbone)")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt, bit-exactly")
@@ -228,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", type=Path, default=DEFAULT_DATA)
     sp.add_argument("--out", type=Path, default=None, help="report folder (default: runs/study-PRESET)")
     sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sp.add_argument("--jobs", type=int, default=1,
+                    help="models trained at once, as parallel processes (small models share one GPU)")
+    sp.add_argument("--steps", type=int, default=None,
+                    help="training steps of every model (default: the preset's; the curriculum scales along)")
+    sp.add_argument("--memories", nargs="+", default=None,
+                    help="train these memories instead of the preset's: KIND[+tttN][@W][:FIELD=VALUE,...]")
     sp.set_defaults(func=cmd_study)
 
     rp = sub.add_parser("run", help="prepare data, train tiny models with chosen memories, evaluate, report")

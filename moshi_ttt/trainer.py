@@ -18,10 +18,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .data.batches import doc_starts, sample_windows
-from .data.tasks import TaskMixer
 from .io import load_checked, save_atomic
 from .models.lm import StreamingLM
-from .training import Stage, TrainConfig, lr_at, task_rows, write_csv
+from .training import Stage, TaskRows, TrainConfig, lr_at, write_csv
 
 TRAIN_STATE_FORMAT = "moshi_ttt.train/1"
 
@@ -46,13 +45,15 @@ class Trainer:
         rest = [p for p in model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        self.stream, self.bounds = train_data
-        self.starts = doc_starts(len(self.stream), self.bounds)
+        self.stream, self.bounds = train_data if train_data is not None else (None, None)
+        if self.stream is None and round(cfg.batch_size * cfg.task_frac) < cfg.batch_size:
+            raise ValueError("training without a corpus needs task_frac = 1 (synthetic rows only)")
+        self.starts = doc_starts(len(self.stream), self.bounds) if self.stream is not None else None
         self.val = val_data
         self.step, self.rng, self.log, self.tb = 0, np.random.default_rng(cfg.seed), [], None
         n_task = round(cfg.batch_size * cfg.task_frac)
         self.n_task = n_task
-        self.mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
+        self.task_rows = TaskRows(cfg, self.stream) if n_task else None
         torch.manual_seed(cfg.seed)
 
     # ---- curriculum -------------------------------------------------------------------------
@@ -83,10 +84,12 @@ class Trainer:
         """Micro-batches of the global batch (the same draw on every rank), this rank's rows."""
         cfg, out = self.cfg, []
         for _ in range(cfg.grad_accum):
-            rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
+            rows = None  # corpus windows, then synthetic task rows
+            if self.n_task < cfg.batch_size:
+                rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
             if self.n_task:
-                extra = task_rows(self.mixer, self.n_task, seq_len, cfg.answer_weight, self.rng)
-                rows = [torch.cat(pair) for pair in zip(rows, extra)]
+                extra = self.task_rows(self.n_task, seq_len, self.step, self.rng)
+                rows = extra if rows is None else [torch.cat(pair) for pair in zip(rows, extra)]
             per = cfg.batch_size // self.world
             out.append([t[self.rank * per:(self.rank + 1) * per].to(self.device) for t in rows])
         return out
