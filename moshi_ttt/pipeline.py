@@ -13,6 +13,7 @@ import torch
 from . import report
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
+from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
                           stream_ms_per_token)
 from .evaluation import BUCKETS, loss_by_position, task_accuracy
@@ -38,6 +39,24 @@ class EvalConfig:
     cost_lengths: tuple[int, ...] = (1000, 2000, 5000, 10000)
     cross_session: tuple[str, ...] = ("passkey",)  # tasks told in session 1, asked after a restart (sessions/recall.py)
     cross_session_distance: int = 1  # fact to end of session 1, x the window
+
+    def __post_init__(self):
+        for name in ("buckets", "tasks", "distances", "cost_lengths", "cross_session"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, low in (("max_len", 2), ("docs", 1), ("num", 1), ("cross_session_distance", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"EvalConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("buckets", "cost_lengths"):
+            edges = getattr(self, name)
+            if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"EvalConfig.{name} must be positive and increasing (tokens), "
+                                 f"got {list(edges)}")
+        if any(d < 1 for d in self.distances):
+            raise ValueError(f"EvalConfig.distances are multiples of the window and must be >= 1, "
+                             f"got {list(self.distances)}")
+        bad = [t for t in self.tasks + self.cross_session if t not in TASKS]
+        if bad:
+            raise ValueError(f"EvalConfig: unknown tasks {bad}: expected some of {sorted(TASKS)}")
 
 
 def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path, out: Path, name: str, device: str) -> Path:
@@ -90,18 +109,53 @@ def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, d
     return res
 
 
+def unique_names(names: list[str], ckpts: list[Path]) -> list[str]:
+    """Names made unique for the report: a repeated name gets its checkpoint's folder (with as
+    many parent folders as tell the checkpoints apart), then a counter; renamings are printed."""
+    out = list(names)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        if len(idx) < 2:
+            continue
+        parents = [Path(ckpts[i]).resolve().parent.parts for i in idx]
+        k = 1
+        while k < max(map(len, parents)) and len({p[-k:] for p in parents}) < len(idx):
+            k += 1
+        if len({p[-k:] for p in parents}) < len(idx):
+            k = 1  # the same folder more than once: the counter tells them apart
+        for i, p in zip(idx, parents):
+            out[i] = f"{name} ({'/'.join(p[-k:])})"
+    taken: set[str] = set()
+    for i, name in enumerate(out):
+        k = 2
+        while out[i] in taken:
+            out[i], k = f"{name} #{k}", k + 1
+        taken.add(out[i])
+    for ck, old, new in zip(ckpts, names, out):
+        if new != old:
+            print(f"eval: {ck} is named {old!r} like another model: reported as {new!r}",
+                  file=sys.stderr)
+    return out
+
+
 def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: str, train_len: int | None = None) -> dict:
     """Evaluate checkpoints together; writes metrics.json, report.md and the plots to ``out``."""
     from .data.prepare import load_split
 
+    missing = [str(ck) for ck in ckpts if not Path(ck).is_file()]
+    if missing:
+        raise ValueError(f"no checkpoint at {', '.join(missing)}")
     stream, bounds, manifest = load_split(data, "test")
     docs = held_out_streams(stream, bounds, ec)
     out.mkdir(parents=True, exist_ok=True)
-    results, window = {}, None
-    for ck in ckpts:
+    results, window, names = {}, None, []
+    for ck in ckpts:  # every checkpoint is checked before the long evaluation starts
+        meta = load_checkpoint(ck)[1]
+        names.append(str(meta.get("name") or Path(ck).parent.name))
+    names = unique_names(names, ckpts)
+    for ck, name in zip(ckpts, names):
         model, meta = load_checkpoint(ck, device)
         model.eval()
-        name = meta.get("name") or Path(ck).parent.name
         window = window or model.cfg.memory.window
         torch.manual_seed(ec.seed)
         results[name] = {"checkpoint": str(ck), "config": model.cfg.to_dict(), "train": meta.get("train"),
