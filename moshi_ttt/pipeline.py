@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import recall_report, report
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, memory_variant
+from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
                           stream_ms_per_token)
 from .data.binding import binding_batch
@@ -60,6 +61,22 @@ class EvalConfig:
                              f"got {self.binding_distances}")
         if self.binding_num < 1:
             raise ValueError(f"EvalConfig.binding_num must be >= 1, got {self.binding_num}")
+        for name in ("buckets", "tasks", "distances", "cost_lengths", "cross_session"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, low in (("max_len", 2), ("docs", 1), ("num", 1), ("cross_session_distance", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"EvalConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("buckets", "cost_lengths"):
+            edges = getattr(self, name)
+            if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"EvalConfig.{name} must be positive and increasing (tokens), "
+                                 f"got {list(edges)}")
+        if any(d < 1 for d in self.distances):
+            raise ValueError(f"EvalConfig.distances are multiples of the window and must be >= 1, "
+                             f"got {list(self.distances)}")
+        bad = [t for t in self.tasks + self.cross_session if t not in TASKS]
+        if bad:
+            raise ValueError(f"EvalConfig: unknown tasks {bad}: expected some of {sorted(TASKS)}")
 
 
 def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Path, name: str, device: str,
@@ -123,6 +140,35 @@ def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, d
     return res
 
 
+def unique_names(names: list[str], ckpts: list[Path]) -> list[str]:
+    """Names made unique for the report: a repeated name gets its checkpoint's folder (with as
+    many parent folders as tell the checkpoints apart), then a counter; renamings are printed."""
+    out = list(names)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        if len(idx) < 2:
+            continue
+        parents = [Path(ckpts[i]).resolve().parent.parts for i in idx]
+        k = 1
+        while k < max(map(len, parents)) and len({p[-k:] for p in parents}) < len(idx):
+            k += 1
+        if len({p[-k:] for p in parents}) < len(idx):
+            k = 1  # the same folder more than once: the counter tells them apart
+        for i, p in zip(idx, parents):
+            out[i] = f"{name} ({'/'.join(p[-k:])})"
+    taken: set[str] = set()
+    for i, name in enumerate(out):
+        k = 2
+        while out[i] in taken:
+            out[i], k = f"{name} #{k}", k + 1
+        taken.add(out[i])
+    for ck, old, new in zip(ckpts, names, out):
+        if new != old:
+            print(f"eval: {ck} is named {old!r} like another model: reported as {new!r}",
+                  file=sys.stderr)
+    return out
+
+
 def binding_results(model: StreamingLM, ec: EvalConfig, window: int, device: str) -> dict:
     """Binding accuracy per N (str) and distance, with the distance as a multiple of ``window``
     (``distance_w``); with ``binding_all_questions`` the every-key variant under ``"all"``."""
@@ -161,12 +207,18 @@ def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConf
 
 def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: str, train_len: int | None = None) -> dict:
     """Evaluate checkpoints together; writes metrics.json, report.md and the plots to ``out``."""
+    missing = [str(ck) for ck in ckpts if not Path(ck).is_file()]
+    if missing:
+        raise ValueError(f"no checkpoint at {', '.join(missing)}")
     docs, provenance = held_out_data(data, ec)
+    names = []
+    for ck in ckpts:  # every checkpoint is checked before the long evaluation starts
+        meta = load_checkpoint(ck)[1]
+        names.append(str(meta.get("name") or Path(ck).parent.name))
     results = {}
-    for ck in ckpts:
+    for ck, name in zip(ckpts, unique_names(names, ckpts)):
         model, meta = load_checkpoint(ck, device)
-        model.eval()
-        results[meta.get("name") or Path(ck).parent.name] = model_results(model, meta, ck, docs, ec, device)
+        results[name] = model_results(model.eval(), meta, ck, docs, ec, device)
         if train_len is None and meta.get("train"):  # the longest training sequence of the first model
             t = meta["train"]
             train_len = max([t["seq_len"]] + [n for _, n in t.get("seq_schedule", ())])

@@ -87,9 +87,6 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages))
-        object.__setattr__(self, "seq_schedule", tuple(tuple(int(v) for v in x) for x in self.seq_schedule))
-        if self.grad_accum < 1:
-            raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "task_distances", tuple(int(d) for d in self.task_distances))
         object.__setattr__(self, "near_distances", tuple(int(d) for d in self.near_distances))
@@ -112,15 +109,35 @@ class TrainConfig:
         if self.near_steps < 0 or self.context_weight < 0:
             raise ValueError(f"TrainConfig.near_steps and context_weight must be >= 0, "
                              f"got {self.near_steps}, {self.context_weight}")
+        try:
+            schedule = tuple((int(a), int(b)) for a, b in self.seq_schedule)
+        except (TypeError, ValueError):
+            raise ValueError(f"TrainConfig.seq_schedule must be (step, length) pairs, "
+                             f"got {self.seq_schedule!r}") from None
+        object.__setattr__(self, "seq_schedule", schedule)
+        starts = [a for a, _ in schedule]
+        if any(a < 0 for a in starts) or starts != sorted(set(starts)):
+            raise ValueError(f"TrainConfig.seq_schedule steps must be >= 0 and increasing, "
+                             f"got {starts}")
+        lengths = [n for _, n in schedule]
+        if any(n < 1 for n in lengths):
+            raise ValueError(f"TrainConfig.seq_schedule lengths must be >= 1, got {lengths}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
+                          ("log_every", 1), ("eval_batches", 1), ("warmup", 0), ("seed", 0),
+                          ("checkpoint_every", 0), ("eval_every", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip", "answer_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {v}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, "
+                             f"got {self.weight_decay}")
         if not 0.0 <= self.task_frac <= 1.0:
             raise ValueError(f"TrainConfig.task_frac must be in [0, 1], got {self.task_frac}")
-        if self.answer_weight <= 0:
-            raise ValueError(f"TrainConfig.answer_weight must be > 0, got {self.answer_weight}")
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if any(d < 0 for d in self.task_distances):
+            raise ValueError(f"TrainConfig.task_distances must be >= 0, got {self.task_distances}")
 
 
 TRAIN_PRESETS = {
