@@ -19,9 +19,17 @@ def save_checkpoint(path: str | os.PathLike, model: StreamingLM, meta: dict | No
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[StreamingLM, dict]:
     """Load a model strictly; a missing, corrupt or mismatched file raises ValueError."""
     blob = load_checked(path, CKPT_FORMAT, "checkpoint")
-    model = StreamingLM(ModelConfig.from_dict(blob["config"]))
+    missing = [k for k in ("config", "model", "meta") if k not in blob]
+    if missing:
+        raise ValueError(f"{path} is an incomplete checkpoint: no {', '.join(missing)}")
+    try:
+        cfg = ModelConfig.from_dict(blob["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        detail = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: its model config is invalid ({detail})") from e
+    model = StreamingLM(cfg)
     try:
         model.load_state_dict(blob["model"], strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: weights do not match the config: {e}") from e
-    return model.to(device), blob["meta"]
+    return model.to(device), blob["meta"] if isinstance(blob["meta"], dict) else {}

@@ -13,6 +13,7 @@ IMPLEMENTED_MEMORY_KINDS = MEMORY_KINDS
 COMBINES = ("gate", "concat")  # spec option A (separate softmaxes, learned gate) / B (one softmax)
 VIRTUAL_POSITIONS = ("relative", "decay", "none")  # spec options A / B / C
 COLD_STARTS = ("zero", "learned", "wait")  # spec options A / B / C
+GATED_KINDS = ("pooled", "infini", "ttt_cache")  # a window plus a read of evicted tokens, mixed by α
 GRAD_PRECISIONS = ("tf32", "fp32")  # products in the backward of the fused compressor scan (GPU)
 
 
@@ -38,6 +39,14 @@ class MemoryConfig:
     ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels),
     ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"`` (gradients to
     about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state, is fp32 either way.
+
+    Readers (how attention reads what left the window): ``read_query`` adds one virtual token per
+    query read from the state at the query itself, ``V_q = f_θ(q̂_t)``, ``K_q = key_q + V_q A``
+    (``ttt_cache``); ``gate_per_token`` makes the window/memory gate a function of the query,
+    ``α_t = σ(c_h + w_h·q_t)`` (every kind with a gate: ``ttt_cache``, ``pooled``, ``infini``);
+    ``compressor_proj`` gives the compressor its own keys and values, learned projections of the
+    evicted token's attention keys and values across all heads (identity at initialisation),
+    and the query read its own query (``ttt_cache``).
     """
 
     kind: str = "window"
@@ -59,6 +68,9 @@ class MemoryConfig:
     check_finite: bool = False
     compile_scan: bool = False
     grad_precision: str = "tf32"
+    read_query: bool = False
+    gate_per_token: bool = False
+    compressor_proj: bool = False
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
@@ -89,6 +101,13 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.decay and momentum must be in [0, 1), got {self.decay}, {self.momentum}")
         if self.max_state_norm <= 0:
             raise ValueError(f"MemoryConfig.max_state_norm must be > 0, got {self.max_state_norm}")
+        for name in ("read_query", "compressor_proj"):
+            if getattr(self, name) and self.kind != "ttt_cache":
+                raise ValueError(f"MemoryConfig.{name} reads a TTT-cache compressor: it needs "
+                                 f"kind='ttt_cache', got {self.kind!r}")
+        if self.gate_per_token and self.kind not in GATED_KINDS:
+            raise ValueError(f"MemoryConfig.gate_per_token needs a gated memory {GATED_KINDS}, "
+                             f"got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +221,9 @@ class ModelConfig:
         for name, default in (("rope_scale", 1.0), ("rope_original_context", 0)):
             if d[name] == default:
                 del d[name]
-        for name, default in (("compressor_depth", 2), ("compressor_shared", False)):
+        for name, default in (("compressor_depth", 2), ("compressor_shared", False),
+                              ("read_query", False), ("gate_per_token", False),
+                              ("compressor_proj", False)):
             if d["memory"][name] == default:
                 del d["memory"][name]
         blob = json.dumps(d, sort_keys=True).encode()
@@ -220,6 +241,9 @@ PRESETS = {
     # ~0.1M parameters: CPU tests and the default end-to-end job.
     "tiny": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
                         memory=MemoryConfig(kind="window", window=64)),
+    # ~0.5M parameters: the recall study (key-value binding from scratch, window 32).
+    "recall": ModelConfig(vocab_size=256, dim=128, num_layers=2, num_heads=4,
+                          memory=MemoryConfig(kind="window", window=32)),
     # ~26M parameters with a byte vocabulary: the GPU study and benchmarks.
     "small": ModelConfig(vocab_size=256, dim=512, num_layers=8, num_heads=8,
                          memory=MemoryConfig(kind="window", window=256)),
@@ -240,3 +264,45 @@ def variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = 
         cfg = dataclasses.replace(cfg, inplace_ttt=InPlaceTTTConfig(
             layers=layers, chunk_size=chunk, matmul_precision="high" if prec == "tf32" else "highest"))
     return cfg
+
+
+# short names of memory fields in run names (``memory_variant``): true booleans as "+alias",
+# other values as "-alias<value>"
+FIELD_NAMES = {"read_query": "query", "gate_per_token": "tokgate", "compressor_proj": "proj",
+               "num_virtual": "M", "compressor_hidden": "h", "block": "b"}
+
+
+def memory_variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None,
+                   block: int | None = None) -> tuple[str, ModelConfig]:
+    """``kind[+tttN[/tf32]][@W][:field=value,...]`` -> (run name, config): ``variant`` of ``spec``'s
+    kind and In-Place TTT, ``@W`` another window, ``:field=value`` MemoryConfig fields (booleans
+    ``true``/``false``), ``block`` the default block. E.g. ``ttt_cache:read_query=true,num_virtual=8``
+    -> ``ttt_cache-32+query-M8``."""
+    head, _, extra = spec.partition(":")
+    head, _, w = head.partition("@")
+    if w and not w.isdigit():
+        raise ValueError(f"bad memory {spec!r}: @W needs a positive window, got {w!r}")
+    cfg = variant(base, head, chunk, int(w) if w else window)
+    fields = {} if block is None else {"block": block}
+    names = {f.name: f for f in dataclasses.fields(MemoryConfig)}
+    suffix = ""
+    for item in filter(None, extra.split(",")):
+        k, eq, v = item.partition("=")
+        if k not in names or not eq or k == "kind":
+            raise ValueError(f"bad memory {spec!r}: {item!r} is not FIELD=VALUE of a MemoryConfig field")
+        default = getattr(cfg.memory, k)
+        if isinstance(default, bool):
+            if v not in ("true", "false"):
+                raise ValueError(f"bad memory {spec!r}: {k} takes true or false, got {v!r}")
+            fields[k] = v == "true"
+            suffix += f"+{FIELD_NAMES.get(k, k)}" if fields[k] else ""
+        else:
+            try:
+                fields[k] = type(default)(v)
+            except ValueError as e:
+                raise ValueError(f"bad memory {spec!r}: {k}={v!r} is not a {type(default).__name__}") from e
+            suffix += f"-{FIELD_NAMES.get(k, k)}{v}"
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **fields))
+    kind, _, ttt = head.partition("+")
+    name = kind if kind == "full" else f"{kind}-{cfg.memory.window}"
+    return name + (f"+{ttt.replace('/', '-')}" if ttt else "") + suffix, cfg

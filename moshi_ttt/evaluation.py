@@ -7,6 +7,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .data.binding import bag_line, binding_batch, chance
+from .data.tasks import answer_accuracy, answer_token_accuracy, make_task, pad_samples
+from .data.tokenizer import ByteTokenizer
 from .models.lm import StreamingLM
 
 BUCKETS = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
@@ -80,17 +83,42 @@ def task_accuracy(model: StreamingLM, task: str, distances: list[int], num: int,
 
     Held-out instances: seeds ``seed * 1_000_003 + i`` for i < num (training uses other seeds).
     """
-    from .data.tasks import answer_accuracy, answer_token_accuracy, task_batch
-    from .data.tokenizer import ByteTokenizer
-
     tokenizer = tokenizer or ByteTokenizer()
     model.eval()
     rows = []
     for d in tqdm(distances, desc=f"eval {task}", disable=not progress, dynamic_ncols=True):
         seeds = [seed * 1_000_003 + i for i in range(num)]
-        tokens, mask = task_batch(task, seeds, d, tokenizer)
+        samples = [make_task(task, s, d, tokenizer) for s in seeds]
+        tokens, mask = pad_samples(samples)
         toks = torch.as_tensor(tokens, device=device)
         pred = stream_predictions(model, toks, step).cpu().numpy()
         rows.append({"distance": int(d), "accuracy": float(answer_accuracy(pred, tokens, mask).mean()),
-                     "token_accuracy": float(answer_token_accuracy(pred, tokens, mask).mean()), "n": num})
+                     "token_accuracy": float(answer_token_accuracy(pred, tokens, mask).mean()), "n": num,
+                     "chance": float(np.mean([x.meta["chance"] for x in samples]))})
+    return rows
+
+
+def binding_accuracy(model: StreamingLM, num_keys: int, distances: list[int], num: int, seed: int = 0,
+                     num_queries: int = 1, step: int = 256, device="cpu", batch: int = 256,
+                     progress=True) -> list[dict]:
+    """Key-value binding vs distance (data/binding.py), streamed: ``num_keys`` facts, ``d`` filler
+    tokens, ``num_queries`` keys asked. ``accuracy``: the fraction of asked values predicted
+    exactly (with one question per sample, binding; chance 1/N); ``chance`` 1/N and, with every
+    key asked, ``bag`` H_N/N (a model that only knows which values occurred). Held-out instances:
+    seeds ``seed * 1_000_003 + i``, i < num."""
+    model.eval()
+    rows = []
+    for d in tqdm(distances, desc=f"eval binding N={num_keys}", disable=not progress, dynamic_ncols=True):
+        hits = []
+        for lo in range(0, num, batch):
+            seeds = [seed * 1_000_003 + i for i in range(lo, min(num, lo + batch))]
+            tokens, mask = binding_batch(seeds, int(d), num_keys, num_queries)
+            pred = stream_predictions(model, torch.as_tensor(tokens, device=device), step).cpu().numpy()
+            m = mask[:, 1:]
+            hits.append((pred == tokens[:, 1:])[m])
+        row = {"distance": int(d), "accuracy": float(np.concatenate(hits).mean()), "n": num,
+               "questions": num_queries, "chance": chance(num_keys)}
+        if num_queries == num_keys > 1:
+            row["bag"] = bag_line(num_keys)
+        rows.append(row)
     return rows

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import report
+from . import recall_report, report
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ModelConfig
+from .config import ModelConfig, memory_variant
+from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
                           stream_ms_per_token)
-from .evaluation import BUCKETS, loss_by_position, task_accuracy
+from .data.binding import binding_batch
+from .evaluation import BUCKETS, binding_accuracy, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
-from .training import TrainConfig, config_dict, train
+from .training import TRAIN_PRESETS, TrainConfig, config_dict, train
 
 
 @dataclass(frozen=True)
@@ -38,23 +45,60 @@ class EvalConfig:
     cost_lengths: tuple[int, ...] = (1000, 2000, 5000, 10000)
     cross_session: tuple[str, ...] = ("passkey",)  # tasks told in session 1, asked after a restart (sessions/recall.py)
     cross_session_distance: int = 1  # fact to end of session 1, x the window
+    binding_keys: tuple[int, ...] = ()  # key-value binding (data/binding.py) with N keys, one question
+    binding_distances: tuple[float, ...] = (0.5, 1, 2, 4, 16, 64)  # x the window
+    binding_num: int = 200  # samples per (N, distance)
+    binding_all_questions: bool = False  # also every key asked in turn (drawn with its bag line)
+    perplexity: bool = True  # held-out loss by position (needs the corpus's test split)
+
+    def __post_init__(self):
+        object.__setattr__(self, "binding_keys", tuple(int(n) for n in self.binding_keys))
+        object.__setattr__(self, "binding_distances", tuple(float(x) for x in self.binding_distances))
+        if not all(1 <= n <= 64 for n in self.binding_keys):
+            raise ValueError(f"EvalConfig.binding_keys must be in 1..64, got {self.binding_keys}")
+        if self.binding_keys and (not self.binding_distances or min(self.binding_distances) <= 0):
+            raise ValueError(f"EvalConfig.binding_distances must be > 0 (x the window), "
+                             f"got {self.binding_distances}")
+        if self.binding_num < 1:
+            raise ValueError(f"EvalConfig.binding_num must be >= 1, got {self.binding_num}")
+        for name in ("buckets", "tasks", "distances", "cost_lengths", "cross_session"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, low in (("max_len", 2), ("docs", 1), ("num", 1), ("cross_session_distance", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"EvalConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("buckets", "cost_lengths"):
+            edges = getattr(self, name)
+            if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"EvalConfig.{name} must be positive and increasing (tokens), "
+                                 f"got {list(edges)}")
+        if any(d < 1 for d in self.distances):
+            raise ValueError(f"EvalConfig.distances are multiples of the window and must be >= 1, "
+                             f"got {list(self.distances)}")
+        bad = [t for t in self.tasks + self.cross_session if t not in TASKS]
+        if bad:
+            raise ValueError(f"EvalConfig: unknown tasks {bad}: expected some of {sorted(TASKS)}")
 
 
-def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path, out: Path, name: str, device: str) -> Path:
-    """Train from scratch on the corpus's train split; writes model.pt, train_log.csv, config.json."""
+def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Path, name: str, device: str,
+                 progress: bool = True) -> Path:
+    """Train from scratch on the corpus's train split (``data`` None: synthetic rows only, which
+    needs ``task_frac = 1``); writes model.pt, train_log.csv, config.json."""
     from .data.prepare import load_split
 
-    stream, bounds, manifest = load_split(data, "train")
-    if manifest["vocab_size"] > cfg.vocab_size:
-        raise ValueError(f"corpus vocabulary {manifest['vocab_size']} exceeds the model's {cfg.vocab_size}")
+    stream = bounds = manifest = None
+    if data is not None:
+        stream, bounds, manifest = load_split(data, "train")
+        if manifest["vocab_size"] > cfg.vocab_size:
+            raise ValueError(f"corpus vocabulary {manifest['vocab_size']} exceeds the model's {cfg.vocab_size}")
     torch.manual_seed(tcfg.seed)
     model = StreamingLM(cfg)
     out.mkdir(parents=True, exist_ok=True)
     print(f"training {name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{tcfg.steps} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens on {device}", file=sys.stderr)
-    rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device)
+          f"{tcfg.total_steps()} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens on {device}", file=sys.stderr)
+    rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device, progress=progress)
     meta = {"name": name, "train": config_dict(tcfg), "train_log": rows, "commit": report.git_commit(),
-            "data": {"dir": str(data), "splits": {s: e["sha256"] for s, e in manifest["splits"].items()}}}
+            "data": None if data is None else {
+                "dir": str(data), "splits": {s: e["sha256"] for s, e in manifest["splits"].items()}}}
     save_checkpoint(out / "model.pt", model, meta)
     report.write_json(out / "config.json", {"model": cfg.to_dict(), "train": config_dict(tcfg)})
     return out / "model.pt"
@@ -75,11 +119,17 @@ def held_out_streams(stream: np.ndarray, bounds: np.ndarray, ec: EvalConfig) -> 
 def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, device: str) -> dict:
     """Every measurement of one model (streaming semantics throughout)."""
     W = model.cfg.memory.window
-    res = {"loss_by_position": loss_by_position(model, docs, ec.max_len, buckets=ec.buckets, device=device),
+    res = {"loss_by_position": loss_by_position(model, docs, ec.max_len, buckets=ec.buckets, device=device)
+           if ec.perplexity else [],
            "recall": {t: task_accuracy(model, t, [m * W for m in ec.distances], ec.num, ec.seed, device=device)
                       for t in ec.tasks}}
+    if ec.binding_keys:
+        res["binding"] = binding_results(model, ec, W, device)
     long_docs = [np.asarray(d[:2048], dtype=np.int64) for d in docs if len(d) >= 2048][:2]
     probe_tokens = torch.as_tensor(np.stack(long_docs), device=device) if long_docs else None
+    if probe_tokens is None and ec.binding_keys:  # no corpus: diagnose the memory on binding samples
+        toks, _ = binding_batch([10 ** 9 + i for i in range(2)], 16 * W, min(16, max(ec.binding_keys)))
+        probe_tokens = torch.as_tensor(toks, device=device)
     if ec.diagnostics and evicting_memories(model) and probe_tokens is not None:
         res["diagnostics"] = memory_diagnostics(model, probe_tokens)
         res["probe"] = evicted_token_probe(model, probe_tokens, layer=0, lag=0)
@@ -90,23 +140,96 @@ def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, d
     return res
 
 
-def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: str, train_len: int | None = None) -> dict:
-    """Evaluate checkpoints together; writes metrics.json, report.md and the plots to ``out``."""
+def unique_names(names: list[str], ckpts: list[Path]) -> list[str]:
+    """Names made unique for the report: a repeated name gets its checkpoint's folder (with as
+    many parent folders as tell the checkpoints apart), then a counter; renamings are printed."""
+    out = list(names)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        if len(idx) < 2:
+            continue
+        parents = [Path(ckpts[i]).resolve().parent.parts for i in idx]
+        k = 1
+        while k < max(map(len, parents)) and len({p[-k:] for p in parents}) < len(idx):
+            k += 1
+        if len({p[-k:] for p in parents}) < len(idx):
+            k = 1  # the same folder more than once: the counter tells them apart
+        for i, p in zip(idx, parents):
+            out[i] = f"{name} ({'/'.join(p[-k:])})"
+    taken: set[str] = set()
+    for i, name in enumerate(out):
+        k = 2
+        while out[i] in taken:
+            out[i], k = f"{name} #{k}", k + 1
+        taken.add(out[i])
+    for ck, old, new in zip(ckpts, names, out):
+        if new != old:
+            print(f"eval: {ck} is named {old!r} like another model: reported as {new!r}",
+                  file=sys.stderr)
+    return out
+
+
+def binding_results(model: StreamingLM, ec: EvalConfig, window: int, device: str) -> dict:
+    """Binding accuracy per N (str) and distance, with the distance as a multiple of ``window``
+    (``distance_w``); with ``binding_all_questions`` the every-key variant under ``"all"``."""
+    dists = [max(1, round(m * window)) for m in ec.binding_distances]
+    out = {}
+    for variant, all_q in (("one", False), ("all", True)) if ec.binding_all_questions else (("one", False),):
+        for n in ec.binding_keys:
+            rows = binding_accuracy(model, n, dists, ec.binding_num, ec.seed, num_queries=n if all_q else 1,
+                                    device=device)
+            for r, m in zip(rows, ec.binding_distances):
+                r["distance_w"] = m
+            out.setdefault(variant, {})[str(n)] = rows
+    return out
+
+
+def held_out_data(data: Path | None, ec: EvalConfig) -> tuple[list[np.ndarray], dict]:
+    """The held-out streams of ``evaluate_model`` and their provenance (none without perplexity)."""
     from .data.prepare import load_split
 
+    if not ec.perplexity:
+        return [], {"dir": None if data is None else str(data), "test_docs": 0, "test_sha256": None}
+    if data is None:
+        raise ValueError("perplexity by position needs a corpus (--data)")
     stream, bounds, manifest = load_split(data, "test")
     docs = held_out_streams(stream, bounds, ec)
-    out.mkdir(parents=True, exist_ok=True)
-    results, window = {}, None
-    for ck in ckpts:
+    return docs, {"dir": str(data), "test_docs": len(docs), "test_sha256": manifest["splits"]["test"]["sha256"]}
+
+
+def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConfig, device: str) -> dict:
+    """One model's entry of ``metrics.json``: its config, training and every measurement."""
+    torch.manual_seed(ec.seed)
+    return {"checkpoint": str(ckpt), "config": model.cfg.to_dict(), "train": meta.get("train"),
+            "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
+            **evaluate_model(model, docs, ec, device)}
+
+
+def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: str, train_len: int | None = None) -> dict:
+    """Evaluate checkpoints together; writes metrics.json, report.md and the plots to ``out``."""
+    missing = [str(ck) for ck in ckpts if not Path(ck).is_file()]
+    if missing:
+        raise ValueError(f"no checkpoint at {', '.join(missing)}")
+    docs, provenance = held_out_data(data, ec)
+    names = []
+    for ck in ckpts:  # every checkpoint is checked before the long evaluation starts
+        meta = load_checkpoint(ck)[1]
+        names.append(str(meta.get("name") or Path(ck).parent.name))
+    results = {}
+    for ck, name in zip(ckpts, unique_names(names, ckpts)):
         model, meta = load_checkpoint(ck, device)
-        model.eval()
-        name = meta.get("name") or Path(ck).parent.name
-        window = window or model.cfg.memory.window
-        torch.manual_seed(ec.seed)
-        results[name] = {"checkpoint": str(ck), "config": model.cfg.to_dict(), "train": meta.get("train"),
-                         "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
-                         **evaluate_model(model, docs, ec, device)}
+        results[name] = model_results(model.eval(), meta, ck, docs, ec, device)
+        if train_len is None and meta.get("train"):  # the longest training sequence of the first model
+            t = meta["train"]
+            train_len = max([t["seq_len"]] + [n for _, n in t.get("seq_schedule", ())])
+    return write_results(results, ckpts, provenance, out, ec, device, train_len)
+
+
+def write_results(results: dict, ckpts: list[Path], provenance: dict, out: Path, ec: EvalConfig, device: str,
+                  train_len: int | None) -> dict:
+    """Cross-session recall (it reloads the checkpoints), then metrics.json, timing.json, the plots,
+    report.md and, with binding measured, summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
     if ec.cross_session:
         from .sessions.recall import cross_session_recall
 
@@ -114,22 +237,27 @@ def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: s
         for name, row in zip(list(results), rows):
             results[name]["cross_session"] = row
     metrics = {"commit": report.git_commit(), "seed": ec.seed, "eval": dataclasses.asdict(ec),
-               "data": {"dir": str(data), "test_docs": len(docs), "test_sha256": manifest["splits"]["test"]["sha256"]},
-               "models": results}
+               "data": provenance, "models": results}
     # timings vary from run to run: they go to timing.json, so metrics.json is reproducible to the byte
     timing = {n: {"stream_ms_per_token": m["cost"].pop("stream_ms_per_token"), "device": m["cost"].pop("device")}
               for n, m in results.items()}
     report.write_json(out / "metrics.json", metrics)
     report.write_json(out / "timing.json", timing)
     metrics["timing"] = timing
+    window = next(iter(results.values()))["config"]["memory"]["window"] if results else None
     report.write_plots(metrics, out, window, train_len)
-    (out / "report.md").write_text(report.markdown(metrics))
+    if ec.binding_keys:
+        report.write_json(out / "summary.json", recall_report.summary(metrics, train_len))
+        recall_report.write_plots(metrics, out, train_len)
+    (out / "report.md").write_text(report.markdown(metrics, train_len))
     return metrics
 
 
 @dataclass(frozen=True)
 class StudyPreset:
-    """Memories trained at the same budget, then evaluated together."""
+    """Memories trained at the same budget, then evaluated together. ``memories``: specs of
+    ``config.memory_variant`` (``kind[+tttN][@W][:field=value,...]``); ``corpus`` False trains on
+    synthetic rows only (``train.task_frac`` 1) and needs no corpus."""
 
     model: str
     memories: tuple[str, ...]
@@ -138,7 +266,17 @@ class StudyPreset:
     train: TrainConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     ttt_chunk: int = 64
+    corpus: bool = True
 
+
+# the recall study's memories: the controls (full, window), the baselines, the TTT cache with each
+# reader and all of them, In-Place TTT; then more sizes for the memory/recall frontier
+RECALL_READERS = "read_query=true,gate_per_token=true,compressor_proj=true"
+RECALL_MEMORIES = (
+    "full", "window", "window@128", "sink", "pooled", "infini", "ttt_cache",
+    "ttt_cache:read_query=true", "ttt_cache:gate_per_token=true", "ttt_cache:compressor_proj=true",
+    f"ttt_cache:{RECALL_READERS}", "window+ttt2",
+    "window@16", "window@64", "pooled:num_virtual=16", f"ttt_cache:{RECALL_READERS},compressor_hidden=128")
 
 STUDY_PRESETS = {
     # tiny models on 2 CPU cores, a few minutes per memory
@@ -157,22 +295,88 @@ STUDY_PRESETS = {
                                            answer_weight=5.0),
                          eval=EvalConfig(max_len=4096, docs=4, buckets=(64, 256, 1024, 2048, 4096), num=16,
                                          tasks=("passkey", "mqar"))),
+    # key-value binding from scratch (GPU, ``--jobs``: the models train as parallel processes);
+    # window 32, block 16; the recall recipe: facts inside the window first, then up to 16 x W
+    "recall": StudyPreset(model="recall", memories=RECALL_MEMORIES, window=32, block=16, ttt_chunk=32,
+                          corpus=False, train=TRAIN_PRESETS["recall"],
+                          eval=EvalConfig(perplexity=False, tasks=(), cross_session=(), num=1,
+                                          binding_keys=(1, 2, 4, 8, 16, 32), binding_all_questions=True,
+                                          cost_lengths=(512, 2048, 8192))),
 }
 
 
-def run_study(preset: str, data: Path, out: Path, device: str) -> dict:
-    from .config import variant
+def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None = None,
+               memories: tuple[str, ...] | None = None) -> list[tuple]:
+    """(name, model config, train config, folder) of every memory of a study preset; ``steps``
+    rescales the training (the curriculum's stages and near steps in proportion)."""
+    tcfg = sp.train
+    if steps is not None:
+        tcfg = scale_steps(tcfg, steps)
+    base = ModelConfig.preset(sp.model)
+    jobs = []
+    for spec in memories or sp.memories:
+        name, cfg = memory_variant(base, spec, sp.ttt_chunk, sp.window, sp.block)
+        jobs.append((name, cfg, tcfg, out / name))
+    names = [j[0] for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two memories of the study have one name: {names}")
+    return jobs
 
+
+def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
+    """``tcfg`` trained for ``steps`` steps; warm-up, near steps and the length schedule in proportion."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    f = steps / tcfg.total_steps()
+    sched = tuple((round(s * f), n) for s, n in tcfg.seq_schedule)
+    return dataclasses.replace(tcfg, steps=steps, stages=(), warmup=max(1, round(tcfg.warmup * f)),
+                               near_steps=round(tcfg.near_steps * f), seq_schedule=sched)
+
+
+def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: Path, data: Path | None,
+                       ec: EvalConfig, device: str, progress: bool = True, threads: int = 0) -> dict:
+    """Train one model, then measure it (its ``metrics.json`` entry, also kept as ``folder/eval.json``,
+    so a study cut short keeps every model it finished)."""
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    ckpt = run_training(cfg, tcfg, data, folder, name, device, progress=progress)
+    t1 = time.perf_counter()
+    model, meta = load_checkpoint(ckpt, device)
+    docs, _ = held_out_data(data, ec)
+    res = model_results(model.eval(), meta, ckpt, docs, ec, device)
+    res["wall"] = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+    report.write_json(folder / "eval.json", res)
+    print(f"{name}: trained in {t1 - t0:.0f} s, evaluated in {res['wall']['eval_s']:.0f} s", file=sys.stderr)
+    return res
+
+
+def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int = 1, steps: int | None = None,
+              memories: tuple[str, ...] | None = None) -> dict:
+    """Train every memory of a study preset at the same budget and evaluate them together; with
+    ``jobs`` > 1 the models train as parallel processes (several small models share one GPU)."""
     if preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {preset!r}: expected one of {sorted(STUDY_PRESETS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     sp = STUDY_PRESETS[preset]
-    base = ModelConfig.preset(sp.model)
-    ckpts = []
-    for spec in sp.memories:
-        spec, _, w = spec.partition("@")  # kind@W: another window
-        window = int(w) if w else sp.window
-        cfg = variant(base, spec, sp.ttt_chunk, window)
-        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, block=sp.block))
-        name = spec if spec.startswith("full") else f"{spec}-{window}"
-        ckpts.append(run_training(cfg, sp.train, data, out / name.replace("/", "-"), name, device))
-    return evaluate(ckpts, data, out, sp.eval, device, sp.train.seq_len)
+    data = data if sp.corpus else None
+    work = study_jobs(sp, data, out, steps, memories)
+    results = {}
+    if jobs == 1:
+        for name, cfg, tcfg, folder in work:
+            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(train_and_evaluate, name, cfg, tcfg, folder, data, sp.eval, device, False,
+                                   threads): name for name, cfg, tcfg, folder in work}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="study", dynamic_ncols=True):
+                results[futures[fut]] = fut.result()
+        results = {name: results[name] for name, *_ in work}  # the preset's order
+    for r in results.values():
+        r.pop("wall", None)
+    ckpts = [folder / "model.pt" for *_, folder in work]
+    _, provenance = held_out_data(data, sp.eval)
+    return write_results(results, ckpts, provenance, out, sp.eval, device, work[0][2].max_seq_len())

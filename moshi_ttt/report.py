@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import recall_report  # noqa: E402
+
 
 def git_commit(path: Path | None = None) -> str:
     """Short commit of the source tree (``+dirty`` when it has uncommitted changes)."""
@@ -70,19 +72,24 @@ def plot_train_loss(models: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_recall(models: dict[str, dict[str, list[dict]]], path: Path, window: int | None = None) -> None:
-    """Accuracy vs distance, one panel per task, one line per model."""
+    """Exact-answer accuracy vs distance, one panel per task, one line per model, with the line of
+    a model that knows only which values were stated (1/N; the bag line when every key is asked)."""
     tasks = sorted({t for per in models.values() for t in per})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        chance = []
         for name, per in models.items():
             rows = per.get(task, [])
-            ax.plot([r["distance"] for r in rows], [r["token_accuracy"] for r in rows], marker="o", label=name)
+            ax.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
+            chance += [r["chance"] for r in rows if "chance" in r]
+        if chance:
+            ax.axhline(float(np.mean(chance)), color="black", ls="--", lw=1.2, label="values only (chance)")
         if window:
-            ax.axvline(window, color="grey", ls="--", lw=1, label="attention window")
+            ax.axvline(window, color="grey", ls="-.", lw=1, label="attention window")
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("distance from fact to question (tokens)")
-        ax.set_ylabel("answer-token accuracy")
+        ax.set_ylabel("exact-answer accuracy")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -100,7 +107,9 @@ def write_plots(metrics: dict, out: Path, window: int | None, train_len: int | N
     marks = {"attention window": window} if window else {}
     if train_len:
         marks["training length"] = train_len
-    plot_loss_by_position({n: m["loss_by_position"] for n, m in models.items()}, out / "loss_by_position.png", marks)
+    if any(m["loss_by_position"] for m in models.values()):
+        plot_loss_by_position({n: m["loss_by_position"] for n, m in models.items()}, out / "loss_by_position.png",
+                              marks)
     plot_state_bytes({n: m["cost"]["state_bytes"] for n, m in models.items()}, out / "state_bytes.png")
     if any(m["train_log"] for m in models.values()):
         plot_train_loss({n: m["train_log"] for n, m in models.items() if m["train_log"]}, out / "train_loss.png")
@@ -132,26 +141,33 @@ def cross_session_table(models: dict) -> list[str]:
     return lines
 
 
-def markdown(metrics: dict) -> str:
+def markdown(metrics: dict, train_len: int | None = None) -> str:
     """The evaluation report: tables of every measurement, with the plots."""
     models, ev = metrics["models"], metrics["eval"]
     names = list(models)
     how = (f"{ev['docs']} streams of concatenated held-out documents, {ev['max_len']} tokens each" if ev["concat"]
            else f"the {ev['docs']} longest held-out documents, cut at {ev['max_len']} tokens")
+    data = f"{how} from `{metrics['data']['dir']}`" if ev.get("perplexity", True) else "synthetic data only"
     lines = ["# moshi-ttt evaluation", "",
-             f"Commit `{metrics['commit']}`, seed {metrics['seed']}; {how} from `{metrics['data']['dir']}`; "
-             "streaming semantics throughout.", "", "## Perplexity by position", "",
-             "![perplexity by position](loss_by_position.png)", ""]
-    buckets = [(r["lo"], r["hi"]) for r in models[names[0]]["loss_by_position"]]
-    lines += ["| memory | " + " | ".join(f"{lo}-{hi}" for lo, hi in buckets) + " |", "|---|" + "---|" * len(buckets)]
-    lines += [f"| {n} | " + " | ".join(f"{r['ppl']:.2f}" for r in models[n]["loss_by_position"]) + " |" for n in names]
+             f"Commit `{metrics['commit']}`, seed {metrics['seed']}; {data}; streaming semantics throughout."]
+    if any(models[n]["loss_by_position"] for n in names):
+        lines += ["", "## Perplexity by position", "", "![perplexity by position](loss_by_position.png)", ""]
+        buckets = [(r["lo"], r["hi"]) for r in models[names[0]]["loss_by_position"]]
+        lines += ["| memory | " + " | ".join(f"{lo}-{hi}" for lo, hi in buckets) + " |",
+                  "|---|" + "---|" * len(buckets)]
+        lines += [f"| {n} | " + " | ".join(f"{r['ppl']:.2f}" for r in models[n]["loss_by_position"]) + " |"
+                  for n in names]
+    if any("binding" in models[n] for n in names):
+        lines += recall_report.markdown(metrics, train_len)
     if any(models[n]["recall"] for n in names):
         lines += ["", "## Recall vs distance", "", "![recall](recall.png)", "",
-                  "Answer-token accuracy (exact-answer accuracy in brackets); distances in tokens.", ""]
+                  "Exact-answer accuracy (answer-token accuracy in brackets; the accuracy of a model that "
+                  "knows only which values were stated after the slash); distances in tokens.", ""]
         for n in names:
             for task, rows in models[n]["recall"].items():
                 lines.append(f"- {n} / {task}: " + ", ".join(
-                    f"{r['distance']}: {r['token_accuracy']:.2f} ({r['accuracy']:.2f})" for r in rows))
+                    f"{r['distance']}: {r['accuracy']:.2f} ({r['token_accuracy']:.2f})"
+                    + (f" / {r['chance']:.2f}" if "chance" in r else "") for r in rows))
     diag = [n for n in names if "diagnostics" in models[n]]
     if diag:
         lines += ["", "## Memory diagnostics", "",

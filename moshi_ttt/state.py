@@ -21,6 +21,7 @@ class StreamingState:
         self.tensors = tensors
         self.fills = fills
         self.meta = meta
+        self.layout_checked: tuple | None = None  # set by the model that last checked its layout
 
     @property
     def batch_size(self) -> int:
@@ -42,8 +43,16 @@ class StreamingState:
         self.fills[name] = fill
 
     def reset(self, mask) -> "StreamingState":
-        """Return rows where ``mask`` [B] is True to the empty state, in place."""
-        mask = torch.as_tensor(mask, dtype=torch.bool)
+        """Return rows where ``mask`` [B] (bool, or integer: non-zero) is True to the empty state,
+        in place."""
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"reset mask must be a bool tensor of shape ({self.batch_size},): "
+                             f"{e}") from None
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"reset mask must be a bool (or integer) tensor, got {mask.dtype}")
+        mask = mask.to(torch.bool)
         if mask.shape != (self.batch_size,):
             raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
         for name, t in self.tensors.items():
@@ -64,9 +73,24 @@ class StreamingState:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "StreamingState":
+        """Read a state written by ``save``; a missing, corrupt or malformed file raises ValueError.
+        Whether it fits a model (config, tensor names and shapes) is checked by ``model.step``."""
         blob = load_checked(path, STATE_FORMAT, "saved state")
-        tensors = {k: v.to(device) if device is not None else v for k, v in blob["tensors"].items()}
-        return cls(tensors, blob["fills"], blob["meta"])
+        tensors, fills, meta = blob.get("tensors"), blob.get("fills"), blob.get("meta")
+        if not (isinstance(tensors, dict) and isinstance(fills, dict) and isinstance(meta, dict)):
+            raise ValueError(f"{path} is not a complete saved state (tensors, fills and meta)")
+        batch = meta.get("batch_size")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"{path}: the state's batch size is {batch!r}, not a positive int")
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
+                raise ValueError(f"{path}: state tensor {name} is not a tensor of batch {batch}")
+        if set(fills) != set(tensors):
+            odd = sorted(set(fills) ^ set(tensors))
+            raise ValueError(f"{path}: state tensors and fills differ: {odd[:5]} "
+                             "(an incomplete file)")
+        tensors = {k: v.to(device) if device is not None else v for k, v in tensors.items()}
+        return cls(tensors, fills, meta)
 
 
 class ScopedState:

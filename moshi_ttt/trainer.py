@@ -18,10 +18,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .data.batches import doc_starts, sample_windows
-from .data.tasks import TaskMixer
 from .io import load_checked, save_atomic
 from .models.lm import StreamingLM
-from .training import Stage, TrainConfig, lr_at, task_rows, write_csv
+from .training import Stage, TaskRows, TrainConfig, lr_at, write_csv
 
 TRAIN_STATE_FORMAT = "moshi_ttt.train/1"
 
@@ -38,6 +37,9 @@ class Trainer:
                  device="cpu", progress: bool = True):
         self.cfg, self.out, self.device, self.progress = cfg, out, torch.device(device), progress
         self.rank, self.world = world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch size {cfg.batch_size} is not divisible by "
+                             f"{self.world} processes")
         self.model = model.to(self.device)
         # stages freeze parameters and some memory options leave parameters unused: tell DDP
         self.net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -46,13 +48,16 @@ class Trainer:
         rest = [p for p in model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        self.stream, self.bounds = train_data
-        self.starts = doc_starts(len(self.stream), self.bounds)
+        self.stream, self.bounds = train_data if train_data is not None else (None, None)
+        if self.stream is None and round(cfg.batch_size * cfg.task_frac) < cfg.batch_size:
+            raise ValueError("training without a corpus needs task_frac = 1 (synthetic rows only)")
+        self.starts = doc_starts(len(self.stream), self.bounds) if self.stream is not None else None
         self.val = val_data
         self.step, self.rng, self.log, self.tb = 0, np.random.default_rng(cfg.seed), [], None
+        self.saved_step: int | None = None  # the step of the checkpoint last written or loaded
         n_task = round(cfg.batch_size * cfg.task_frac)
         self.n_task = n_task
-        self.mixer = TaskMixer(cfg.tasks, cfg.task_distances, cfg.seed) if n_task else None
+        self.task_rows = TaskRows(cfg, self.stream) if n_task else None
         torch.manual_seed(cfg.seed)
 
     # ---- curriculum -------------------------------------------------------------------------
@@ -83,10 +88,12 @@ class Trainer:
         """Micro-batches of the global batch (the same draw on every rank), this rank's rows."""
         cfg, out = self.cfg, []
         for _ in range(cfg.grad_accum):
-            rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
+            rows = None  # corpus windows, then synthetic task rows
+            if self.n_task < cfg.batch_size:
+                rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
             if self.n_task:
-                extra = task_rows(self.mixer, self.n_task, seq_len, cfg.answer_weight, self.rng)
-                rows = [torch.cat(pair) for pair in zip(rows, extra)]
+                extra = self.task_rows(self.n_task, seq_len, self.step, self.rng)
+                rows = extra if rows is None else [torch.cat(pair) for pair in zip(rows, extra)]
             per = cfg.batch_size // self.world
             out.append([t[self.rank * per:(self.rank + 1) * per].to(self.device) for t in rows])
         return out
@@ -138,8 +145,12 @@ class Trainer:
             dist.all_reduce(total)  # the loss of the whole global batch, on every rank
         total = total.item()
         if not np.isfinite(total):
-            raise FloatingPointError(f"non-finite training loss {total} at step {self.step} (stage {stage.name}); "
-                                     f"the last good checkpoint is {self.checkpoint_path()}")
+            path = self.checkpoint_path()
+            last = ("no checkpoint was written" if self.saved_step is None or path is None
+                    else f"the last good checkpoint is {path} (step {self.saved_step})")
+            lr = lr_at(self.step, cfg)
+            raise FloatingPointError(f"non-finite training loss {total} at step {self.step} "
+                                     f"(stage {stage.name}, learning rate {lr:.3g}); {last}")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         self.opt.step()
@@ -171,31 +182,62 @@ class Trainer:
                 "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": self.log}
 
     def save(self) -> None:
-        if self.rank == 0 and self.out is not None:
+        if self.out is None:
+            return
+        if self.rank == 0:
             save_atomic(self.state_dict(), self.checkpoint_path())
+        self.saved_step = self.step
 
     def load(self, path: Path) -> None:
         """Resume exactly: a checkpoint of another model or training config raises ValueError."""
         blob = load_checked(path, TRAIN_STATE_FORMAT, "training checkpoint")
+        keys = ("config", "train", "model", "optimizer", "step", "numpy_rng", "torch_rng", "log")
+        missing = [k for k in keys if k not in blob]
+        if missing:
+            raise ValueError(f"{path} is an incomplete training checkpoint: "
+                             f"no {', '.join(missing)}")
         if blob["config"] != self.model.cfg.to_dict():
             raise ValueError(f"{path} belongs to another model config")
         if blob["train"] != asdict(self.cfg):
             raise ValueError(f"{path} was written with another training config")
-        self.model.load_state_dict(blob["model"], strict=True)
-        self.opt.load_state_dict(blob["optimizer"])
+        try:
+            self.model.load_state_dict(blob["model"], strict=True)
+            self.opt.load_state_dict(blob["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{path}: weights or optimizer state do not match the model: "
+                             f"{e}") from e
         self.step, self.log = blob["step"], blob["log"]
         self.rng.bit_generator.state = blob["numpy_rng"]
         torch.set_rng_state(blob["torch_rng"])
+        self.saved_step = self.step
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
-        """Train to the end of the curriculum, writing checkpoints, the CSV log and held-out loss."""
-        if resume and self.checkpoint_path() and self.checkpoint_path().is_file():
-            self.load(self.checkpoint_path())
+        """Train to the end of the curriculum, writing checkpoints, the CSV log and held-out loss.
+
+        ``resume``: continue from ``OUT/train_state.pt``; without one, training starts from step 0
+        and says so on stderr."""
+        if resume:
+            path = self.checkpoint_path()
+            if path is None:
+                raise ValueError("resume needs the trainer's output folder (out)")
+            if path.is_file():
+                self.load(path)
+                if self.rank == 0:
+                    print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+            elif self.rank == 0:
+                print(f"no checkpoint at {path}: starting from step 0", file=sys.stderr)
         self.model.train()
         total = self.cfg.total_steps()
-        bar = tqdm(range(self.step, total), initial=self.step, total=total, desc="train",
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        with tqdm(range(self.step, total), initial=self.step, total=total, desc="train",
+                  disable=not self.progress or self.rank != 0, dynamic_ncols=True) as bar:
+            self._loop(bar, total)
+        self.save()
+        self.write_log()
+        return self.log
+
+    def _loop(self, bar, total: int) -> None:
+        """The steps from ``self.step`` to ``total`` (``bar`` iterates over them)."""
         t0, tokens = time.perf_counter(), 0
         for _ in bar:
             seq = self.seq_len_at(self.step)
@@ -217,9 +259,6 @@ class Trainer:
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
                 self.write_log()
-        self.save()
-        self.write_log()
-        return self.log
 
     def tensorboard(self, row: dict) -> None:
         """TensorBoard event files under OUT/tensorboard (rank 0)."""

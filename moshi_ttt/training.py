@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .data.binding import binding_rows, clean_filler
+from .data.tasks import TASKS, TaskMixer
 from .models.lm import StreamingLM
 
 
@@ -65,6 +67,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_every: int = 0
     eval_batches: int = 4
+    # key-value binding rows (task "binding", data/binding.py) and the recall curriculum
+    binding_keys: tuple[int, ...] = (4,)  # N of each binding row, drawn uniformly
+    binding_queries: int = 0  # keys asked per binding row (0: every key in turn)
+    binding_filler: str = "random"  # "random" printable tokens or "corpus" text around the facts
+    near_steps: int = 0  # the first near_steps steps draw task distances from near_distances
+    near_distances: tuple[int, ...] = (0,)  # (binding forms inside the window before far samples)
+    context_weight: float = 1.0  # loss weight of the other tokens of task rows (0: answers only)
 
     def all_stages(self) -> tuple[Stage, ...]:
         return self.stages or (Stage("all", self.steps),)
@@ -72,27 +81,77 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(s.steps for s in self.all_stages())
 
+    def max_seq_len(self) -> int:
+        """The longest training sequence (the length schedule included)."""
+        return max([self.seq_len] + [n for _, n in self.seq_schedule])
+
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages))
-        object.__setattr__(self, "seq_schedule", tuple(tuple(int(v) for v in x) for x in self.seq_schedule))
-        if self.grad_accum < 1:
-            raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "task_distances", tuple(int(d) for d in self.task_distances))
+        object.__setattr__(self, "near_distances", tuple(int(d) for d in self.near_distances))
+        object.__setattr__(self, "binding_keys", tuple(int(n) for n in self.binding_keys))
+        bad = [t for t in self.tasks if t not in TASKS and t != "binding"]
+        if bad or not self.tasks:
+            raise ValueError(f"TrainConfig.tasks: unknown or none {bad}: expected a subset of "
+                             f"{sorted(TASKS) + ['binding']}")
+        if not self.binding_keys or not all(1 <= n <= 64 for n in self.binding_keys):
+            raise ValueError(f"TrainConfig.binding_keys must be in 1..64, got {self.binding_keys}")
+        if not 0 <= self.binding_queries <= min(self.binding_keys):
+            raise ValueError(f"TrainConfig.binding_queries must be in 0..min(binding_keys), "
+                             f"got {self.binding_queries}")
+        if self.binding_filler not in ("random", "corpus"):
+            raise ValueError(f"TrainConfig.binding_filler must be 'random' or 'corpus', "
+                             f"got {self.binding_filler!r}")
+        for name in ("task_distances", "near_distances"):
+            if not getattr(self, name) or min(getattr(self, name)) < 0:
+                raise ValueError(f"TrainConfig.{name} must be non-negative ints, got {getattr(self, name)}")
+        if self.near_steps < 0 or self.context_weight < 0:
+            raise ValueError(f"TrainConfig.near_steps and context_weight must be >= 0, "
+                             f"got {self.near_steps}, {self.context_weight}")
+        try:
+            schedule = tuple((int(a), int(b)) for a, b in self.seq_schedule)
+        except (TypeError, ValueError):
+            raise ValueError(f"TrainConfig.seq_schedule must be (step, length) pairs, "
+                             f"got {self.seq_schedule!r}") from None
+        object.__setattr__(self, "seq_schedule", schedule)
+        starts = [a for a, _ in schedule]
+        if any(a < 0 for a in starts) or starts != sorted(set(starts)):
+            raise ValueError(f"TrainConfig.seq_schedule steps must be >= 0 and increasing, "
+                             f"got {starts}")
+        lengths = [n for _, n in schedule]
+        if any(n < 1 for n in lengths):
+            raise ValueError(f"TrainConfig.seq_schedule lengths must be >= 1, got {lengths}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
+                          ("log_every", 1), ("eval_batches", 1), ("warmup", 0), ("seed", 0),
+                          ("checkpoint_every", 0), ("eval_every", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip", "answer_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {v}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, "
+                             f"got {self.weight_decay}")
         if not 0.0 <= self.task_frac <= 1.0:
             raise ValueError(f"TrainConfig.task_frac must be in [0, 1], got {self.task_frac}")
-        if self.answer_weight <= 0:
-            raise ValueError(f"TrainConfig.answer_weight must be > 0, got {self.answer_weight}")
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if any(d < 0 for d in self.task_distances):
+            raise ValueError(f"TrainConfig.task_distances must be >= 0, got {self.task_distances}")
 
 
 TRAIN_PRESETS = {
     "tiny": TrainConfig(steps=300, batch_size=16, seq_len=256, lr=3e-3, warmup=30),
     "small": TrainConfig(steps=2000, batch_size=16, seq_len=2048, lr=1e-3, warmup=200),
+    # key-value binding from scratch (data/binding.py) at window 32: facts inside the window for the
+    # first two thirds (short rows: induction forms), then near and far samples up to 8 x W; answers
+    # only in the loss, every key asked in turn
+    "recall": TrainConfig(steps=4500, batch_size=256, seq_len=96, lr=1e-3, warmup=100, bf16=True,
+                          task_frac=1.0, tasks=("binding",), binding_keys=(2, 4, 8, 16), binding_queries=0,
+                          near_steps=3000, near_distances=(0, 2, 4, 8, 16),
+                          task_distances=(0, 8, 16, 32, 64, 128, 256),
+                          seq_schedule=((0, 96), (3000, 336)), answer_weight=1.0, context_weight=0.0,
+                          log_every=50),
 }
 
 
@@ -115,15 +174,56 @@ def lm_loss(model: StreamingLM, inputs, targets, resets=None, weights=None) -> t
     return (nll * w).sum() / w.sum().clamp_min(1.0)
 
 
-def task_rows(mixer, n: int, seq_len: int, answer_weight: float, rng):
-    """``n`` synthetic task rows of exactly seq_len + 1 tokens: (inputs, targets, resets, weights)."""
+def task_rows(mixer, n: int, seq_len: int, answer_weight: float, rng, context_weight: float = 1.0,
+              distances=None):
+    """``n`` synthetic task rows of exactly seq_len + 1 tokens: (inputs, targets, resets, weights);
+    answer tokens weigh ``answer_weight``, the others ``context_weight``."""
     try:
-        toks, mask = mixer.batch(n, length=seq_len + 1, rng=rng)
+        toks, mask = mixer.batch(n, length=seq_len + 1, rng=rng, distances=distances)
     except ValueError as e:
         raise ValueError(f"task rows do not fit seq_len {seq_len}: {e} (use shorter task_distances)") from e
-    toks, mask = torch.from_numpy(toks), torch.from_numpy(mask)
-    weights = 1.0 + (answer_weight - 1.0) * mask[:, 1:].float()
-    return toks[:, :-1], toks[:, 1:], torch.zeros(n, seq_len, dtype=torch.bool), weights
+    return _rows(torch.from_numpy(toks), torch.from_numpy(mask), answer_weight, context_weight)
+
+
+def _rows(toks: torch.Tensor, mask: torch.Tensor, answer_weight: float, context_weight: float):
+    """tokens, answer_mask [n, T + 1] -> (inputs, targets, resets, weights) [n, T]."""
+    weights = torch.where(mask[:, 1:], answer_weight, context_weight).float()
+    return toks[:, :-1], toks[:, 1:], torch.zeros(toks.shape[0], toks.shape[1] - 1, dtype=torch.bool), weights
+
+
+class TaskRows:
+    """The synthetic rows of a training batch: each row's task uniform over ``cfg.tasks`` (text
+    tasks through ``TaskMixer``, ``"binding"`` through ``data.binding.binding_rows``); task
+    distances from ``cfg.near_distances`` for the first ``cfg.near_steps`` steps, then from
+    ``cfg.task_distances``; answers weigh ``answer_weight``, other tokens ``context_weight``.
+    ``corpus`` supplies the binding filler when ``cfg.binding_filler == "corpus"``."""
+
+    def __init__(self, cfg: TrainConfig, corpus: np.ndarray | None = None):
+        self.cfg = cfg
+        text = tuple(t for t in cfg.tasks if t != "binding")
+        self.mixer = TaskMixer(text, cfg.task_distances, cfg.seed) if text else None
+        self.filler = None
+        if "binding" in cfg.tasks and cfg.binding_filler == "corpus":
+            if corpus is None:
+                raise ValueError("binding_filler='corpus' needs a corpus")
+            self.filler = clean_filler(np.asarray(corpus[:1_000_000]))
+
+    def distances(self, step: int) -> tuple[int, ...]:
+        cfg = self.cfg
+        return cfg.near_distances if step < cfg.near_steps else cfg.task_distances
+
+    def __call__(self, n: int, seq_len: int, step: int, rng: np.random.Generator):
+        cfg, dist = self.cfg, self.distances(step)
+        nb = int((rng.random(n) * len(cfg.tasks) < cfg.tasks.count("binding")).sum()) if self.mixer else n
+        parts = []
+        if n - nb:
+            parts.append(task_rows(self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist))
+        if nb:
+            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.binding_keys, dist, cfg.binding_queries,
+                                      self.filler)
+            parts.append(_rows(torch.from_numpy(toks), torch.from_numpy(mask), cfg.answer_weight,
+                               cfg.context_weight))
+        return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
@@ -131,7 +231,8 @@ def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: T
     """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
     from .trainer import Trainer
 
-    rows = Trainer(model, cfg, (stream, doc_bounds), device=device, progress=progress).fit()
+    data = (stream, doc_bounds) if stream is not None else None
+    rows = Trainer(model, cfg, data, device=device, progress=progress).fit()
     if log_path is not None:
         write_csv(log_path, rows)
     return rows

@@ -55,7 +55,8 @@ def test_saved_state_loads_exactly(kind, ttt, tmp_path):
     info = store.save("alice-1", state, model)
     loaded = store.load("alice-1", model)
     assert same_state(loaded, state) and loaded.meta == state.meta and loaded.fills == state.fills
-    assert info.tokens == 47 and info.bytes == session_bytes(state) == (tmp_path / "blobs" / info.blob).stat().st_size
+    assert info.tokens == 47 and info.bytes == (tmp_path / "blobs" / info.blob).stat().st_size
+    assert 0 < info.bytes - session_bytes(state) < 4096  # the blob also carries its session row
     assert [r.id for r in store.list()] == ["alice-1"] and store.info("alice-1").memory == info.memory
     # a second save replaces the row and removes the previous blob
     more = streamed(model, T=30, seed=2)
@@ -88,7 +89,7 @@ def test_storage_does_not_grow_with_the_conversation(tmp_path):
         model = model_of(config(kind, ttt=True, window=5))
         short, long = streamed(model, T=5), streamed(model, T=100, k=25)  # 1x and 20x the window
         info = store.save(kind, long, model)
-        assert info.bytes == session_bytes(long)  # the store holds what session_bytes computes
+        assert 0 < info.bytes - session_bytes(long) < 4096  # the state plus its session row
         if kind == "full":
             assert session_bytes(long) > session_bytes(short)
         else:

@@ -275,10 +275,10 @@ def test_trap14_state_updates_not_rounded_by_autocast():
 
     tokens = torch.randint(0, 50, (1, 40))
     with torch.no_grad():
-        (rk, rv), ((d1, d2), _), _ = scan()
+        (rk, rv, _), ((d1, d2), _), _ = scan()
         _, ref = stream(model, tokens, 1)  # one-token steps: the streaming block update
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (ak, av), ((a1, a2), _), _ = scan()
+            (ak, av, _), ((a1, a2), _), _ = scan()
             _, st = stream(model, tokens, 40)
             _, st1 = stream(model, tokens, 1)
     assert torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)

@@ -49,6 +49,10 @@ _FACTS = {k: v.split() for k, v in {  # fact -> values; disjoint from the filler
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise == ambiguous
 class TaskSample:
+    """One sample; ``meta["chance"]``: the exact-answer accuracy of a model that knows only which
+    values were stated (1 / N for one of N keys asked; H-style bag line when every key is asked in
+    turn; 1 for a single fact, which measures retention, not binding)."""
+
     task: str
     tokens: np.ndarray  # int64 [T]
     answer_mask: np.ndarray  # bool [T]: True on answer tokens (predicted from the prefix)
@@ -170,7 +174,7 @@ def make_passkey(seed: int, distance: int, tokenizer=_BYTE, filler: np.ndarray |
         s.add("The pass key is ", "fact").add(v, "fact").add(". Remember it.\n", "fact")
         s.add(_filler(rng, distance, tokenizer, filler))
         s.add("\nWhat is the pass key? The pass key is ", "ask").add(v, "ans")
-        return {"value": v}, [v]
+        return {"value": v, "chance": 1.0}, [v]
     return _make("passkey", seed, distance, tokenizer, body)
 
 
@@ -198,7 +202,7 @@ def make_needle(seed: int, distance: int, tokenizer=_BYTE, filler: np.ndarray | 
         s.add(_interleave(rng, _filler(rng, gap_len, tokenizer, filler, True), dis[:n_gap]))
         s.add(f"\nWhat is the magic number for {keys[0]}? The magic number for {keys[0]} is ", "ask")
         s.add(vals[0], "ans")
-        return {"key": keys[0], "value": vals[0], "keys": keys, "values": vals}, vals
+        return {"key": keys[0], "value": vals[0], "keys": keys, "values": vals, "chance": 1.0 / num_keys}, vals
     return _make("needle", seed, distance, tokenizer, body)
 
 
@@ -223,8 +227,9 @@ def make_mqar(seed: int, distance: int, tokenizer=_BYTE, filler: np.ndarray | No
         order = [int(i) for i in rng.choice(num_pairs, num_queries, replace=False)]
         for j, i in enumerate(order):
             s.add(("\n" if j == 0 else " ") + f"{keys[i]}:", None if j else "ask").add(vals[i], "ans")
+        bag = sum(1.0 / (num_pairs - i) for i in range(num_queries)) / num_queries
         return {"keys": keys, "values": vals, "queries": [keys[i] for i in order],
-                "answers": [vals[i] for i in order]}, vals
+                "answers": [vals[i] for i in order], "chance": bag}, vals
     return _make("mqar", seed, distance, tokenizer, body)
 
 
@@ -260,12 +265,68 @@ def make_conversation(seed: int, distance: int, tokenizer=_BYTE, filler: np.ndar
         ask = (f"A: Sorry, what was my {name} again?\nB: Your {name} is " if fact_speaker == "A"
                else f"A: What did you say your {name} was?\nB: My {name} is ")
         s.add(ask, "ask").add(v, "ans")
-        return {"fact": name, "value": v, "speaker": fact_speaker}, [v]
+        return {"fact": name, "value": v, "speaker": fact_speaker, "chance": 1.0}, [v]
     return _make("conversation", seed, distance, tokenizer, body)
 
 
+_PEOPLE = "Anna Bruno Clara Dmitri Elena Farid Greta Hugo Irene Jonas Kira Luca Maren Nikolai".split()
+_ATTRIBUTES = {  # attribute -> (statement, question, answer prefix, values or None for 3-digit numbers)
+    "city": ("{p} lives in {v}.", "Where does {p} live?", "{p} lives in ", _FACTS["favourite city"]),
+    "room": ("{p}'s room number is {v}.", "What is {p}'s room number?", "{p}'s room number is ", None),
+    "dog": ("{p}'s dog is called {v}.", "What is {p}'s dog called?", "{p}'s dog is called ", _FACTS["pet's name"]),
+}
+
+
+def make_facts(seed: int, distance: int, tokenizer=_BYTE, filler: np.ndarray | None = None,
+               num_facts: int = 4, attribute: str | None = None, lead_turns: int = 2) -> TaskSample:
+    """Conversation recall with several facts: in speaker turns, ``num_facts`` people each get a
+    value of one attribute (a place, a number or a name: 'Clara lives in Oslo.'), whole filler turns
+    follow (the last one cut so the gap is exactly ``distance`` tokens), then one person's value is
+    asked. A model that knows only which values were said scores 1/num_facts (``meta["chance"]``)."""
+    if attribute is not None and attribute not in _ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}: expected one of {sorted(_ATTRIBUTES)}")
+    if not 1 <= num_facts <= 8:
+        raise ValueError(f"num_facts must be in 1..8, got {num_facts}")
+
+    def turn(rng, spk, n=None):
+        if n is None:
+            body = (tokenizer.encode(" ".join(_sentence(rng, _CHAT) for _ in range(int(rng.integers(1, 3)))))
+                    if filler is None else _filler(rng, int(rng.integers(16, 49)), tokenizer, filler))
+        else:
+            body = _filler(rng, n, tokenizer, filler)
+        return np.concatenate([tokenizer.encode(f"{spk}: "), body, tokenizer.encode("\n")]).astype(np.int64)
+
+    def body(rng, s):
+        attr = attribute or _pick(rng, sorted(_ATTRIBUTES))
+        say, ask, prefix, pool = _ATTRIBUTES[attr]
+        people = [_PEOPLE[i] for i in rng.choice(len(_PEOPLE), num_facts, replace=False)]
+        vals = (_numbers(rng, num_facts, 3) if pool is None
+                else [pool[i] for i in rng.choice(len(pool), num_facts, replace=False)])
+        for i in range(lead_turns):
+            s.add(turn(rng, "AB"[i % 2]))
+        for i, (p, v) in enumerate(zip(people, vals)):
+            spk = "AB"[(lead_turns + i) % 2]
+            head, _, tail = say.format(p=p, v="\0").partition("\0")
+            s.add(f"{spk}: By the way, {head}", "fact").add(v, "fact").add(tail + "\n", "fact")
+        total, spk = 0, "AB"[(lead_turns + num_facts) % 2]
+        while total < distance:
+            t = turn(rng, spk)
+            if total + len(t) > distance:  # the last turn, cut to the exact gap (or spaces)
+                rest = distance - total
+                pre = len(tokenizer.encode(f"{spk}: ")) + len(tokenizer.encode("\n"))
+                t = (turn(rng, spk, rest - pre) if rest > pre else
+                     np.concatenate([tokenizer.encode(" ") for _ in range(rest)]).astype(np.int64))
+            s.add(t)
+            total, spk = total + len(t), "B" if spk == "A" else "A"
+        j = int(rng.integers(num_facts))
+        s.add(f"A: {ask.format(p=people[j])}\nB: {prefix.format(p=people[j])}", "ask").add(vals[j], "ans")
+        return {"attribute": attr, "people": people, "values": vals, "asked": j, "value": vals[j],
+                "chance": 1.0 / num_facts}, vals
+    return _make("facts", seed, distance, tokenizer, body)
+
+
 TASKS = {"passkey": make_passkey, "needle": make_needle, "mqar": make_mqar,
-         "conversation": make_conversation}
+         "conversation": make_conversation, "facts": make_facts}
 
 
 def make_task(name: str, seed: int, distance: int, tokenizer=_BYTE,
@@ -353,12 +414,13 @@ class TaskMixer:
         self.tokenizer, self.filler = tokenizer, filler
         self._rng = np.random.default_rng(seed)
 
-    def sample(self, rng: np.random.Generator | None = None) -> TaskSample:
+    def sample(self, rng: np.random.Generator | None = None, distances=None) -> TaskSample:
+        """One sample; ``distances`` (optional) replaces the mixer's for this draw."""
         rng = self._rng if rng is None else rng
-        name, d = _pick(rng, self.tasks), _pick(rng, self.distances)
+        name, d = _pick(rng, self.tasks), _pick(rng, distances or self.distances)
         return make_task(name, int(rng.integers(2 ** 31)), d, self.tokenizer, self.filler)
 
     def batch(self, n: int, length: int | None = None, pad_id: int = 0,
-              rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator | None = None, distances=None) -> tuple[np.ndarray, np.ndarray]:
         """``n`` mixed samples left-padded: tokens int64 [n, L], answer_mask bool [n, L]."""
-        return pad_samples([self.sample(rng) for _ in range(n)], length, pad_id, self.filler)
+        return pad_samples([self.sample(rng, distances) for _ in range(n)], length, pad_id, self.filler)

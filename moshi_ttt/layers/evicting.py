@@ -41,6 +41,8 @@ class EvictingMemory(nn.Module):
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
         self.banded = False  # gate-mixed reads: window attention by explicit banded scores (the reference)
         self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # α = σ(gate): weight of the window
+        if self.cfg.gate_per_token:  # α_t = σ(gate + w·q_t), per head (starts as the constant gate)
+            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.head_dim))
         # softmax logits are qᵀk / √Dh times 1/t, YaRN's temperature (1.0 without YaRN): the window
         # here, softmax virtual keys in the subclasses
         self.inv_t = yarn_attention_scale(cfg.rope_scale) ** 2
@@ -55,6 +57,16 @@ class EvictingMemory(nn.Module):
     def init_memory(self, st: ScopedState, B: int, device) -> None:
         raise NotImplementedError
 
+    def alpha(self, q_raw: torch.Tensor) -> torch.Tensor:
+        """The window's weight α per query: q_raw [B, H, Q, Dh] -> [B, H, Q] (fp32):
+        σ(gate_h), or σ(gate_h + w_h·q_t) with ``gate_per_token``."""
+        B, H, Q, _ = q_raw.shape
+        f = torch.promote_types(self.gate.dtype, torch.float32)
+        g = self.gate.to(f).view(1, H, 1)
+        if self.cfg.gate_per_token:
+            g = g + torch.einsum("bhqd,hd->bhq", q_raw.to(f), self.gate_w.to(f))
+        return torch.sigmoid(g).expand(B, H, Q)
+
     # ---- parallel path --------------------------------------------------------------------
     def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
         """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row, pos 0..T-1) -> out [B, H, T, Dh]."""
@@ -68,7 +80,7 @@ class EvictingMemory(nn.Module):
             ok = ok if seg is None else ok & (seg[:, :, None] == seg[:, None, :])
             o_r = F.scaled_dot_product_attention(q, k, v, attn_mask=ok[:, None], scale=self.inv_t / math.sqrt(Dh))
             vmask = read["has"][:, None].expand(B, H, T)
-            out, mass = gate_mix(o_r, vmask, torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask), **reads)
+            out, mass = gate_mix(o_r, vmask, self.alpha(q_raw), **reads)
             self._record(mass, read)
             return out.to(q.dtype)
         # the window: chunks of W queries against the 2W keys around them, masked by positions
@@ -80,7 +92,7 @@ class EvictingMemory(nn.Module):
         s_r = (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2)) / math.sqrt(Dh) * self.inv_t
         s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)  # pad rows finite
         vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)  # [B, H, NC, W]
-        gate = torch.sigmoid(self.gate).view(1, H, 1, 1).expand_as(vmask)
+        gate = chunked(self.alpha(q_raw)[..., None], W)[..., 0]  # [B, H, NC, W]
         out, mass = mix(s_r, band(v, W), vmask, gate, self.cfg.combine, **{n: chunked_q(x, W) for n, x in reads.items()})
         self._record(mass.flatten(2)[..., :T], read)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)
@@ -145,8 +157,7 @@ class EvictingMemory(nn.Module):
         s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, K]
         s_r = s_r.masked_fill(~ok, float("-inf"))
         vmask = read["has"][:, None].expand(B, H, kq)
-        gate = torch.sigmoid(self.gate).view(1, H, 1).expand_as(vmask)
-        out, mass = mix(s_r, vals, vmask, gate, self.cfg.combine,
+        out, mass = mix(s_r, vals, vmask, self.alpha(q_raw), self.cfg.combine,
                         **{n: x for n, x in read.items() if n in ("scores", "values", "out")})
         self._record(mass, read)
         if kq > 1:
@@ -160,7 +171,11 @@ class EvictingMemory(nn.Module):
             return
         with torch.no_grad():
             sel = read["has"][:, None].expand_as(mass)
-            self.stats = {"alpha": torch.sigmoid(self.gate).detach().cpu(),
+            alpha = torch.sigmoid(self.gate).detach().cpu()
+            if self.cfg.gate_per_token:  # the mean α per head over queries with a read
+                on = sel.flatten(2).float()
+                alpha = (1 - (mass.flatten(2) * on).sum(-1).sum(0) / on.sum(-1).sum(0).clamp_min(1)).cpu()
+            self.stats = {"alpha": alpha,
                           "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
                           "read": {n: read[n].detach() for n in ("values", "out") if n in read},
                           **self.extra_stats(read, sel)}

@@ -6,7 +6,10 @@ mini-batches of b tokens. M virtual tokens are read from its state with learned 
     V_m = f_θ(p̂_m),  K_m = key_m + V_m A   (A starts at zero)
 A query at position t (within its document) sees the state after floor(max(t - W + 1, 0) / b)
 updates: the parallel path computes exactly that, and streaming reaches it by updating whenever
-a block of evicted tokens completes.
+a block of evicted tokens completes. Readers (``MemoryConfig``): ``read_query`` adds a virtual
+token read at the query itself, V_q = f_θ(q̂_t), K_q = key_q + V_q A (no position offset);
+``compressor_proj`` feeds the compressor c = [k; v] P (all heads) instead of (k, v) and reads it
+with q P_q (P, P_q start as identities).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class TTTCacheMemory(EvictingMemory):
         self.vkey_proj = nn.Parameter(torch.zeros(H, Dh, Dh))
         self.recency = nn.Parameter(torch.full((H,), math.log(math.expm1(0.1))))  # position "decay"
         self.register_buffer("offsets", mc.window * (1.0 + torch.arange(M)), persistent=False)
+        if mc.read_query:
+            self.qkey = nn.Parameter(torch.randn(H, Dh) / math.sqrt(Dh))  # key_q
+        if mc.compressor_proj:  # [k; v] of all heads -> the compressor's keys and values (identity)
+            self.kv_proj = nn.Parameter(torch.eye(2 * H * Dh))
+            self.q_proj = nn.Parameter(torch.eye(H * Dh))
         self.want_aux, self.aux = False, None  # the reconstruction loss of training stage 1
         self.fast_read = True  # training reads without per-query copies (``_read_out``; False: the reference)
 
@@ -85,15 +93,66 @@ class TTTCacheMemory(EvictingMemory):
         """Normalised probes per compressor: [hc, M * H / hc, Dh]."""
         return F.normalize(self.probes, dim=-1).reshape(self.hc, -1, self.probes.shape[-1])
 
-    def _read(self, freqs, rows: int, first: int = 0):
+    def _kv(self, k_raw: torch.Tensor, v: torch.Tensor):
+        """The compressor's keys and values of tokens [B, H, n, Dh]: (k, v), or with
+        ``compressor_proj`` [k; v] P over all heads, split back into keys and values."""
+        if not self.cfg.compressor_proj:
+            return k_raw, v
+        B, H, n, Dh = k_raw.shape
+        x = torch.cat([k_raw, v.to(k_raw.dtype)], 1).permute(0, 2, 1, 3).reshape(B, n, 2 * H * Dh)
+        c = (x @ self.kv_proj.to(x.dtype)).view(B, n, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x [B, H, n, Dh]
+        return c[0], c[1]
+
+    def _query(self, q_raw: torch.Tensor) -> torch.Tensor:
+        """Normalised queries of the query read: q̂ (or q P_q, normalised). [B, H, n, Dh] -> fp32."""
+        q = q_raw
+        if self.cfg.compressor_proj:
+            B, H, n, Dh = q.shape
+            q = (q.transpose(1, 2).reshape(B, n, H * Dh) @ self.q_proj.to(q.dtype))
+            q = q.view(B, n, H, Dh).transpose(1, 2)
+        with torch.autocast(q.device.type, enabled=False):
+            return F.normalize(q.to(torch.promote_types(q.dtype, torch.float32)), dim=-1)
+
+    def _apply_heads(self, ws, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """f_θ per head: ws [rows * hc, ..., d_in, d_out], x [rows * H, ..., n, Dh] -> [rows * H, ..., n, Dh]
+        (a shared compressor reads the queries of all its heads)."""
+        if self.hc == self.num_heads:
+            return compressor(ws, x.to(ws[0].dtype))
+        H = self.num_heads
+        xs = x.view(rows, H, *x.shape[1:]).movedim(1, -3)  # [rows, ..., H, n, Dh]
+        out = compressor(ws, xs.flatten(-3, -2).to(ws[0].dtype)).view_as(xs)
+        return out.movedim(-3, 1).reshape_as(x)
+
+    def _query_keys(self, vq: torch.Tensor) -> torch.Tensor:
+        """K_q = key_q + V_q A: vq [B, H, Q, Dh] -> [B, H, Q, Dh]."""
+        A = self.vkey_proj.to(vq.dtype)
+        return self.qkey.to(vq.dtype)[None, :, None] + torch.einsum("bhqd,hde->bhqe", vq, A)
+
+    def _query_read_blocks(self, states, qn, rows: int) -> torch.Tensor:
+        """The query read of a training sequence: qn [rows * H, L, Dh] at document positions
+        0..L-1, states [rows * hc, N + 1, d_in, d_out] -> f_{θ_n(p)}(q̂_p) [rows * H, L, Dh] with
+        n(p) = max(p - W + 1, 0) // b: positions before W - 1 read state 0, then runs of b."""
+        W, b = self.cfg.window, self.cfg.block
+        G, L, Dh = qn.shape
+        S = states[0].shape[1]
+        n0 = min(W - 1, L)
+        head = self._apply_heads(tuple(w[:, 0] for w in states), qn[:, :n0], rows)  # [G, n0, Dh]
+        rest = qn[:, n0:]
+        pad = S * b - rest.shape[1]
+        grid = F.pad(rest, (0, 0, 0, pad)).view(G, S, b, Dh)  # query run n reads state n
+        body = self._apply_heads(states, grid, rows).view(G, S * b, Dh)[:, :rest.shape[1]]
+        return torch.cat([head, body], 1)
+
+    def _read(self, freqs, rows: int, first: int = 0, query=None):
         """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S - first, M, Dh]
-        of the states from index ``first``."""
+        of the states from index ``first``, and ``query(states)`` (the query read; None without)."""
         probes = self._probes().repeat(rows, 1, 1)[:, None]  # [G, 1, M', Dh]
 
         def read(states):
+            vq = query(states) if query is not None else None
             states = tuple(w[:, first:] for w in states)
             v = self._per_head(compressor(states, probes.to(states[0].dtype)), rows)  # [rows * H, S, M, Dh]
-            return self._keys(v, freqs), v
+            return self._keys(v, freqs), v, vq
         return read
 
     def _prep(self, keys: torch.Tensor, rows: int, fused: bool = False):
@@ -110,7 +169,7 @@ class TTTCacheMemory(EvictingMemory):
         logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
         return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
 
-    def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0):
+    def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0, query=None):
         """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
         apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads of
         the states from index ``first``). A shared compressor learns the block's tokens of all heads in
@@ -124,7 +183,7 @@ class TTTCacheMemory(EvictingMemory):
         inits = tuple(w.to(keys.dtype).repeat(rows, 1, 1) for w in self.inits())
         mc = self.cfg
         with torch.autocast(keys.device.type, enabled=False):
-            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first),
+            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first, query),
                                  decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
                                  naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
                                  compiled=mc.compile_scan, grad_precision=mc.grad_precision)
@@ -138,8 +197,15 @@ class TTTCacheMemory(EvictingMemory):
             s = s - gamma * torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
         return s
 
-    def _read_dict(self, q_raw, kv, vv, has, losses):
-        return {"scores": self._scores(q_raw, kv), "values": vv, "has": has, "keys": kv, "losses": losses}
+    def _read_dict(self, q_raw, kv, vv, has, losses, vq=None):
+        """Softmax read of the virtual tokens kv, vv [B, H, ..., Q, M, Dh]; with the query read vq
+        [B, H, Q, Dh], one more token per query (K_q = key_q + V_q A, no position offset)."""
+        scores = self._scores(q_raw, kv)
+        if vq is not None:
+            kq = self._query_keys(vq)
+            s_q = (q_raw.float() * kq.float()).sum(-1, keepdim=True) * (self.inv_t / math.sqrt(q_raw.shape[-1]))
+            scores, vv = torch.cat([scores, s_q], -1), torch.cat([vv, vq[..., None, :].to(vv.dtype)], -2)
+        return {"scores": scores, "values": vv, "has": has, "keys": kv, "losses": losses}
 
     # ---- parallel ---------------------------------------------------------------------------
     def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
@@ -156,9 +222,17 @@ class TTTCacheMemory(EvictingMemory):
 
         dt = torch.promote_types(q_raw.dtype, torch.float32)
         d = tuple(q_raw.new_zeros(rows * self.hc, *w.shape[1:], dtype=dt) for w in self.inits())
-        keys, eta = self._prep(blocks(k_raw), rows, fused=not self.naive)
-        (kv, vv), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(v), eta,
-                                         q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows)
+        kc, vc = self._kv(k_raw, v)
+        keys, eta = self._prep(blocks(kc), rows, fused=not self.naive)
+        query = None
+        if self.cfg.read_query:  # queries at their document positions: [rows * H, L, Dh]
+            qp = pack(self._query(q_raw).transpose(1, 2), r, pos, rows, L)
+            qp = qp.permute(0, 2, 1, 3).reshape(rows * H, L, Dh)
+            query = (lambda states: self._query_read_blocks(states, qp, rows))
+        (kv, vv, vq), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(vc), eta,
+                                             q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows, query=query)
+        if vq is not None:  # [rows * H, L, Dh] -> [B, H, T, Dh]
+            vq = vq.view(rows, H, L, Dh).transpose(1, 2)[row_of(r, pos), pos].permute(0, 2, 1, 3)
         if self.want_aux:
             self.aux = self._reconstruction(blocks(k_raw), blocks(v), kv, vv)
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
@@ -168,25 +242,32 @@ class TTTCacheMemory(EvictingMemory):
 
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
         if self.fast_read and rows == B and self.cfg.combine == "gate" and not self.record:
-            return {"out": self._read_out(q_raw, kv, vv, n_q), "has": has, "losses": losses}
-        return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses)
+            return {"out": self._read_out(q_raw, kv, vv, n_q, vq), "has": has, "losses": losses}
+        return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses, vq)
 
-    def _read_out(self, q_raw, kv, vv, n_q):
+    def _read_out(self, q_raw, kv, vv, n_q, vq=None):
         """The softmax read of the virtual tokens (option A normalises it on its own) with each row
         one document: every query against all N + 1 states' keys, masked to its own state's M, so
         no per-query copy of the virtual tokens is made. q_raw [B, H, T, Dh]; kv, vv [B * H, S, M, Dh];
-        n_q [B, T] -> [B, H, T, Dh] (fp32); equals the softmax of ``_scores`` against ``per_query``."""
+        n_q [B, T]; vq [B, H, T, Dh] the query read (or None) -> [B, H, T, Dh] (fp32); equals the
+        softmax of ``_read_dict``'s scores against ``per_query``."""
         B, H, T, Dh = q_raw.shape
         S, M = kv.shape[1:3]
         k, v = kv.reshape(B, H, S * M, Dh).float(), vv.reshape(B, H, S * M, Dh).float()
         col = torch.arange(S * M, device=q_raw.device)
         ok = (col // M)[None, None, None, :] == n_q[:, None, :, None]  # [B, 1, T, S M]
-        if self.cfg.virtual_position != "decay":  # (autocast casts all three to its dtype: no fp32 copy of q)
+        if self.cfg.virtual_position != "decay" and vq is None:  # (autocast casts all three to its dtype)
             q = q_raw if torch.is_autocast_enabled(q_raw.device.type) else q_raw.float()
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=self.inv_t / math.sqrt(Dh)).float()
-        gamma = F.softplus(self.recency).float().view(1, H, 1, 1)  # token m weighted by exp(-γ m)
-        s = (q_raw.float() @ k.transpose(-1, -2)) * (self.inv_t / math.sqrt(Dh)) - gamma * (col % M).float()
-        return torch.softmax(s.masked_fill(~ok, float("-inf")), -1) @ v
+        s = (q_raw.float() @ k.transpose(-1, -2)) * (self.inv_t / math.sqrt(Dh))
+        if self.cfg.virtual_position == "decay":  # token m weighted by exp(-γ m)
+            s = s - F.softplus(self.recency).float().view(1, H, 1, 1) * (col % M).float()
+        s = s.masked_fill(~ok, float("-inf"))
+        if vq is None:
+            return torch.softmax(s, -1) @ v
+        s_q = (q_raw.float() * self._query_keys(vq).float()).sum(-1, keepdim=True) * (self.inv_t / math.sqrt(Dh))
+        p = torch.softmax(torch.cat([s, s_q], -1), -1)  # [B, H, T, S M + 1]
+        return p[..., :-1] @ v + p[..., -1:] * vq.float()
 
     def _reconstruction(self, keys, vals, kv, vv):
         """Spec stage 1: after absorbing block n, its keys (as queries into the virtual tokens)
@@ -227,7 +308,7 @@ class TTTCacheMemory(EvictingMemory):
             return st["vk"], st["vv"]
         dt = st["vk"].dtype
         with torch.autocast(st["vk"].device.type, enabled=False):
-            k0, v0 = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))  # [H, 1, M, Dh]
+            k0, v0, _ = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))  # [H, 1, M, Dh]
         has = (st["updates"] > 0)[:, None, None, None]
         return torch.where(has, st["vk"], k0[:, 0]), torch.where(has, st["vv"], v0[:, 0])
 
@@ -237,6 +318,7 @@ class TTTCacheMemory(EvictingMemory):
         blocks completed by its own eviction. One-token steps take ``_step_one``."""
         B, H, kq, Dh = q_raw.shape
         b = self.cfg.block
+        cand_k, cand_v = self._kv(cand_k, cand_v)
         if kq == 1 and not (self.record or self.naive):
             return self._step_one(q_raw, cand_k, cand_v, valid[:, 0], st, freqs)
         kn, eta_t = self._prep(cand_k, B)  # [B, H, k, Dh], [B, H, k]
@@ -260,17 +342,25 @@ class TTTCacheMemory(EvictingMemory):
         per_g = (lambda x: x[:, None].expand(B, H, *x.shape[1:]).reshape(G, *x.shape[1:]))
         depth = self.cfg.compressor_depth
         flat = (lambda p: tuple(st[f"{p}{i}"].flatten(0, 1) for i in range(1, depth + 1)))
-        (kv, vv), (ds, moms), losses = self._scan(
+        n_q = (ecount[:, None] + (ar + 1 - (kq - nvalid)[:, None]).clamp_min(0)) // b  # [B, k]
+        query = None
+        if self.cfg.read_query:  # every query against the states 0..NB, then its own: [G, k, Dh]
+            qn = self._query(q_raw).reshape(G, 1, kq, Dh)
+            nq = per_g(n_q)[:, None, :, None].expand(G, 1, kq, Dh)
+            query = (lambda states: self._apply_heads(states, qn.expand(G, NB + 1, kq, Dh), B)
+                     .gather(1, nq)[:, 0])
+        (kv, vv, vq), (ds, moms), losses = self._scan(
             flat("d"), flat("mom") if self.cfg.momentum else None, rows(lay_k), rows(lay_v),
-            rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)), per_g(apply.to(lay_k.dtype)), freqs, B, first=1)
+            rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)), per_g(apply.to(lay_k.dtype)), freqs, B, first=1,
+            query=query)
         k0, v0 = self._current(st, freqs)
         kv = torch.cat([k0.reshape(G, 1, *kv.shape[2:]).to(kv.dtype), kv], 1)  # [G, NB + 1, M, Dh]
         vv = torch.cat([v0.reshape(G, 1, *vv.shape[2:]).to(vv.dtype), vv], 1)
-        n_q = (ecount[:, None] + (ar + 1 - (kq - nvalid)[:, None]).clamp_min(0)) // b  # [B, k]
         sel = (lambda x, n: x.view(B, H, NB + 1, *x.shape[2:]).gather(
             2, n[:, None, :, None, None].expand(-1, H, -1, *x.shape[2:])))  # [B, H, n, M, Dh]
         has = (st["updates"][:, None] + n_q > 0) if self.cfg.cold_start == "wait" else torch.ones_like(valid)
-        read = self._read_dict(q_raw, sel(kv, n_q), sel(vv, n_q), has, losses)
+        vq = vq.view(B, H, kq, Dh) if vq is not None else None
+        read = self._read_dict(q_raw, sel(kv, n_q), sel(vv, n_q), has, losses, vq)
         # store the compressor state and its read, the open block and the counters
         for i in range(depth):
             st[f"d{i + 1}"].copy_(ds[i].view_as(st[f"d{i + 1}"]))
@@ -303,7 +393,13 @@ class TTTCacheMemory(EvictingMemory):
         has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
         if ttt_step.attend_supports(self, st):  # attention and mix in one kernel (attend_step)
             return {"fused": (k, v), "has": has}
-        return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None))
+        vq = None
+        if self.cfg.read_query:  # the state now, read at the query: [B, H, 1, Dh]
+            f32 = st["d1"].dtype
+            ws = tuple(w.to(f32).repeat(B, 1, 1) + st[f"d{i}"].flatten(0, 1)
+                       for i, w in enumerate(self.inits(), 1))
+            vq = self._apply_heads(ws, self._query(q_raw).reshape(B * H, 1, Dh), B).view(B, H, 1, Dh)
+        return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None), vq)
 
     def _append_one(self, cand_k, cand_v, valid, st: ScopedState, freqs) -> None:
         B, H, _, Dh = cand_k.shape

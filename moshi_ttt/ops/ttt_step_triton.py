@@ -158,8 +158,10 @@ if triton is not None:
 def attend_supports(mem, st) -> bool:
     """The fused attention of a one-token step: the conditions of ``supports``' device, a power-of-two
     head width, at most 16 virtual tokens, and a ring of at most 32768 entries (window x head width)
-    that a program holds in registers."""
+    that a program holds in registers; a constant gate per head and no query read."""
     if triton is None or torch.is_grad_enabled() or mem.record or mem.cfg.num_virtual > 16:
+        return False
+    if mem.cfg.gate_per_token or mem.cfg.read_query:
         return False
     if not ((st["k"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False

@@ -12,13 +12,16 @@ Any other streaming state (e.g. the Moshi adapter's LMGen state) goes through th
     tensors, meta = store.get_tensors(cid, ident)   # CPU tensors; same checks as load
 
 Every bad input raises ValueError naming the problem: a malformed id, an unknown id, a state of
-another config or other weights, a corrupt blob, a store or file of another format version.
+another config or other weights, a corrupt blob, a store or file of another format version, a
+state with non-finite values or positions out of range, an unreadable index. Each blob carries
+its own row, so ``rebuild_index(root)`` recovers a lost or unreadable index from the blobs.
 """
 
 from .identity import STREAMING_LM, ModelIdentity, identity_of, module_identity, weights_hash
+from .rebuild import RebuildReport, rebuild_index
 from .states import load_into, load_state, save_state, session_bytes, state_tensors
 from .store import SESSION_FORMAT, SessionInfo, SessionStore, check_id
 
-__all__ = ["SESSION_FORMAT", "STREAMING_LM", "ModelIdentity", "SessionInfo", "SessionStore", "check_id",
-           "identity_of", "load_into", "load_state", "module_identity", "save_state", "session_bytes",
-           "state_tensors", "weights_hash"]
+__all__ = ["SESSION_FORMAT", "STREAMING_LM", "ModelIdentity", "RebuildReport", "SessionInfo",
+           "SessionStore", "check_id", "identity_of", "load_into", "load_state", "module_identity",
+           "rebuild_index", "save_state", "session_bytes", "state_tensors", "weights_hash"]

@@ -15,12 +15,17 @@ BUNDLE_TAG = f"moshi_ttt.session-export/{SESSION_FORMAT}"
 def write_bundle(path: str | os.PathLike, info: SessionInfo, data: bytes) -> Path:
     """Write atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("session.json", json.dumps({"format": BUNDLE_TAG, "session": info.to_dict()}, indent=1, sort_keys=True))
-        z.writestr("state.safetensors", data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = {"format": BUNDLE_TAG, "session": info.to_dict()}
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("session.json", json.dumps(head, indent=1, sort_keys=True))
+            z.writestr("state.safetensors", data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot write the exported session to {path}: {e}") from e
     return path
 
 
@@ -33,14 +38,11 @@ def read_bundle(path: str | os.PathLike) -> tuple[SessionInfo, bytes]:
     try:
         with zipfile.ZipFile(path) as z:
             head, data = json.loads(z.read("session.json")), z.read("state.safetensors")
-    except (zipfile.BadZipFile, KeyError, ValueError) as e:
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
         raise ValueError(f"{path} is not an exported session: {e}") from e
     fmt = head.get("format") if isinstance(head, dict) else None
     if fmt != BUNDLE_TAG:
         raise ValueError(f"{path} is an exported session of format {fmt!r}; this moshi_ttt reads {BUNDLE_TAG!r}")
-    try:
-        info = SessionInfo(**head["session"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not an exported session: {e}") from e
+    info = SessionInfo.checked(head.get("session"), f"exported session {path}")
     check_blob(data, info.blob_sha256, f"exported session {path}")
     return info, data

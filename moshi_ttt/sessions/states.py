@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..state import StreamingState
-from .identity import ModelIdentity, identity_of
+from .identity import STREAMING_LM, ModelIdentity, identity_of
 from .store import SessionInfo, SessionStore, serialize
 
 
@@ -29,7 +29,8 @@ def state_tensors(state: StreamingState, row: int | None = None) -> tuple[dict[s
 
 
 def session_bytes(state: StreamingState, row: int | None = None) -> int:
-    """Bytes one conversation takes in the store: the size of its blob, from the real state."""
+    """Bytes of one conversation's state in the store, from the real state: its blob but for the
+    session row the blob also carries (ids, times, meta, model config: about 1-2 KB)."""
     return len(serialize(state_tensors(state, row)[0]))
 
 
@@ -51,7 +52,7 @@ def load_state(store: SessionStore, cid: str, model, device=None,
     dtypes and shapes), on ``device`` (default: the model's)."""
     identity = identity or identity_of(model)
     tensors, meta = store.get_tensors(cid, identity)
-    _check_layout(cid, tensors, model)
+    _check_layout(f"session {cid!r}", tensors, model)
     state = StreamingState(tensors, meta["fills"], meta["state_meta"])
     return state.to(device if device is not None else next(model.parameters()).device)
 
@@ -71,15 +72,35 @@ def load_into(store: SessionStore, cid: str, model, state: StreamingState, row: 
     return state
 
 
-def _check_layout(cid: str, tensors: dict[str, torch.Tensor], model) -> None:
+def check_config_layout(what: str, tensors: dict[str, torch.Tensor], info: SessionInfo) -> None:
+    """For a StreamingLM state: ValueError naming ``what`` unless its config matches its config
+    hash and its tensors have the names and shapes of that config's state."""
+    if info.state_kind != STREAMING_LM:
+        return
+    from ..config import ModelConfig
+    from ..models.lm import StreamingLM
+
+    try:
+        cfg = ModelConfig.from_dict(info.config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{what}: its model config is unreadable ({e})") from None
+    if cfg.fingerprint() != info.config_hash:
+        raise ValueError(f"{what}: its model config does not match its config hash "
+                         f"({cfg.fingerprint()} != {info.config_hash})")
+    with torch.device("meta"):
+        model = StreamingLM(cfg)
+    _check_layout(what, tensors, model)
+
+
+def _check_layout(what: str, tensors: dict[str, torch.Tensor], model) -> None:
     want = {k: v for k, v in model.init_state(1, device="meta").tensors.items()}
     if set(tensors) != set(want):
-        raise ValueError(f"session {cid!r} does not match the model's state: missing "
+        raise ValueError(f"{what} does not match the model's state: missing "
                          f"{sorted(set(want) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(want))[:5]}")
     growing = model.cfg.memory.kind == "full"
     for k, w in want.items():
         t = tensors[k]
         same = t.dim() == w.dim() and (growing or t.shape == w.shape)
         if t.is_floating_point() != w.is_floating_point() or not same:  # float width is the caller's choice
-            raise ValueError(f"session {cid!r}: state tensor {k} is {t.dtype} {tuple(t.shape)}, "
+            raise ValueError(f"{what}: state tensor {k} is {t.dtype} {tuple(t.shape)}, "
                              f"the model's is {w.dtype} {tuple(w.shape)}")

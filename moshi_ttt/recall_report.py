@@ -1,0 +1,231 @@
+"""The binding part of a report: controls, the main table, ``summary.json`` and the plots
+(accuracy vs distance per number of keys, capacity, the memory/recall frontier), each recall plot
+with its chance line 1/N (and the bag line H_N/N for every key asked in turn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .data.binding import bag_line  # noqa: E402
+
+MAIN_KEYS = 4  # N of the main table and the targets
+FRONTIER_W = 16.0  # distance (x W) of the capacity and frontier plots
+MARGIN = 0.05  # the window control: at most chance + MARGIN beyond the window
+FULL_MIN = 0.95  # the full-attention control: at least this within its training length
+
+
+def _rows(m: dict, n: int, variant: str = "one") -> list[dict]:
+    return m.get("binding", {}).get(variant, {}).get(str(n), [])
+
+
+def _at(rows: list[dict], w: float) -> float | None:
+    return next((r["accuracy"] for r in rows if abs(r["distance_w"] - w) < 1e-9), None)
+
+
+def state_bytes(m: dict, tokens: int) -> int:
+    """State bytes of one conversation after ``tokens`` tokens (constant memories: their size;
+    a growing one interpolated linearly between its measured lengths)."""
+    pts = sorted((r["tokens"], r["state_bytes"]) for r in m["cost"]["state_bytes"])
+    xs, ys = zip(*pts)
+    return int(ys[0]) if len(set(ys)) == 1 else int(np.interp(tokens, xs, ys))
+
+
+def sample_tokens(n: int, distance: int) -> int:
+    """Tokens of a binding sample with ``n`` keys, ``distance`` filler and one question."""
+    return 2 * n + 2 + distance + 1 + 2
+
+
+def controls(metrics: dict, train_len: int | None) -> dict:
+    """The positive control (``full`` >= 95% binding at N = 4 wherever the sample fits its training
+    length) and the negative one (``window`` at most chance + 5% at N = 4 from 1 x W on)."""
+    models, out = metrics["models"], {}
+    window = next(iter(models.values()))["config"]["memory"]["window"]
+    for name, m in models.items():
+        mem = m["config"]["memory"]
+        rows = _rows(m, MAIN_KEYS)
+        if not rows or m["config"].get("inplace_ttt"):
+            continue
+        if mem["kind"] == "full" and train_len:
+            inside = [r for r in rows if sample_tokens(MAIN_KEYS, r["distance"]) <= train_len]
+            acc = min(r["accuracy"] for r in inside) if inside else None
+            out["full"] = {"model": name, "min_binding_within_training": acc,
+                           "passed": acc is not None and acc >= FULL_MIN}
+        if mem["kind"] == "window" and mem["window"] == window:
+            beyond = [r["accuracy"] for r in rows if r["distance_w"] >= 1]
+            worst = max(beyond) if beyond else None
+            out["window"] = {"model": name, "max_binding_beyond_window": worst, "chance": 1 / MAIN_KEYS,
+                             "passed": worst is not None and worst <= 1 / MAIN_KEYS + MARGIN}
+    out["passed"] = all(out.get(k, {}).get("passed", False) for k in ("full", "window"))
+    return out
+
+
+def summary(metrics: dict, train_len: int | None) -> dict:
+    """``summary.json``: the window, the training length over it, N of the main table, its chance,
+    and per model its kind, state bytes at 16 x W and binding per distance (x W); the controls."""
+    models = metrics["models"]
+    window = next(iter(models.values()))["config"]["memory"]["window"]
+    tokens = sample_tokens(MAIN_KEYS, int(FRONTIER_W * window))
+    out = {"window": window, "train_length_over_window": train_len / window if train_len else None,
+           "binding_keys": MAIN_KEYS, "chance": 1 / MAIN_KEYS, "controls": controls(metrics, train_len),
+           "models": {}}
+    for name, m in models.items():
+        if not _rows(m, MAIN_KEYS):
+            continue
+        per_n = {n: _at(_rows(m, int(n)), FRONTIER_W) for n in m["binding"]["one"]}
+        out["models"][name] = {
+            "kind": m["config"]["memory"]["kind"], "state_bytes": state_bytes(m, tokens),
+            "binding": {f"{r['distance_w']:g}": r["accuracy"] for r in _rows(m, MAIN_KEYS)},
+            "capacity_at_16w": per_n,
+            "all_questions": {f"{r['distance_w']:g}": r["accuracy"] for r in _rows(m, MAIN_KEYS, "all")}}
+    return out
+
+
+def _colors(names):
+    cmap = plt.get_cmap("tab20")
+    return {n: cmap(i % 20) for i, n in enumerate(names)}
+
+
+def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None) -> None:
+    """Accuracy vs distance (x W), one panel per N, one line per model; chance 1/N (and, for every
+    key asked in turn, the bag line H_N/N); the window and the training length marked."""
+    models = metrics["models"]
+    keys = sorted({int(n) for m in models.values() for n in m.get("binding", {}).get(variant, {})})
+    if not keys:
+        return
+    window = next(iter(models.values()))["config"]["memory"]["window"]
+    colors = _colors(list(models))
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    for ax, n in zip(axes.flat, keys):
+        for name, m in models.items():
+            rows = _rows(m, n, variant)
+            if rows:
+                ax.plot([r["distance_w"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3,
+                        color=colors[name], label=name)
+        ax.axhline(1 / n, color="black", ls="--", lw=1.2, label="chance 1/N (values only)")
+        if variant == "all" and n > 1:
+            ax.axhline(bag_line(n), color="black", ls=":", lw=1.2, label="bag H_N/N (values only)")
+        ax.axvline(1, color="grey", ls="-.", lw=1, label=f"window ({window} tokens)")
+        if train_len:
+            ax.axvline(train_len / window, color="grey", ls=":", lw=1, label=f"training length ({train_len})")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"N = {n} keys")
+        ax.set_xlabel("filler between facts and question (x window)")
+        ax.set_ylabel("exact-answer accuracy")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    what = "one question per sample (binding)" if variant == "one" else "every key asked in turn"
+    fig.suptitle(f"Key-value recall, {what}")
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity(metrics: dict, path: Path) -> None:
+    """Binding at 16 x W against the number of keys: how many facts the state holds."""
+    models = metrics["models"]
+    colors = _colors(list(models))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    keys = []
+    for name, m in models.items():
+        per = sorted((int(n), _at(rows, FRONTIER_W)) for n, rows in m.get("binding", {}).get("one", {}).items())
+        per = [(n, a) for n, a in per if a is not None]
+        if per:
+            keys = sorted(set(keys) | {n for n, _ in per})
+            ax.plot(*zip(*per), marker="o", ms=3, color=colors[name], label=name)
+    if keys:
+        ax.plot(keys, [1 / n for n in keys], color="black", ls="--", lw=1.2, label="chance 1/N")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("keys stated (N)")
+    ax.set_ylabel(f"binding accuracy at {FRONTIER_W:g} x window")
+    ax.set_title("Capacity: facts recalled after they left the window")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(summ: dict, path: Path) -> None:
+    """Binding (N = 4) at 16 x W against state bytes per sequence: one point per model."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    kinds = sorted({m["kind"] for m in summ["models"].values()})
+    marks = dict(zip(kinds, "osD^v<>p"))
+    cmap = plt.get_cmap("tab10")
+    for i, kind in enumerate(kinds):
+        pts = [(m["state_bytes"], m["binding"].get(f"{FRONTIER_W:g}"), n) for n, m in summ["models"].items()
+               if m["kind"] == kind and m["binding"].get(f"{FRONTIER_W:g}") is not None]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marks[kind], color=cmap(i), label=kind, s=40)
+        for x, y, n in pts:
+            ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(summ["chance"], color="black", ls="--", lw=1.2, label=f"chance 1/N (N = {summ['binding_keys']})")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel(f"state bytes per sequence (at {FRONTIER_W:g} x window)")
+    ax.set_ylabel(f"binding at {FRONTIER_W:g} x window, N = {summ['binding_keys']}")
+    ax.set_title("Memory/recall frontier (up and left is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(metrics: dict, out: Path, train_len: int | None) -> None:
+    plot_binding(metrics, out / "binding.png", "one", train_len)
+    plot_binding(metrics, out / "binding_all_questions.png", "all", train_len)
+    plot_capacity(metrics, out / "capacity.png")
+    plot_frontier(summary(metrics, train_len), out / "frontier.png")
+
+
+def markdown(metrics: dict, train_len: int | None) -> list[str]:
+    """Report lines: the controls' verdict, the binding table (N = 4), capacity at 16 x W, the plots."""
+    summ = summary(metrics, train_len)
+    if not summ["models"]:
+        return []
+    c = summ["controls"]
+    full, win = c.get("full", {}), c.get("window", {})
+    verdict = ("Controls hold: conclusions below are supported." if c["passed"] else
+               "**Controls failed: no conclusion is drawn from this run** (the recipe or budget is too weak).")
+    dists = list(next(iter(summ["models"].values()))["binding"])
+    keys = sorted({int(n) for m in summ["models"].values() for n in m["capacity_at_16w"]})
+    lines = ["", "## Key-value binding", "", verdict, "",
+             f"- positive control: `full` binds at least {FULL_MIN:.0%} (N = {MAIN_KEYS}) wherever the sample "
+             f"fits its training length: min {_pct(full.get('min_binding_within_training'))} "
+             f"({'passed' if full.get('passed') else 'FAILED'})",
+             f"- negative control: `window` at most chance + {MARGIN:.0%} = {1 / MAIN_KEYS + MARGIN:.2f} from "
+             f"1 x W on: max {_pct(win.get('max_binding_beyond_window'))} "
+             f"({'passed' if win.get('passed') else 'FAILED'})", "",
+             f"Exact-answer accuracy with one question per sample, N = {MAIN_KEYS} keys (chance 1/N = "
+             f"{1 / MAIN_KEYS:.2f}), by filler between the facts and the question (x window):", "",
+             "| memory | state bytes | " + " | ".join(f"{d} W" for d in dists) + " |",
+             "|---|---|" + "---|" * len(dists)]
+    for name, m in summ["models"].items():
+        lines.append(f"| {name} | {m['state_bytes']:,} | " + " | ".join(_pct(m["binding"][d]) for d in dists) + " |")
+    lines += ["", f"Capacity: binding at {FRONTIER_W:g} x W by number of keys N (chance 1/N):", "",
+              "| memory | " + " | ".join(f"N={n}" for n in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in summ["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(m["capacity_at_16w"].get(str(n))) for n in keys) + " |")
+    lines += ["", "![binding](binding.png)", "", "![capacity](capacity.png)", "", "![frontier](frontier.png)",
+              "", "Every key asked in turn (a model that knows only the values scores the bag line H_N/N):",
+              "", "![all questions](binding_all_questions.png)"]
+    return lines
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
