@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moshi_ttt as mt
-from conftest import tiny_config
+from conftest import assert_close, tiny_config
 from moshi_ttt.checkpoint import load_checkpoint, save_checkpoint
 from moshi_ttt.pipeline import EvalConfig
 from moshi_ttt.trainer import Trainer
@@ -32,7 +32,7 @@ def test_integer_token_dtypes_equal_int64(kind, dtype):
         state = model.init_state(2)
         steps = [model.step(tokens[:, i:i + 3].to(dtype), state)[0] for i in range(0, 9, 3)]
     out = torch.cat(steps, 1)
-    assert (out - ref).abs().max() < 1e-4
+    assert_close(out, ref, 1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

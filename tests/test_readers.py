@@ -9,16 +9,10 @@ import pytest
 import torch
 
 import moshi_ttt as mt
-from conftest import stream
+from conftest import assert_close, stream
 
 READERS = [dict(read_query=True), dict(gate_per_token=True), dict(compressor_proj=True),
            dict(read_query=True, gate_per_token=True, compressor_proj=True)]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| over the reference's scale (at least 1)."""
-    scale = max(expected.abs().max().item(), 1.0)
-    return (actual - expected).abs().max().item() / scale
 
 
 def reader_config(kind="ttt_cache", window=6, block=4, num_virtual=3, **kw) -> mt.ModelConfig:
@@ -56,7 +50,7 @@ def test_reader_parallel_equals_streaming_with_resets(extra, combine, cold):
     with torch.no_grad():
         ref = model(tokens, resets=resets)
         out, _ = stream(model, tokens, [1] * 7 + [37], resets_at={r: torch.tensor([False, True, False])})
-    assert rel_err(out, ref) <= 1e-4
+    assert_close(out, ref, 1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
@@ -67,7 +61,7 @@ def test_query_read_parallel_equals_streaming_with_update_options(k, extra):
     tokens = torch.randint(0, 50, (2, 150))
     with torch.no_grad():
         out, _ = stream(model, tokens, k)
-        assert rel_err(out, model(tokens)) <= 1e-4
+        assert_close(out, model(tokens), 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["pooled", "infini"])
@@ -77,7 +71,7 @@ def test_per_token_gate_parallel_equals_streaming_for_other_memories(kind):
     with torch.no_grad():
         for k in (1, 11):
             out, _ = stream(model, tokens, k)
-            assert rel_err(out, model(tokens)) <= 1e-4
+            assert_close(out, model(tokens), 1e-4)
 
 
 def logits_and_grads(model, tokens, **kw) -> list:
@@ -102,7 +96,7 @@ def test_fast_read_equals_reference_read_float64(extra):
     ref = logits_and_grads(model, tokens)
     assert len(fast) == len(ref)
     for a, b in zip(fast, ref):
-        assert rel_err(a, b) <= 1e-6
+        assert_close(a, b, 1e-6)
 
 
 def test_query_read_blocks_equal_a_per_query_gather():
@@ -117,7 +111,7 @@ def test_query_read_blocks_equal_a_per_query_gather():
     for p in range(L):
         n = max(p - 7 + 1, 0) // 3
         h = torch.nn.functional.gelu(qn[:, p:p + 1] @ states[0][:, n])
-        assert rel_err(out[:, p:p + 1], h @ states[1][:, n]) <= 1e-12
+        assert_close(out[:, p:p + 1], h @ states[1][:, n], 1e-12)
 
 
 @pytest.mark.parametrize("extra, new", [(dict(compressor_proj=True), ("kv_proj", "q_proj")),
@@ -131,7 +125,7 @@ def test_new_reader_parameters_start_as_the_model_without_them(extra, new):
     assert {k.rsplit(".", 1)[-1] for k in missing} == set(new)
     tokens = torch.randint(0, 50, (2, 90))
     with torch.no_grad():
-        assert rel_err(model(tokens), base(tokens)) <= 1e-12
+        assert_close(model(tokens), base(tokens), 1e-12)
 
 
 @pytest.mark.parametrize("extra", READERS)
@@ -180,6 +174,6 @@ def test_readers_cuda_graph_replay_equals_eager():
     state = model.init_state(2)
     step = GraphedStep(model, state)
     outs = torch.cat([step(tokens[:, t:t + 1]).clone() for t in range(T)], 1)
-    assert rel_err(outs, eager) <= 1e-4
+    assert_close(outs, eager, 1e-4)
     for name, t in eager_state.tensors.items():
-        assert rel_err(state[name].float(), t.float()) <= 1e-4, name
+        assert_close(state[name].float(), t.float(), 1e-4, name)
