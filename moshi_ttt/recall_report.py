@@ -80,7 +80,8 @@ def summary(metrics: dict, train_len: int | None) -> dict:
             continue
         per_n = {n: _at(_rows(m, int(n)), FRONTIER_W) for n in m["binding"]["one"]}
         out["models"][name] = {
-            "kind": m["config"]["memory"]["kind"], "state_bytes": state_bytes(m, tokens),
+            "kind": m["config"]["memory"]["kind"], "inplace_ttt": bool(m["config"].get("inplace_ttt")),
+            "state_bytes": state_bytes(m, tokens),
             "binding": {f"{r['distance_w']:g}": r["accuracy"] for r in _rows(m, MAIN_KEYS)},
             "capacity_at_16w": per_n,
             "all_questions": {f"{r['distance_w']:g}": r["accuracy"] for r in _rows(m, MAIN_KEYS, "all")}}
@@ -162,12 +163,13 @@ def plot_capacity(metrics: dict, path: Path) -> None:
 def plot_frontier(summ: dict, path: Path) -> None:
     """Binding (N = 4) at 16 x W against state bytes per sequence: one point per model."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    kinds = sorted({m["kind"] for m in summ["models"].values()})
-    marks = dict(zip(kinds, "osD^v<>p"))
+    group = (lambda m: m["kind"] + (" + In-Place TTT" if m.get("inplace_ttt") else ""))
+    kinds = sorted({group(m) for m in summ["models"].values()})
+    marks = dict(zip(kinds, "osD^v<>p*h"))
     cmap = plt.get_cmap("tab10")
     for i, kind in enumerate(kinds):
         pts = [(m["state_bytes"], m["binding"].get(f"{FRONTIER_W:g}"), n) for n, m in summ["models"].items()
-               if m["kind"] == kind and m["binding"].get(f"{FRONTIER_W:g}") is not None]
+               if group(m) == kind and m["binding"].get(f"{FRONTIER_W:g}") is not None]
         if not pts:
             continue
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marks[kind], color=cmap(i), label=kind, s=40)

@@ -111,7 +111,7 @@ def test_only_the_default_corpus_is_prepared_automatically(tmp_path, monkeypatch
         (Path(path) / "manifest.json").write_text("{}")
 
     monkeypatch.setattr(prepare, "prepare_corpus", fake_prepare)
-    monkeypatch.setattr(cli, "run_study", lambda preset, data, out, device: studied.append(data))
+    monkeypatch.setattr(cli, "run_study", lambda preset, data, out, device, **kw: studied.append(data))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["study", "--preset", "cpu", "--device", "cpu"]) == 0
     assert made == [Path("data/corpus")] and studied == [Path("data/corpus")]
@@ -199,8 +199,14 @@ def test_eval_checkpoint_with_an_incomplete_config(corpus, tmp_path):
 
 
 def test_sessions_errors_are_one_line(tmp_path):
-    line = error_line(moshi("sessions", "show", "nope", "--store", tmp_path / "store",
-                            cwd=tmp_path))
+    """A store that does not exist is named; in one that does, the missing id is named."""
+    store = tmp_path / "store"
+    line = error_line(moshi("sessions", "show", "nope", "--store", store, cwd=tmp_path))
+    assert f"no session store at {store}" in line and not store.exists()
+    from moshi_ttt.sessions.store import SessionStore
+
+    SessionStore(store)
+    line = error_line(moshi("sessions", "show", "nope", "--store", store, cwd=tmp_path))
     assert "nope" in line
 
 

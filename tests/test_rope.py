@@ -105,11 +105,14 @@ def test_model_config_rejects_bad_rope_fields(kw, match):
 
 
 def test_model_config_old_dicts_load_and_keep_their_fingerprint():
-    """A dict written before the RoPE and compressor depth/sharing fields loads to the default
-    config with the hash it had."""
+    """A dict written before the RoPE, compressor depth/sharing and reader fields loads to the
+    default config with the hash it had."""
     cfg = tiny_config("ttt_cache")
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
-    old["memory"] = {k: v for k, v in old["memory"].items() if not k.startswith("compressor_") or k == "compressor_hidden"}
+    later = ("read_query", "gate_per_token")
+    old["memory"] = {k: v for k, v in old["memory"].items()
+                     if k not in later and (not k.startswith("compressor_")
+                                            or k == "compressor_hidden")}
     assert mt.ModelConfig.from_dict(old) == cfg
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     yarn = dataclasses.replace(cfg, rope_scale=4, rope_original_context=L0)
