@@ -1,5 +1,9 @@
+import contextlib
+import io
 import math
 import os
+import subprocess
+import traceback
 
 import numpy as np
 import pytest
@@ -32,6 +36,34 @@ def assert_close(actual, expected, rel, what="", *, floor=1.0):
     assert math.isfinite(err) and math.isfinite(scale) and err <= limit, (
         f"{name}max|actual - expected| = {err:.3g} > {rel:.3g} x scale {scale:.3g} = {limit:.3g} "
         f"(error / scale = {err / scale if scale else math.inf:.3g})")
+
+
+def run_cli(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``moshi-ttt ARGS`` run from ``cwd`` inside this process (``cli.main``, as the console
+    script calls it) with stdout and stderr captured and ``env`` added to the environment
+    (``MOSHI_TTT_DEBUG`` unset unless given). An exception that escapes ``main`` prints its
+    traceback and exits 1, as the interpreter would."""
+    from moshi_ttt import cli
+
+    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.pop("MOSHI_TTT_DEBUG", None)
+    os.environ.update(env or {})
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True)

@@ -14,17 +14,21 @@ import torch
 import moshi_ttt as mt
 from moshi_ttt import cli
 from moshi_ttt.checkpoint import save_checkpoint
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TQDM = re.compile(r"^[\w ]+:\s+\d+%\|")  # a progress bar line
 
 
-def moshi(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the command from ``cwd`` on this worktree's package."""
+def process(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the command from ``cwd`` as its own process on this worktree's package."""
     base = {k: v for k, v in os.environ.items() if k != "MOSHI_TTT_DEBUG"}
     env = {**base, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "moshi_ttt.cli", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=900)
+
+
+moshi = run_cli  # in this process: the same main(), without an interpreter start per case
 
 
 def error_line(r: subprocess.CompletedProcess) -> str:
@@ -44,6 +48,15 @@ def nowhere(tmp_path):
     path = tmp_path / "nowhere"
     path.write_text("not a corpus")
     return path
+
+
+def test_a_process_prints_what_main_prints(nowhere, tmp_path):
+    """The cases below run ``main`` in this process; as its own process the command prints the
+    same line and exits with the same status."""
+    for args in (["train", "--window", "0"], ["train", "--memory", "nope", "--data", nowhere]):
+        a, b = process(*args, cwd=tmp_path), moshi(*args, cwd=tmp_path)
+        assert a.returncode == b.returncode == 2
+        assert error_line(a) == error_line(b)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -220,7 +233,7 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_debug_shows_the_traceback_of_user_errors(tmp_path):
-    r = moshi("eval", "x.pt", "--docs", "0", "--data", tmp_path, "--device", "cpu", cwd=tmp_path,
+    r = process("eval", "x.pt", "--docs", "0", "--data", tmp_path, "--device", "cpu", cwd=tmp_path,
               env={"MOSHI_TTT_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr
     assert "ValueError: EvalConfig.docs" in r.stderr

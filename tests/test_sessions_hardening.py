@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 from moshi_ttt import sessions as S
 from moshi_ttt.sessions import ModelIdentity, SessionStore
 from moshi_ttt.sessions.store import BLOB_TAG
+from conftest import run_cli
 from test_sessions import config, model_of, streamed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +32,17 @@ def continue_b(model, b, state):
         return torch.cat([model.step(b[:, t:t + 3], state)[0] for t in range(0, b.shape[1], 3)], 1)
 
 
-def sessions(*args, cwd):
+def process(*args, cwd):
     """Run ``moshi-ttt sessions ARGS`` as its own process."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "sessions", *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def sessions(*args, cwd):
+    """Run ``moshi-ttt sessions ARGS`` in this process (``cli.main``)."""
+    return run_cli("sessions", *args, cwd=cwd)
 
 
 def ok(*args, cwd):
@@ -273,7 +279,7 @@ def test_non_finite_states_are_refused_on_save_and_load(tmp_path):
         store.load("c", model)
 
 
-# ---- the command line, as its own process -------------------------------------------------
+# ---- the command line ------------------------------------------------------------------------
 def test_cli_store_that_does_not_exist_is_not_created(tmp_path):
     for args in (["list"], ["show", "c"], ["export", "c", "out.session"], ["gc"], ["delete", "c"],
                  ["rebuild"]):
@@ -332,5 +338,6 @@ def test_cli_help_names_every_sessions_command(tmp_path):
     top = " ".join(r.stdout.split()).split(" sessions ", 1)[1].split("options:")[0]
     assert r.returncode == 0 and all(c in top for c in commands), top
     out = ok("--help", cwd=tmp_path).stdout
+    assert out == process("--help", cwd=tmp_path).stdout  # in this process as in its own
     assert all(f"    {c} " in out for c in commands), out
     assert "--overwrite" in ok("import", "--help", cwd=tmp_path).stdout
