@@ -158,14 +158,15 @@ def eval_config(a) -> EvalConfig:
                       cross_session_distance=a.cross_session_distance,
                       binding_keys=tuple(a.binding_keys), binding_distances=tuple(a.binding_distances),
                       binding_num=a.binding_num, binding_all_questions=a.binding_all_questions,
-                      perplexity=not a.no_perplexity)
+                      perplexity=not a.no_perplexity, long_stream=tuple(a.long_stream))
 
 
 def cmd_eval(a) -> None:
     ec = eval_config(a)
-    if ec.perplexity:
+    corpus = ec.perplexity or bool(ec.long_stream)
+    if corpus:
         ensure_corpus(a.data)
-    metrics = evaluate(a.checkpoints, a.data if ec.perplexity else None, a.out, ec, a.device)
+    metrics = evaluate(a.checkpoints, a.data if corpus else None, a.out, ec, a.device, a.train_len)
     print(f"report: {a.out / 'report.md'} ({len(metrics['models'])} models)")
 
 
@@ -302,6 +303,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="also ask every key in turn (drawn with the bag line H_N/N)")
     p.add_argument("--no-perplexity", action="store_true",
                    help="skip perplexity by position (no corpus needed)")
+    p.add_argument("--long-stream", nargs="*", type=positive_int, default=[],
+                   help="stream the held-out split joined into one stream to these multiples of "
+                        "the training length, e.g. 1 2 4 8 16 32 64: loss per length and "
+                        "fast-weight norms (none: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_arg, default=DEFAULT_DEVICE)
 
@@ -354,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model.pt files; a repeated run name gets the checkpoint's folder, "
                          "then a counter")
     ep.add_argument("--out", type=Path, default=Path("runs/eval"))
+    ep.add_argument("--train-len", type=positive_int, default=None,
+                    help="the training length that --long-stream multiplies (default: the "
+                         "longest training sequence the first checkpoint records)")
     add_eval_args(ep)
     ep.set_defaults(func=cmd_eval)
 

@@ -129,3 +129,25 @@ def stream_ms_per_token(model: StreamingLM, tokens: int = 200, prefill: int = 51
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+@torch.no_grad()
+def state_norms(model: StreamingLM, state) -> dict[str, float]:
+    """Frobenius norms of the memories' fast weights in a streamed ``state``, max over batch rows
+    and heads, per layer: the TTT cache's compressor weights ``W_l = W_l_init + d_l`` ("W1"...),
+    Infini-attention's matrix ``mem_s`` and In-Place TTT's fast-weight sum ``s`` ("ttt.s").
+    {"layer{i}.{name}": norm}; memories without fast weights (window, sink, pooled) add nothing."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        names = state.tensors
+        mem = layer.self_attn.memory
+        if hasattr(mem, "inits") and f"layers.{i}.d1" in names:
+            for j, init in enumerate(mem.inits(), start=1):
+                w = names[f"layers.{i}.d{j}"].float() + init.float()  # [B, hc, d_in, d_out]
+                out[f"layer{i}.W{j}"] = w.flatten(2).norm(dim=-1).max().item()
+        if f"layers.{i}.mem_s" in names:
+            mem_s = names[f"layers.{i}.mem_s"].float()  # [B, H, Dh, Dh]
+            out[f"layer{i}.mem_s"] = mem_s.flatten(2).norm(dim=-1).max().item()
+        if f"layers.{i}.ttt.s" in names:
+            out[f"layer{i}.ttt.s"] = names[f"layers.{i}.ttt.s"].float().flatten(1).norm(dim=-1).max().item()
+    return out

@@ -77,6 +77,45 @@ def loss_by_position(model: StreamingLM, docs: list[np.ndarray], max_len: int, s
     return out
 
 
+
+@torch.no_grad()
+def long_stream(model: StreamingLM, tokens, train_len: int, multiples=(1, 2, 4, 8, 16, 32, 64),
+                step: int = 256, device="cpu", progress=True) -> dict:
+    """One held-out stream from an empty state out to max(multiples) x ``train_len`` tokens.
+
+    ``loss_by_length[str(m)]``: mean NLL of the predicted tokens at positions p in
+    (m' L, m L], m' the previous multiple (0 for the first), L = ``train_len``;
+    ``norms``: ``state_norms`` of the state after m L tokens, one row per multiple.
+    tokens: 1-D, at least max(multiples) L + 1 of them."""
+    from .diagnostics import state_norms
+
+    if train_len < 1 or not multiples or any(b <= a for a, b in zip(multiples, multiples[1:])) \
+            or multiples[0] < 1:
+        raise ValueError(f"long_stream needs train_len >= 1 and increasing multiples >= 1, "
+                         f"got {train_len}, {list(multiples)}")
+    need = multiples[-1] * train_len + 1
+    toks = torch.as_tensor(np.asarray(tokens, dtype=np.int64)[:need], device=device)[None]
+    if toks.shape[1] < need:
+        raise ValueError(f"long_stream to {multiples[-1]} x {train_len} tokens needs {need} "
+                         f"tokens, the stream has {toks.shape[1]}")
+    model.eval()
+    state, pos, loss, norms = model.init_state(1), 0, {}, []
+    bar = tqdm(total=need - 1, desc="long stream", disable=not progress, dynamic_ncols=True)
+    for m in multiples:
+        edge, nll = m * train_len, []
+        while pos < edge:  # inputs pos..end-1 predict tokens pos+1..end
+            end = min(pos + step, edge)
+            logits, state = model.step(toks[:, pos:end], state)
+            target = toks[0, pos + 1:end + 1]
+            nll.append(F.cross_entropy(logits[0].float(), target, reduction="none"))
+            bar.update(end - pos)
+            pos = end
+        loss[str(m)] = torch.cat(nll).mean().item()
+        norms.append({"multiple": m, "tokens": edge, **state_norms(model, state)})
+    bar.close()
+    return {"train_len": train_len, "loss_by_length": loss, "norms": norms}
+
+
 def task_accuracy(model: StreamingLM, task: str, distances: list[int], num: int, seed: int = 0,
                   tokenizer=None, step: int = 256, device="cpu", progress=True) -> list[dict]:
     """Recall accuracy vs distance: a sample counts only if every answer token is predicted exactly.

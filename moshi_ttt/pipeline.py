@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import recall_report, report
+from . import long_report, recall_report, report
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, memory_variant
 from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
                           stream_ms_per_token)
 from .data.binding import binding_batch
-from .evaluation import BUCKETS, binding_accuracy, loss_by_position, task_accuracy
+from .evaluation import BUCKETS, binding_accuracy, long_stream, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
 from .training import TRAIN_PRESETS, TrainConfig, config_dict, train
 
@@ -50,6 +50,7 @@ class EvalConfig:
     binding_num: int = 200  # samples per (N, distance)
     binding_all_questions: bool = False  # also every key asked in turn (drawn with its bag line)
     perplexity: bool = True  # held-out loss by position (needs the corpus's test split)
+    long_stream: tuple[int, ...] = ()  # one held-out stream to these multiples of the train length
 
     def __post_init__(self):
         object.__setattr__(self, "binding_keys", tuple(int(n) for n in self.binding_keys))
@@ -61,6 +62,11 @@ class EvalConfig:
                              f"got {self.binding_distances}")
         if self.binding_num < 1:
             raise ValueError(f"EvalConfig.binding_num must be >= 1, got {self.binding_num}")
+        object.__setattr__(self, "long_stream", tuple(int(m) for m in self.long_stream))
+        ls = self.long_stream
+        if ls and (ls[0] < 1 or any(b <= a for a, b in zip(ls, ls[1:]))):
+            raise ValueError(f"EvalConfig.long_stream must be increasing multiples >= 1 of the "
+                             f"training length, got {list(ls)}")
         for name in ("buckets", "tasks", "distances", "cost_lengths", "cross_session"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, low in (("max_len", 2), ("docs", 1), ("num", 1), ("cross_session_distance", 1)):
@@ -116,8 +122,23 @@ def held_out_streams(stream: np.ndarray, bounds: np.ndarray, ec: EvalConfig) -> 
     return [joined[i * ec.max_len:(i + 1) * ec.max_len] for i in range(ec.docs)]
 
 
-def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, device: str) -> dict:
-    """Every measurement of one model (streaming semantics throughout)."""
+def long_stream_tokens(data: Path, n: int) -> np.ndarray:
+    """The first ``n`` tokens of the held-out split with its documents joined, longest first."""
+    from .data.prepare import load_split
+
+    stream, bounds, _ = load_split(data, "test")
+    order = np.argsort(-(bounds[:, 1] - bounds[:, 0]), kind="stable")
+    joined = np.concatenate([np.asarray(stream[bounds[i, 0]:bounds[i, 1]]) for i in order])
+    if len(joined) < n:
+        raise ValueError(f"the held-out split of {data} has {len(joined)} tokens: the long stream "
+                         f"needs {n}")
+    return joined[:n]
+
+
+def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, device: str,
+                   long_tokens: np.ndarray | None = None, train_len: int | None = None) -> dict:
+    """Every measurement of one model (streaming semantics throughout); with ``long_tokens``
+    (``ec.long_stream`` set) the long stream to multiples of ``train_len``."""
     W = model.cfg.memory.window
     res = {"loss_by_position": loss_by_position(model, docs, ec.max_len, buckets=ec.buckets, device=device)
            if ec.perplexity else [],
@@ -125,6 +146,8 @@ def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, d
                       for t in ec.tasks}}
     if ec.binding_keys:
         res["binding"] = binding_results(model, ec, W, device)
+    if ec.long_stream:
+        res["long_stream"] = long_stream(model, long_tokens, train_len, ec.long_stream, device=device)
     long_docs = [np.asarray(d[:2048], dtype=np.int64) for d in docs if len(d) >= 2048][:2]
     probe_tokens = torch.as_tensor(np.stack(long_docs), device=device) if long_docs else None
     if probe_tokens is None and ec.binding_keys:  # no corpus: diagnose the memory on binding samples
@@ -197,12 +220,21 @@ def held_out_data(data: Path | None, ec: EvalConfig) -> tuple[list[np.ndarray], 
     return docs, {"dir": str(data), "test_docs": len(docs), "test_sha256": manifest["splits"]["test"]["sha256"]}
 
 
-def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConfig, device: str) -> dict:
+def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConfig, device: str,
+                  long_tokens: np.ndarray | None = None, train_len: int | None = None) -> dict:
     """One model's entry of ``metrics.json``: its config, training and every measurement."""
     torch.manual_seed(ec.seed)
     return {"checkpoint": str(ckpt), "config": model.cfg.to_dict(), "train": meta.get("train"),
             "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
-            **evaluate_model(model, docs, ec, device)}
+            **evaluate_model(model, docs, ec, device, long_tokens, train_len)}
+
+
+def training_length(meta: dict) -> int | None:
+    """The longest training sequence recorded in a checkpoint's meta (None if it has none)."""
+    t = meta.get("train")
+    if not t:
+        return None
+    return max([t["seq_len"]] + [n for _, n in t.get("seq_schedule", ())])
 
 
 def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: str, train_len: int | None = None) -> dict:
@@ -211,24 +243,33 @@ def evaluate(ckpts: list[Path], data: Path, out: Path, ec: EvalConfig, device: s
     if missing:
         raise ValueError(f"no checkpoint at {', '.join(missing)}")
     docs, provenance = held_out_data(data, ec)
-    names = []
+    names, lengths = [], []
     for ck in ckpts:  # every checkpoint is checked before the long evaluation starts
         meta = load_checkpoint(ck)[1]
         names.append(str(meta.get("name") or Path(ck).parent.name))
+        lengths.append(training_length(meta))
+    if train_len is None:  # the longest training sequence of the first model that records one
+        train_len = next((n for n in lengths if n), None)
+    long_tokens = None
+    if ec.long_stream:
+        if train_len is None:
+            raise ValueError("the long stream needs the training length: the checkpoints record "
+                             "none, give it (--train-len)")
+        if data is None:
+            raise ValueError("the long stream needs a corpus (--data)")
+        long_tokens = long_stream_tokens(data, ec.long_stream[-1] * train_len + 1)
     results = {}
     for ck, name in zip(ckpts, unique_names(names, ckpts)):
         model, meta = load_checkpoint(ck, device)
-        results[name] = model_results(model.eval(), meta, ck, docs, ec, device)
-        if train_len is None and meta.get("train"):  # the longest training sequence of the first model
-            t = meta["train"]
-            train_len = max([t["seq_len"]] + [n for _, n in t.get("seq_schedule", ())])
+        results[name] = model_results(model.eval(), meta, ck, docs, ec, device, long_tokens, train_len)
     return write_results(results, ckpts, provenance, out, ec, device, train_len)
 
 
 def write_results(results: dict, ckpts: list[Path], provenance: dict, out: Path, ec: EvalConfig, device: str,
                   train_len: int | None) -> dict:
     """Cross-session recall (it reloads the checkpoints), then metrics.json, timing.json, the plots,
-    report.md and, with binding measured, summary.json."""
+    report.md and, with binding measured, summary.json; with the long stream, long_stream.json
+    and long_stream.png."""
     out.mkdir(parents=True, exist_ok=True)
     if ec.cross_session:
         from .sessions.recall import cross_session_recall
@@ -249,6 +290,9 @@ def write_results(results: dict, ckpts: list[Path], provenance: dict, out: Path,
     if ec.binding_keys:
         report.write_json(out / "summary.json", recall_report.summary(metrics, train_len))
         recall_report.write_plots(metrics, out, train_len)
+    if ec.long_stream:
+        report.write_json(out / "long_stream.json", long_report.summary(metrics))
+        long_report.plot(metrics, out / "long_stream.png")
     (out / "report.md").write_text(report.markdown(metrics, train_len))
     return metrics
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import recall_report  # noqa: E402
+from . import long_report, recall_report  # noqa: E402
 
 
 def git_commit(path: Path | None = None) -> str:
@@ -191,6 +191,7 @@ def markdown(metrics: dict, train_len: int | None = None) -> str:
             lines.append(f"| {n} | {alpha:.2f} | {mass:.2f} | {_fmt(np.mean(cos) if cos else None, '.2f')} | "
                          f"{arrow(first)} | {arrow(last)} | {d['state_finite']} | {p['accuracy']:.3f} ({p['chance']:.3f}) |")
     lines += cross_session_table(models)
+    lines += long_report.markdown(metrics)
     lines += ["", "## Cost", "", "![state bytes](state_bytes.png)", "",
               "| memory | parameters | state bytes after " + " / ".join(
                   str(r["tokens"]) for r in max((models[n]["cost"]["state_bytes"] for n in names), key=len)) + " tokens | ms/token (batch 1, eager) |",
