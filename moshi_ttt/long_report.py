@@ -45,10 +45,10 @@ def plot(metrics: dict, path: Path) -> None:
     for n, m in s["models"].items():
         style = "--" if _is_window(metrics["models"][n]) else "-"
         xs = [int(k) for k in m["loss_by_length"]]
-        a.plot(xs, list(m["loss_by_length"].values()), style, marker="o", label=n)
+        line, = a.plot(xs, list(m["loss_by_length"].values()), style, marker="o", label=n)
         norms = [(int(k), v) for k, v in m["max_norm_by_length"].items() if v is not None]
-        if norms:
-            b.plot(*zip(*norms), style, marker="o", label=n)
+        if norms:  # the same colour as the model's loss line
+            b.plot(*zip(*norms), style, marker="o", label=n, color=line.get_color())
     a.set(xscale="log", xlabel=f"tokens streamed / training length ({s['train_len']})",
           ylabel="held-out loss in the bucket (nats/token)", title="Loss far past training")
     b.set(xscale="log", xlabel=f"tokens streamed / training length ({s['train_len']})",
