@@ -1,4 +1,5 @@
-"""Memory diagnostics (spec 003's failure modes and experiment 1) and cost measurements."""
+"""Memory diagnostics (gate, attention mass, virtual keys, inner loss, fast-weight norms, an
+evicted-token probe) and cost measurements."""
 
 from __future__ import annotations
 
