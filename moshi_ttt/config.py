@@ -112,7 +112,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class InPlaceTTTConfig:
-    """In-Place TTT on the MLP of the listed layers (DESIGN section 3).
+    """In-Place TTT on the MLP of the listed layers.
 
     ``chunk_size`` in tokens (steps: at 12.5 Hz a 256-step chunk is 20.5 s); ``lr`` the fixed inner
     rate η; ``target`` the source X0 of V̂: ``"embed"`` (token embeddings, training from scratch) or

@@ -19,7 +19,7 @@ from .models.lm import StreamingLM
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the curriculum (spec 003 "Training Strategy"): which parameters train
+    """One stage of the curriculum (the staged recipe): which parameters train
     (fnmatch patterns on parameter names; the rest stay frozen), layers below
     ``frozen_layers_below`` stay frozen whatever the patterns, and the loss: ``"lm"`` (next
     token) or ``"reconstruction"`` (the TTT cache recovers evicted keys' values from its virtual
@@ -39,7 +39,7 @@ class Stage:
             raise ValueError(f"Stage {self.name!r}: loss must be 'lm' or 'reconstruction', got {self.loss!r}")
 
 
-# spec 003's recipe on a pretrained backbone: memory alone, then attention above the lower half, then all
+# the staged recipe on a pretrained backbone: memory alone, then attention above the lower half, then all
 SPEC_RECIPE = (Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
                Stage("attention", 5000, ("*.memory.*", "*.self_attn.*"), "lm", frozen_layers_below=4),
                Stage("all", 10000))

@@ -1,4 +1,4 @@
-"""In-Place TTT: naive vs fast, parallel vs streaming, and one test per DESIGN section 9 trap."""
+"""In-Place TTT: naive vs fast, parallel vs streaming, and one test per known pitfall."""
 
 import dataclasses
 
@@ -136,8 +136,8 @@ def test_fresh_layer_is_the_plain_mlp():
     assert_close(mlp.forward_ttt(x, x, pos, None), mlp(x), 1e-6)
 
 
-# ---- DESIGN section 9 traps ---------------------------------------------------------
-def test_trap1_conv_target_stays_inside_chunk():
+# ---- known pitfalls ----------------------------------------------------------------
+def test_conv_target_stays_inside_chunk():
     """Changing X0 in chunk 2 leaves chunk 1's target, and so every output up to chunk 2, unchanged."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4 * C, 6, generator=g)
@@ -153,7 +153,7 @@ def test_trap1_conv_target_stays_inside_chunk():
     assert torch.equal(o0[:, :3 * C], o1[:, :3 * C])
 
 
-def test_trap2_batch_rows_keep_their_own_fast_weights():
+def test_batch_rows_keep_their_own_fast_weights():
     model = ttt_model(ttt_config()).eval()
     tokens = torch.randint(0, 50, (3, 41))
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_trap2_batch_rows_keep_their_own_fast_weights():
     assert not torch.allclose(s[0], s[1])
 
 
-def test_trap3_fast_weights_stay_fp32():
+def test_fast_weights_stay_fp32():
     model = ttt_model(ttt_config()).eval()
     st = model.init_state(2, dtype=torch.bfloat16)
     for name in ("s", "zbuf", "xbuf"):
@@ -180,7 +180,7 @@ def test_trap3_fast_weights_stay_fp32():
     assert s.abs().max() > 0 and not torch.equal(s, s.bfloat16().float())
 
 
-def test_trap4_target_init_is_not_all_zero():
+def test_target_init_is_not_all_zero():
     mlp = InPlaceTTTMLP(16, 40, mt.InPlaceTTTConfig(chunk_size=4))
     assert torch.count_nonzero(mlp.target_conv) == 0
     assert torch.count_nonzero(mlp.target_proj) == 16 == torch.count_nonzero(torch.diag(mlp.target_proj))
@@ -189,7 +189,7 @@ def test_trap4_target_init_is_not_all_zero():
     assert mlp.target_conv.grad.abs().max() > 0
 
 
-def test_trap5_clip_never_applied_in_training():
+def test_clip_never_applied_in_training():
     cfg = ttt_config(clip_tau=1e-5)
     model = ttt_model(cfg)
     noclip = ttt_model(dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, clip_tau=None)))
@@ -200,7 +200,7 @@ def test_trap5_clip_never_applied_in_training():
     assert not torch.allclose(model(tokens), noclip(tokens))
 
 
-def test_trap5_ttt_loss_differs_from_no_ttt_after_one_step():
+def test_ttt_loss_differs_from_no_ttt_after_one_step():
     """Stock init (conv zero) equals no TTT exactly; one outer step later (training mode, clip
     configured) the losses differ far beyond float64 rounding."""
     cfg = ttt_config(clip_tau=1e-5, lr=3.0)
@@ -217,7 +217,7 @@ def test_trap5_ttt_loss_differs_from_no_ttt_after_one_step():
     assert abs(lm_loss(model, x, y).item() - lm_loss(plain, x, y).item()) > 1e-8
 
 
-def test_trap7_streaming_targets_use_real_tokens():
+def test_streaming_targets_use_real_tokens():
     """The update after chunk 0 in streaming equals the one computed from the whole real chunk."""
     model = ttt_model(ttt_config(layers=(0,))).eval()
     tokens = torch.randint(0, 50, (1, C))
@@ -232,7 +232,7 @@ def test_trap7_streaming_targets_use_real_tokens():
     assert st["layers.0.ttt.count"].item() == 0
 
 
-def test_trap8_reset_returns_to_the_trained_w_down():
+def test_reset_returns_to_the_trained_w_down():
     model = ttt_model(ttt_config()).eval()
     with torch.no_grad():
         for layer in model.layers:
@@ -245,7 +245,7 @@ def test_trap8_reset_returns_to_the_trained_w_down():
         assert_close(out, model(tokens), 1e-5)
 
 
-def test_trap9_reset_clears_buffered_tokens():
+def test_reset_clears_buffered_tokens():
     model = ttt_model(ttt_config()).eval()
     tokens = torch.randint(0, 50, (1, 30))
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_trap9_reset_clears_buffered_tokens():
         assert_close(out, model(tokens), 1e-5)
 
 
-def test_trap11_several_chunks_give_target_gradients():
+def test_several_chunks_give_target_gradients():
     torch.manual_seed(0)
     model = mt.StreamingLM(ttt_config()).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -276,7 +276,7 @@ def test_trap11_several_chunks_give_target_gradients():
     assert conv_g > 0 and proj_g > 0
 
 
-def test_trap14_state_update_not_rounded_by_autocast():
+def test_state_update_not_rounded_by_autocast():
     model = ttt_model(ttt_config(layers=(0,))).eval()
     tokens = torch.randint(0, 50, (1, 2 * C))
     mlp = model.layers[0].gating

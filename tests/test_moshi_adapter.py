@@ -1,5 +1,5 @@
 """Moshi adapter on a tiny real ``moshi.models.LMModel`` (CPU): ours vs stock Moshi, streaming
-(LMGen and the transformer's streaming forward) vs parallel, DESIGN section 9 traps, checkpoints
+(LMGen and the transformer's streaming forward) vs parallel, known pitfalls, checkpoints
 written by Moshi's loader format, conversation training with carried memory, YaRN."""
 
 import os
@@ -193,8 +193,8 @@ def test_streaming_forward_equals_parallel(name, k):
     assert_close(stream(lm, seq, k), parallel(lm, seq), 1e-4)
 
 
-# ---- DESIGN section 9 traps ---------------------------------------------------------------
-def test_trap2_every_row_keeps_its_own_fast_weights():
+# ---- known pitfalls ----------------------------------------------------------------------
+def test_every_row_keeps_its_own_fast_weights():
     lm = lively(patch_lm(stock(), FULL))
     seq = codes(3, 26)
     with torch.no_grad(), lm.streaming(3):
@@ -208,7 +208,7 @@ def test_trap2_every_row_keeps_its_own_fast_weights():
     assert (s[0] - s[1]).abs().max().item() > 1e-2  # the rows did learn different things
 
 
-def test_trap3_fast_weights_stay_fp32_in_a_bf16_model():
+def test_fast_weights_stay_fp32_in_a_bf16_model():
     cfg = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, lr=1.0, target="hidden"))
     lm = lively(patch_lm(stock().to(torch.bfloat16), cfg))
     gating = lm.transformer.layers[1].gating
@@ -229,7 +229,7 @@ def test_trap3_fast_weights_stay_fp32_in_a_bf16_model():
     assert ((s.bfloat16().double() - ref).abs().max() / ref.abs().max()).item() > 1e-5
 
 
-def test_trap14_fast_weight_updates_run_outside_autocast():
+def test_fast_weight_updates_run_outside_autocast():
     """Under bf16 autocast the MLP runs in bf16, but the fast-weight update stays fp32: it equals a
     float64 reference from the same (bf16-rounded) activations."""
     from moshi_ttt.moshi.streaming import empty_state
@@ -249,7 +249,7 @@ def test_trap14_fast_weight_updates_run_outside_autocast():
     assert ((st["s"][0].bfloat16().double() - ref).abs().max() / ref.abs().max()).item() > 1e-5
 
 
-def test_trap6_lmgen_updates_the_fast_weights_every_chunk():
+def test_lmgen_updates_the_fast_weights_every_chunk():
     """Counted from the fast weights themselves, not a Python counter (on CUDA the same step is
     replayed as a graph: tests/test_gpu_moshi.py)."""
     lm = lively(patch_lm(stock(), AdapterConfig(inplace_ttt=TTT)))
@@ -269,7 +269,7 @@ def reset_row1_at(r):
     return {r: lambda lm: lm.reset_streaming(torch.tensor([False, True]))}
 
 
-def test_trap8_reset_returns_to_the_trained_w_down():
+def test_reset_returns_to_the_trained_w_down():
     lm = lively(patch_lm(stock(), FULL))
     w = lm.transformer.layers[1].gating.linear_out.weight
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_trap8_reset_returns_to_the_trained_w_down():
     assert_close(out[0], stream(lm, seq[:1], 1)[0], 1e-5, "row 0 vs row 0 alone")
 
 
-def test_trap9_reset_clears_the_buffered_chunk():
+def test_reset_clears_the_buffered_chunk():
     lm = lively(patch_lm(stock(), FULL))
     seq, r = codes(2, 30), 2 * C + 3  # row 1 resets with 3 tokens buffered in its open chunk
     with torch.no_grad(), lm.streaming(2):
@@ -446,7 +446,7 @@ def _patch_while_streaming():
     (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0] + 60, 5), "out of range"),
     (lambda: conversation_losses(patch_lm(stock(), FULL), codes(1, 10)[0], 0), "segment"),
     (lambda: conversation_losses(patch_lm(stock(), MIXED), codes(1, 100)[0], 8), "ring KV cache of 64"),
-    (lambda: conversation_losses(patch_lm(stock(), TRAIN), codes(1, 20)[0], C, backward=True), "trap 11"),
+    (lambda: conversation_losses(patch_lm(stock(), TRAIN), codes(1, 20)[0], C, backward=True), "TTT gets no gradient"),
 ])
 def test_bad_input_raises_clear_value_error(make, msg):
     with pytest.raises(ValueError, match=msg):
@@ -547,7 +547,7 @@ def test_yarn_rope_matches_the_paper(head_dim, context):
     assert_close(attn.memory.inv_t, m * m, 1e-6)
     theta = paper_yarn(head_dim, 10000, 1.0, context)
     kept, scaled = (want == theta).sum().item(), torch.isclose(want, theta / s, rtol=1e-12).sum().item()
-    if head_dim == 128:  # trap 10: the ramp keeps high frequencies and interpolates low ones
+    if head_dim == 128:  # the ramp keeps high frequencies and interpolates low ones
         assert (kept, scaled) == (19, 21) and torch.equal(want[:kept], theta[:kept])
 
 

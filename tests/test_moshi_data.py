@@ -63,7 +63,7 @@ class FixedTokenizer:
 
 def test_seconds_to_steps():
     assert md.seconds_to_steps(100.0) == 1250  # moshi-finetune's 100 s segments
-    assert md.seconds_to_steps(20.48) == 256  # trap 12: a 256-step chunk is 20.48 s, not 256 s
+    assert md.seconds_to_steps(20.48) == 256  # a 256-step chunk is 20.48 s, not 256 s
     assert md.steps_to_seconds(256) == 20.48
     assert [md.seconds_to_steps(md.steps_to_seconds(s)) for s in range(3001)] == list(range(3001))
     # a partial frame counts, as in Mimi (checked against Mimi's frame count in the stereo test)

@@ -25,8 +25,8 @@ def test_yarn_vectorised_equals_per_pair_reference(head_dim, max_period, scale, 
     assert_close(fast_path / ref, torch.ones_like(ref), 1e-6, "frequency / reference")
 
 
-def test_trap10_yarn_ramp_and_temperature():
-    """DESIGN trap 10, Moshi's RoPE (head dim 128, max_period 10000, 3000-step context), s = 4.
+def test_yarn_ramp_and_temperature():
+    """Moshi's RoPE (head dim 128, max_period 10000, 3000-step context), s = 4.
     r(d) = L / λ_d turns of pair d over the context: r < α = 1 -> θ/s, r > β = 32 -> θ (untouched),
     between: blended, and blending moves monotonically from θ (fast pairs) to θ/s (slow pairs)."""
     D, b, L, s = 128, 10_000.0, 3000, 4.0

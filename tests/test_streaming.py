@@ -1,4 +1,4 @@
-"""Parallel path vs streaming path: same logits for every memory kind (DESIGN section 2)."""
+"""Parallel path vs streaming path: same logits for every memory kind."""
 
 import pytest
 import torch

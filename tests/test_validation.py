@@ -1,4 +1,4 @@
-"""Bad input raises ValueError naming the problem (DESIGN section 2)."""
+"""Bad input raises ValueError naming the problem."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Offline text sources, each a list of whole ``Document``s (DESIGN.md section 7).
+"""Offline text sources, each a list of whole ``Document``s.
 
 ``austen``  six Jane Austen novels (Debian ``r-cran-janeaustenr``, an R lazy-load database).
 ``bible``   the 66 books of the World English Bible (Debian ``sword-text-web``, a SWORD zText

@@ -1,4 +1,4 @@
-"""In-Place TTT MLP: the gated MLP whose ``linear_out`` (W_down) is a fast weight (DESIGN section 3).
+"""In-Place TTT MLP: the gated MLP whose ``linear_out`` (W_down) is a fast weight.
 
 Parameters keep Moshi's names (``linear_in``, ``linear_out``) and add ``target_conv`` (depthwise,
 zero-initialised) and ``target_proj`` (W_target, diagonal N(0, 0.02)), so a fresh layer computes
@@ -45,7 +45,7 @@ class InPlaceTTTMLP(GatedMLP):
             self.target_proj.copy_(torch.diag(torch.randn(self.target_proj.shape[0]) * 0.02))
 
     def _clip(self) -> float | None:
-        return None if self.training else self.ttt.clip_tau  # inference-only guard (DESIGN §9 trap 5)
+        return None if self.training else self.ttt.clip_tau  # inference-only guard
 
     def _scan(self, z, x0, s0=None, apply=None):
         """fp32 scan over chunk-aligned rows. z [R, L, h], x0 [R, L, D] (L multiple of C) -> (O, s)."""

@@ -1,4 +1,4 @@
-"""``pooled``: evicted tokens averaged into M slots (the spec's baseline C, fixed compression).
+"""``pooled``: evicted tokens averaged into M slots (the fixed-compression baseline).
 
 Evicted token p (position within its document) joins slot p mod M; slot m offers one virtual
 key/value, the mean of its keys (before RoPE) and values. Its score is ⟨q, k̄_m⟩/(t√Dh) + log n_m

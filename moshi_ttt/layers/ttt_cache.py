@@ -1,4 +1,4 @@
-"""The TTT cache (spec 003, DESIGN section 4): an exact window plus a compressor of evicted tokens.
+"""The TTT cache: an exact window plus a compressor of evicted tokens.
 
 Per attention layer and head: a ring of the last W tokens (keys after RoPE, raw keys, values),
 and a compressor f_θ (ops/ttt_cache.py) that learns every evicted (key, value) pair in

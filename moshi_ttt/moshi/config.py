@@ -15,7 +15,7 @@ BASE_MEMORY_KINDS = ("window", "sink")
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Which layers of Moshi's main transformer change, and how (DESIGN sections 3, 4, 8).
+    """Which layers of Moshi's main transformer change, and how.
 
     ``inplace_ttt``: In-Place TTT in the gating (MLP) of ``inplace_ttt.layers``; ``target="hidden"``
     (the layer's normalised MLP input, continual training) is the natural choice for a pretrained
@@ -100,7 +100,7 @@ class AdapterConfig:
         ``off``: stock Moshi. ``inplace_ttt``: In-Place TTT in every 6th layer (5, 11, ...; the
         paper's spacing), chunk 256 steps (20.5 s). ``ttt_cache``: the TTT cache (window 64,
         8 virtual tokens, compressors of width 32 per head) in every 4th layer, a 64-step window
-        in the others: about 52 MB of state per conversation on the 7B (DESIGN section 8).
+        in the others: about 52 MB of state per conversation on the 7B.
         ``both``: the two together.
         """
         if name not in PRESET_NAMES:

@@ -1,4 +1,4 @@
-"""In-Place TTT in a Moshi layer's gating (DESIGN section 3), as a Moshi streaming module.
+"""In-Place TTT in a Moshi layer's gating, as a Moshi streaming module.
 
 ``TTTGating`` is the project's ``InPlaceTTTMLP`` (layers/inplace_ttt.py) wearing Moshi's
 ``StreamingModule`` protocol. It takes over the stock ``ActivationGating``'s ``linear_in`` /
@@ -92,7 +92,7 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
     def step_one(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState,
                  exec_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x, x0 [B, 1, D] -> [B, 1, D]: O = z (W0 + s)ᵀ with the weights
-        before its chunk's update; the chunk's ΔW = η V̂ᵀZ (V̂ from the whole chunk, DESIGN §3) is
+        before its chunk's update; the chunk's ΔW = η V̂ᵀZ (V̂ from the whole chunk) is
         computed every step and applied where this token completes the chunk (static shapes).
         Rows where ``exec_mask`` [B] is False keep their state."""
         B, _, D = x.shape

@@ -98,7 +98,7 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
     ttt = getattr(lm, "moshi_ttt_config", None) and lm.moshi_ttt_config.inplace_ttt
     if backward and ttt and segment <= ttt.chunk_size:
         raise ValueError(f"segment={segment} <= In-Place TTT chunk_size={ttt.chunk_size}: no update is applied "
-                         "inside a segment, so TTT gets no gradient (DESIGN section 9, trap 11)")
+                         "inside a segment, so TTT gets no gradient")
     codes = codes.to(lm.device).long()[None]  # [1, K, T]
     T = codes.shape[2]
     inputs, targets = delayed_io(lm, codes)

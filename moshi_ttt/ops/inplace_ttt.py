@@ -1,4 +1,4 @@
-"""In-Place TTT tensor ops (DESIGN section 3; paper arXiv 2604.06169).
+"""In-Place TTT tensor ops (paper arXiv 2604.06169).
 
 Per chunk i of C tokens, with Z the MLP hidden activations and V̂ the target:
     O_i = Z_i W^(i-1)ᵀ                      (apply with the weights before chunk i)

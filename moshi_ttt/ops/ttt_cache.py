@@ -1,4 +1,4 @@
-"""TTT-cache compressor ops (DESIGN section 4): an MLP of depth L (2 or 3) with fast weights.
+"""TTT-cache compressor ops: an MLP of depth L (2 or 3) with fast weights.
 
     f_θ(x) = gelu(... gelu(x W1) ...) W_L,  θ = (W1 [Dh, m], ..., W_L [m, Dh])
     ℓ_t = ½ ‖f_θ(k̂_t) − v_t‖²  over each mini-batch of b evicted tokens (k̂ = L2-normalised key)
