@@ -110,10 +110,15 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
     return out / "model.pt"
 
 
+def longest_first(stream: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """The documents of a split, longest first (ties in corpus order)."""
+    order = np.argsort(-(bounds[:, 1] - bounds[:, 0]), kind="stable")
+    return [np.asarray(stream[bounds[i, 0]:bounds[i, 1]]) for i in order]
+
+
 def held_out_streams(stream: np.ndarray, bounds: np.ndarray, ec: EvalConfig) -> list[np.ndarray]:
     """The longest held-out documents, or (``concat``) documents joined into streams of max_len."""
-    order = np.argsort(-(bounds[:, 1] - bounds[:, 0]), kind="stable")
-    docs = [np.asarray(stream[bounds[i, 0]:bounds[i, 1]]) for i in order]
+    docs = longest_first(stream, bounds)
     if not ec.concat:
         return docs[:ec.docs]
     joined = np.concatenate(docs)
@@ -127,8 +132,7 @@ def long_stream_tokens(data: Path, n: int) -> np.ndarray:
     from .data.prepare import load_split
 
     stream, bounds, _ = load_split(data, "test")
-    order = np.argsort(-(bounds[:, 1] - bounds[:, 0]), kind="stable")
-    joined = np.concatenate([np.asarray(stream[bounds[i, 0]:bounds[i, 1]]) for i in order])
+    joined = np.concatenate(longest_first(stream, bounds))
     if len(joined) < n:
         raise ValueError(f"the held-out split of {data} has {len(joined)} tokens: the long stream "
                          f"needs {n}")

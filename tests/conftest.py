@@ -113,16 +113,31 @@ def stream(model, tokens, k, state=None, resets_at=None):
     return torch.cat(outs, dim=1), state
 
 
-def reset_parity(model, T: int, r: int, k: int, rel: float, vocab: int = 50):
+def reset_parity(model, T: int, r: int, k, rel: float, vocab: int = 50):
     """Streaming equals parallel (``assert_close`` to ``rel``) over batch 3 with row 1 reset before
-    token r, k tokens a step."""
+    token r, k tokens a step (a list: step sizes in turn). Returns the streamed state."""
     tokens = torch.randint(0, vocab, (3, T))
     resets = torch.zeros(3, T, dtype=torch.bool)
     resets[1, r] = True
     with torch.no_grad():
         ref = model(tokens, resets=resets)
-        out, _ = stream(model, tokens, k, resets_at={r: torch.tensor([False, True, False])})
+        out, state = stream(model, tokens, k, resets_at={r: torch.tensor([False, True, False])})
     assert_close(out, ref, rel, "streaming vs parallel, row 1 reset")
+    return state
+
+
+def graphed_and_eager(model, T: int, batch: int = 2):
+    """One-token steps of random tokens, eager and through a captured CUDA graph.
+    Returns (graphed logits, eager logits, graphed state, eager state)."""
+    from moshi_ttt.graph import GraphedStep
+
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, T), device="cuda")
+    eager_state = model.init_state(batch)
+    eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
+    state = model.init_state(batch)
+    step = GraphedStep(model, state)
+    outs = torch.cat([step(tokens[:, t:t + 1]).clone() for t in range(T)], 1)
+    return outs, eager, state, eager_state
 
 
 @pytest.fixture

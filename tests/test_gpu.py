@@ -5,7 +5,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
-from conftest import assert_close
+from conftest import assert_close, graphed_and_eager
 
 pytestmark = pytest.mark.gpu
 C = 16
@@ -75,13 +75,8 @@ def test_ttt_cache_graph_replay_equals_eager(combine):
     torch.manual_seed(0)
     model = mt.StreamingLM(cfg).cuda().eval()
     T = 40
-    tokens = torch.randint(0, 256, (2, T), device="cuda")
-    eager_state = model.init_state(2)
-    eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
-    state = model.init_state(2)
-    step = GraphedStep(model, state)
-    outs = [step(tokens[:, t:t + 1]).clone() for t in range(T)]
-    assert_close(torch.cat(outs, 1), eager, 1e-4, "logits")
+    outs, eager, state, eager_state = graphed_and_eager(model, T)
+    assert_close(outs, eager, 1e-4, "logits")
     assert state["layers.0.updates"].tolist() == [(T - 8) // 4] * 2
     for name, t in eager_state.tensors.items():
         assert_close(state[name], t, 1e-4, name)

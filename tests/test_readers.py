@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moshi_ttt as mt
-from conftest import assert_close, stream
+from conftest import assert_close, graphed_and_eager, reset_parity, stream
 
 READERS = [dict(read_query=True), dict(gate_per_token=True), dict(compressor_proj=True),
            dict(read_query=True, gate_per_token=True, compressor_proj=True)]
@@ -42,15 +42,7 @@ def test_reader_parallel_equals_streaming_with_resets(extra, combine, cold):
     """Batch 3, row 1 reset mid-stream, 2000 tokens (the window wraps 300+ times), steps of one
     token (the open block) and of 37 (the block layout) in turn: fp32 logits within 1e-4."""
     cfg = reader_config(combine=combine, cold_start=cold, **extra)
-    model = lively(mt.StreamingLM(cfg)).eval()
-    T, r = 2000, 999
-    tokens = torch.randint(0, 50, (3, T))
-    resets = torch.zeros(3, T, dtype=torch.bool)
-    resets[1, r] = True
-    with torch.no_grad():
-        ref = model(tokens, resets=resets)
-        out, _ = stream(model, tokens, [1] * 7 + [37], resets_at={r: torch.tensor([False, True, False])})
-    assert_close(out, ref, 1e-4)
+    reset_parity(lively(mt.StreamingLM(cfg)).eval(), 2000, 999, [1] * 7 + [37], 1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
@@ -162,18 +154,10 @@ def test_reader_options_need_a_memory_that_has_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_readers_cuda_graph_replay_equals_eager():
-    from moshi_ttt.graph import GraphedStep
-
     cfg = mt.ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
         kind="ttt_cache", window=8, block=4, read_query=True, gate_per_token=True, compressor_proj=True))
     model = lively(mt.StreamingLM(cfg)).cuda().eval()
-    T = 40
-    tokens = torch.randint(0, 256, (2, T), device="cuda")
-    eager_state = model.init_state(2)
-    eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
-    state = model.init_state(2)
-    step = GraphedStep(model, state)
-    outs = torch.cat([step(tokens[:, t:t + 1]).clone() for t in range(T)], 1)
+    outs, eager, state, eager_state = graphed_and_eager(model, 40)
     assert_close(outs, eager, 1e-4)
     for name, t in eager_state.tensors.items():
         assert_close(state[name].float(), t.float(), 1e-4, name)

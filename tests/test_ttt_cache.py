@@ -9,7 +9,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.ops.ttt_cache import block_step, block_step_naive, compress_scan, compressor
-from conftest import assert_close, stream
+from conftest import assert_close, reset_parity, stream
 
 OPTIONS = list(itertools.product(("gate", "concat"), ("relative", "decay", "none"), ("zero", "learned", "wait")))
 
@@ -49,13 +49,7 @@ def test_parallel_equals_streaming_every_option(combine, position, cold):
     (the block layout) and of one token (the open block and the cached read) in turn."""
     model = lively(mt.StreamingLM(cache_config(combine=combine, virtual_position=position, cold_start=cold))).eval()
     T, r = 2000, 999
-    tokens = torch.randint(0, 50, (3, T))
-    resets = torch.zeros(3, T, dtype=torch.bool)
-    resets[1, r] = True
-    with torch.no_grad():
-        ref = model(tokens, resets=resets)
-        out, state = stream(model, tokens, [1] * 7 + [37], resets_at={r: torch.tensor([False, True, False])})
-    assert_close(out, ref, 1e-4)
+    state = reset_parity(model, T, r, [1] * 7 + [37], 1e-4)
     assert state["layers.0.updates"].tolist() == [(T - 6) // 4, (T - r - 6) // 4, (T - 6) // 4]
 
 
@@ -258,7 +252,7 @@ def test_adversarial_stream_stays_finite_and_constant_size():
         assert torch.linalg.vector_norm(w2, dim=(-2, -1)).max() <= 100.0 + 1e-3
 
 
-def test_trap14_state_updates_not_rounded_by_autocast():
+def test_state_updates_not_rounded_by_autocast():
     """The compressor update run inside autocast equals the same update outside it, bit for bit,
     and the streaming state is fp32 whatever the activations' dtype."""
     model = mt.StreamingLM(cache_config(window=6, block=4)).eval()
