@@ -1,7 +1,8 @@
 """Recipe sweep for the recall study's positive control: does a model learn to bind keys to values
 inside its window, and after how many steps? Every variant (a memory and ``TrainConfig`` fields
 over the ``recall`` recipe) trains as its own process on the near phase only (facts inside the
-window) for ``--budget`` seconds; every ``--every`` steps it scores binding with one question per
+window; the preset's key schedule and near row lengths unless FIELDS set them) for ``--budget``
+seconds; every ``--every`` steps it scores binding with one question per
 sample (N keys, d filler tokens, held-out seeds), against chance 1/N.
 
     python bench/recall_recipe.py --out runs/recipe --budget 240 \\
@@ -44,12 +45,14 @@ def train_variant(spec: str, fields: dict, budget: float, every: int, num: int, 
     torch.manual_seed(int(fields.get("seed", 0)))
     fields = {k: v for k, v in fields.items() if k != "seed"}
     base = TRAIN_PRESETS["recall"]
-    seq = int(fields.pop("seq_len", base.seq_schedule[0][1] if base.seq_schedule else base.seq_len))
+    near = tuple(x for x in base.seq_schedule if x[0] < base.near_steps)  # the preset's near rows
+    sched = tuple(map(tuple, fields.pop("seq_schedule", () if "seq_len" in fields else near)))
+    seq = int(fields.pop("seq_len", base.seq_len))
     for k in ("binding_keys", "near_distances"):
         if k in fields:
             fields[k] = tuple(fields[k])
     tcfg = dataclasses.replace(base, steps=10 ** 6, near_steps=10 ** 6, seq_len=seq,
-                               seq_schedule=(), **fields)
+                               seq_schedule=sched, **fields)
     _, cfg = memory_variant(ModelConfig.preset("recall"), spec, 32, 32, 16)
     model = StreamingLM(cfg)
     trainer = Trainer(model, tcfg, None, device=device, progress=False)

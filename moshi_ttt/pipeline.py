@@ -372,13 +372,16 @@ def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None 
 
 
 def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
-    """``tcfg`` trained for ``steps`` steps; warm-up, near steps and the length schedule in proportion."""
+    """``tcfg`` trained for ``steps`` steps; warm-up, near steps and the length and key schedules in
+    proportion."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     f = steps / tcfg.total_steps()
     sched = tuple((round(s * f), n) for s, n in tcfg.seq_schedule)
+    keys = tuple((round(s * f), ns) for s, ns in tcfg.keys_schedule)
     return dataclasses.replace(tcfg, steps=steps, stages=(), warmup=max(1, round(tcfg.warmup * f)),
-                               near_steps=round(tcfg.near_steps * f), seq_schedule=sched)
+                               near_steps=round(tcfg.near_steps * f), seq_schedule=sched,
+                               keys_schedule=keys)
 
 
 def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: Path, data: Path | None,

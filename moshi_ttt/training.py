@@ -69,6 +69,9 @@ class TrainConfig:
     eval_batches: int = 4
     # key-value binding rows (task "binding", data/binding.py) and the recall curriculum
     binding_keys: tuple[int, ...] = (4,)  # N of each binding row, drawn uniformly
+    # (from step, N choices): binding rows draw N from the last entry started (before the first
+    # and when empty: binding_keys); few facts first let binding form before many facts
+    keys_schedule: tuple[tuple[int, tuple[int, ...]], ...] = ()
     binding_queries: int = 0  # keys asked per binding row (0: every key in turn)
     binding_filler: str = "random"  # "random" printable tokens or "corpus" text around the facts
     near_steps: int = 0  # the first near_steps steps draw task distances from near_distances
@@ -80,6 +83,14 @@ class TrainConfig:
 
     def total_steps(self) -> int:
         return sum(s.steps for s in self.all_stages())
+
+    def keys_at(self, step: int) -> tuple[int, ...]:
+        """The N choices of binding rows at ``step`` (``keys_schedule``, else ``binding_keys``)."""
+        keys = self.binding_keys
+        for start, ns in self.keys_schedule:
+            if step >= start:
+                keys = ns
+        return keys
 
     def max_seq_len(self) -> int:
         """The longest training sequence (the length schedule included)."""
@@ -97,9 +108,23 @@ class TrainConfig:
                              f"{sorted(TASKS) + ['binding']}")
         if not self.binding_keys or not all(1 <= n <= 64 for n in self.binding_keys):
             raise ValueError(f"TrainConfig.binding_keys must be in 1..64, got {self.binding_keys}")
-        if not 0 <= self.binding_queries <= min(self.binding_keys):
-            raise ValueError(f"TrainConfig.binding_queries must be in 0..min(binding_keys), "
-                             f"got {self.binding_queries}")
+        try:
+            keys_sched = tuple((int(a), tuple(int(n) for n in ns)) for a, ns in self.keys_schedule)
+        except (TypeError, ValueError):
+            raise ValueError(f"TrainConfig.keys_schedule must be (step, (N, ...)) pairs, "
+                             f"got {self.keys_schedule!r}") from None
+        object.__setattr__(self, "keys_schedule", keys_sched)
+        starts = [a for a, _ in keys_sched]
+        if any(a < 0 for a in starts) or starts != sorted(set(starts)):
+            raise ValueError(f"TrainConfig.keys_schedule steps must be >= 0 and increasing, "
+                             f"got {starts}")
+        if not all(ns and all(1 <= n <= 64 for n in ns) for _, ns in keys_sched):
+            raise ValueError(f"TrainConfig.keys_schedule N choices must be non-empty and in "
+                             f"1..64, got {keys_sched}")
+        fewest = min(self.binding_keys + tuple(n for _, ns in keys_sched for n in ns))
+        if not 0 <= self.binding_queries <= fewest:
+            raise ValueError(f"TrainConfig.binding_queries must be in 0..{fewest} (the fewest keys "
+                             f"of binding_keys and keys_schedule), got {self.binding_queries}")
         if self.binding_filler not in ("random", "corpus"):
             raise ValueError(f"TrainConfig.binding_filler must be 'random' or 'corpus', "
                              f"got {self.binding_filler!r}")
@@ -143,14 +168,15 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "tiny": TrainConfig(steps=300, batch_size=16, seq_len=256, lr=3e-3, warmup=30),
     "small": TrainConfig(steps=2000, batch_size=16, seq_len=2048, lr=1e-3, warmup=200),
-    # key-value binding from scratch (data/binding.py) at window 32: facts inside the window for the
-    # first two thirds (short rows: induction forms), then near and far samples up to 8 x W; answers
-    # only in the loss, every key asked in turn
-    "recall": TrainConfig(steps=4500, batch_size=256, seq_len=96, lr=1e-3, warmup=100, bf16=True,
+    # key-value binding from scratch (data/binding.py) at window 32, answers only in the loss, every
+    # key asked in turn: 2 or 4 facts inside the window in 48-token rows (binding forms), then 2-16
+    # facts in 96-token rows, then near and far samples up to 4 x W in 208-token rows
+    "recall": TrainConfig(steps=4500, batch_size=256, seq_len=48, lr=1e-3, warmup=100, bf16=True,
                           task_frac=1.0, tasks=("binding",), binding_keys=(2, 4, 8, 16), binding_queries=0,
-                          near_steps=3000, near_distances=(0, 2, 4, 8, 16),
-                          task_distances=(0, 8, 16, 32, 64, 128, 256),
-                          seq_schedule=((0, 96), (3000, 336)), answer_weight=1.0, context_weight=0.0,
+                          keys_schedule=((0, (2, 4)), (1500, (2, 4, 8, 16))),
+                          near_steps=2500, near_distances=(0, 2, 4, 8, 16),
+                          task_distances=(0, 8, 16, 32, 64, 128),
+                          seq_schedule=((0, 48), (1500, 96), (2500, 208)), answer_weight=1.0, context_weight=0.0,
                           log_every=50),
 }
 
@@ -195,7 +221,7 @@ class TaskRows:
     """The synthetic rows of a training batch: each row's task uniform over ``cfg.tasks`` (text
     tasks through ``TaskMixer``, ``"binding"`` through ``data.binding.binding_rows``); task
     distances from ``cfg.near_distances`` for the first ``cfg.near_steps`` steps, then from
-    ``cfg.task_distances``; answers weigh ``answer_weight``, other tokens ``context_weight``.
+    ``cfg.task_distances``; binding rows' N from ``cfg.keys_at(step)``; answers weigh ``answer_weight``, other tokens ``context_weight``.
     ``corpus`` supplies the binding filler when ``cfg.binding_filler == "corpus"``."""
 
     def __init__(self, cfg: TrainConfig, corpus: np.ndarray | None = None):
@@ -219,7 +245,7 @@ class TaskRows:
         if n - nb:
             parts.append(task_rows(self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist))
         if nb:
-            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.binding_keys, dist, cfg.binding_queries,
+            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.keys_at(step), dist, cfg.binding_queries,
                                       self.filler)
             parts.append(_rows(torch.from_numpy(toks), torch.from_numpy(mask), cfg.answer_weight,
                                cfg.context_weight))

@@ -1,0 +1,158 @@
+"""Key-value binding: samples against a reading of their own facts, the chance and bag lines
+against simulated bag models, the recall curriculum's options (near distances, key schedule,
+answer-only loss, step scaling) against the rows they produce, and binding accuracy against a
+per-sample parallel reference."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from moshi_ttt.config import ModelConfig, memory_variant
+from moshi_ttt.data.binding import (
+    ENQ, ETX, KEYS, STX, VALUES, bag_line, binding_batch, binding_rows, chance, clean_filler,
+    make_binding,
+)
+from moshi_ttt.evaluation import binding_accuracy
+from moshi_ttt.models.lm import StreamingLM
+from moshi_ttt.pipeline import scale_steps
+from moshi_ttt.training import TRAIN_PRESETS, TaskRows, TrainConfig
+
+
+def read_sample(tokens: np.ndarray) -> tuple[dict[int, int], int, list[tuple[int, int]]]:
+    """A sample parsed from its tokens alone: (facts key -> value, filler length, questions)."""
+    t = tokens.tolist()
+    s, e, q = t.index(STX), t.index(ETX), t.index(ENQ)
+    facts = dict(zip(t[s + 1:e:2], t[s + 2:e:2]))
+    return facts, q - e - 1, list(zip(t[q + 1::2], t[q + 2::2]))
+
+
+@pytest.mark.parametrize("num_keys,num_queries,distance", [(1, 1, 0), (4, 1, 7), (8, 8, 3), (16, 5, 64)])
+def test_sample_answers_are_the_stated_values(num_keys, num_queries, distance):
+    s = make_binding(11, distance, num_keys, num_queries)
+    facts, d, questions = read_sample(s.tokens)
+    assert d == distance and len(facts) == num_keys and len(questions) == num_queries
+    assert all(facts[k] == v for k, v in questions)  # every answer is its key's stated value
+    assert len({k for k, _ in questions}) == num_queries  # distinct keys asked
+    assert set(facts) <= set(KEYS.tolist()) and set(facts.values()) <= set(VALUES.tolist())
+    answers = s.tokens[s.answer_mask].tolist()
+    assert answers == [v for _, v in questions]
+    assert s.meta["answer_start"] == int(np.flatnonzero(s.answer_mask)[0])
+    np.testing.assert_array_equal(make_binding(11, distance, num_keys, num_queries).tokens, s.tokens)
+
+
+def test_chance_and_bag_lines_match_simulated_bag_models():
+    """A model that knows only which values were stated: guessing uniformly among them scores
+    1/N on one question; ruling out those already answered scores H_N/N over all questions."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 8):
+        one, every = [], []
+        for seed in range(3000):
+            s = make_binding(seed, 0, n, n)
+            facts, _, questions = read_sample(s.tokens)
+            left = list(facts.values())
+            one.append(rng.choice(left) == questions[0][1])
+            for _, v in questions:
+                guess = rng.choice(left)
+                every.append(guess == v)
+                left.remove(v)  # the answer is revealed as the next input
+        assert abs(np.mean(one) - chance(n)) < 0.03
+        assert abs(np.mean(every) - bag_line(n)) < 0.03
+
+
+def test_corpus_filler_cannot_forge_keys_values_or_markers():
+    corpus = np.arange(256).repeat(3)
+    clean = clean_filler(corpus)
+    assert not np.isin(clean, np.r_[KEYS, VALUES, [STX, ETX, ENQ]]).any()
+    s = make_binding(3, 40, 4, 1, clean)
+    facts, d, _ = read_sample(s.tokens)
+    assert d == 40 and len(facts) == 4
+
+
+def test_rows_end_with_a_sample_and_state_their_answers():
+    rng = np.random.default_rng(1)
+    toks, mask = binding_rows(rng, 32, 80, (2, 4, 8), (0, 5, 9), num_queries=0)
+    assert toks.shape == mask.shape == (32, 80)
+    for row, m in zip(toks, mask):
+        facts, d, questions = read_sample(row)
+        assert len(facts) in (2, 4, 8) and d in (0, 5, 9) and len(questions) == len(facts)
+        assert row[m].tolist() == [facts[k] for k, _ in questions]
+        assert row[-1] == questions[-1][1]  # the sample ends the row (left-filled)
+    with pytest.raises(ValueError, match="more than the row length"):
+        binding_rows(rng, 1, 20, (8,), (9,))
+
+
+def facts_of_rows(rows) -> list[tuple[int, int]]:
+    """(N, d) of every row of a TaskRows batch, read from its input tokens."""
+    x = torch.cat([rows[0], rows[1][:, -1:]], 1).numpy()  # inputs + the last target
+    return [(len(f), d) for f, d, _ in map(read_sample, x)]
+
+
+def test_recall_curriculum_draws_keys_and_distances_by_step():
+    cfg = TrainConfig(steps=30, batch_size=64, seq_len=120, task_frac=1.0, tasks=("binding",),
+                      binding_keys=(16,), keys_schedule=((0, (2,)), (10, (2, 4)), (20, (8,))),
+                      near_steps=15, near_distances=(0, 1), task_distances=(30, 40))
+    rows = TaskRows(cfg)
+    rng = np.random.default_rng(0)
+    for step, keys, dists in ((0, {2}, {0, 1}), (12, {2, 4}, {0, 1}), (17, {2, 4}, {30, 40}),
+                              (25, {8}, {30, 40})):
+        seen = facts_of_rows(rows(64, cfg.seq_len, step, rng))
+        assert {n for n, _ in seen} == keys == set(cfg.keys_at(step))
+        assert {d for _, d in seen} == dists
+    late = dataclasses.replace(cfg, keys_schedule=((5, (2,)),))
+    assert late.keys_at(4) == (16,) and late.keys_at(5) == (2,)  # binding_keys before the first
+
+
+@pytest.mark.parametrize("context_weight", [0.0, 0.25, 1.0])
+def test_answer_only_loss_weighs_answers_alone(context_weight):
+    cfg = TrainConfig(steps=2, batch_size=8, seq_len=40, task_frac=1.0, tasks=("binding",),
+                      binding_keys=(3,), near_distances=(4,), near_steps=2, answer_weight=2.0,
+                      context_weight=context_weight)
+    x, y, _, w = TaskRows(cfg)(8, cfg.seq_len, 0, np.random.default_rng(2))
+    expected = torch.full_like(w, context_weight)
+    for i, row in enumerate(torch.cat([x, y[:, -1:]], 1).numpy()):
+        facts, _, questions = read_sample(row)
+        q = int(np.flatnonzero(row == ENQ)[-1])
+        for j in range(len(questions)):
+            expected[i, q + 1 + 2 * j] = 2.0  # the target after each asked key is its value
+            assert y[i, q + 1 + 2 * j] == facts[questions[j][0]]
+    torch.testing.assert_close(w, expected)
+
+
+def test_scale_steps_scales_every_schedule():
+    base = TRAIN_PRESETS["recall"]
+    half = scale_steps(base, base.total_steps() // 2)
+    f = half.total_steps() / base.total_steps()
+    assert half.near_steps == round(base.near_steps * f)
+    assert half.seq_schedule == tuple((round(s * f), n) for s, n in base.seq_schedule)
+    assert half.keys_schedule == tuple((round(s * f), ns) for s, ns in base.keys_schedule)
+    assert base.keys_schedule, "the recall recipe states few keys first"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"keys_schedule": ((0, (2,)), (0, (4,)))}, "increasing"),
+    ({"keys_schedule": ((0, ()),)}, "non-empty"),
+    ({"keys_schedule": ((0, (65,)),)}, "1..64"),
+    ({"keys_schedule": ((0, 4),)}, "pairs"),
+    ({"keys_schedule": ((0, (1,)),), "binding_queries": 2}, "fewest keys"),
+])
+def test_keys_schedule_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("spec", ["window", "full", "ttt_cache"])
+def test_binding_accuracy_streamed_equals_a_parallel_reference(spec):
+    """The streamed score against argmax of one parallel forward per sample."""
+    torch.manual_seed(0)
+    _, cfg = memory_variant(ModelConfig.preset("recall"), spec, 32, 32, 16)
+    model = StreamingLM(dataclasses.replace(cfg, dim=32, num_heads=2)).eval()
+    num, n, dists = 12, 4, [3, 50]
+    rows = binding_accuracy(model, n, dists, num, seed=5, step=16, batch=5, progress=False)
+    for row, d in zip(rows, dists):
+        toks, mask = binding_batch([5 * 1_000_003 + i for i in range(num)], d, n)
+        with torch.no_grad():
+            pred = model(torch.as_tensor(toks)).argmax(-1)[:, :-1].numpy()
+        assert row["accuracy"] == pytest.approx((pred == toks[:, 1:])[mask[:, 1:]].mean())
+        assert row["chance"] == chance(n) and row["distance"] == d
