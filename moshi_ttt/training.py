@@ -173,10 +173,10 @@ TRAIN_PRESETS = {
     # facts in 96-token rows, then near and far samples up to 4 x W in 208-token rows
     "recall": TrainConfig(steps=4500, batch_size=256, seq_len=48, lr=1e-3, warmup=100, bf16=True,
                           task_frac=1.0, tasks=("binding",), binding_keys=(2, 4, 8, 16), binding_queries=0,
-                          keys_schedule=((0, (2, 4)), (1500, (2, 4, 8, 16))),
-                          near_steps=2500, near_distances=(0, 2, 4, 8, 16),
+                          keys_schedule=((0, (2, 4)), (2000, (2, 4, 8, 16))),
+                          near_steps=3000, near_distances=(0, 2, 4, 8, 16),
                           task_distances=(0, 8, 16, 32, 64, 128),
-                          seq_schedule=((0, 48), (1500, 96), (2500, 208)), answer_weight=1.0, context_weight=0.0,
+                          seq_schedule=((0, 48), (2000, 96), (3000, 208)), answer_weight=1.0, context_weight=0.0,
                           log_every=50),
 }
 
