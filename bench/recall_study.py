@@ -1,6 +1,7 @@
 """The recall study in one GPU call: time every model's training step with all models running at
 once, give every model the same number of steps so that the slowest finishes within ``--budget``
-seconds, then ``run_study("recall")`` with the models as parallel processes.
+seconds, then ``run_study("recall")``: the backbone first (until it binds), then every memory from
+it, as parallel processes.
 
     python bench/recall_study.py --out runs/recall --budget 330 --jobs 16
     python bench/recall_study.py --out /tmp/r --budget 20 --jobs 2 --device cpu --batch 4 \\

@@ -20,7 +20,7 @@ import torch
 
 from moshi_ttt import report
 from moshi_ttt.checkpoint import save_checkpoint
-from moshi_ttt.cli import init_from
+from moshi_ttt.checkpoint import init_from
 from moshi_ttt.config import ModelConfig, variant
 from moshi_ttt.data.prepare import load_split
 from moshi_ttt.models.lm import StreamingLM

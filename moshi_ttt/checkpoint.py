@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from .config import ModelConfig
 from .io import load_checked, save_atomic
@@ -33,3 +34,17 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[StreamingLM,
     except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: weights do not match the config: {e}") from e
     return model.to(device), blob["meta"] if isinstance(blob["meta"], dict) else {}
+
+
+def init_from(model: StreamingLM, path: str | os.PathLike) -> list[str]:
+    """Start from a trained backbone: every weight it has is loaded (shapes must match); the new
+    memory or In-Place TTT parameters keep their initialisation. Returns the names of those."""
+    backbone, _ = load_checkpoint(path)
+    own = model.state_dict()
+    theirs = backbone.state_dict()
+    bad = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"--init {path}: shapes differ for {bad[:5]}")
+    missing = model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False).missing_keys
+    print(f"initialised from {path}; new parameters: {len(missing)} tensors", file=sys.stderr)
+    return missing

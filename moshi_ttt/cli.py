@@ -96,23 +96,8 @@ def train_config(a) -> TrainConfig:
     return dataclasses.replace(base, **over)
 
 
-def init_from(model, path: Path) -> None:
-    """Start from a trained backbone: every weight it has is loaded (shapes must match); the new
-    memory or In-Place TTT parameters keep their initialisation."""
-    from .checkpoint import load_checkpoint
-
-    backbone, _ = load_checkpoint(path)
-    own = model.state_dict()
-    theirs = backbone.state_dict()
-    bad = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"--init {path}: shapes differ for {bad[:5]}")
-    missing = model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False).missing_keys
-    print(f"initialised from {path}; new parameters: {len(missing)} tensors", file=sys.stderr)
-
-
 def cmd_train(a) -> None:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import init_from, save_checkpoint
     from .data.prepare import load_split
     from .trainer import Trainer, init_distributed
 

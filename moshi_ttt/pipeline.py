@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import long_report, recall_report, report
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import init_from, load_checkpoint, save_checkpoint
 from .config import ModelConfig, memory_variant
 from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
@@ -86,9 +86,10 @@ class EvalConfig:
 
 
 def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Path, name: str, device: str,
-                 progress: bool = True) -> Path:
-    """Train from scratch on the corpus's train split (``data`` None: synthetic rows only, which
-    needs ``task_frac = 1``); writes model.pt, train_log.csv, config.json."""
+                 progress: bool = True, init: Path | None = None) -> Path:
+    """Train on the corpus's train split (``data`` None: synthetic rows only, which needs
+    ``task_frac = 1``), from scratch or from the weights of checkpoint ``init`` (``init_from``);
+    writes model.pt, train_log.csv, config.json."""
     from .data.prepare import load_split
 
     stream = bounds = manifest = None
@@ -98,16 +99,26 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
             raise ValueError(f"corpus vocabulary {manifest['vocab_size']} exceeds the model's {cfg.vocab_size}")
     torch.manual_seed(tcfg.seed)
     model = StreamingLM(cfg)
+    if init is not None:
+        init_from(model, init)
     out.mkdir(parents=True, exist_ok=True)
     print(f"training {name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{tcfg.total_steps()} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens on {device}", file=sys.stderr)
     rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device, progress=progress)
     meta = {"name": name, "train": config_dict(tcfg), "train_log": rows, "commit": report.git_commit(),
+            "init": None if init is None else backbone_record(init),
             "data": None if data is None else {
                 "dir": str(data), "splits": {s: e["sha256"] for s, e in manifest["splits"].items()}}}
     save_checkpoint(out / "model.pt", model, meta)
     report.write_json(out / "config.json", {"model": cfg.to_dict(), "train": config_dict(tcfg)})
     return out / "model.pt"
+
+
+def backbone_record(path: Path) -> dict:
+    """What a model started from: the checkpoint and, for a study's backbone, its steps and checks."""
+    meta = load_checkpoint(path)[1]
+    return {"checkpoint": str(path), "name": meta.get("name"), "steps": meta.get("steps"),
+            "formed": meta.get("formed"), "checks": meta.get("checks")}
 
 
 def longest_first(stream: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
@@ -229,6 +240,7 @@ def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConf
     """One model's entry of ``metrics.json``: its config, training and every measurement."""
     torch.manual_seed(ec.seed)
     return {"checkpoint": str(ckpt), "config": model.cfg.to_dict(), "train": meta.get("train"),
+            "init": meta.get("init"),
             "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
             **evaluate_model(model, docs, ec, device, long_tokens, train_len)}
 
@@ -302,6 +314,31 @@ def write_results(results: dict, ckpts: list[Path], provenance: dict, out: Path,
 
 
 @dataclass(frozen=True)
+class Backbone:
+    """One model trained before a study's memories, which all start from its weights: memory
+    ``spec`` trained with ``train`` until binding (``keys`` facts, ``distance`` filler, ``num``
+    held-out samples, checked every ``check_every`` steps) reaches ``min_binding``, or ``train``'s
+    steps run out. Binding forms in an abrupt jump whose step varies from run to run; a shared
+    backbone that has made it lets every memory learn what lies beyond the window from the same
+    start, at an equal budget."""
+
+    train: TrainConfig
+    spec: str = "window"
+    check_every: int = 250
+    min_binding: float = 0.95
+    keys: int = 4
+    distance: int = 8
+    num: int = 128
+
+    def __post_init__(self):
+        if self.check_every < 1 or self.num < 1 or self.keys < 1 or self.distance < 0:
+            raise ValueError(f"Backbone: check_every, num and keys must be >= 1 and distance >= 0, "
+                             f"got {self.check_every}, {self.num}, {self.keys}, {self.distance}")
+        if not 0.0 <= self.min_binding <= 1.0:
+            raise ValueError(f"Backbone.min_binding must be in [0, 1], got {self.min_binding}")
+
+
+@dataclass(frozen=True)
 class StudyPreset:
     """Memories trained at the same budget, then evaluated together. ``memories``: specs of
     ``config.memory_variant`` (``kind[+tttN][@W][:field=value,...]``); ``corpus`` False trains on
@@ -315,6 +352,7 @@ class StudyPreset:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ttt_chunk: int = 64
     corpus: bool = True
+    backbone: Backbone | None = None  # trained first; every memory starts from its weights
 
 
 # the recall study's memories: the controls (full, window), the baselines, the TTT cache with each
@@ -343,10 +381,12 @@ STUDY_PRESETS = {
                                            answer_weight=5.0),
                          eval=EvalConfig(max_len=4096, docs=4, buckets=(64, 256, 1024, 2048, 4096), num=16,
                                          tasks=("passkey", "mqar"))),
-    # key-value binding from scratch (GPU, ``--jobs``: the models train as parallel processes);
-    # window 32, block 16; the recall recipe: facts inside the window first, then up to 16 x W
+    # key-value binding (GPU, ``--jobs``: the models train as parallel processes); window 32, block
+    # 16; a backbone learns to bind 2 or 4 facts inside the window, then every memory trains from it
+    # on 2-16 facts, inside the window, then up to 4 x W
     "recall": StudyPreset(model="recall", memories=RECALL_MEMORIES, window=32, block=16, ttt_chunk=32,
-                          corpus=False, train=TRAIN_PRESETS["recall"],
+                          corpus=False, train=TRAIN_PRESETS["recall-memory"],
+                          backbone=Backbone(TRAIN_PRESETS["recall-backbone"]),
                           eval=EvalConfig(perplexity=False, tasks=(), cross_session=(), num=1,
                                           binding_keys=(1, 2, 4, 8, 16, 32), binding_all_questions=True,
                                           cost_lengths=(512, 2048, 8192))),
@@ -384,14 +424,47 @@ def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
                                keys_schedule=keys)
 
 
+def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = True) -> Path:
+    """Train ``sp.backbone`` until its binding check passes or its steps run out; writes
+    ``out/model.pt`` whose meta holds the steps taken, every check and whether binding formed."""
+    from .trainer import Trainer
+
+    bb = sp.backbone
+    name, cfg = memory_variant(ModelConfig.preset(sp.model), bb.spec, sp.ttt_chunk, sp.window, sp.block)
+    torch.manual_seed(bb.train.seed)
+    model = StreamingLM(cfg)
+    trainer = Trainer(model, bb.train, None, device=device, progress=False)
+    total, checks, formed = bb.train.total_steps(), [], False
+    with tqdm(total=total, desc="backbone", disable=not progress, dynamic_ncols=True) as bar:
+        while trainer.step < total and not formed:
+            for _ in range(min(bb.check_every, total - trainer.step)):
+                loss = trainer.train_step()
+                bar.update()
+            acc = binding_accuracy(model, bb.keys, [bb.distance], bb.num, seed=7, device=device,
+                                   progress=False)[0]["accuracy"]
+            model.train()
+            checks.append({"step": trainer.step, "loss": loss, "binding": acc})
+            formed = acc >= bb.min_binding
+            bar.set_postfix(loss=f"{loss:.3f}", binding=f"{acc:.2f}")
+    if not formed:
+        print(f"backbone: binding {acc:.2f} < {bb.min_binding} after {total} steps: the memories start "
+              "from a backbone that does not bind", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"name": f"backbone-{name}", "train": config_dict(bb.train), "steps": trainer.step, "formed": formed,
+            "checks": checks, "commit": report.git_commit()}
+    save_checkpoint(out / "model.pt", model, meta)
+    return out / "model.pt"
+
+
 def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: Path, data: Path | None,
-                       ec: EvalConfig, device: str, progress: bool = True, threads: int = 0) -> dict:
-    """Train one model, then measure it (its ``metrics.json`` entry, also kept as ``folder/eval.json``,
-    so a study cut short keeps every model it finished)."""
+                       ec: EvalConfig, device: str, progress: bool = True, threads: int = 0,
+                       init: Path | None = None) -> dict:
+    """Train one model (from checkpoint ``init`` if given), then measure it (its ``metrics.json``
+    entry, also kept as ``folder/eval.json``, so a study cut short keeps every model it finished)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    ckpt = run_training(cfg, tcfg, data, folder, name, device, progress=progress)
+    ckpt = run_training(cfg, tcfg, data, folder, name, device, progress=progress, init=init)
     t1 = time.perf_counter()
     model, meta = load_checkpoint(ckpt, device)
     docs, _ = held_out_data(data, ec)
@@ -404,8 +477,9 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
 
 def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int = 1, steps: int | None = None,
               memories: tuple[str, ...] | None = None) -> dict:
-    """Train every memory of a study preset at the same budget and evaluate them together; with
-    ``jobs`` > 1 the models train as parallel processes (several small models share one GPU)."""
+    """Train every memory of a study preset at the same budget (from the preset's backbone, trained
+    first, if it has one) and evaluate them together; with ``jobs`` > 1 the models train as
+    parallel processes (several small models share one GPU)."""
     if preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {preset!r}: expected one of {sorted(STUDY_PRESETS)}")
     if jobs < 1:
@@ -413,16 +487,17 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     sp = STUDY_PRESETS[preset]
     data = data if sp.corpus else None
     work = study_jobs(sp, data, out, steps, memories)
+    init = train_backbone(sp, out / "backbone", device) if sp.backbone else None
     results = {}
     if jobs == 1:
         for name, cfg, tcfg, folder in work:
-            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device)
+            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device, init=init)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = {pool.submit(train_and_evaluate, name, cfg, tcfg, folder, data, sp.eval, device, False,
-                                   threads): name for name, cfg, tcfg, folder in work}
+                                   threads, init): name for name, cfg, tcfg, folder in work}
             for fut in tqdm(as_completed(futures), total=len(futures), desc="study", dynamic_ncols=True):
                 results[futures[fut]] = fut.result()
         results = {name: results[name] for name, *_ in work}  # the preset's order

@@ -19,6 +19,7 @@ MAIN_KEYS = 4  # N of the main table and the targets
 FRONTIER_W = 16.0  # distance (x W) of the capacity and frontier plots
 MARGIN = 0.05  # the window control: at most chance + MARGIN beyond the window
 FULL_MIN = 0.95  # the full-attention control: at least this within its training length
+FORMED_MIN = 0.9  # binding formed: at least this where the facts are inside the window (< 1 x W)
 
 
 def _rows(m: dict, n: int, variant: str = "one") -> list[dict]:
@@ -63,6 +64,19 @@ def controls(metrics: dict, train_len: int | None) -> dict:
             out["window"] = {"model": name, "max_binding_beyond_window": worst, "chance": 1 / MAIN_KEYS,
                              "passed": worst is not None and worst <= 1 / MAIN_KEYS + MARGIN}
     out["passed"] = all(out.get(k, {}).get("passed", False) for k in ("full", "window"))
+    out["not_formed"] = not_formed(metrics)
+    return out
+
+
+def not_formed(metrics: dict) -> dict[str, float]:
+    """Models that did not learn to bind where the facts are still inside the window: their best
+    binding (N = 4) below 1 x W, where it is under ``FORMED_MIN``. Their scores beyond the window
+    say nothing about their memory."""
+    out = {}
+    for name, m in metrics["models"].items():
+        inside = [r["accuracy"] for r in _rows(m, MAIN_KEYS) if r["distance_w"] < 1]
+        if inside and max(inside) < FORMED_MIN:
+            out[name] = max(inside)
     return out
 
 
@@ -74,7 +88,7 @@ def summary(metrics: dict, train_len: int | None) -> dict:
     tokens = sample_tokens(MAIN_KEYS, int(FRONTIER_W * window))
     out = {"window": window, "train_length_over_window": train_len / window if train_len else None,
            "binding_keys": MAIN_KEYS, "chance": 1 / MAIN_KEYS, "controls": controls(metrics, train_len),
-           "models": {}}
+           "backbone": backbone(metrics), "models": {}}
     for name, m in models.items():
         if not _rows(m, MAIN_KEYS):
             continue
@@ -86,6 +100,17 @@ def summary(metrics: dict, train_len: int | None) -> dict:
             "capacity_at_16w": per_n,
             "all_questions": {f"{r['distance_w']:g}": r["accuracy"] for r in _rows(m, MAIN_KEYS, "all")}}
     return out
+
+
+def backbone(metrics: dict) -> dict | None:
+    """The backbone every model started from (steps, whether binding formed, the last check), or
+    None when the models trained from scratch or from different checkpoints."""
+    inits = [m.get("init") for m in metrics["models"].values()]
+    if not inits or any(i is None for i in inits) or len({i["checkpoint"] for i in inits}) != 1:
+        return None
+    i = inits[0]
+    return {"checkpoint": i["checkpoint"], "steps": i.get("steps"), "formed": i.get("formed"),
+            "last_check": (i.get("checks") or [None])[-1]}
 
 
 def _colors(names):
@@ -148,13 +173,16 @@ def plot_capacity(metrics: dict, path: Path) -> None:
             ax.plot(*zip(*per), marker="o", ms=3, color=colors[name], label=name)
     if keys:
         ax.plot(keys, [1 / n for n in keys], color="black", ls="--", lw=1.2, label="chance 1/N")
-    ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, f"binding was not measured at {FRONTIER_W:g} x window", ha="center",
+                transform=ax.transAxes)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("keys stated (N)")
     ax.set_ylabel(f"binding accuracy at {FRONTIER_W:g} x window")
     ax.set_title("Capacity: facts recalled after they left the window")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -204,6 +232,17 @@ def markdown(metrics: dict, train_len: int | None) -> list[str]:
     full, win = c.get("full", {}), c.get("window", {})
     verdict = ("Controls hold: conclusions below are supported." if c["passed"] else
                "**Controls failed: no conclusion is drawn from this run** (the recipe or budget is too weak).")
+    if c["not_formed"]:
+        names = ", ".join(f"`{n}` ({a:.2f})" for n, a in c["not_formed"].items())
+        verdict = ("Controls hold, but " if c["passed"] else verdict + " Also, ") + (
+            f"**binding did not form inside the window** (N = {MAIN_KEYS}: best below 1 x W under "
+            f"{FORMED_MIN:.0%}) in {names}: this run says nothing about those memories.")
+    bb = summ["backbone"]
+    if bb and bb.get("last_check"):
+        chk = bb["last_check"]
+        verdict += (f" Every model starts from one backbone, trained {bb['steps']} steps until it bound "
+                    f"{chk['binding']:.2f} inside the window"
+                    + ("" if bb["formed"] else " (**short of its target: it did not bind**)") + ".")
     dists = list(next(iter(summ["models"].values()))["binding"])
     keys = sorted({int(n) for m in summ["models"].values() for n in m["capacity_at_16w"]})
     lines = ["", "## Key-value binding", "", verdict, "",

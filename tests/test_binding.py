@@ -17,6 +17,7 @@ from moshi_ttt.data.binding import (
 from moshi_ttt.evaluation import binding_accuracy
 from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.pipeline import scale_steps
+from moshi_ttt.recall_report import controls
 from moshi_ttt.training import TRAIN_PRESETS, TaskRows, TrainConfig
 
 
@@ -28,18 +29,41 @@ def read_sample(tokens: np.ndarray) -> tuple[dict[int, int], int, list[tuple[int
     return facts, q - e - 1, list(zip(t[q + 1::2], t[q + 2::2]))
 
 
-@pytest.mark.parametrize("num_keys,num_queries,distance", [(1, 1, 0), (4, 1, 7), (8, 8, 3), (16, 5, 64)])
-def test_sample_answers_are_the_stated_values(num_keys, num_queries, distance):
-    s = make_binding(11, distance, num_keys, num_queries)
+@pytest.mark.parametrize("num_keys,num_queries,distance,repeat",
+                         [(1, 1, 0, False), (4, 1, 7, False), (8, 8, 3, False), (16, 5, 64, False),
+                          (4, 4, 2, True), (8, 8, 0, True)])
+def test_sample_answers_are_the_stated_values(num_keys, num_queries, distance, repeat):
+    s = make_binding(11, distance, num_keys, num_queries, repeat=repeat)
     facts, d, questions = read_sample(s.tokens)
     assert d == distance and len(facts) == num_keys and len(questions) == num_queries
     assert all(facts[k] == v for k, v in questions)  # every answer is its key's stated value
-    assert len({k for k, _ in questions}) == num_queries  # distinct keys asked
+    if not repeat:
+        assert len({k for k, _ in questions}) == num_queries  # distinct keys asked
     assert set(facts) <= set(KEYS.tolist()) and set(facts.values()) <= set(VALUES.tolist())
     answers = s.tokens[s.answer_mask].tolist()
     assert answers == [v for _, v in questions]
     assert s.meta["answer_start"] == int(np.flatnonzero(s.answer_mask)[0])
-    np.testing.assert_array_equal(make_binding(11, distance, num_keys, num_queries).tokens, s.tokens)
+    again = make_binding(11, distance, num_keys, num_queries, repeat=repeat)
+    np.testing.assert_array_equal(again.tokens, s.tokens)
+
+
+def test_repeated_questions_leave_a_bag_at_chance_on_every_question():
+    """With keys asked with replacement, a bag that rules out answered values is wrong whenever a
+    key comes back; guessing among all stated values scores 1/N on every question."""
+    rng = np.random.default_rng(1)
+    n, repeats, eliminate, uniform = 4, 0, [], []
+    for seed in range(3000):
+        facts, _, questions = read_sample(make_binding(seed, 0, n, n, repeat=True).tokens)
+        repeats += len({k for k, _ in questions}) < n
+        left = list(facts.values())
+        for _, v in questions:
+            uniform.append(rng.choice(list(facts.values())) == v)
+            eliminate.append(bool(left) and rng.choice(left) == v)
+            if v in left:
+                left.remove(v)
+    assert repeats > 2000  # most samples ask some key twice (1 - 4!/4^4 = 0.91)
+    assert abs(np.mean(uniform) - chance(n)) < 0.02
+    assert np.mean(eliminate) < bag_line(n) - 0.1  # elimination no longer reaches H_N/N
 
 
 def test_chance_and_bag_lines_match_simulated_bag_models():
@@ -100,6 +124,10 @@ def test_recall_curriculum_draws_keys_and_distances_by_step():
         seen = facts_of_rows(rows(64, cfg.seq_len, step, rng))
         assert {n for n, _ in seen} == keys == set(cfg.keys_at(step))
         assert {d for _, d in seen} == dists
+    again = dataclasses.replace(cfg, binding_repeat=True)
+    x, y, _, _ = TaskRows(again)(64, cfg.seq_len, 25, np.random.default_rng(0))
+    asked = [[k for k, _ in read_sample(r)[2]] for r in torch.cat([x, y[:, -1:]], 1).numpy()]
+    assert any(len(set(a)) < len(a) for a in asked)  # binding_repeat: some key asked twice
     late = dataclasses.replace(cfg, keys_schedule=((5, (2,)),))
     assert late.keys_at(4) == (16,) and late.keys_at(5) == (2,)  # binding_keys before the first
 
@@ -156,3 +184,25 @@ def test_binding_accuracy_streamed_equals_a_parallel_reference(spec):
             pred = model(torch.as_tensor(toks)).argmax(-1)[:, :-1].numpy()
         assert row["accuracy"] == pytest.approx((pred == toks[:, 1:])[mask[:, 1:]].mean())
         assert row["chance"] == chance(n) and row["distance"] == d
+
+
+def fake_metrics(inside: dict[str, float], beyond: dict[str, float]) -> dict:
+    """metrics.json with N = 4 binding rows at 0.5 and 4 x W for models named like their kinds."""
+    models = {}
+    for name in inside:
+        rows = [{"distance_w": 0.5, "distance": 16, "accuracy": inside[name]},
+                {"distance_w": 4.0, "distance": 128, "accuracy": beyond[name]}]
+        models[name] = {"config": {"memory": {"kind": name.split("-")[0], "window": 32}},
+                        "binding": {"one": {"4": rows}}}
+    return {"models": models}
+
+
+def test_report_names_models_in_which_binding_did_not_form():
+    m = fake_metrics({"full": 1.0, "window-32": 0.97, "ttt_cache-32": 0.3},
+                     {"full": 0.99, "window-32": 0.26, "ttt_cache-32": 0.31})
+    c = controls(m, 208)
+    assert c["passed"] and c["full"]["min_binding_within_training"] == 0.99
+    assert c["not_formed"] == {"ttt_cache-32": 0.3}
+    m["models"]["window-32"]["binding"]["one"]["4"][1]["accuracy"] = 0.5  # window above chance
+    assert not controls(m, 208)["passed"]
+

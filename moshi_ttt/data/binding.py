@@ -56,11 +56,12 @@ def _filler(rng: np.random.Generator, n: int, filler: np.ndarray | None) -> np.n
 
 
 def make_binding(seed: int, distance: int, num_keys: int = 4, num_queries: int = 1,
-                 filler: np.ndarray | None = None) -> TaskSample:
+                 filler: np.ndarray | None = None, repeat: bool = False) -> TaskSample:
     """One sample: ``num_keys`` facts, ``distance`` filler tokens, ``num_queries`` distinct keys
-    asked (1: binding; ``num_keys``: every key in turn, the all-questions variant). Tokens int64
-    [2 N + 2 + d + 1 + 2 Q]; answer_mask True on the asked values. ``filler`` must be cleaned
-    (``clean_filler``)."""
+    asked (1: binding; ``num_keys``: every key in turn, the all-questions variant). ``repeat``:
+    keys asked are drawn with replacement, so ruling out the values already answered does not
+    help (a bag scores 1/N on every question). Tokens int64 [2 N + 2 + d + 1 + 2 Q]; answer_mask
+    True on the asked values. ``filler`` must be cleaned (``clean_filler``)."""
     for name, v in (("seed", seed), ("distance", distance)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -68,10 +69,11 @@ def make_binding(seed: int, distance: int, num_keys: int = 4, num_queries: int =
         raise ValueError(f"num_keys must be in 1..{MAX_KEYS}, got {num_keys}")
     if not 1 <= num_queries <= num_keys:
         raise ValueError(f"num_queries must be in 1..num_keys={num_keys}, got {num_queries}")
-    rng = np.random.default_rng([int(seed), zlib.crc32(b"binding"), num_keys, num_queries])
+    rng = np.random.default_rng([int(seed), zlib.crc32(b"binding"), num_keys, num_queries]
+                                + ([1] if repeat else []))
     keys = rng.choice(KEYS, num_keys, replace=False)
     vals = rng.choice(VALUES, num_keys, replace=False)
-    asked = rng.choice(num_keys, num_queries, replace=False)
+    asked = rng.choice(num_keys, num_queries, replace=bool(repeat))
     facts = np.stack([keys, vals], 1).ravel()  # k_1 v_1 k_2 v_2 ...
     questions = np.stack([keys[asked], vals[asked]], 1).ravel()
     tokens = np.concatenate([[STX], facts, [ETX], _filler(rng, distance, filler), [ENQ], questions])
@@ -92,16 +94,17 @@ def binding_batch(seeds, distance: int, num_keys: int, num_queries: int = 1,
 
 
 def binding_rows(rng: np.random.Generator, n: int, length: int, keys, distances,
-                 num_queries: int = 0, filler: np.ndarray | None = None):
+                 num_queries: int = 0, filler: np.ndarray | None = None, repeat: bool = False):
     """``n`` training rows of exactly ``length`` tokens: a sample (N from ``keys``, d from
-    ``distances``; ``num_queries`` 0 asks every key in turn) left-filled with filler.
+    ``distances``; ``num_queries`` 0 asks N keys: every key in turn, or with ``repeat`` N keys
+    drawn with replacement) left-filled with filler.
     Returns tokens int64 [n, length], answer_mask bool [n, length]."""
     toks = np.empty((n, length), np.int64)
     mask = np.zeros((n, length), bool)
     for i in range(n):
         N = int(keys[int(rng.integers(len(keys)))])
         d = int(distances[int(rng.integers(len(distances)))])
-        s = make_binding(int(rng.integers(2 ** 31)), d, N, num_queries or N, filler)
+        s = make_binding(int(rng.integers(2 ** 31)), d, N, num_queries or N, filler, repeat)
         if len(s.tokens) > length:
             raise ValueError(f"a binding sample of {N} keys at distance {d} has {len(s.tokens)} "
                              f"tokens, more than the row length {length}")

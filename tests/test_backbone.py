@@ -1,0 +1,80 @@
+"""A study's shared backbone: its binding checks leave training as a plain loop would, it stops
+once binding formed, every memory starts from its weights, and the report names it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moshi_ttt import pipeline
+from moshi_ttt.checkpoint import init_from, load_checkpoint, save_checkpoint
+from moshi_ttt.config import ModelConfig, memory_variant
+from moshi_ttt.models.lm import StreamingLM
+from moshi_ttt.pipeline import Backbone, EvalConfig, StudyPreset, train_backbone
+from moshi_ttt.trainer import Trainer
+from moshi_ttt.training import TRAIN_PRESETS
+
+TINY = dataclasses.replace(TRAIN_PRESETS["recall-backbone"], steps=6, batch_size=4, warmup=2, bf16=False)
+
+
+def preset(min_binding: float, memories=("window",)) -> StudyPreset:
+    mem = dataclasses.replace(TRAIN_PRESETS["recall-memory"], steps=2, batch_size=2, warmup=1,
+                              bf16=False, seq_schedule=(), near_steps=2)
+    ec = EvalConfig(perplexity=False, tasks=(), cross_session=(), diagnostics=False, num=1,
+                    binding_keys=(4,), binding_distances=(0.5, 2), binding_num=4, cost_lengths=(64,))
+    return StudyPreset(model="recall", memories=memories, window=32, block=16, ttt_chunk=32,
+                       corpus=False, train=mem, eval=ec,
+                       backbone=Backbone(TINY, check_every=2, min_binding=min_binding, num=8))
+
+
+def test_checks_leave_training_as_a_plain_loop(tmp_path):
+    path = train_backbone(preset(1.0), tmp_path, "cpu", progress=False)  # never reaches 1.0
+    model, meta = load_checkpoint(path)
+    assert meta["steps"] == 6 and not meta["formed"] and [c["step"] for c in meta["checks"]] == [2, 4, 6]
+    torch.manual_seed(TINY.seed)
+    ref = StreamingLM(memory_variant(ModelConfig.preset("recall"), "window", 32, 32, 16)[1])
+    trainer = Trainer(ref, TINY, None, progress=False)
+    for _ in range(6):
+        trainer.train_step()
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_training_stops_once_binding_formed(tmp_path):
+    meta = load_checkpoint(train_backbone(preset(0.0), tmp_path, "cpu", progress=False))[1]
+    assert meta["formed"] and meta["steps"] == 2 and len(meta["checks"]) == 1
+
+
+def test_a_memory_starts_from_the_backbone_and_keeps_its_own_parameters(tmp_path):
+    torch.manual_seed(1)
+    window = StreamingLM(memory_variant(ModelConfig.preset("recall"), "window", 32, 32, 16)[1])
+    save_checkpoint(tmp_path / "b.pt", window)
+    cfg = memory_variant(ModelConfig.preset("recall"), "ttt_cache", 32, 32, 16)[1]
+    torch.manual_seed(2)
+    fresh = StreamingLM(cfg)
+    torch.manual_seed(2)
+    model = StreamingLM(cfg)
+    new = init_from(model, tmp_path / "b.pt")
+    assert new and all(".memory." in k for k in new)
+    shared = window.state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, shared[k] if k in shared else fresh.state_dict()[k], rtol=0, atol=0)
+
+
+def test_study_trains_every_memory_from_one_backbone(tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "bb-test", preset(0.0, ("window", "ttt_cache")))
+    metrics = pipeline.run_study("bb-test", None, tmp_path, "cpu")
+    backbone = tmp_path / "backbone" / "model.pt"
+    for name, m in metrics["models"].items():
+        assert m["init"]["checkpoint"] == str(backbone) and m["init"]["formed"]
+        assert m["train"]["steps"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "Every model starts from one backbone, trained 2 steps" in report
+
+
+@pytest.mark.parametrize("bad,match", [({"check_every": 0}, "check_every"),
+                                       ({"min_binding": 1.5}, "min_binding"),
+                                       ({"distance": -1}, "distance")])
+def test_backbone_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Backbone(TINY, **bad)
