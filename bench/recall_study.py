@@ -5,7 +5,9 @@ it, as parallel processes.
 
     python bench/recall_study.py --out runs/recall --budget 330 --jobs 16
     python bench/recall_study.py --out /tmp/r --budget 20 --jobs 2 --device cpu --batch 4 \\
-        --memories window ttt_cache --binding-num 4        # a smoke test on CPU
+        --backbone-steps 20 --memories window ttt_cache --binding-num 4     # a smoke test on CPU
+    python bench/recall_study.py --out runs/recall2 --backbone runs/recall/backbone/model.pt \\
+        --memories window@16 window@64        # more memories from the same backbone
     python bench/recall_study.py --merge runs/recall --out docs/results/recall-study
         # the report of the models a run finished (each model's eval.json)
 """
@@ -66,6 +68,11 @@ def main() -> None:
     p.add_argument("--binding-num", type=int, default=None, help="override the samples per (N, distance)")
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backbone-steps", type=int, default=None,
+                   help="override the most steps the backbone trains before it binds")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="start every memory from this backbone checkpoint (of an earlier run) instead of "
+                        "training one")
     p.add_argument("--merge", type=Path, default=None,
                    help="write the report of the models finished under this folder (no training)")
     a = p.parse_args()
@@ -76,6 +83,10 @@ def main() -> None:
     sp = pipeline.STUDY_PRESETS["recall"]
     over = {k: v for k, v in (("batch_size", a.batch), ("lr", a.lr), ("seed", a.seed)) if v is not None}
     sp = dataclasses.replace(sp, train=dataclasses.replace(sp.train, **over))
+    if sp.backbone:  # the same overrides, and at most --backbone-steps steps
+        bb_over = over if a.backbone_steps is None else {**over, "steps": a.backbone_steps}
+        sp = dataclasses.replace(sp, backbone=dataclasses.replace(
+            sp.backbone, train=dataclasses.replace(sp.backbone.train, **bb_over)))
     if a.binding_num:
         sp = dataclasses.replace(sp, eval=dataclasses.replace(sp.eval, binding_num=a.binding_num))
     pipeline.STUDY_PRESETS["recall-run"] = sp
@@ -97,7 +108,8 @@ def main() -> None:
         (a.out / "calibration.json").write_text(json.dumps(calib, indent=2) + "\n")
         print(json.dumps(calib, indent=1), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    pipeline.run_study("recall-run", None, a.out, a.device, jobs=a.jobs, steps=steps, memories=specs)
+    pipeline.run_study("recall-run", None, a.out, a.device, jobs=a.jobs, steps=steps, memories=specs,
+                       backbone=a.backbone)
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -476,9 +476,10 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
 
 
 def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int = 1, steps: int | None = None,
-              memories: tuple[str, ...] | None = None) -> dict:
+              memories: tuple[str, ...] | None = None, backbone: Path | None = None) -> dict:
     """Train every memory of a study preset at the same budget (from the preset's backbone, trained
-    first, if it has one) and evaluate them together; with ``jobs`` > 1 the models train as
+    first, if it has one; ``backbone``: a checkpoint of it trained before, so that memories trained
+    in separate runs share it) and evaluate them together; with ``jobs`` > 1 the models train as
     parallel processes (several small models share one GPU)."""
     if preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {preset!r}: expected one of {sorted(STUDY_PRESETS)}")
@@ -487,7 +488,11 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     sp = STUDY_PRESETS[preset]
     data = data if sp.corpus else None
     work = study_jobs(sp, data, out, steps, memories)
-    init = train_backbone(sp, out / "backbone", device) if sp.backbone else None
+    if backbone is not None and not sp.backbone:
+        raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from scratch")
+    if backbone is not None and not Path(backbone).is_file():
+        raise ValueError(f"backbone {backbone}: no such checkpoint")
+    init = backbone or (train_backbone(sp, out / "backbone", device) if sp.backbone else None)
     results = {}
     if jobs == 1:
         for name, cfg, tcfg, folder in work:

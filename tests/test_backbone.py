@@ -78,3 +78,16 @@ def test_study_trains_every_memory_from_one_backbone(tmp_path, monkeypatch):
 def test_backbone_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         Backbone(TINY, **bad)
+
+
+def test_a_second_run_reuses_the_first_runs_backbone(tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "bb-test", preset(0.0, ("window",)))
+    backbone = train_backbone(preset(0.0), tmp_path / "first", "cpu", progress=False)
+    metrics = pipeline.run_study("bb-test", None, tmp_path / "second", "cpu", backbone=backbone)
+    assert not (tmp_path / "second" / "backbone").exists()
+    assert metrics["models"]["window-32"]["init"]["checkpoint"] == str(backbone)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        pipeline.run_study("bb-test", None, tmp_path / "third", "cpu", backbone=tmp_path / "nope.pt")
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "plain", dataclasses.replace(preset(0.0), backbone=None))
+    with pytest.raises(ValueError, match="has no backbone"):
+        pipeline.run_study("plain", None, tmp_path / "fourth", "cpu", backbone=backbone)
