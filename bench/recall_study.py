@@ -71,8 +71,8 @@ def main() -> None:
     p.add_argument("--backbone-steps", type=int, default=None,
                    help="override the most steps the backbone trains before it binds")
     p.add_argument("--backbone", type=Path, default=None,
-                   help="start every memory from this backbone checkpoint (of an earlier run) instead of "
-                        "training one")
+                   help="start every memory from this backbone checkpoint (of an earlier run) "
+                        "instead of training one")
     p.add_argument("--merge", type=Path, default=None,
                    help="write the report of the models finished under this folder (no training)")
     a = p.parse_args()
@@ -108,8 +108,8 @@ def main() -> None:
         (a.out / "calibration.json").write_text(json.dumps(calib, indent=2) + "\n")
         print(json.dumps(calib, indent=1), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    pipeline.run_study("recall-run", None, a.out, a.device, jobs=a.jobs, steps=steps, memories=specs,
-                       backbone=a.backbone)
+    pipeline.run_study("recall-run", None, a.out, a.device, jobs=a.jobs, steps=steps,
+                       memories=specs, backbone=a.backbone)
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -45,6 +45,7 @@ def init_from(model: StreamingLM, path: str | os.PathLike) -> list[str]:
     bad = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise ValueError(f"--init {path}: shapes differ for {bad[:5]}")
-    missing = model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False).missing_keys
+    shared = {k: v for k, v in theirs.items() if k in own}
+    missing = model.load_state_dict(shared, strict=False).missing_keys
     print(f"initialised from {path}; new parameters: {len(missing)} tensors", file=sys.stderr)
     return missing

@@ -115,7 +115,8 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
 
 
 def backbone_record(path: Path) -> dict:
-    """What a model started from: the checkpoint and, for a study's backbone, its steps and checks."""
+    """What a model started from: the checkpoint and, for a study's backbone, its steps and
+    checks."""
     meta = load_checkpoint(path)[1]
     return {"checkpoint": str(path), "name": meta.get("name"), "steps": meta.get("steps"),
             "formed": meta.get("formed"), "checks": meta.get("checks")}
@@ -430,7 +431,8 @@ def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = Tru
     from .trainer import Trainer
 
     bb = sp.backbone
-    name, cfg = memory_variant(ModelConfig.preset(sp.model), bb.spec, sp.ttt_chunk, sp.window, sp.block)
+    base = ModelConfig.preset(sp.model)
+    name, cfg = memory_variant(base, bb.spec, sp.ttt_chunk, sp.window, sp.block)
     torch.manual_seed(bb.train.seed)
     model = StreamingLM(cfg)
     trainer = Trainer(model, bb.train, None, device=device, progress=False)
@@ -447,11 +449,11 @@ def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = Tru
             formed = acc >= bb.min_binding
             bar.set_postfix(loss=f"{loss:.3f}", binding=f"{acc:.2f}")
     if not formed:
-        print(f"backbone: binding {acc:.2f} < {bb.min_binding} after {total} steps: the memories start "
-              "from a backbone that does not bind", file=sys.stderr)
+        print(f"backbone: binding {acc:.2f} < {bb.min_binding} after {total} steps: the memories "
+              "start from a backbone that does not bind", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"name": f"backbone-{name}", "train": config_dict(bb.train), "steps": trainer.step, "formed": formed,
-            "checks": checks, "commit": report.git_commit()}
+    meta = {"name": f"backbone-{name}", "train": config_dict(bb.train), "steps": trainer.step,
+            "formed": formed, "checks": checks, "commit": report.git_commit()}
     save_checkpoint(out / "model.pt", model, meta)
     return out / "model.pt"
 
@@ -460,7 +462,8 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
                        ec: EvalConfig, device: str, progress: bool = True, threads: int = 0,
                        init: Path | None = None) -> dict:
     """Train one model (from checkpoint ``init`` if given), then measure it (its ``metrics.json``
-    entry, also kept as ``folder/eval.json``, so a study cut short keeps every model it finished)."""
+    entry, also kept as ``folder/eval.json``, so a study cut short keeps every model it
+    finished)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -489,14 +492,16 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     data = data if sp.corpus else None
     work = study_jobs(sp, data, out, steps, memories)
     if backbone is not None and not sp.backbone:
-        raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from scratch")
+        raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from "
+                         "scratch")
     if backbone is not None and not Path(backbone).is_file():
         raise ValueError(f"backbone {backbone}: no such checkpoint")
     init = backbone or (train_backbone(sp, out / "backbone", device) if sp.backbone else None)
     results = {}
     if jobs == 1:
         for name, cfg, tcfg, folder in work:
-            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device, init=init)
+            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device,
+                                               init=init)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         ctx = multiprocessing.get_context("spawn")

@@ -240,10 +240,10 @@ def markdown(metrics: dict, train_len: int | None) -> list[str]:
     bb = summ["backbone"]
     if bb and bb.get("last_check"):
         chk = bb["last_check"]
-        verdict += (f" Every model starts from one backbone, trained {bb['steps']} steps until it bound "
-                    f"{chk['binding']:.2f} inside the window." if bb["formed"] else
-                    f" Every model starts from one backbone, trained {bb['steps']} steps, which **did not "
-                    f"learn to bind** ({chk['binding']:.2f} inside the window).")
+        start = f" Every model starts from one backbone, trained {bb['steps']} steps"
+        verdict += (f"{start} until it bound {chk['binding']:.2f} inside the window." if bb["formed"]
+                    else f"{start}, which **did not learn to bind** ({chk['binding']:.2f} inside the "
+                    "window).")
     dists = list(next(iter(summ["models"].values()))["binding"])
     keys = sorted({int(n) for m in summ["models"].values() for n in m["capacity_at_16w"]})
     lines = ["", "## Key-value binding", "", verdict, "",

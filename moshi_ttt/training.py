@@ -73,7 +73,7 @@ class TrainConfig:
     # and when empty: binding_keys); few facts first let binding form before many facts
     keys_schedule: tuple[tuple[int, tuple[int, ...]], ...] = ()
     binding_queries: int = 0  # keys asked per binding row (0: every key in turn)
-    # keys asked with replacement: ruling out values already answered (a bag's shortcut) does not help
+    # keys asked with replacement: ruling out values already answered (a bag's shortcut) fails
     binding_repeat: bool = False
     binding_filler: str = "random"  # "random" printable tokens or "corpus" text around the facts
     near_steps: int = 0  # the first near_steps steps draw task distances from near_distances
@@ -178,18 +178,21 @@ TRAIN_PRESETS = {
                           keys_schedule=((0, (2, 4)), (2000, (2, 4, 8, 16))),
                           near_steps=3000, near_distances=(0, 2, 4, 8, 16),
                           task_distances=(0, 8, 16, 32, 64, 128),
-                          seq_schedule=((0, 48), (2000, 96), (3000, 208)), answer_weight=1.0, context_weight=0.0,
+                          seq_schedule=((0, 48), (2000, 96), (3000, 208)), answer_weight=1.0,
+                          context_weight=0.0,
                           log_every=50),
     # the recall recipe in two parts, for a study whose memories all start from one backbone that
     # binds: its first phase alone (trained until binding forms, at most ``steps``), then the rest
-    "recall-backbone": TrainConfig(steps=4000, batch_size=256, seq_len=48, lr=1e-3, warmup=100, bf16=True,
-                                   task_frac=1.0, tasks=("binding",), binding_keys=(2, 4), binding_queries=0,
+    "recall-backbone": TrainConfig(steps=4000, batch_size=256, seq_len=48, lr=1e-3, warmup=100,
+                                   bf16=True, task_frac=1.0, tasks=("binding",), binding_keys=(2, 4),
                                    near_steps=4000, near_distances=(0, 2, 4), context_weight=0.0,
                                    log_every=50),
-    "recall-memory": TrainConfig(steps=2500, batch_size=256, seq_len=96, lr=1e-3, warmup=100, bf16=True,
-                                 task_frac=1.0, tasks=("binding",), binding_keys=(2, 4, 8, 16), binding_queries=0,
+    "recall-memory": TrainConfig(steps=2500, batch_size=256, seq_len=96, lr=1e-3, warmup=100,
+                                 bf16=True, task_frac=1.0, tasks=("binding",),
+                                 binding_keys=(2, 4, 8, 16),
                                  near_steps=1000, near_distances=(0, 2, 4, 8, 16),
-                                 task_distances=(0, 8, 16, 32, 64, 128), seq_schedule=((0, 96), (1000, 208)),
+                                 task_distances=(0, 8, 16, 32, 64, 128),
+                                 seq_schedule=((0, 96), (1000, 208)),
                                  context_weight=0.0, log_every=50),
 }
 
@@ -234,7 +237,8 @@ class TaskRows:
     """The synthetic rows of a training batch: each row's task uniform over ``cfg.tasks`` (text
     tasks through ``TaskMixer``, ``"binding"`` through ``data.binding.binding_rows``); task
     distances from ``cfg.near_distances`` for the first ``cfg.near_steps`` steps, then from
-    ``cfg.task_distances``; binding rows' N from ``cfg.keys_at(step)``; answers weigh ``answer_weight``, other tokens ``context_weight``.
+    ``cfg.task_distances``; binding rows' N from ``cfg.keys_at(step)``; answers weigh
+    ``answer_weight``, other tokens ``context_weight``.
     ``corpus`` supplies the binding filler when ``cfg.binding_filler == "corpus"``."""
 
     def __init__(self, cfg: TrainConfig, corpus: np.ndarray | None = None):
@@ -258,8 +262,8 @@ class TaskRows:
         if n - nb:
             parts.append(task_rows(self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist))
         if nb:
-            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.keys_at(step), dist, cfg.binding_queries,
-                                      self.filler, cfg.binding_repeat)
+            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.keys_at(step), dist,
+                                      cfg.binding_queries, self.filler, cfg.binding_repeat)
             parts.append(_rows(torch.from_numpy(toks), torch.from_numpy(mask), cfg.answer_weight,
                                cfg.context_weight))
         return tuple(torch.cat(p) for p in zip(*parts))
