@@ -45,6 +45,19 @@ SPEC_RECIPE = (Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
                Stage("all", 10000))
 
 
+def step_schedule(name: str, pairs, convert, what: str) -> tuple:
+    """``pairs`` as ((step, convert(value)), ...), steps >= 0 and increasing; a ValueError names
+    ``TrainConfig.<name>`` otherwise."""
+    try:
+        out = tuple((int(a), convert(b)) for a, b in pairs)
+    except (TypeError, ValueError):
+        raise ValueError(f"TrainConfig.{name} must be (step, {what}) pairs, got {pairs!r}") from None
+    starts = [a for a, _ in out]
+    if any(a < 0 for a in starts) or starts != sorted(set(starts)):
+        raise ValueError(f"TrainConfig.{name} steps must be >= 0 and increasing, got {starts}")
+    return out
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
@@ -110,16 +123,9 @@ class TrainConfig:
                              f"{sorted(TASKS) + ['binding']}")
         if not self.binding_keys or not all(1 <= n <= 64 for n in self.binding_keys):
             raise ValueError(f"TrainConfig.binding_keys must be in 1..64, got {self.binding_keys}")
-        try:
-            keys_sched = tuple((int(a), tuple(int(n) for n in ns)) for a, ns in self.keys_schedule)
-        except (TypeError, ValueError):
-            raise ValueError(f"TrainConfig.keys_schedule must be (step, (N, ...)) pairs, "
-                             f"got {self.keys_schedule!r}") from None
+        keys_sched = step_schedule("keys_schedule", self.keys_schedule,
+                                   lambda ns: tuple(int(n) for n in ns), "(N, ...)")
         object.__setattr__(self, "keys_schedule", keys_sched)
-        starts = [a for a, _ in keys_sched]
-        if any(a < 0 for a in starts) or starts != sorted(set(starts)):
-            raise ValueError(f"TrainConfig.keys_schedule steps must be >= 0 and increasing, "
-                             f"got {starts}")
         if not all(ns and all(1 <= n <= 64 for n in ns) for _, ns in keys_sched):
             raise ValueError(f"TrainConfig.keys_schedule N choices must be non-empty and in "
                              f"1..64, got {keys_sched}")
@@ -136,16 +142,8 @@ class TrainConfig:
         if self.near_steps < 0 or self.context_weight < 0:
             raise ValueError(f"TrainConfig.near_steps and context_weight must be >= 0, "
                              f"got {self.near_steps}, {self.context_weight}")
-        try:
-            schedule = tuple((int(a), int(b)) for a, b in self.seq_schedule)
-        except (TypeError, ValueError):
-            raise ValueError(f"TrainConfig.seq_schedule must be (step, length) pairs, "
-                             f"got {self.seq_schedule!r}") from None
+        schedule = step_schedule("seq_schedule", self.seq_schedule, int, "length")
         object.__setattr__(self, "seq_schedule", schedule)
-        starts = [a for a, _ in schedule]
-        if any(a < 0 for a in starts) or starts != sorted(set(starts)):
-            raise ValueError(f"TrainConfig.seq_schedule steps must be >= 0 and increasing, "
-                             f"got {starts}")
         lengths = [n for _, n in schedule]
         if any(n < 1 for n in lengths):
             raise ValueError(f"TrainConfig.seq_schedule lengths must be >= 1, got {lengths}")
