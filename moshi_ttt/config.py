@@ -46,7 +46,9 @@ class MemoryConfig:
     ``α_t = σ(c_h + w_h·q_t)`` (every kind with a gate: ``ttt_cache``, ``pooled``, ``infini``);
     ``compressor_proj`` gives the compressor its own keys and values, learned projections of the
     evicted token's attention keys and values across all heads (identity at initialisation),
-    and the query read its own query (``ttt_cache``).
+    and the query read its own query (``ttt_cache``). ``gate_init`` is the gate's starting value
+    c_h (α = σ(c_h), the window's weight): 0 mixes window and memory equally; a large value starts
+    a memory added to a trained model close to that model.
     """
 
     kind: str = "window"
@@ -71,6 +73,7 @@ class MemoryConfig:
     read_query: bool = False
     gate_per_token: bool = False
     compressor_proj: bool = False
+    gate_init: float = 0.0
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
@@ -105,6 +108,8 @@ class MemoryConfig:
             if getattr(self, name) and self.kind != "ttt_cache":
                 raise ValueError(f"MemoryConfig.{name} reads a TTT-cache compressor: it needs "
                                  f"kind='ttt_cache', got {self.kind!r}")
+        if not math.isfinite(self.gate_init):
+            raise ValueError(f"MemoryConfig.gate_init must be finite, got {self.gate_init}")
         if self.gate_per_token and self.kind not in GATED_KINDS:
             raise ValueError(f"MemoryConfig.gate_per_token needs a gated memory {GATED_KINDS}, "
                              f"got {self.kind!r}")
@@ -223,7 +228,7 @@ class ModelConfig:
                 del d[name]
         for name, default in (("compressor_depth", 2), ("compressor_shared", False),
                               ("read_query", False), ("gate_per_token", False),
-                              ("compressor_proj", False)):
+                              ("compressor_proj", False), ("gate_init", 0.0)):
             if d["memory"][name] == default:
                 del d["memory"][name]
         blob = json.dumps(d, sort_keys=True).encode()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import long_report, recall_report, report
 from .checkpoint import init_from, load_checkpoint, save_checkpoint
-from .config import ModelConfig, memory_variant
+from .config import GATED_KINDS, ModelConfig, memory_variant
 from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
                           stream_ms_per_token)
@@ -321,7 +321,8 @@ class Backbone:
     held-out samples, checked every ``check_every`` steps) reaches ``min_binding``, or ``train``'s
     steps run out. Binding forms in an abrupt jump whose step varies from run to run; a shared
     backbone that has made it lets every memory learn what lies beyond the window from the same
-    start, at an equal budget."""
+    start, at an equal budget. Gated memories start with their gate at ``gate_init``
+    (``MemoryConfig.gate_init``; 0: equal mixing, as from scratch)."""
 
     train: TrainConfig
     spec: str = "window"
@@ -330,6 +331,7 @@ class Backbone:
     keys: int = 4
     distance: int = 8
     num: int = 128
+    gate_init: float = 0.0
 
     def __post_init__(self):
         if self.check_every < 1 or self.num < 1 or self.keys < 1 or self.distance < 0:
@@ -397,7 +399,8 @@ STUDY_PRESETS = {
 def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None = None,
                memories: tuple[str, ...] | None = None) -> list[tuple]:
     """(name, model config, train config, folder) of every memory of a study preset; ``steps``
-    rescales the training (the curriculum's stages and near steps in proportion)."""
+    rescales the training (the curriculum's stages and near steps in proportion); with a
+    backbone, gated memories start at its ``gate_init``."""
     tcfg = sp.train
     if steps is not None:
         tcfg = scale_steps(tcfg, steps)
@@ -405,6 +408,9 @@ def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None 
     jobs = []
     for spec in memories or sp.memories:
         name, cfg = memory_variant(base, spec, sp.ttt_chunk, sp.window, sp.block)
+        if sp.backbone and cfg.memory.kind in GATED_KINDS:
+            cfg = dataclasses.replace(cfg, memory=dataclasses.replace(
+                cfg.memory, gate_init=sp.backbone.gate_init))
         jobs.append((name, cfg, tcfg, out / name))
     names = [j[0] for j in jobs]
     if len(set(names)) != len(names):

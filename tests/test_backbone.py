@@ -2,6 +2,7 @@
 once binding formed, every memory starts from its weights, and the report names it."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,12 @@ def test_a_second_run_reuses_the_first_runs_backbone(tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.STUDY_PRESETS, "plain", plain)
     with pytest.raises(ValueError, match="has no backbone"):
         pipeline.run_study("plain", None, tmp_path / "fourth", "cpu", backbone=backbone)
+
+
+def test_gated_memories_from_a_backbone_start_at_its_gate():
+    sp = preset(0.0, ("window", "ttt_cache", "pooled"))
+    sp = dataclasses.replace(sp, backbone=dataclasses.replace(sp.backbone, gate_init=2.0))
+    gates = {name: cfg.memory.gate_init for name, cfg, *_ in pipeline.study_jobs(sp, None, Path("s"))}
+    assert gates == {"window-32": 0.0, "ttt_cache-32": 2.0, "pooled-32": 2.0}
+    scratch = dataclasses.replace(sp, backbone=None)
+    assert pipeline.study_jobs(scratch, None, Path("s"))[0][1].memory.gate_init == 0.0

@@ -192,7 +192,8 @@ def fake_metrics(inside: dict[str, float], beyond: dict[str, float]) -> dict:
     for name in inside:
         rows = [{"distance_w": 0.5, "distance": 16, "accuracy": inside[name]},
                 {"distance_w": 4.0, "distance": 128, "accuracy": beyond[name]}]
-        models[name] = {"config": {"memory": {"kind": name.split("-")[0], "window": 32}},
+        models[name] = {"config": {"memory": {"kind": name.split("-")[0], "window": 32},
+                                   "num_layers": 2},
                         "binding": {"one": {"4": rows}}}
     return {"models": models}
 
@@ -205,4 +206,6 @@ def test_report_names_models_in_which_binding_did_not_form():
     assert c["not_formed"] == {"ttt_cache-32": 0.3}
     m["models"]["window-32"]["binding"]["one"]["4"][1]["accuracy"] = 0.5  # window above chance
     assert not controls(m, 208)["passed"]
+    m["models"]["window-32"]["binding"]["one"]["4"][1]["distance_w"] = 1.0  # within 2 layers' reach
+    assert controls(m, 208)["window"]["max_binding_beyond_window"] is None
 

@@ -161,3 +161,27 @@ def test_readers_cuda_graph_replay_equals_eager():
     assert_close(outs, eager, 1e-4)
     for name, t in eager_state.tensors.items():
         assert_close(state[name].float(), t.float(), 1e-4, name)
+
+
+@pytest.mark.parametrize("kind", ["ttt_cache", "pooled", "infini"])
+def test_gate_init_starts_a_memory_at_the_model_it_was_added_to(kind):
+    """A window model's weights in a gated memory whose gate starts at 30 (α = 1 - 1e-13): the same
+    logits as the window model, past many evictions; at 0 (equal mixing) they differ; streaming
+    equals parallel at a gate start of 2."""
+    torch.manual_seed(0)
+    window = mt.StreamingLM(reader_config("window")).eval()
+    tokens = torch.randint(0, 50, (2, 200))
+    with torch.no_grad():
+        ref = window(tokens)
+        for start, same in ((30.0, True), (0.0, False)):
+            model = mt.StreamingLM(reader_config(kind, gate_init=start)).eval()
+            assert torch.equal(model.layers[0].self_attn.memory.gate, torch.full((4,), start))
+            model.load_state_dict(window.state_dict(), strict=False)
+            out = model(tokens)
+            if same:
+                assert_close(out, ref, 1e-5, f"{kind}, gate start {start}")
+            else:
+                assert (out - ref).abs().max() > 1e-2 * ref.abs().max()
+    reset_parity(mt.StreamingLM(reader_config(kind, gate_init=2.0)).eval(), 300, 111, [1, 37], 1e-4)
+    with pytest.raises(ValueError, match="gate_init must be finite"):
+        mt.MemoryConfig(kind=kind, gate_init=float("nan"))

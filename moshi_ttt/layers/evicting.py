@@ -40,7 +40,8 @@ class EvictingMemory(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
         self.banded = False  # gate-mixed reads: window attention by explicit banded scores (the reference)
-        self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # α = σ(gate): weight of the window
+        # α = σ(gate): weight of the window
+        self.gate = nn.Parameter(torch.full((cfg.num_heads,), float(self.cfg.gate_init)))
         if self.cfg.gate_per_token:  # α_t = σ(gate + w·q_t), per head (starts as the constant gate)
             self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.head_dim))
         # softmax logits are qᵀk / √Dh times 1/t, YaRN's temperature (1.0 without YaRN): the window
