@@ -105,11 +105,11 @@ def test_model_config_rejects_bad_rope_fields(kw, match):
 
 
 def test_model_config_old_dicts_load_and_keep_their_fingerprint():
-    """A dict written before the RoPE, compressor depth/sharing and reader fields loads to the
-    default config with the hash it had."""
+    """A dict written before the RoPE, compressor depth/sharing, reader and gate-start fields
+    loads to the default config with the hash it had."""
     cfg = tiny_config("ttt_cache")
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
-    later = ("read_query", "gate_per_token")
+    later = ("read_query", "gate_per_token", "gate_init")
     old["memory"] = {k: v for k, v in old["memory"].items()
                      if k not in later and (not k.startswith("compressor_")
                                             or k == "compressor_hidden")}
@@ -121,6 +121,8 @@ def test_model_config_old_dicts_load_and_keep_their_fingerprint():
     assert len({cfg.fingerprint(), yarn.fingerprint(), dataclasses.replace(yarn, rope_scale=2.0).fingerprint()}) == 3
     deep = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, compressor_depth=3))
     assert deep.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(deep.to_dict()) == deep
+    shut = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, gate_init=4.0))
+    assert shut.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(shut.to_dict()) == shut
 
 
 # ---- the model ------------------------------------------------------------------------------
