@@ -36,6 +36,12 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[StreamingLM,
     return model.to(device), blob["meta"] if isinstance(blob["meta"], dict) else {}
 
 
+def load_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's training metadata alone (the weights are not built into a model)."""
+    meta = load_checked(path, CKPT_FORMAT, "checkpoint").get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
 def init_from(model: StreamingLM, path: str | os.PathLike) -> list[str]:
     """Start from a trained backbone: every weight it has is loaded (shapes must match); the new
     memory or In-Place TTT parameters keep their initialisation. Returns the names of those."""

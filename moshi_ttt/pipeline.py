@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import long_report, recall_report, report
-from .checkpoint import init_from, load_checkpoint, save_checkpoint
+from .checkpoint import init_from, load_checkpoint, load_meta, save_checkpoint
 from .config import GATED_KINDS, ModelConfig, memory_variant
 from .data.tasks import TASKS
 from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnostics, state_bytes_curve,
@@ -117,7 +117,7 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
 def backbone_record(path: Path) -> dict:
     """What a model started from: the checkpoint and, for a study's backbone, its steps and
     checks."""
-    meta = load_checkpoint(path)[1]
+    meta = load_meta(path)
     return {"checkpoint": str(path), "name": meta.get("name"), "steps": meta.get("steps"),
             "formed": meta.get("formed"), "checks": meta.get("checks")}
 
@@ -424,11 +424,10 @@ def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     f = steps / tcfg.total_steps()
-    sched = tuple((round(s * f), n) for s, n in tcfg.seq_schedule)
-    keys = tuple((round(s * f), ns) for s, ns in tcfg.keys_schedule)
     return dataclasses.replace(tcfg, steps=steps, stages=(), warmup=max(1, round(tcfg.warmup * f)),
-                               near_steps=round(tcfg.near_steps * f), seq_schedule=sched,
-                               keys_schedule=keys)
+                               near_steps=round(tcfg.near_steps * f),
+                               seq_schedule=tuple((round(s * f), n) for s, n in tcfg.seq_schedule),
+                               keys_schedule=tuple((round(s * f), n) for s, n in tcfg.keys_schedule))
 
 
 def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = True) -> Path:

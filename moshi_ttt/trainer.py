@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .data.batches import doc_starts, sample_windows
 from .io import load_checked, save_atomic
 from .models.lm import StreamingLM
-from .training import Stage, TaskRows, TrainConfig, lr_at, write_csv
+from .training import Stage, TaskRows, TrainConfig, at_step, lr_at, write_csv
 
 TRAIN_STATE_FORMAT = "moshi_ttt.train/1"
 
@@ -70,11 +70,7 @@ class Trainer:
         return self.cfg.all_stages()[-1]
 
     def seq_len_at(self, step: int) -> int:
-        length = self.cfg.seq_len
-        for start, n in self.cfg.seq_schedule:
-            if step >= start:
-                length = n
-        return length
+        return at_step(self.cfg.seq_schedule, step, self.cfg.seq_len)
 
     def apply_stage(self, stage: Stage) -> None:
         """Train exactly the parameters matching the stage's patterns, outside its frozen layers."""

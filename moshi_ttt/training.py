@@ -101,11 +101,7 @@ class TrainConfig:
 
     def keys_at(self, step: int) -> tuple[int, ...]:
         """The N choices of binding rows at ``step`` (``keys_schedule``, else ``binding_keys``)."""
-        keys = self.binding_keys
-        for start, ns in self.keys_schedule:
-            if step >= start:
-                keys = ns
-        return keys
+        return at_step(self.keys_schedule, step, self.binding_keys)
 
     def max_seq_len(self) -> int:
         """The longest training sequence (the length schedule included)."""
@@ -179,20 +175,27 @@ TRAIN_PRESETS = {
                           seq_schedule=((0, 48), (2000, 96), (3000, 208)), answer_weight=1.0,
                           context_weight=0.0,
                           log_every=50),
-    # the recall recipe in two parts, for a study whose memories all start from one backbone that
-    # binds: its first phase alone (trained until binding forms, at most ``steps``), then the rest
-    "recall-backbone": TrainConfig(steps=4000, batch_size=256, seq_len=48, lr=1e-3, warmup=100,
-                                   bf16=True, task_frac=1.0, tasks=("binding",), binding_keys=(2, 4),
-                                   near_steps=4000, near_distances=(0, 2, 4), context_weight=0.0,
-                                   log_every=50),
-    "recall-memory": TrainConfig(steps=2500, batch_size=256, seq_len=96, lr=1e-3, warmup=100,
-                                 bf16=True, task_frac=1.0, tasks=("binding",),
-                                 binding_keys=(2, 4, 8, 16),
-                                 near_steps=1000, near_distances=(0, 2, 4, 8, 16),
-                                 task_distances=(0, 8, 16, 32, 64, 128),
-                                 seq_schedule=((0, 96), (1000, 208)),
-                                 context_weight=0.0, log_every=50),
 }
+
+
+# the recall recipe in two parts, for a study whose memories all start from one backbone that binds:
+# its first phase alone (trained until binding forms, at most ``steps``), then the rest
+TRAIN_PRESETS["recall-backbone"] = dataclasses.replace(
+    TRAIN_PRESETS["recall"], steps=4000, binding_keys=(2, 4), keys_schedule=(), seq_schedule=(),
+    near_steps=4000, near_distances=(0, 2, 4))
+TRAIN_PRESETS["recall-memory"] = dataclasses.replace(
+    TRAIN_PRESETS["recall"], steps=2500, seq_len=96, keys_schedule=(), near_steps=1000,
+    seq_schedule=((0, 96), (1000, 208)))
+
+
+def at_step(schedule: tuple, step: int, default):
+    """The value of the last ``(start, value)`` entry of ``schedule`` started by ``step``
+    (``default`` before the first)."""
+    value = default
+    for start, v in schedule:
+        if step >= start:
+            value = v
+    return value
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
