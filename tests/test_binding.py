@@ -209,3 +209,12 @@ def test_report_names_models_in_which_binding_did_not_form():
     m["models"]["window-32"]["binding"]["one"]["4"][1]["distance_w"] = 1.0  # within 2 layers' reach
     assert controls(m, 208)["window"]["max_binding_beyond_window"] is None
 
+
+
+def test_a_full_model_that_does_not_bind_fails_the_positive_control():
+    """Full attention on the bag inside its training length: the controls fail, whatever the
+    window does."""
+    m = fake_metrics({"full": 0.3, "window-32": 0.97}, {"full": 0.27, "window-32": 0.2})
+    c = controls(m, 208)
+    assert c["window"]["passed"] and not c["full"]["passed"] and not c["passed"]
+    assert c["full"]["min_binding_within_training"] == 0.27
