@@ -89,6 +89,9 @@ class TrainConfig:
     # keys asked with replacement: ruling out values already answered (a bag's shortcut) fails
     binding_repeat: bool = False
     binding_filler: str = "random"  # "random" printable tokens or "corpus" text around the facts
+    # the binding sample at a random offset of its row (filler on both sides; facts may open the
+    # stream), else it ends the row
+    binding_anywhere: bool = False
     near_steps: int = 0  # the first near_steps steps draw task distances from near_distances
     near_distances: tuple[int, ...] = (0,)  # (binding forms inside the window before far samples)
     context_weight: float = 1.0  # loss weight of the other tokens of task rows (0: answers only)
@@ -183,9 +186,11 @@ TRAIN_PRESETS = {
 TRAIN_PRESETS["recall-backbone"] = dataclasses.replace(
     TRAIN_PRESETS["recall"], steps=4000, binding_keys=(2, 4), keys_schedule=(), seq_schedule=(),
     near_steps=4000, near_distances=(0, 2, 4))
+# (samples anywhere in their rows: rows that all end with the sample left the TTT cache unable
+# to answer facts that open a stream, at 0.00 where the window scored 1.00)
 TRAIN_PRESETS["recall-memory"] = dataclasses.replace(
     TRAIN_PRESETS["recall"], steps=2500, seq_len=96, keys_schedule=(), near_steps=1000,
-    seq_schedule=((0, 96), (1000, 208)))
+    seq_schedule=((0, 96), (1000, 208)), binding_anywhere=True)
 
 
 def at_step(schedule: tuple, step: int, default):
@@ -264,7 +269,8 @@ class TaskRows:
             parts.append(task_rows(self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist))
         if nb:
             toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.keys_at(step), dist,
-                                      cfg.binding_queries, self.filler, cfg.binding_repeat)
+                                      cfg.binding_queries, self.filler, cfg.binding_repeat,
+                                      cfg.binding_anywhere)
             parts.append(_rows(torch.from_numpy(toks), torch.from_numpy(mask), cfg.answer_weight,
                                cfg.context_weight))
         return tuple(torch.cat(p) for p in zip(*parts))

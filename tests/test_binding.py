@@ -4,6 +4,7 @@ answer-only loss, step scaling) against the rows they produce, and binding accur
 per-sample parallel reference."""
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ def read_sample(tokens: np.ndarray) -> tuple[dict[int, int], int, list[tuple[int
     t = tokens.tolist()
     s, e, q = t.index(STX), t.index(ETX), t.index(ENQ)
     facts = dict(zip(t[s + 1:e:2], t[s + 2:e:2]))
-    return facts, q - e - 1, list(zip(t[q + 1::2], t[q + 2::2]))
+    pairs = zip(t[q + 1::2], t[q + 2::2])  # questions, then any filler after the sample
+    return facts, q - e - 1, list(itertools.takewhile(lambda kv: kv[0] in KEYS, pairs))
 
 
 @pytest.mark.parametrize("num_keys,num_queries,distance,repeat",
@@ -107,6 +109,22 @@ def test_rows_end_with_a_sample_and_state_their_answers():
         binding_rows(rng, 1, 20, (8,), (9,))
 
 
+def test_rows_with_the_sample_anywhere_state_their_answers_at_every_offset():
+    rng = np.random.default_rng(2)
+    toks, mask = binding_rows(rng, 256, 40, (2, 4), (0, 3), num_queries=0, anywhere=True)
+    ends = binding_rows(np.random.default_rng(2), 256, 40, (2, 4), (0, 3), num_queries=0)[0]
+    starts = []
+    for row, m in zip(toks, mask):
+        facts, d, questions = read_sample(row)
+        assert len(facts) in (2, 4) and d in (0, 3) and len(questions) == len(facts)
+        assert row[m].tolist() == [facts[k] for k, _ in questions]
+        starts.append(row.tolist().index(STX))
+        last = int(np.flatnonzero(m)[-1])
+        assert not np.isin(row[last + 1:], np.r_[KEYS, VALUES, [STX, ETX, ENQ]]).any()
+    assert min(starts) == 0 and max(starts) == 40 - 11  # first and last offsets (N 2, d 0)
+    assert all(row[-1] in VALUES for row in ends)  # without: every row ends with its last answer
+
+
 def facts_of_rows(rows) -> list[tuple[int, int]]:
     """(N, d) of every row of a TaskRows batch, read from its input tokens."""
     x = torch.cat([rows[0], rows[1][:, -1:]], 1).numpy()  # inputs + the last target
@@ -128,6 +146,11 @@ def test_recall_curriculum_draws_keys_and_distances_by_step():
     x, y, _, _ = TaskRows(again)(64, cfg.seq_len, 25, np.random.default_rng(0))
     asked = [[k for k, _ in read_sample(r)[2]] for r in torch.cat([x, y[:, -1:]], 1).numpy()]
     assert any(len(set(a)) < len(a) for a in asked)  # binding_repeat: some key asked twice
+    for anywhere in (False, True):  # binding_anywhere: samples leave rows' ends to filler
+        x, y, _, w = TaskRows(dataclasses.replace(cfg, binding_anywhere=anywhere))(
+            64, cfg.seq_len, 0, np.random.default_rng(0))
+        ends_answered = np.isin(y[:, -1].numpy(), VALUES) & (w[:, -1] > 0).numpy()
+        assert ends_answered.all() != anywhere and (w > 0).sum(1).min() >= 2
     late = dataclasses.replace(cfg, keys_schedule=((5, (2,)),))
     assert late.keys_at(4) == (16,) and late.keys_at(5) == (2,)  # binding_keys before the first
 

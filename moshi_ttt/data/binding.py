@@ -94,10 +94,13 @@ def binding_batch(seeds, distance: int, num_keys: int, num_queries: int = 1,
 
 
 def binding_rows(rng: np.random.Generator, n: int, length: int, keys, distances,
-                 num_queries: int = 0, filler: np.ndarray | None = None, repeat: bool = False):
+                 num_queries: int = 0, filler: np.ndarray | None = None, repeat: bool = False,
+                 anywhere: bool = False):
     """``n`` training rows of exactly ``length`` tokens: a sample (N from ``keys``, d from
     ``distances``; ``num_queries`` 0 asks N keys: every key in turn, or with ``repeat`` N keys
-    drawn with replacement) left-filled with filler.
+    drawn with replacement) left-filled with filler; with ``anywhere`` the sample starts at a
+    uniform offset in [0, length - len(sample)] with filler before and after it, so facts also
+    open a stream (an empty memory).
     Returns tokens int64 [n, length], answer_mask bool [n, length]."""
     toks = np.empty((n, length), np.int64)
     mask = np.zeros((n, length), bool)
@@ -109,6 +112,9 @@ def binding_rows(rng: np.random.Generator, n: int, length: int, keys, distances,
             raise ValueError(f"a binding sample of {N} keys at distance {d} has {len(s.tokens)} "
                              f"tokens, more than the row length {length}")
         pad = length - len(s.tokens)
-        toks[i, :pad] = _filler(rng, pad, filler)
-        toks[i, pad:], mask[i, pad:] = s.tokens, s.answer_mask
+        lo = int(rng.integers(pad + 1)) if anywhere else pad  # the sample's first token
+        hi = lo + len(s.tokens)
+        toks[i, :lo] = _filler(rng, lo, filler)
+        toks[i, hi:] = _filler(rng, length - hi, filler)
+        toks[i, lo:hi], mask[i, lo:hi] = s.tokens, s.answer_mask
     return toks, mask
