@@ -10,6 +10,8 @@ it, as parallel processes.
         --memories window@16 window@64        # more memories from the same backbone
     python bench/recall_study.py --merge runs/recall --out docs/results/recall-study
         # the report of the models a run finished (each model's eval.json)
+    python bench/recall_study.py --evaluate runs/recall/window-128 --device cpu
+        # measure finished models again (rewrites their eval.json)
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from moshi_ttt import pipeline
+from moshi_ttt import pipeline, report
+from moshi_ttt.checkpoint import load_checkpoint
 from moshi_ttt.config import ModelConfig, memory_variant
 from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.trainer import Trainer
@@ -56,7 +59,7 @@ def time_steps(spec: str, tcfg, sp, device: str, reps: int, threads: int) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="the study's folder (all but --evaluate)")
     p.add_argument("--budget", type=float, default=330.0, help="seconds of training for the slowest model")
     p.add_argument("--jobs", type=int, default=16)
     p.add_argument("--memories", nargs="+", default=None)
@@ -75,7 +78,15 @@ def main() -> None:
                         "instead of training one")
     p.add_argument("--merge", type=Path, default=None,
                    help="write the report of the models finished under this folder (no training)")
+    p.add_argument("--evaluate", type=Path, nargs="+", default=None,
+                   help="measure the models in these folders again at the study's distances, "
+                        "rewriting their eval.json (no training)")
     a = p.parse_args()
+    if a.evaluate:
+        evaluate(a.evaluate, a.device)
+        return
+    if a.out is None:
+        p.error("--out is required (but with --evaluate)")
     if a.merge:
         merge(a.merge, a.out)
         return
@@ -113,6 +124,26 @@ def main() -> None:
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
+def study_eval():
+    """The recall study's evaluation, its distances in multiples of the study's window."""
+    sp = pipeline.STUDY_PRESETS["recall"]
+    return dataclasses.replace(sp.eval, window=sp.window)
+
+
+def evaluate(folders: list[Path], device: str) -> None:
+    """Each folder's ``model.pt`` measured again with the study's evaluation into its eval.json
+    (models evaluated at the distances of an older evaluation)."""
+    missing = [str(f) for f in folders if not (f / "model.pt").is_file()]
+    if missing:
+        raise SystemExit(f"no model.pt in {', '.join(missing)}")
+    for folder in folders:
+        model, meta = load_checkpoint(folder / "model.pt", device)
+        t0 = time.perf_counter()
+        res = pipeline.model_results(model.eval(), meta, folder / "model.pt", [], study_eval(), device)
+        report.write_json(folder / "eval.json", res)
+        print(f"{folder.name}: evaluated in {time.perf_counter() - t0:.0f} s on {device}", file=sys.stderr)
+
+
 def merge(src: Path, out: Path) -> None:
     """metrics.json, summary.json, report.md and plots from the ``eval.json`` of each finished model
     (a run cut short, or models evaluated after their device call)."""
@@ -124,11 +155,11 @@ def merge(src: Path, out: Path) -> None:
         r = json.loads(f.read_text())
         r.pop("wall", None)
         results[f.parent.name] = r
-    sp = pipeline.STUDY_PRESETS["recall"]
     train = next(iter(results.values()))["train"]
     train_len = max([train["seq_len"]] + [n for _, n in train["seq_schedule"]])
-    _, provenance = pipeline.held_out_data(None, sp.eval)
-    ec = dataclasses.replace(sp.eval, binding_num=next(iter(results.values()))["binding"]["one"]["1"][0]["n"])
+    ec = study_eval()
+    _, provenance = pipeline.held_out_data(None, ec)
+    ec = dataclasses.replace(ec, binding_num=next(iter(results.values()))["binding"]["one"]["1"][0]["n"])
     pipeline.write_results(results, [], provenance, out, ec, "merged", train_len)
     print(f"report: {out / 'report.md'} ({len(results)} models)")
 

@@ -143,7 +143,8 @@ def eval_config(a) -> EvalConfig:
                       cross_session_distance=a.cross_session_distance,
                       binding_keys=tuple(a.binding_keys), binding_distances=tuple(a.binding_distances),
                       binding_num=a.binding_num, binding_all_questions=a.binding_all_questions,
-                      perplexity=not a.no_perplexity, long_stream=tuple(a.long_stream))
+                      perplexity=not a.no_perplexity, long_stream=tuple(a.long_stream),
+                      window=a.window)
 
 
 def cmd_eval(a) -> None:
@@ -282,7 +283,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="key-value binding with these numbers of keys N, one question per sample "
                         "(chance 1/N), e.g. 1 2 4 8 16 32 (none: skip)")
     p.add_argument("--binding-distances", nargs="+", type=float, default=[0.5, 1, 2, 4, 16, 64],
-                   help="filler between the facts and the question, as multiples of each model's window")
+                   help="filler between the facts and the question, as multiples of --window")
+    p.add_argument("--window", type=int, default=0,
+                   help="W of the recall and binding distances, in tokens (default 0: each model's "
+                        "own window; give one to compare models of different windows)")
     p.add_argument("--binding-num", type=int, default=200, help="binding samples per (N, distance)")
     p.add_argument("--binding-all-questions", action="store_true",
                    help="also ask every key in turn (drawn with the bag line H_N/N)")

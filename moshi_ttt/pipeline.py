@@ -51,6 +51,9 @@ class EvalConfig:
     binding_all_questions: bool = False  # also every key asked in turn (drawn with its bag line)
     perplexity: bool = True  # held-out loss by position (needs the corpus's test split)
     long_stream: tuple[int, ...] = ()  # one held-out stream to these multiples of the train length
+    # the W of recall and binding distances (x W), in tokens; 0: each model's own window. A study
+    # sets its window, so that models of other windows are measured at the same distances
+    window: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "binding_keys", tuple(int(n) for n in self.binding_keys))
@@ -62,6 +65,8 @@ class EvalConfig:
                              f"got {self.binding_distances}")
         if self.binding_num < 1:
             raise ValueError(f"EvalConfig.binding_num must be >= 1, got {self.binding_num}")
+        if self.window < 0:
+            raise ValueError(f"EvalConfig.window must be >= 0 (0: each model's own), got {self.window}")
         object.__setattr__(self, "long_stream", tuple(int(m) for m in self.long_stream))
         ls = self.long_stream
         if ls and (ls[0] < 1 or any(b <= a for a, b in zip(ls, ls[1:]))):
@@ -151,11 +156,16 @@ def long_stream_tokens(data: Path, n: int) -> np.ndarray:
     return joined[:n]
 
 
+def distance_unit(model: StreamingLM, ec: EvalConfig) -> int:
+    """The W of recall and binding distances (x W): ``ec.window``, else the model's window."""
+    return ec.window or model.cfg.memory.window
+
+
 def evaluate_model(model: StreamingLM, docs: list[np.ndarray], ec: EvalConfig, device: str,
                    long_tokens: np.ndarray | None = None, train_len: int | None = None) -> dict:
     """Every measurement of one model (streaming semantics throughout); with ``long_tokens``
     (``ec.long_stream`` set) the long stream to multiples of ``train_len``."""
-    W = model.cfg.memory.window
+    W = distance_unit(model, ec)
     res = {"loss_by_position": loss_by_position(model, docs, ec.max_len, buckets=ec.buckets, device=device)
            if ec.perplexity else [],
            "recall": {t: task_accuracy(model, t, [m * W for m in ec.distances], ec.num, ec.seed, device=device)
@@ -495,6 +505,7 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     sp = STUDY_PRESETS[preset]
     data = data if sp.corpus else None
+    ec = sp.eval if sp.eval.window else dataclasses.replace(sp.eval, window=sp.window)
     work = study_jobs(sp, data, out, steps, memories)
     if backbone is not None and not sp.backbone:
         raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from "
@@ -505,13 +516,13 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     results = {}
     if jobs == 1:
         for name, cfg, tcfg, folder in work:
-            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, sp.eval, device,
+            results[name] = train_and_evaluate(name, cfg, tcfg, folder, data, ec, device,
                                                init=init)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(train_and_evaluate, name, cfg, tcfg, folder, data, sp.eval, device, False,
+            futures = {pool.submit(train_and_evaluate, name, cfg, tcfg, folder, data, ec, device, False,
                                    threads, init): name for name, cfg, tcfg, folder in work}
             for fut in tqdm(as_completed(futures), total=len(futures), desc="study", dynamic_ncols=True):
                 results[futures[fut]] = fut.result()
@@ -519,5 +530,5 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     for r in results.values():
         r.pop("wall", None)
     ckpts = [folder / "model.pt" for *_, folder in work]
-    _, provenance = held_out_data(data, sp.eval)
-    return write_results(results, ckpts, provenance, out, sp.eval, device, work[0][2].max_seq_len())
+    _, provenance = held_out_data(data, ec)
+    return write_results(results, ckpts, provenance, out, ec, device, work[0][2].max_seq_len())

@@ -17,8 +17,8 @@ from moshi_ttt.data.binding import (
 )
 from moshi_ttt.evaluation import binding_accuracy
 from moshi_ttt.models.lm import StreamingLM
-from moshi_ttt.pipeline import scale_steps
-from moshi_ttt.recall_report import controls
+from moshi_ttt.pipeline import EvalConfig, binding_results, distance_unit, scale_steps
+from moshi_ttt.recall_report import controls, study_window
 from moshi_ttt.training import TRAIN_PRESETS, TaskRows, TrainConfig
 
 
@@ -232,6 +232,41 @@ def test_report_names_models_in_which_binding_did_not_form():
     m["models"]["window-32"]["binding"]["one"]["4"][1]["distance_w"] = 1.0  # within 2 layers' reach
     assert controls(m, 208)["window"]["max_binding_beyond_window"] is None
 
+
+def test_a_study_window_sets_the_distances_of_every_model():
+    """Models of other windows: the negative control is the study window's, and binding formed
+    is judged inside each model's own window."""
+    m = fake_metrics({"window-128": 1.0, "full": 1.0, "window-32": 0.97},
+                     {"window-128": 0.02, "full": 0.99, "window-32": 0.02})
+    m["models"]["window-128"]["config"]["memory"]["window"] = 128
+    far = m["models"]["window-128"]["binding"]["one"]["4"][1]
+    far.update(distance_w=2.0, distance=64, accuracy=1.0)  # 2 x 32 tokens: inside its window
+    assert study_window(m) == 128  # no evaluation window: the first model's
+    m["eval"] = {"window": 32}
+    c = controls(m, 208)
+    assert study_window(m) == 32 and c["window"]["model"] == "window-32" and c["passed"]
+    assert c["not_formed"] == {}
+    m["models"]["window-128"]["binding"]["one"]["4"][0]["accuracy"] = 0.5
+    assert controls(m, 208)["not_formed"] == {}  # its best inside its window: 1.0 at 64 tokens
+    far["accuracy"] = 0.6
+    assert controls(m, 208)["not_formed"] == {"window-128": 0.6}
+
+
+@pytest.mark.parametrize("window,multiple", [(0, 2.0), (16, 3.0)])
+def test_eval_window_scales_binding_distances(window, multiple):
+    """A window-24 model at 2 x its own window and at 3 x an evaluation window of 16: both 48
+    filler tokens, the same score."""
+    torch.manual_seed(0)
+    _, cfg = memory_variant(ModelConfig.preset("recall"), "window", 32, 24, 16)
+    model = StreamingLM(dataclasses.replace(cfg, dim=32, num_heads=2)).eval()
+    ec = EvalConfig(binding_keys=(2,), binding_distances=(multiple,), binding_num=6,
+                    perplexity=False, window=window)
+    row = binding_results(model, ec, distance_unit(model, ec), "cpu")["one"]["2"][0]
+    ref = binding_accuracy(model, 2, [48], 6, progress=False)[0]
+    assert row["distance"] == 48 and row["distance_w"] == multiple
+    assert row["accuracy"] == ref["accuracy"]
+    with pytest.raises(ValueError, match="EvalConfig.window"):
+        EvalConfig(window=-1)
 
 
 def test_a_full_model_that_does_not_bind_fails_the_positive_control():
