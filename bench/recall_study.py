@@ -124,24 +124,20 @@ def main() -> None:
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
-def study_eval():
-    """The recall study's evaluation, its distances in multiples of the study's window."""
-    sp = pipeline.STUDY_PRESETS["recall"]
-    return dataclasses.replace(sp.eval, window=sp.window)
-
-
 def evaluate(folders: list[Path], device: str) -> None:
     """Each folder's ``model.pt`` measured again with the study's evaluation into its eval.json
     (models evaluated at the distances of an older evaluation)."""
     missing = [str(f) for f in folders if not (f / "model.pt").is_file()]
     if missing:
         raise SystemExit(f"no model.pt in {', '.join(missing)}")
+    ec = pipeline.study_eval(pipeline.STUDY_PRESETS["recall"])
     for folder in folders:
         model, meta = load_checkpoint(folder / "model.pt", device)
         t0 = time.perf_counter()
-        res = pipeline.model_results(model.eval(), meta, folder / "model.pt", [], study_eval(), device)
+        res = pipeline.model_results(model.eval(), meta, folder / "model.pt", [], ec, device)
         report.write_json(folder / "eval.json", res)
-        print(f"{folder.name}: evaluated in {time.perf_counter() - t0:.0f} s on {device}", file=sys.stderr)
+        print(f"{folder.name}: evaluated in {time.perf_counter() - t0:.0f} s on {device}",
+              file=sys.stderr)
 
 
 def merge(src: Path, out: Path) -> None:
@@ -157,7 +153,7 @@ def merge(src: Path, out: Path) -> None:
         results[f.parent.name] = r
     train = next(iter(results.values()))["train"]
     train_len = max([train["seq_len"]] + [n for _, n in train["seq_schedule"]])
-    ec = study_eval()
+    ec = pipeline.study_eval(pipeline.STUDY_PRESETS["recall"])
     _, provenance = pipeline.held_out_data(None, ec)
     ec = dataclasses.replace(ec, binding_num=next(iter(results.values()))["binding"]["one"]["1"][0]["n"])
     pipeline.write_results(results, [], provenance, out, ec, "merged", train_len)

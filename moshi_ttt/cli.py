@@ -136,7 +136,9 @@ def variant_name(spec: str, cfg: ModelConfig) -> str:
 
 
 # ---- eval, study, run ---------------------------------------------------------------
-def eval_config(a) -> EvalConfig:
+def eval_config(a, window: int) -> EvalConfig:
+    """The evaluation options of `eval` and `run`; `window` is W of the recall distances (0: each
+    model's own)."""
     return EvalConfig(max_len=a.max_len, docs=a.docs, concat=a.concat, buckets=tuple(a.buckets),
                       tasks=tuple(a.tasks), distances=tuple(a.distances), num=a.num, seed=a.seed,
                       diagnostics=not a.no_diagnostics, cross_session=tuple(a.cross_session),
@@ -144,11 +146,11 @@ def eval_config(a) -> EvalConfig:
                       binding_keys=tuple(a.binding_keys), binding_distances=tuple(a.binding_distances),
                       binding_num=a.binding_num, binding_all_questions=a.binding_all_questions,
                       perplexity=not a.no_perplexity, long_stream=tuple(a.long_stream),
-                      window=a.window)
+                      window=window)
 
 
 def cmd_eval(a) -> None:
-    ec = eval_config(a)
+    ec = eval_config(a, a.window)
     corpus = ec.perplexity or bool(ec.long_stream)
     if corpus:
         ensure_corpus(a.data)
@@ -174,7 +176,7 @@ def cmd_run(a) -> None:
     t0 = time.perf_counter()
     tcfg = dataclasses.replace(TRAIN_PRESETS["tiny"], steps=a.steps, seed=a.seed)
     cfgs = {spec: variant(PRESETS["tiny"], spec, a.ttt_chunk, a.window) for spec in a.memories}
-    ec = eval_config(a)  # bad options fail before any training
+    ec = eval_config(a, a.window)  # every model has --window; bad options fail before any training
     ensure_corpus(a.data)
     ckpts = [run_training(cfg, tcfg, a.data, a.out / variant_name(spec, cfg), variant_name(spec, cfg), a.device)
              for spec, cfg in cfgs.items()]
@@ -284,9 +286,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "(chance 1/N), e.g. 1 2 4 8 16 32 (none: skip)")
     p.add_argument("--binding-distances", nargs="+", type=float, default=[0.5, 1, 2, 4, 16, 64],
                    help="filler between the facts and the question, as multiples of --window")
-    p.add_argument("--window", type=int, default=0,
-                   help="W of the recall and binding distances, in tokens (default 0: each model's "
-                        "own window; give one to compare models of different windows)")
     p.add_argument("--binding-num", type=int, default=200, help="binding samples per (N, distance)")
     p.add_argument("--binding-all-questions", action="store_true",
                    help="also ask every key in turn (drawn with the bag line H_N/N)")
@@ -351,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--train-len", type=positive_int, default=None,
                     help="the training length that --long-stream multiplies (default: the "
                          "longest training sequence the first checkpoint records)")
+    ep.add_argument("--window", type=int, default=0,
+                    help="W of the recall and binding distances, in tokens (default 0: each model's "
+                         "own window; give one to compare models of different windows)")
     add_eval_args(ep)
     ep.set_defaults(func=cmd_eval)
 

@@ -66,7 +66,8 @@ class EvalConfig:
         if self.binding_num < 1:
             raise ValueError(f"EvalConfig.binding_num must be >= 1, got {self.binding_num}")
         if self.window < 0:
-            raise ValueError(f"EvalConfig.window must be >= 0 (0: each model's own), got {self.window}")
+            raise ValueError(f"EvalConfig.window must be >= 0 (0: each model's own), "
+                             f"got {self.window}")
         object.__setattr__(self, "long_stream", tuple(int(m) for m in self.long_stream))
         ls = self.long_stream
         if ls and (ls[0] < 1 or any(b <= a for a, b in zip(ls, ls[1:]))):
@@ -493,6 +494,12 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
     return res
 
 
+def study_eval(sp: StudyPreset) -> EvalConfig:
+    """A study's evaluation: distances in multiples of the study's window for every model (its
+    own ``eval.window`` if set)."""
+    return sp.eval if sp.eval.window else dataclasses.replace(sp.eval, window=sp.window)
+
+
 def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int = 1, steps: int | None = None,
               memories: tuple[str, ...] | None = None, backbone: Path | None = None) -> dict:
     """Train every memory of a study preset at the same budget (from the preset's backbone, trained
@@ -505,7 +512,7 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     sp = STUDY_PRESETS[preset]
     data = data if sp.corpus else None
-    ec = sp.eval if sp.eval.window else dataclasses.replace(sp.eval, window=sp.window)
+    ec = study_eval(sp)
     work = study_jobs(sp, data, out, steps, memories)
     if backbone is not None and not sp.backbone:
         raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from "
