@@ -376,7 +376,9 @@ RECALL_MEMORIES = (
     "full", "window", "window@128", "sink", "pooled", "infini", "ttt_cache",
     "ttt_cache:read_query=true", "ttt_cache:gate_per_token=true", "ttt_cache:compressor_proj=true",
     f"ttt_cache:{RECALL_READERS}", "window+ttt2",
-    "window@16", "window@64", "pooled:num_virtual=16", f"ttt_cache:{RECALL_READERS},compressor_hidden=128")
+    "window@16", "window@64", "pooled:num_virtual=16", f"ttt_cache:{RECALL_READERS},compressor_hidden=128",
+    # infini's state bytes (131,752 against 132,616): a narrow compressor and a short eviction block
+    f"ttt_cache:{RECALL_READERS},compressor_hidden=8,block=4")
 
 STUDY_PRESETS = {
     # tiny models on 2 CPU cores, a few minutes per memory

@@ -107,3 +107,16 @@ def test_gated_memories_from_a_backbone_start_at_its_gate():
     assert gates == {"window-32": 0.0, "ttt_cache-32": 2.0, "pooled-32": 2.0}
     scratch = dataclasses.replace(sp, backbone=None)
     assert pipeline.study_jobs(scratch, None, Path("s"))[0][1].memory.gate_init == 0.0
+
+
+def test_the_recall_study_holds_a_ttt_cache_at_infinis_state_bytes():
+    """The frontier compares memories at equal state: one TTT cache of the recall preset fits in
+    infini's bytes (within 1%), measured on streamed states."""
+    from moshi_ttt.diagnostics import state_bytes_curve
+
+    sp = pipeline.STUDY_PRESETS["recall"]
+    cfgs = {name: cfg for name, cfg, *_ in pipeline.study_jobs(sp, None, Path("s"))}
+    nbytes = {n: state_bytes_curve(StreamingLM(c), [256])[0]["state_bytes"] for n, c in cfgs.items()
+              if c.memory.kind in ("infini", "ttt_cache")}
+    infini = nbytes.pop("infini-32")
+    assert min(abs(b - infini) for b in nbytes.values()) <= 0.01 * infini
