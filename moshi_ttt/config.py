@@ -29,7 +29,9 @@ class MemoryConfig:
     (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
     ``compressor_hidden`` its width (0: 2 x head dim), ``compressor_depth`` its layers (2 or 3),
     ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr`` the bound on its per-token
-    step size, ``decay`` forgetting towards the initial state, ``momentum`` (Titans), ``max_state_norm``
+    step size, ``decay`` forgetting towards the initial state, ``forget_gate`` learns it per block and
+    compressor from the block's keys, λ_n = σ(w·k̄_n + c) with c starting at logit(decay) (Titans'
+    data-dependent forgetting; needs decay > 0), ``momentum`` (Titans), ``max_state_norm``
     a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate softmaxes mixed by a learned gate per head) or
     ``"concat"`` (one softmax), ``virtual_position`` ``"relative"`` (RoPE offsets), ``"decay"``
     (learned recency bias) or ``"none"``, ``cold_start`` ``"zero"`` (output layer starts at zero),
@@ -61,6 +63,7 @@ class MemoryConfig:
     compressor_shared: bool = False
     inner_lr: float = 1.0
     decay: float = 0.0
+    forget_gate: bool = False
     momentum: float = 0.0
     max_state_norm: float = 100.0
     combine: str = "gate"
@@ -104,6 +107,10 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.decay and momentum must be in [0, 1), got {self.decay}, {self.momentum}")
         if self.max_state_norm <= 0:
             raise ValueError(f"MemoryConfig.max_state_norm must be > 0, got {self.max_state_norm}")
+        if self.forget_gate and (self.kind != "ttt_cache" or self.decay <= 0):
+            raise ValueError("MemoryConfig.forget_gate learns a TTT cache's decay from its starting "
+                             f"value: it needs kind='ttt_cache' and decay > 0, got {self.kind!r}, "
+                             f"decay={self.decay}")
         for name in ("read_query", "compressor_proj"):
             if getattr(self, name) and self.kind != "ttt_cache":
                 raise ValueError(f"MemoryConfig.{name} reads a TTT-cache compressor: it needs "
@@ -122,7 +129,9 @@ class InPlaceTTTConfig:
     ``chunk_size`` in tokens (steps: at 12.5 Hz a 256-step chunk is 20.5 s); ``lr`` the fixed inner
     rate η; ``target`` the source X0 of V̂: ``"embed"`` (token embeddings, training from scratch) or
     ``"hidden"`` (the layer's normalised MLP input, continual training); ``clip_tau`` clips ‖ΔW‖_F
-    in eval mode only; ``reset_on_boundary``: fast weights return to W0 at document boundaries of a
+    in eval mode only; ``decay`` λ forgets: the sum of updates s = W − W0 becomes
+    (1 − λ) s + ΔW at every chunk, so ‖s‖ stays bounded on streams of any length;
+    ``reset_on_boundary``: fast weights return to W0 at document boundaries of a
     training sequence (streaming resets are always per row via ``state.reset``);
     ``matmul_precision`` ``"highest"`` (IEEE fp32 products) or ``"high"`` (TF32 products on CUDA):
     sums and state are fp32 either way.
@@ -134,6 +143,7 @@ class InPlaceTTTConfig:
     target: str = "embed"
     conv_kernel: int = 5
     clip_tau: float | None = None
+    decay: float = 0.0
     reset_on_boundary: bool = True
     matmul_precision: str = "highest"
 
@@ -145,6 +155,8 @@ class InPlaceTTTConfig:
             raise ValueError(f"InPlaceTTTConfig.lr must be > 0, got {self.lr}")
         if self.clip_tau is not None and self.clip_tau <= 0:
             raise ValueError(f"InPlaceTTTConfig.clip_tau must be > 0 or None, got {self.clip_tau}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"InPlaceTTTConfig.decay must be in [0, 1), got {self.decay}")
         if self.chunk_size < 1:
             raise ValueError(f"InPlaceTTTConfig.chunk_size must be >= 1, got {self.chunk_size}")
         if self.target not in ("embed", "hidden"):
@@ -274,40 +286,56 @@ def variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = 
 # short names of memory fields in run names (``memory_variant``): true booleans as "+alias",
 # other values as "-alias<value>"
 FIELD_NAMES = {"read_query": "query", "gate_per_token": "tokgate", "compressor_proj": "proj",
-               "num_virtual": "M", "compressor_hidden": "h", "block": "b"}
+               "num_virtual": "M", "compressor_hidden": "h", "block": "b", "forget_gate": "forget",
+               "ttt.decay": "tttdecay", "ttt.clip_tau": "tttclip"}
+
+
+def _field_value(spec: str, key: str, v: str, default):
+    """The value of ``key=v`` in a memory spec, of the type of the field's default (a float where
+    the default is None)."""
+    if isinstance(default, bool):
+        if v not in ("true", "false"):
+            raise ValueError(f"bad memory {spec!r}: {key} takes true or false, got {v!r}")
+        return v == "true"
+    kind = float if default is None else type(default)
+    try:
+        return kind(v)
+    except ValueError as e:
+        raise ValueError(f"bad memory {spec!r}: {key}={v!r} is not a {kind.__name__}") from e
 
 
 def memory_variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None,
                    block: int | None = None) -> tuple[str, ModelConfig]:
     """``kind[+tttN[/tf32]][@W][:field=value,...]`` -> (run name, config): ``variant`` of ``spec``'s
     kind and In-Place TTT, ``@W`` another window, ``:field=value`` MemoryConfig fields (booleans
-    ``true``/``false``), ``block`` the default block. E.g. ``ttt_cache:read_query=true,num_virtual=8``
-    -> ``ttt_cache-32+query-M8``."""
+    ``true``/``false``) or ``ttt.field=value`` InPlaceTTTConfig fields (with ``+tttN``), ``block``
+    the default block. E.g. ``ttt_cache:read_query=true,num_virtual=8`` -> ``ttt_cache-32+query-M8``,
+    ``window+ttt2:ttt.decay=0.05`` -> ``window-32+ttt2-tttdecay0.05``."""
     head, _, extra = spec.partition(":")
     head, _, w = head.partition("@")
     if w and not w.isdigit():
         raise ValueError(f"bad memory {spec!r}: @W needs a positive window, got {w!r}")
     cfg = variant(base, head, chunk, int(w) if w else window)
-    fields = {} if block is None else {"block": block}
-    names = {f.name: f for f in dataclasses.fields(MemoryConfig)}
+    fields, ttt_fields = ({} if block is None else {"block": block}), {}
+    names = {f.name for f in dataclasses.fields(MemoryConfig)} - {"kind"}
+    ttt_names = {f.name for f in dataclasses.fields(InPlaceTTTConfig)} - {"layers"}
     suffix = ""
     for item in filter(None, extra.split(",")):
         k, eq, v = item.partition("=")
-        if k not in names or not eq or k == "kind":
-            raise ValueError(f"bad memory {spec!r}: {item!r} is not FIELD=VALUE of a MemoryConfig field")
-        default = getattr(cfg.memory, k)
-        if isinstance(default, bool):
-            if v not in ("true", "false"):
-                raise ValueError(f"bad memory {spec!r}: {k} takes true or false, got {v!r}")
-            fields[k] = v == "true"
-            suffix += f"+{FIELD_NAMES.get(k, k)}" if fields[k] else ""
-        else:
-            try:
-                fields[k] = type(default)(v)
-            except ValueError as e:
-                raise ValueError(f"bad memory {spec!r}: {k}={v!r} is not a {type(default).__name__}") from e
-            suffix += f"-{FIELD_NAMES.get(k, k)}{v}"
+        group, _, name = k.rpartition(".")
+        known = name in names if group == "" else group == "ttt" and name in ttt_names
+        if not eq or not known:
+            raise ValueError(f"bad memory {spec!r}: {item!r} is not FIELD=VALUE of a MemoryConfig "
+                             "field or ttt.FIELD=VALUE of an InPlaceTTTConfig field")
+        if group == "ttt" and cfg.inplace_ttt is None:
+            raise ValueError(f"bad memory {spec!r}: {k} sets In-Place TTT, which needs +tttN")
+        target, into = (cfg.inplace_ttt, ttt_fields) if group else (cfg.memory, fields)
+        into[name] = _field_value(spec, k, v, getattr(target, name))
+        alias = FIELD_NAMES.get(k, k)
+        suffix += (f"+{alias}" if into[name] else "") if isinstance(into[name], bool) else f"-{alias}{v}"
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **fields))
+    if ttt_fields:
+        cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, **ttt_fields))
     kind, _, ttt = head.partition("+")
     name = kind if kind == "full" else f"{kind}-{cfg.memory.window}"
     return name + (f"+{ttt.replace('/', '-')}" if ttt else "") + suffix, cfg

@@ -15,11 +15,12 @@ C = 8
 
 
 def ttt_config(kind="window", window=6, layers=(0, 1), chunk=C, target="embed", lr=0.5, clip_tau=None,
-               reset_on_boundary=True):
+               reset_on_boundary=True, decay=0.0):
     return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
                           memory=mt.MemoryConfig(kind=kind, window=window),
                           inplace_ttt=mt.InPlaceTTTConfig(layers=layers, chunk_size=chunk, lr=lr, target=target,
-                                                          clip_tau=clip_tau, reset_on_boundary=reset_on_boundary))
+                                                          clip_tau=clip_tau, reset_on_boundary=reset_on_boundary,
+                                                          decay=decay))
 
 
 def ttt_model(cfg, conv_std=0.3, proj_scale=10.0, seed=0):
@@ -41,8 +42,9 @@ def set_naive(model, naive: bool):
 
 
 # ---- naive vs fast ------------------------------------------------------------------
+@pytest.mark.parametrize("decay", [0.0, 0.2])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_scan_naive_equals_fast_float64(clip):
+def test_scan_naive_equals_fast_float64(clip, decay):
     g = torch.Generator().manual_seed(1)
     B, T, h, d = 3, 5 * C, 12, 8
     args = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
@@ -53,7 +55,7 @@ def test_scan_naive_equals_fast_float64(clip):
     for f in (ttt_naive, ttt_chunk_scan):
         for a in args:
             a.grad = None
-        o, s = f(*args[:3], 0.3, C, s0=args[3], apply=apply, clip_tau=clip)
+        o, s = f(*args[:3], 0.3, C, s0=args[3], apply=apply, clip_tau=clip, decay=decay)
         ((o * go).sum() + (s * gs).sum()).backward()
         results.append([o.detach(), s.detach()] + [a.grad.clone() for a in args])
     for ref, fast in zip(*results):
@@ -106,6 +108,35 @@ def test_row_reset_mid_stream(k):
         fresh = model(tokens[1:2, 29:])
     assert_close(out, ref, 1e-4, "streaming vs parallel")
     assert_close(ref[1:2, 29:], fresh, 1e-4, "row 1 after the reset vs a fresh row")
+
+
+@pytest.mark.parametrize("k", [1, 5, 3 * C + 2])
+def test_decay_streaming_equals_parallel(k):
+    """Forgetting over 12 chunks, streamed in steps of k tokens, against the parallel pass; and it
+    changes the outputs (the option is live)."""
+    model = ttt_model(ttt_config(decay=0.3)).eval()
+    tokens = torch.randint(0, 50, (2, 12 * C))
+    with torch.no_grad():
+        ref = model(tokens)
+        out, _ = stream(model, tokens, k)
+        plain = ttt_model(ttt_config()).eval()(tokens)
+    assert_close(out, ref, 1e-4)
+    assert (ref - plain).abs().amax() > 1e-3 * plain.abs().amax()
+
+
+def test_decay_bounds_the_sum_of_updates():
+    """With λ the sum s of the updates stays under max‖ΔW‖ / λ (the geometric series) over a stream
+    of 400 chunks, while without it the sum outgrows that bound."""
+    g = torch.Generator().manual_seed(0)
+    h, d, N, lam = 6, 4, 400, 0.1
+    z = torch.randn(1, N * C, h, generator=g, dtype=torch.float64) + 1.0  # a biased, drifting input
+    v = torch.randn(1, N * C, d, generator=g, dtype=torch.float64) + 1.0
+    w0 = torch.zeros(d, h, dtype=torch.float64)
+    dw = torch.stack([0.3 * v[0, n * C:(n + 1) * C].T @ z[0, n * C:(n + 1) * C] for n in range(N)])
+    bound = torch.linalg.vector_norm(dw, dim=(1, 2)).max() / lam
+    _, s_decay = ttt_chunk_scan(z, v, w0, 0.3, C, decay=lam)
+    _, s_plain = ttt_chunk_scan(z, v, w0, 0.3, C)
+    assert torch.linalg.vector_norm(s_decay) <= bound < torch.linalg.vector_norm(s_plain)
 
 
 def test_eval_clip_streaming_equals_parallel():

@@ -614,13 +614,13 @@ def test_bench_search_matches_a_linear_scan():
     assert bench.fits(goods, 60, 66e9) and not bench.fits(goods, 62, 66e9)
 
 
-@pytest.mark.parametrize("clip", [None, 1e-3])
-def test_one_step_fast_path_equals_the_layer_step(clip):
+@pytest.mark.parametrize("clip,decay", [(None, 0.0), (1e-3, 0.0), (None, 0.25)])
+def test_one_step_fast_path_equals_the_layer_step(clip, decay):
     """TTTGating.step_one (LMGen's one step a call) against the project's InPlaceTTTMLP.step on the
     same state, token by token through three chunks, in eval mode (with the inference clip)."""
     from moshi_ttt.moshi.streaming import empty_state
 
-    cfg = InPlaceTTTConfig(layers=(0,), chunk_size=C, lr=0.5, target="hidden", clip_tau=clip)
+    cfg = InPlaceTTTConfig(layers=(0,), chunk_size=C, lr=0.5, target="hidden", clip_tau=clip, decay=decay)
     g = lively(patch_lm(stock(), AdapterConfig(inplace_ttt=cfg))).transformer.layers[0].gating
     states = [empty_state(2), empty_state(2)]
     for st in states:

@@ -31,6 +31,8 @@ def lively(model):
             mem.vkey_proj.normal_(0, 0.3)
             mem.gate.normal_(0, 1.0)
             mem.lr_w.normal_(0, 1.0)
+            if hasattr(mem, "forget_w"):
+                mem.forget_w.normal_(0, 2.0)
     return model
 
 
@@ -55,7 +57,9 @@ def test_parallel_equals_streaming_every_option(combine, position, cold):
 
 @pytest.mark.parametrize("k", [1, 5, 13])
 @pytest.mark.parametrize("extra", [dict(momentum=0.5), dict(decay=0.1), dict(max_state_norm=2.0), dict(bptt=2),
-                                   dict(compressor_depth=3), dict(compressor_shared=True)])
+                                   dict(compressor_depth=3), dict(compressor_shared=True),
+                                   dict(decay=0.1, forget_gate=True),
+                                   dict(decay=0.1, forget_gate=True, compressor_shared=True, momentum=0.5)])
 def test_parallel_equals_streaming_update_options(k, extra):
     model = lively(mt.StreamingLM(cache_config(**extra))).eval()
     tokens = torch.randint(0, 50, (2, 150))
@@ -132,7 +136,8 @@ def test_block_step_naive_equals_fast_float64(depth):
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(momentum=0.5, decay=0.1), dict(compressor_depth=3),
-                                   dict(compressor_shared=True, momentum=0.5)])
+                                   dict(compressor_shared=True, momentum=0.5),
+                                   dict(decay=0.1, forget_gate=True)])
 def test_model_naive_equals_fast_float64(extra):
     """States, outputs and gradients of every parameter through the whole model."""
     model = lively(mt.StreamingLM(cache_config(**extra))).double()
@@ -151,6 +156,55 @@ def test_model_naive_equals_fast_float64(extra):
     assert set(results[0]) == set(results[1])
     for name, ref in results[0].items():
         assert_close(results[1][name], ref, 1e-6, name, floor=0.0)
+
+
+def test_forget_gate_parallel_equals_streaming_with_resets():
+    """Learned forgetting over 2000 tokens, row 1 reset mid-stream, steps of one and 37 tokens."""
+    model = lively(mt.StreamingLM(cache_config(decay=0.05, forget_gate=True))).eval()
+    reset_parity(model, 2000, 999, [1] * 7 + [37], 1e-4)
+
+
+def test_forget_gate_starts_at_the_constant_decay_and_learns():
+    """A fresh forget gate (w = 0, c = logit λ) is the constant decay λ (logits equal); its
+    parameters get gradients, and once w moves the outputs differ."""
+    torch.manual_seed(0)
+    gated = lively(mt.StreamingLM(cache_config(decay=0.2, forget_gate=True))).double()
+    plain = mt.StreamingLM(cache_config(decay=0.2)).double()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "forget" not in k})
+    with torch.no_grad():
+        for mem in memories(gated):
+            mem.forget_w.zero_()
+    tokens = torch.randint(0, 50, (2, 60))
+    assert_close(gated(tokens), plain(tokens), 1e-6)  # c is logit λ stored in fp32
+    gated(tokens).square().mean().backward()
+    for mem in memories(gated):
+        assert mem.forget_w.grad.abs().amax() > 0 and mem.forget_b.grad.abs().amax() > 0
+    with torch.no_grad():
+        lively(gated)
+        assert (gated(tokens) - plain(tokens)).abs().amax() > 1e-6
+
+
+def test_forget_gate_keeps_the_state_flat_and_bounded():
+    """State bytes equal the constant decay's after 100 and 3000 tokens; the compressor's norm
+    stays finite and under the cap."""
+    sizes = []
+    for extra in (dict(forget_gate=True), dict()):
+        model = lively(mt.StreamingLM(cache_config(decay=0.1, **extra))).eval()
+        state = model.init_state(1)
+        with torch.no_grad():
+            model.step(torch.randint(0, 50, (1, 100)), state)
+            first = state.nbytes()
+            model.step(torch.randint(0, 50, (1, 2900)), state)
+        sizes.append((first, state.nbytes()))
+        assert all(torch.isfinite(t).all() for t in state.tensors.values() if t.is_floating_point())
+    assert sizes[0] == sizes[1] and sizes[0][0] == sizes[0][1]
+
+
+def test_forget_gate_needs_a_ttt_cache_and_a_starting_decay():
+    with pytest.raises(ValueError, match="forget_gate"):
+        mt.MemoryConfig(kind="ttt_cache", forget_gate=True)
+    with pytest.raises(ValueError, match="forget_gate"):
+        mt.MemoryConfig(kind="infini", decay=0.1, forget_gate=True)
 
 
 # ---- test-time learning is real ----------------------------------------------------

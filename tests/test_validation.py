@@ -68,6 +68,7 @@ def test_bad_resets_shape(model):
     (lambda: mt.InPlaceTTTConfig(chunk_size=0), "chunk_size"),
     (lambda: mt.InPlaceTTTConfig(lr=0), "lr must be > 0"),
     (lambda: mt.InPlaceTTTConfig(clip_tau=-1.0), "clip_tau"),
+    (lambda: mt.InPlaceTTTConfig(decay=1.0), "decay"),
     (lambda: mt.InPlaceTTTConfig(conv_kernel=0), "conv_kernel"),
     (lambda: mt.InPlaceTTTConfig(matmul_precision="medium"), "matmul_precision"),
     (lambda: mt.ModelConfig.preset("huge"), "unknown preset"),
@@ -83,3 +84,35 @@ def test_presets_roundtrip():
     for cfg in [mt.ModelConfig.preset(n) for n in mt.PRESETS] + [ttt]:
         assert mt.ModelConfig.from_dict(cfg.to_dict()) == cfg
         assert cfg.fingerprint() == mt.ModelConfig.from_dict(cfg.to_dict()).fingerprint()
+
+
+@pytest.mark.parametrize("spec, memory, ttt", [
+    ("ttt_cache:decay=0.05,forget_gate=true", dict(kind="ttt_cache", decay=0.05, forget_gate=True), None),
+    ("window+ttt2:ttt.decay=0.05", dict(kind="window"), dict(decay=0.05)),
+    ("ttt_cache+ttt2:decay=0.01,ttt.clip_tau=0.5,ttt.lr=0.1", dict(kind="ttt_cache", decay=0.01),
+     dict(clip_tau=0.5, lr=0.1)),
+])
+def test_memory_specs_equal_the_configs_they_name(spec, memory, ttt):
+    """A spec's memory and In-Place TTT fields against the same config built field by field."""
+    import dataclasses
+
+    from moshi_ttt.config import memory_variant, variant
+
+    base = mt.ModelConfig.preset("tiny")
+    _, cfg = memory_variant(base, spec, 64, 32)
+    ref = variant(base, spec.partition(":")[0], 64, 32)
+    ref = dataclasses.replace(ref, memory=dataclasses.replace(ref.memory, **memory))
+    if ttt:
+        ref = dataclasses.replace(ref, inplace_ttt=dataclasses.replace(ref.inplace_ttt, **ttt))
+    assert cfg == ref
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("window:ttt.decay=0.1", "needs \\+tttN"), ("window+ttt2:ttt.layers=1", "not FIELD=VALUE"),
+    ("window:kind=full", "not FIELD=VALUE"), ("window+ttt2:ttt.decay=x", "not a float"),
+    ("ttt_cache:forget_gate=yes", "true or false")])
+def test_bad_memory_specs(spec, match):
+    from moshi_ttt.config import memory_variant
+
+    with pytest.raises(ValueError, match=match):
+        memory_variant(mt.ModelConfig.preset("tiny"), spec)

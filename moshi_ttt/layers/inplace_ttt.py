@@ -54,7 +54,7 @@ class InPlaceTTTMLP(GatedMLP):
             v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)  # [R, L, D]
         scan = ttt_naive if self.naive else ttt_chunk_scan
         return scan(z, v, self.linear_out.weight.to(z.dtype), self.ttt.lr, C, s0=s0, apply=apply,
-                    clip_tau=self._clip(), precision=precision)
+                    clip_tau=self._clip(), precision=precision, decay=self.ttt.decay)
 
     def forward_ttt(self, x: torch.Tensor, x0: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None):
         """Parallel path. x [B, T, D] (normalised MLP input), x0 [B, T, D] target source,

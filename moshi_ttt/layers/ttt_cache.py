@@ -47,6 +47,9 @@ class TTTCacheMemory(EvictingMemory):
                 setattr(self, f"w{i}_init", nn.Parameter(init))
         self.lr_w = nn.Parameter(torch.zeros(H, Dh))  # η_t = inner_lr σ(k̂_t·lr_w + lr_b) / b
         self.lr_b = nn.Parameter(torch.zeros(H))
+        if mc.forget_gate:  # λ_n = σ(k̄_n·forget_w + forget_b), starting at the configured decay
+            self.forget_w = nn.Parameter(torch.zeros(self.hc, Dh))
+            self.forget_b = nn.Parameter(torch.full((self.hc,), math.log(mc.decay / (1 - mc.decay))))
         self.probes = nn.Parameter(torch.randn(H, M, Dh))
         self.vkeys = nn.Parameter(torch.randn(H, M, Dh) / math.sqrt(Dh))
         self.vkey_proj = nn.Parameter(torch.zeros(H, Dh, Dh))
@@ -169,6 +172,19 @@ class TTTCacheMemory(EvictingMemory):
         logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
         return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
 
+    def _decay(self, keys: torch.Tensor, eta: torch.Tensor, rows: int):
+        """λ per block and compressor: the configured constant, or with ``forget_gate``
+        σ(k̄·w + c) of the mean k̄ of the block's tokens (those with η > 0). keys [rows * hc, ..., b,
+        Dh], eta [rows * hc, ..., b] -> a float or [rows * hc, ...]."""
+        if not self.cfg.forget_gate:
+            return self.cfg.decay
+        on = (eta > 0).to(keys.dtype)
+        mean = (keys * on[..., None]).sum(-2) / on.sum(-1, keepdim=True).clamp_min(1.0)  # [G, ..., Dh]
+        w = self.forget_w.to(keys.dtype).repeat(rows, 1)  # [G, Dh]
+        w = w.view(w.shape[0], *([1] * (mean.dim() - 2)), w.shape[1])
+        b = self.forget_b.to(keys.dtype).repeat(rows).view(-1, *([1] * (mean.dim() - 2)))
+        return torch.sigmoid((mean * w).sum(-1) + b)
+
     def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0, query=None):
         """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
         apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads of
@@ -184,7 +200,8 @@ class TTTCacheMemory(EvictingMemory):
         mc = self.cfg
         with torch.autocast(keys.device.type, enabled=False):
             return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first, query),
-                                 decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm, bptt=mc.bptt,
+                                 decay=self._decay(keys, eta, rows), momentum=mc.momentum,
+                                 max_norm=mc.max_state_norm, bptt=mc.bptt,
                                  naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
                                  compiled=mc.compile_scan, grad_precision=mc.grad_precision)
 
@@ -428,11 +445,11 @@ class TTTCacheMemory(EvictingMemory):
         ds = tuple(st[f"d{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
         moms = tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1)) if mc.momentum else None
         probes, inits = self._probes(), tuple(w.to(x.dtype) for w in self.inits())
-        fast = not torch.is_grad_enabled() and ttt_triton.supports(ds, x, probes)
+        fast = not (torch.is_grad_enabled() or mc.forget_gate) and ttt_triton.supports(ds, x, probes)
         with torch.autocast(x.device.type, enabled=False):
             v = (ttt_triton.complete_block if fast else complete_block)(
                 ds, moms, inits, x, y, eta, done[:, None].expand(B, hc).reshape(-1), probes,
-                decay=mc.decay, momentum=mc.momentum, max_norm=mc.max_state_norm)
+                decay=self._decay(x, eta, B), momentum=mc.momentum, max_norm=mc.max_state_norm)
             v = self._per_head(v[:, None], B)  # [B * H, 1, M, Dh]
             k = self._keys(v, freqs)
         m = done.view(B, 1, 1, 1)

@@ -112,6 +112,8 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
             coef = lr * done * run.to(dt)
             if self._clip() is not None:  # eval-only norm clip of the whole ΔW
                 coef = coef * _clip_scale(lr * v.transpose(1, 2) @ zb, self._clip())
+            if self.ttt.decay:  # s ← (1 − λ) s where the chunk completes
+                s.mul_((1.0 - self.ttt.decay * done * run.to(dt))[:, None, None])
             s.baddbmm_((v * coef[:, None, None]).transpose(1, 2), zb)  # W += c η V̂ᵀZ
             m = run[:, None, None]
             st["zbuf"].copy_(torch.where(m, zb * (1 - done)[:, None, None], st["zbuf"]))

@@ -6,7 +6,8 @@
 
 η_t = η_max · σ(w·k̂_t + c) / (b (1 + ‖a_t‖²)), with a_t the last hidden activation (the input of
 W_L), is bounded and normalised by that activation's energy (normalised LMS), so a mini-batch
-step cannot overshoot. Optional forgetting pulls θ back towards its initial state, optional
+step cannot overshoot. Optional forgetting pulls θ back towards its initial state (a constant λ,
+or a learned one per block and compressor: a tensor instead of a float), optional
 momentum follows Titans, and a norm cap keeps each ‖W‖_F bounded. Weights are tuples
 ``ws = (W1, ..., W_L)``, each [G, d_in, d_out] for G independent compressors. Two
 implementations of the block step share one signature: ``block_step_naive`` takes per-token
@@ -87,24 +88,27 @@ def _naive(ws, x, y, eta):
     return tuple(deltas), torch.stack(losses, 1)
 
 
-def apply_update(w, delta, mom, w_init, decay: float, momentum: float, max_norm: float):
+def apply_update(w, delta, mom, w_init, decay, momentum: float, max_norm: float):
     """θ_new from θ and the gradient step: momentum (S ← βS + Δ), forgetting towards the initial
-    state (θ ← θ0 + (1 − λ)(θ − θ0)), then a cap on ‖θ‖_F. All [G, ...]; returns (θ_new, S_new)."""
+    state (θ ← θ0 + (1 − λ)(θ − θ0), λ a float or one per row [G]), then a cap on ‖θ‖_F. All
+    [G, ...]; returns (θ_new, S_new)."""
     if momentum:
         mom = momentum * mom + delta
         delta = mom
     w = w + delta
-    if decay:
+    if torch.is_tensor(decay):
+        w = w_init + (1.0 - decay.to(w.dtype))[:, None, None] * (w - w_init)
+    elif decay:
         w = w_init + (1.0 - decay) * (w - w_init)
     norm = torch.linalg.vector_norm(w, dim=(1, 2), keepdim=True)
     w = w * torch.clamp(max_norm / norm.clamp_min(1e-12), max=1.0)
     return w, mom
 
 
-def scan_step(ws, moms, inits, x, y, eta, apply_n, decay: float, momentum: float, max_norm: float,
+def scan_step(ws, moms, inits, x, y, eta, apply_n, decay, momentum: float, max_norm: float,
               naive: bool = False):
-    """One block: gradient step, momentum, forgetting and norm cap; rows with ``apply_n`` [G] false
-    keep their state. ws, inits tuples of [G, ...]; moms a tuple or None. Returns (ws, moms, loss
+    """One block: gradient step, momentum, forgetting (λ a float or [G]) and norm cap; rows with
+    ``apply_n`` [G] false keep their state. ws, inits tuples of [G, ...]; moms a tuple or None. Returns (ws, moms, loss
     before the step [G, b])."""
     a = apply_n[:, None, None] > 0
     deltas, loss = (block_step_naive if naive else block_step)(ws, x, y, eta)
@@ -117,10 +121,10 @@ def scan_step(ws, moms, inits, x, y, eta, apply_n, decay: float, momentum: float
     return tuple(new_ws), (tuple(new_moms) if moms is not None else None), loss
 
 
-def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum: float, max_norm: float,
+def scan_states(ds, moms, inits, keys, vals, eta, apply, decay, momentum: float, max_norm: float,
                 bptt: int, naive: bool = False, step=scan_step):
     """The sequential part of ``compress_scan``: N block steps (``step``: ``scan_step`` or its
-    compiled form) from θ = inits + ds. Returns (every state, a tuple of [G, N + 1, ...] (index n:
+    compiled form) from θ = inits + ds; ``decay`` a float or [G, N]. Returns (every state, a tuple of [G, N + 1, ...] (index n:
     after n blocks), the final momenta, the loss of each token before its block's step [G, N, b])."""
     ws = tuple(w0 + d for w0, d in zip(inits, ds))
     hist, losses = [ws], []
@@ -128,8 +132,9 @@ def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum:
         if bptt and n and n % bptt == 0:  # truncated BPTT: earlier updates become constants
             ws = tuple(w.detach() for w in ws)
             moms = tuple(m.detach() for m in moms) if moms is not None else None
+        lam = decay[:, n] if torch.is_tensor(decay) else decay
         ws, moms, loss = step(ws, moms, inits, keys[:, n], vals[:, n], eta[:, n], apply[:, n],
-                              decay, momentum, max_norm, naive)
+                              lam, momentum, max_norm, naive)
         hist.append(ws)
         losses.append(loss)
     states = tuple(torch.stack([h[i] for h in hist], 1) for i in range(len(ws)))
@@ -137,14 +142,14 @@ def scan_states(ds, moms, inits, keys, vals, eta, apply, decay: float, momentum:
     return states, moms, loss
 
 
-def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay: float = 0.0, momentum: float = 0.0,
+def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay=0.0, momentum: float = 0.0,
                    max_norm: float = 100.0) -> torch.Tensor:
     """A streaming step's block update: the rows with ``done`` [G] take one ``scan_step`` on their
     completed block and read their new state; the others keep theirs. In place.
 
     ds, moms (or None): tuples of [G, d_in, d_out] state offsets and momenta, G = B·HC rows in
     (row, compressor) order; inits [HC, d_in, d_out] each; x (normalised keys), y [G, b, Dh]; eta
-    [G, b]; probes [HC, M, Dh] (normalised). Returns the read f_θ(p̂_m) [G, M, Dh] of the done rows
+    [G, b]; ``decay`` a float or [G]; probes [HC, M, Dh] (normalised). Returns the read f_θ(p̂_m) [G, M, Dh] of the done rows
     (the others' rows are unspecified). ``ops.ttt_cache_triton.complete_block`` is the fast form.
     """
     reps = x.shape[0] // inits[0].shape[0]
@@ -171,7 +176,7 @@ def compiled_scan_step():
     return _compiled
 
 
-def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float = 0.0, momentum: float = 0.0,
+def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay=0.0, momentum: float = 0.0,
                   max_norm: float = 100.0, bptt: int = 0, naive: bool = False, record: bool = False,
                   check: str | None = None, compiled: bool = False, grad_precision: str = "fp32"):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
@@ -179,7 +184,8 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float
     ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a reset
     sets the offsets to zero); moms the momenta (a tuple, or None); keys (normalised), vals
     [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
-    skipped block leaves the state as it is); read(states) -> (K, V): states [G, S, d_in, d_out]
+    skipped block leaves the state as it is); ``decay`` λ a float or per block [G, N] (learned
+    forgetting: the fused kernels take floats only); read(states) -> (K, V): states [G, S, d_in, d_out]
     each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most
     ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
     blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
@@ -187,7 +193,8 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay: float
     kernels of ``ops.ttt_scan_triton`` (unless ``naive`` or ``compiled``), their backward's products
     in ``grad_precision`` ("fp32" or "tf32").
     """
-    if not (naive or compiled) and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
+    fused = not (naive or compiled or torch.is_tensor(decay))
+    if fused and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
         states, moms, loss = ttt_scan_triton.scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply,
                                                          decay, momentum, max_norm, bptt, grad_precision)
     else:

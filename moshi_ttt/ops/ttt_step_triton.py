@@ -26,14 +26,15 @@ ON_CUDA = True  # CUDA tensors take these kernels (else the reference step)
 
 
 def supports(mem, st) -> bool:
-    """A per-head depth-2 compressor, fp32 state, no gradients, no per-update finiteness check;
+    """A per-head depth-2 compressor, fp32 state, no gradients, no per-update finiteness check, a
+    constant decay;
     powers of two >= 16 for the head and hidden widths and the block, <= 16 virtual tokens, weights
     of at most ``ttt_cache_triton.MAX_WEIGHTS`` entries; CUDA
     with ``ON_CUDA`` (CPU under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
     mc = mem.cfg
     if triton is None or torch.is_grad_enabled() or mc.compressor_depth != 2 or mem.hc != mem.num_heads:
         return False
-    if mc.check_finite or mc.num_virtual > 16 or st["ek"].dtype != torch.float32:
+    if mc.check_finite or mc.forget_gate or mc.num_virtual > 16 or st["ek"].dtype != torch.float32:
         return False
     if not ((st["ek"].is_cuda and ON_CUDA) or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
