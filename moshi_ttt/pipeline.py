@@ -380,14 +380,25 @@ RECALL_MEMORIES = (
     # infini's state bytes (131,752 against 132,616): a narrow compressor and a short eviction block
     f"ttt_cache:{RECALL_READERS},compressor_hidden=8,block=4")
 
+CPU_TRAIN = TrainConfig(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup=30, task_frac=0.25,
+                        tasks=("passkey", "mqar"), task_distances=(32, 64, 128), answer_weight=5.0)
+
 STUDY_PRESETS = {
     # tiny models on 2 CPU cores, a few minutes per memory
     "cpu": StudyPreset(model="tiny", memories=("window", "pooled", "infini", "ttt_cache"), window=32, block=16,
-                       train=TrainConfig(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup=30,
-                                         task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(32, 64, 128),
-                                         answer_weight=5.0),
+                       train=CPU_TRAIN,
                        eval=EvalConfig(max_len=5000, docs=4, buckets=(256, 1000, 2000, 5000), num=16,
                                        tasks=("passkey", "mqar"))),
+    # stationarity on 2 CPU cores: the cpu preset's training, then one held-out stream to 64 x the
+    # training length (loss per length, fast-weight norms) for the window and each forgetting
+    "stationarity": StudyPreset(
+        model="tiny", window=32, block=16, train=CPU_TRAIN,
+        memories=("window", "ttt_cache", "ttt_cache:decay=0.01", "ttt_cache:decay=0.01,forget_gate=true",
+                  "window+ttt2", "window+ttt2:ttt.decay=0.05",
+                  "ttt_cache+ttt2:decay=0.01,forget_gate=true,ttt.decay=0.05"),
+        eval=EvalConfig(max_len=2048, docs=2, buckets=(256, 2048), tasks=(), cross_session=(),
+                        diagnostics=False, perplexity=False, long_stream=(1, 2, 4, 8, 16, 32, 64),
+                        cost_lengths=(256,))),
     # the GPU study (bench/study_small.py runs it a few memories per device call): window 64 so the
     # evaluation reaches 64 x W = 4096 tokens; trained at 1024 = 16 x W
     "small": StudyPreset(model="small", memories=("window", "window@256", "sink", "pooled", "infini", "ttt_cache",
@@ -489,7 +500,9 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
     t1 = time.perf_counter()
     model, meta = load_checkpoint(ckpt, device)
     docs, _ = held_out_data(data, ec)
-    res = model_results(model.eval(), meta, ckpt, docs, ec, device)
+    train_len = tcfg.max_seq_len()
+    long_tokens = long_stream_tokens(data, ec.long_stream[-1] * train_len + 1) if ec.long_stream else None
+    res = model_results(model.eval(), meta, ckpt, docs, ec, device, long_tokens, train_len)
     res["wall"] = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
     report.write_json(folder / "eval.json", res)
     print(f"{name}: trained in {t1 - t0:.0f} s, evaluated in {res['wall']['eval_s']:.0f} s", file=sys.stderr)

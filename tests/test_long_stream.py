@@ -138,3 +138,25 @@ def test_eval_long_stream_report(corpus, tmp_path):
     assert (out / "long_stream.png").is_file()
     text = (out / "report.md").read_text()
     assert "## Long stream" in text and "| ttt_cache |" in text
+
+
+def test_a_study_with_a_long_stream_measures_it_as_eval_does(corpus, tmp_path, monkeypatch):
+    """A study preset with ``long_stream`` streams every trained model to its multiples of the
+    training length: each model's buckets equal the library call on its checkpoint."""
+    from moshi_ttt import pipeline
+    from moshi_ttt.training import TrainConfig
+
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "unit-long", pipeline.StudyPreset(
+        model="tiny", memories=("window", "ttt_cache:decay=0.1,forget_gate=true"), window=16, block=8,
+        train=TrainConfig(steps=2, batch_size=2, seq_len=32),
+        eval=EvalConfig(max_len=64, docs=1, buckets=(64,), tasks=(), cross_session=(),
+                        diagnostics=False, perplexity=False, long_stream=(1, 2, 4), cost_lengths=(32,))))
+    out = tmp_path / "study"
+    metrics = pipeline.run_study("unit-long", corpus, out, "cpu")
+    tokens = pipeline.long_stream_tokens(corpus, 4 * 32 + 1)
+    assert set(metrics["models"]) == {"window-16", "ttt_cache-16-decay0.1+forget"}
+    for name in metrics["models"]:
+        model = load_checkpoint(out / name / "model.pt")[0].eval()
+        want = long_stream(model, tokens, 32, (1, 2, 4), progress=False)["loss_by_length"]
+        assert metrics["models"][name]["long_stream"]["loss_by_length"] == want
+    assert json.loads((out / "long_stream.json").read_text())["train_len"] == 32
