@@ -167,7 +167,7 @@ def cmd_study(a) -> None:
         ensure_corpus(a.data)
     out = a.out or Path("runs") / f"study-{a.preset}"
     run_study(a.preset, a.data, out, a.device, jobs=a.jobs, steps=a.steps,
-              memories=tuple(a.memories) if a.memories else None)
+              memories=tuple(a.memories) if a.memories else None, seed=a.seed)
     print(f"done in {time.perf_counter() - t0:.0f} s: report {out / 'report.md'}, plots {out}/*.png")
 
 
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="models trained at once, as parallel processes (small models share one GPU)")
     sp.add_argument("--steps", type=int, default=None,
                     help="training steps of every model (default: the preset's; the curriculum scales along)")
+    sp.add_argument("--seed", type=int, default=None,
+                    help="training seed of every model (default: the preset's)")
     sp.add_argument("--memories", nargs="+", default=None,
                     help="train these memories instead of the preset's: KIND[+tttN][@W][:FIELD=VALUE,...]")
     sp.set_defaults(func=cmd_study)

@@ -333,7 +333,7 @@ class Backbone:
     steps run out. Binding forms in an abrupt jump whose step varies from run to run; a shared
     backbone that has made it lets every memory learn what lies beyond the window from the same
     start, at an equal budget. Gated memories start with their gate at ``gate_init``
-    (``MemoryConfig.gate_init``; 0: equal mixing, as from scratch)."""
+    (0: window and memory mixed equally)."""
 
     train: TrainConfig
     spec: str = "window"
@@ -421,11 +421,11 @@ STUDY_PRESETS = {
 
 
 def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None = None,
-               memories: tuple[str, ...] | None = None) -> list[tuple]:
+               memories: tuple[str, ...] | None = None, seed: int | None = None) -> list[tuple]:
     """(name, model config, train config, folder) of every memory of a study preset; ``steps``
-    rescales the training (the curriculum's stages and near steps in proportion); with a
-    backbone, gated memories start at its ``gate_init``."""
-    tcfg = sp.train
+    rescales the training (the curriculum's stages and near steps in proportion), ``seed``
+    replaces the training seed; with a backbone, gated memories start at its ``gate_init``."""
+    tcfg = sp.train if seed is None else dataclasses.replace(sp.train, seed=seed)
     if steps is not None:
         tcfg = scale_steps(tcfg, steps)
     base = ModelConfig.preset(sp.model)
@@ -516,7 +516,8 @@ def study_eval(sp: StudyPreset) -> EvalConfig:
 
 
 def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int = 1, steps: int | None = None,
-              memories: tuple[str, ...] | None = None, backbone: Path | None = None) -> dict:
+              memories: tuple[str, ...] | None = None, backbone: Path | None = None,
+              seed: int | None = None) -> dict:
     """Train every memory of a study preset at the same budget (from the preset's backbone, trained
     first, if it has one; ``backbone``: a checkpoint of it trained before, so that memories trained
     in separate runs share it) and evaluate them together; with ``jobs`` > 1 the models train as
@@ -528,7 +529,7 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     sp = STUDY_PRESETS[preset]
     data = data if sp.corpus else None
     ec = study_eval(sp)
-    work = study_jobs(sp, data, out, steps, memories)
+    work = study_jobs(sp, data, out, steps, memories, seed)
     if backbone is not None and not sp.backbone:
         raise ValueError(f"study preset {preset!r} has no backbone: it trains every memory from "
                          "scratch")

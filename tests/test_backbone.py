@@ -9,7 +9,7 @@ import torch
 
 from moshi_ttt import pipeline
 from moshi_ttt.checkpoint import init_from, load_checkpoint, save_checkpoint
-from moshi_ttt.config import ModelConfig, memory_variant
+from moshi_ttt.config import MemoryConfig, ModelConfig, memory_variant
 from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.pipeline import Backbone, EvalConfig, StudyPreset, train_backbone
 from moshi_ttt.trainer import Trainer
@@ -104,9 +104,10 @@ def test_gated_memories_from_a_backbone_start_at_its_gate():
     sp = preset(0.0, ("window", "ttt_cache", "pooled"))
     sp = dataclasses.replace(sp, backbone=dataclasses.replace(sp.backbone, gate_init=2.0))
     gates = {name: cfg.memory.gate_init for name, cfg, *_ in pipeline.study_jobs(sp, None, Path("s"))}
-    assert gates == {"window-32": 0.0, "ttt_cache-32": 2.0, "pooled-32": 2.0}
+    default = MemoryConfig().gate_init  # a window has no gate: it keeps the default
+    assert gates == {"window-32": default, "ttt_cache-32": 2.0, "pooled-32": 2.0}
     scratch = dataclasses.replace(sp, backbone=None)
-    assert pipeline.study_jobs(scratch, None, Path("s"))[0][1].memory.gate_init == 0.0
+    assert {cfg.memory.gate_init for _, cfg, *_ in pipeline.study_jobs(scratch, None, Path("s"))} == {default}
 
 
 def test_the_recall_study_holds_a_ttt_cache_at_infinis_state_bytes():

@@ -209,7 +209,8 @@ def test_every_row_keeps_its_own_fast_weights():
 
 
 def test_fast_weights_stay_fp32_in_a_bf16_model():
-    cfg = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, lr=1.0, target="hidden"))
+    cfg = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=C, lr=1.0, target="hidden",
+                                                     decay=0.0))  # the plain sum of the updates
     lm = lively(patch_lm(stock().to(torch.bfloat16), cfg))
     gating = lm.transformer.layers[1].gating
     seen = []

@@ -105,11 +105,13 @@ def test_model_config_rejects_bad_rope_fields(kw, match):
 
 
 def test_model_config_old_dicts_load_and_keep_their_fingerprint():
-    """A dict written before the RoPE, compressor depth/sharing, reader and gate-start fields
-    loads to the default config with the hash it had."""
+    """A dict written before the RoPE, compressor depth/sharing, reader, gate-start and
+    forget-gate fields loads to the config it was made with (the gate starting at 0, the default
+    then) with the hash it had."""
     cfg = tiny_config("ttt_cache")
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, gate_init=0.0))
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
-    later = ("read_query", "gate_per_token", "gate_init")
+    later = ("read_query", "gate_per_token", "gate_init", "forget_gate")
     old["memory"] = {k: v for k, v in old["memory"].items()
                      if k not in later and (not k.startswith("compressor_")
                                             or k == "compressor_hidden")}
@@ -204,3 +206,22 @@ def test_yarn_scale_one_equals_unscaled_model_exactly(kind):
     with torch.no_grad():
         assert torch.equal(plain(tokens), one(tokens))
         assert torch.equal(stream(plain, tokens, 5)[0], stream(one, tokens, 5)[0])
+
+
+def test_configs_saved_before_a_default_changed_load_as_they_were_made():
+    """A saved In-Place TTT config without ``decay`` (made before forgetting existed) loads with
+    no forgetting, and a memory without ``gate_init`` with the gate at 0, in the model's and the
+    Moshi adapter's configs; saved with the fields, the new defaults round-trip."""
+    from moshi_ttt.moshi.config import AdapterConfig
+
+    cfg = dataclasses.replace(tiny_config("ttt_cache"), inplace_ttt=mt.InPlaceTTTConfig(layers=(1,)))
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert mt.ModelConfig.from_dict(d) == cfg
+    del d["inplace_ttt"]["decay"], d["memory"]["gate_init"]
+    old = mt.ModelConfig.from_dict(d)
+    assert (old.inplace_ttt.decay, old.memory.gate_init) == (0.0, 0.0)
+    assert (cfg.inplace_ttt.decay, cfg.memory.gate_init) == (0.5, 3.0)
+    ad = AdapterConfig.preset("both", num_layers=8).to_dict()
+    del ad["inplace_ttt"]["decay"], ad["memory"]["gate_init"]
+    old = AdapterConfig.from_dict(json.loads(json.dumps(ad)))
+    assert (old.inplace_ttt.decay, old.memory.gate_init) == (0.0, 0.0)

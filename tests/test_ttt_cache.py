@@ -202,7 +202,7 @@ def test_forget_gate_keeps_the_state_flat_and_bounded():
 
 def test_forget_gate_needs_a_ttt_cache_and_a_starting_decay():
     with pytest.raises(ValueError, match="forget_gate"):
-        mt.MemoryConfig(kind="ttt_cache", forget_gate=True)
+        mt.MemoryConfig(kind="ttt_cache", decay=0.0, forget_gate=True)
     with pytest.raises(ValueError, match="forget_gate"):
         mt.MemoryConfig(kind="infini", decay=0.1, forget_gate=True)
 

@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from ..config import InPlaceTTTConfig, MemoryConfig
+from ..config import InPlaceTTTConfig, MemoryConfig, inplace_ttt_from_dict, memory_from_dict
 
 ADAPTER_MEMORY_KINDS = ("window", "sink", "pooled", "infini", "ttt_cache")  # "full" grows: no CUDA graph
 BASE_MEMORY_KINDS = ("window", "sink")
@@ -80,11 +80,9 @@ class AdapterConfig:
         d = dict(d)
         for name in ("memory", "base_memory"):
             if d.get(name) is not None:
-                d[name] = MemoryConfig(**d[name])
+                d[name] = memory_from_dict(d[name])
         if d.get("inplace_ttt") is not None:
-            t = dict(d["inplace_ttt"])
-            t["layers"] = tuple(t["layers"])
-            d["inplace_ttt"] = InPlaceTTTConfig(**t)
+            d["inplace_ttt"] = inplace_ttt_from_dict(d["inplace_ttt"])
         if d.get("memory_layers") is not None:
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)
