@@ -29,13 +29,14 @@ def fast_weight_norms(lm) -> dict[str, float]:
     out = {}
     for i, layer in enumerate(lm.transformer.layers):
         g = layer.gating
-        if getattr(g, "_streaming_state", None) is not None and "s" in g._streaming_state.tensors:
-            s = g._streaming_state.tensors["s"].float()  # [B, d, h]
+        st = getattr(g, "_streaming_state", None)
+        if st is not None and "s" in st.tensors.tensors:
+            s = st.tensors["s"].float()  # [B, d, h]
             out[f"layer{i}.ttt.s"] = s.flatten(1).norm(dim=-1).max().item()
         attn = layer.self_attn
         mem = getattr(attn, "memory", None)
         if hasattr(mem, "inits") and attn._streaming_state is not None:
-            t = attn._streaming_state.tensors
+            t = attn._streaming_state.tensors.tensors  # {name: tensor}
             for j, init in enumerate(mem.inits(), start=1):
                 w = t[f"d{j}"].float() + init.float()  # [B, hc, d_in, d_out]
                 out[f"layer{i}.W{j}"] = w.flatten(2).norm(dim=-1).max().item()
@@ -78,7 +79,9 @@ def stream_norms(cfg: AdapterConfig, steps: int, chunk: int, seed: int = 0) -> d
                 norms = fast_weight_norms(lm)
                 if not all(torch.isfinite(torch.tensor(v)) for v in norms.values()):
                     raise FloatingPointError(f"a fast weight is not finite after {done} steps")
-                rows.append({"steps": done, "max_norm": max(norms.values()), "norms": norms})
+                fam = {f: [v for k, v in norms.items() if (".ttt." in k) == (f == "inplace_ttt")]
+                       for f in ("inplace_ttt", "ttt_cache")}
+                rows.append({"steps": done, **{f: max(v) for f, v in fam.items() if v}, "norms": norms})
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -87,15 +90,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        ax.plot([x["steps"] for x in r["rows"]], [x["max_norm"] for x in r["rows"]], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("steps streamed (12.5 per second of audio)")
-    ax.set_ylabel("largest fast-weight norm")
-    ax.set_title("Moshi adapter (tiny, random weights): fast-weight norms on one stream")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    titles = {"inplace_ttt": "In-Place TTT: sum of updates s", "ttt_cache": "TTT cache: compressor W"}
+    for ax, (fam, title) in zip(axes, titles.items()):
+        for name, r in results.items():
+            pts = [(x["steps"], x[fam]) for x in r["rows"] if fam in x]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("steps streamed (12.5 per second of audio)")
+        ax.set_ylabel("largest Frobenius norm (rows, heads, layers)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle("Moshi adapter (tiny, random weights): fast-weight norms on one stream")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -127,7 +135,7 @@ def main() -> None:
     if a.steps < 256:
         raise SystemExit("--steps must be >= 256")
     base = AdapterConfig.preset(a.preset, num_layers=tiny_lm_kwargs()["num_layers"])
-    configs = {f"{a.preset} (as preset)": base}
+    configs = {f"preset {a.preset!r} (its defaults)": base}
     for text in a.variant:
         name, mem, ttt = parse_variant(text)
         cfg = base
@@ -144,9 +152,10 @@ def main() -> None:
     (a.out / "moshi_norms.json").write_text(json.dumps({"steps": a.steps, "models": results}, indent=1) + "\n")
     plot(results, a.out / "moshi_norms.png")
     for name, r in results.items():
-        first, last = r["rows"][0], r["rows"][-1]
-        print(f"{name}: max norm {first['max_norm']:.3g} after {first['steps']} steps, "
-              f"{last['max_norm']:.3g} after {last['steps']} ({r['seconds']:.0f} s)")
+        for fam in ("inplace_ttt", "ttt_cache"):
+            pts = [(x["steps"], x[fam]) for x in r["rows"] if fam in x]
+            if pts:
+                print(f"{name}, {fam}: " + ", ".join(f"{v:.3g} at {n}" for n, v in pts))
 
 
 if __name__ == "__main__":

@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None,
                     help="training seed of every model (default: the preset's)")
     sp.add_argument("--memories", nargs="+", default=None,
-                    help="train these memories instead of the preset's: KIND[+tttN][@W][:FIELD=VALUE,...]")
+                    help="train these memories instead of the preset's: KIND[+tttN][@W][:FIELD=VALUE,...] "
+                         "(MemoryConfig fields; ttt.FIELD=VALUE for In-Place TTT's)")
     sp.set_defaults(func=cmd_study)
 
     rp = sub.add_parser("run", help="prepare data, train tiny models with chosen memories, evaluate, report")

@@ -160,3 +160,25 @@ def test_a_study_with_a_long_stream_measures_it_as_eval_does(corpus, tmp_path, m
         want = long_stream(model, tokens, 32, (1, 2, 4), progress=False)["loss_by_length"]
         assert metrics["models"][name]["long_stream"]["loss_by_length"] == want
     assert json.loads((out / "long_stream.json").read_text())["train_len"] == 32
+
+
+def test_seed_summary_means_equal_numpy_over_shared_seeds():
+    """bench/stationarity_seeds.summarise: each memory's mean over the seeds it shares with the
+    window, against numpy, and the buckets above the window's mean of the same seeds."""
+    from bench.stationarity_seeds import summarise
+
+    rng = np.random.default_rng(0)
+    keys = ["1", "2", "4"]
+
+    def entry():
+        return {"kind": "ttt_cache", "inplace_ttt": False, "settings": {}, "norm_growth": 1.0,
+                "loss_by_length": {k: float(rng.uniform(2, 3)) for k in keys}}
+
+    models = {"window-32": {0: entry(), 1: entry(), 2: entry()}, "mem": {0: entry(), 2: entry(), 5: entry()}}
+    res = summarise(256, models, "window-32")["models"]["mem"]
+    assert res["seeds"] == [0, 2]
+    for k in keys:
+        mean = np.mean([models["mem"][s]["loss_by_length"][k] for s in (0, 2)])
+        ref = np.mean([models["window-32"][s]["loss_by_length"][k] for s in (0, 2)])
+        assert res["loss_by_length"][k] == pytest.approx(mean)
+        assert (k in res["above_window"]) == (mean > ref)
