@@ -383,6 +383,13 @@ RECALL_MEMORIES = (
 CPU_TRAIN = TrainConfig(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup=30, task_frac=0.25,
                         tasks=("passkey", "mqar"), task_distances=(32, 64, 128), answer_weight=5.0)
 
+SMALL_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
+                          task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),
+                          answer_weight=5.0)
+LONG_STREAM = EvalConfig(max_len=2048, docs=2, buckets=(256, 2048), tasks=(), cross_session=(),
+                         diagnostics=False, perplexity=False, long_stream=(1, 2, 4, 8, 16, 32, 64),
+                         cost_lengths=(256,))
+
 STUDY_PRESETS = {
     # tiny models on 2 CPU cores, a few minutes per memory
     "cpu": StudyPreset(model="tiny", memories=("window", "pooled", "infini", "ttt_cache"), window=32, block=16,
@@ -396,16 +403,16 @@ STUDY_PRESETS = {
         memories=("window", "ttt_cache", "ttt_cache:decay=0.01", "ttt_cache:decay=0.01,forget_gate=true",
                   "window+ttt2", "window+ttt2:ttt.decay=0.05",
                   "ttt_cache+ttt2:decay=0.01,forget_gate=true,ttt.decay=0.05"),
-        eval=EvalConfig(max_len=2048, docs=2, buckets=(256, 2048), tasks=(), cross_session=(),
-                        diagnostics=False, perplexity=False, long_stream=(1, 2, 4, 8, 16, 32, 64),
-                        cost_lengths=(256,))),
+        eval=LONG_STREAM),
+    # the same on the GPU: the small study's training, streamed to 64 x 1024 tokens (--jobs 4)
+    "stationarity-small": StudyPreset(model="small", window=64, block=64, train=SMALL_TRAIN,
+                                      memories=("window", "ttt_cache", "window+ttt4", "ttt_cache+ttt4"),
+                                      eval=LONG_STREAM),
     # the GPU study (bench/study_small.py runs it a few memories per device call): window 64 so the
     # evaluation reaches 64 x W = 4096 tokens; trained at 1024 = 16 x W
     "small": StudyPreset(model="small", memories=("window", "window@256", "sink", "pooled", "infini", "ttt_cache",
                                                   "window+ttt4", "ttt_cache+ttt4", "full"), window=64, block=64,
-                         train=TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
-                                           task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),
-                                           answer_weight=5.0),
+                         train=SMALL_TRAIN,
                          eval=EvalConfig(max_len=4096, docs=4, buckets=(64, 256, 1024, 2048, 4096), num=16,
                                          tasks=("passkey", "mqar"))),
     # key-value binding (GPU, ``--jobs``: the models train as parallel processes); window 32, block
