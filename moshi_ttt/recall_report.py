@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .data.binding import bag_line  # noqa: E402
+from .data.binding import VALUES, bag_line  # noqa: E402
 
 MAIN_KEYS = 4  # N of the main table and the targets
 FRONTIER_W = 16.0  # distance (x W) of the capacity and frontier plots
@@ -147,7 +147,11 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
             if rows:
                 ax.plot([r["distance_w"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3,
                         color=colors[name], label=name)
-        ax.axhline(1 / n, color="black", ls="--", lw=1.2, label="chance 1/N (values only)")
+        if n == 1:  # one fact: knowing the value is the task; a model without it guesses
+            ax.axhline(1 / len(VALUES), color="black", ls="--", lw=1.2,
+                       label=f"a guess among {len(VALUES)} values")
+        else:
+            ax.axhline(1 / n, color="black", ls="--", lw=1.2, label="chance 1/N (values only)")
         if variant == "all" and n > 1:
             ax.axhline(bag_line(n), color="black", ls=":", lw=1.2, label="bag H_N/N (values only)")
         ax.axvline(1, color="grey", ls="-.", lw=1, label=f"window ({window} tokens)")
@@ -228,10 +232,36 @@ def plot_frontier(summ: dict, path: Path) -> None:
 
 
 def write_plots(metrics: dict, out: Path, train_len: int | None) -> None:
+    """binding.png and, with every key asked, binding_all_questions.png; with the main table's N
+    measured, capacity.png and frontier.png."""
     plot_binding(metrics, out / "binding.png", "one", train_len)
-    plot_binding(metrics, out / "binding_all_questions.png", "all", train_len)
-    plot_capacity(metrics, out / "capacity.png")
-    plot_frontier(summary(metrics, train_len), out / "frontier.png")
+    if any(m.get("binding", {}).get("all") for m in metrics["models"].values()):
+        plot_binding(metrics, out / "binding_all_questions.png", "all", train_len)
+    summ = summary(metrics, train_len)
+    if summ["models"]:
+        plot_capacity(metrics, out / "capacity.png")
+        plot_frontier(summ, out / "frontier.png")
+
+
+def binding_table(metrics: dict) -> list[str]:
+    """Report lines for runs without the main table's N: exact-answer accuracy per N and distance
+    (x W), with the line of each N (N = 1: a guess among the values; else 1/N)."""
+    models = {n: m for n, m in metrics["models"].items() if m.get("binding", {}).get("one")}
+    if not models:
+        return []
+    keys = sorted({int(k) for m in models.values() for k in m["binding"]["one"]})
+    dists = [r["distance_w"] for r in _rows(next(iter(models.values())), keys[0])]
+    lines = ["", "## Recall beyond the window", "", "![binding](binding.png)", "",
+             "Exact-answer accuracy, one question per sample; distances are the filler between the facts "
+             f"and the question, in multiples of the window (W = {study_window(metrics)} tokens).", "",
+             "| memory | N (line) | " + " | ".join(f"{d:g} x W" for d in dists) + " |",
+             "|---|---|" + "---|" * len(dists)]
+    for n in keys:
+        line = 1 / len(VALUES) if n == 1 else 1 / n
+        for name, m in models.items():
+            rows = _rows(m, n)
+            lines.append(f"| {name} | {n} ({line:.2f}) | " + " | ".join(f"{r['accuracy']:.2f}" for r in rows) + " |")
+    return lines
 
 
 def markdown(metrics: dict, train_len: int | None) -> list[str]:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import long_report, recall_report  # noqa: E402
+from .data import binding  # noqa: E402
 
 
 def git_commit(path: Path | None = None) -> str:
@@ -141,6 +142,81 @@ def cross_session_table(models: dict) -> list[str]:
     return lines
 
 
+VERDICT_MULTIPLE = 4  # "beyond the window": distances of at least this many windows
+
+
+def _beyond(m: dict, window: int) -> tuple[float, str, float, int] | None:
+    """The best exact-answer accuracy of a model at distances >= VERDICT_MULTIPLE x ``window``
+    over its recall tasks and binding rows: (accuracy, task, chance, distance), or None."""
+    rows = [(task, r) for task, rs in m.get("recall", {}).items() for r in rs]
+    for n, rs in m.get("binding", {}).get("one", {}).items():
+        # one fact: knowing the values is the whole task, so the line is a guess among them
+        guess = 1.0 / len(binding.VALUES) if n == "1" else None
+        rows += [(f"binding N={n}", {**r, "chance": r["chance"] if guess is None else guess}) for r in rs]
+    best = None
+    for task, r in rows:
+        if r["distance"] >= VERDICT_MULTIPLE * window:
+            cand = (r["accuracy"], task, r.get("chance", 0.0), r["distance"])
+            if best is None or (cand[0], cand[3]) > (best[0], best[3]):  # ties: the farthest
+                best = cand
+    return best
+
+
+def verdict(metrics: dict) -> list[str]:
+    """Markdown lines: one row per memory (state bytes, best recall beyond the window, perplexity
+    at the longest bucket) and one sentence on what the TTT cache recalls that the window does
+    not. Empty without a plain window among the models."""
+    models = metrics["models"]
+    plain = [n for n, m in models.items()
+             if m["config"]["memory"]["kind"] == "window" and not m["config"].get("inplace_ttt")]
+    if not plain:
+        return []
+    wname = plain[0]
+    window = metrics["eval"].get("window") or models[wname]["config"]["memory"]["window"]
+    lines = ["", "## Verdict", "",
+             f"Recall beyond the window: the best exact-answer accuracy at >= {VERDICT_MULTIPLE} x W "
+             f"(W = {window} tokens) over the recall tasks, with the task, distance and chance line "
+             "(binding N = 1, one fact: a guess among the 64 values; N >= 2: 1/N, a model that knows "
+             "only which values were stated).", "",
+             "| memory | state bytes | recall beyond the window | perplexity, last bucket |", "|---|---|---|---|"]
+    for n, m in models.items():
+        sb = m["cost"]["state_bytes"][-1] if m["cost"]["state_bytes"] else None
+        b = _beyond(m, window)
+        rec = "-" if b is None else f"{b[0]:.2f} ({b[1]}, {b[3]} tokens, chance {b[2]:.2f})"
+        ppl = m["loss_by_position"][-1]["ppl"] if m["loss_by_position"] else None
+        size = "-" if sb is None else (f"{sb['state_bytes']:,} at {sb['tokens']} tokens"
+                                       + (", grows" if m["config"]["memory"]["kind"] == "full" else ""))
+        lines.append(f"| {n} | {size} | {rec} | {_fmt(ppl, '.2f')} |")
+    caches = [n for n, m in models.items() if m["config"]["memory"]["kind"] == "ttt_cache"]
+    if caches:
+        lines += ["", _sentence(models, wname, caches, window)]
+    return lines
+
+
+def _sentence(models: dict, wname: str, caches: list[str], window: int) -> str:
+    """What the best TTT cache recalls beyond the window against the window, and its perplexity."""
+    def score(n):
+        b = _beyond(models[n], window)
+        return -1.0 if b is None else b[0]
+    best = max(caches, key=score)
+    b, wb = _beyond(models[best], window), _beyond(models[wname], window)
+    ppl = (lambda n: models[n]["loss_by_position"][-1]["ppl"] if models[n]["loss_by_position"] else None)
+    tail = ""
+    if ppl(best) is not None and ppl(wname) is not None:
+        tail = (f" Its perplexity in the last bucket is {ppl(best):.2f} against the window's "
+                f"{ppl(wname):.2f}.")
+    if b is None:
+        return f"**{best}** was not asked to recall beyond {VERDICT_MULTIPLE} x W.{tail}"
+    task_w = next((r["accuracy"] for t, rs in models[wname].get("recall", {}).items() if t == b[1]
+                   for r in rs if r["distance"] == b[3]), wb[0] if wb else None)
+    if b[0] >= 0.8 and (task_w is None or task_w <= 0.2):
+        return (f"**{best} recalls {b[1]} {b[3]} tokens back ({VERDICT_MULTIPLE}+ x W) with accuracy "
+                f"{b[0]:.2f}, where the window scores {_fmt(task_w, '.2f')}** (chance {b[2]:.2f}).{tail}")
+    return (f"**No memory here recalls beyond the window reliably**: the best TTT cache, {best}, scores "
+            f"{b[0]:.2f} on {b[1]} at {b[3]} tokens (the window {_fmt(task_w, '.2f')}, chance "
+            f"{b[2]:.2f}).{tail}")
+
+
 def markdown(metrics: dict, train_len: int | None = None) -> str:
     """The evaluation report: tables of every measurement, with the plots."""
     models, ev = metrics["models"], metrics["eval"]
@@ -150,6 +226,7 @@ def markdown(metrics: dict, train_len: int | None = None) -> str:
     data = f"{how} from `{metrics['data']['dir']}`" if ev.get("perplexity", True) else "synthetic data only"
     lines = ["# moshi-ttt evaluation", "",
              f"Commit `{metrics['commit']}`, seed {metrics['seed']}; {data}; streaming semantics throughout."]
+    lines += verdict(metrics)
     if any(models[n]["loss_by_position"] for n in names):
         lines += ["", "## Perplexity by position", "", "![perplexity by position](loss_by_position.png)", ""]
         buckets = [(r["lo"], r["hi"]) for r in models[names[0]]["loss_by_position"]]
@@ -158,7 +235,7 @@ def markdown(metrics: dict, train_len: int | None = None) -> str:
         lines += [f"| {n} | " + " | ".join(f"{r['ppl']:.2f}" for r in models[n]["loss_by_position"]) + " |"
                   for n in names]
     if any("binding" in models[n] for n in names):
-        lines += recall_report.markdown(metrics, train_len)
+        lines += recall_report.markdown(metrics, train_len) or recall_report.binding_table(metrics)
     if any(models[n]["recall"] for n in names):
         lines += ["", "## Recall vs distance", "", "![recall](recall.png)", "",
                   "Exact-answer accuracy (answer-token accuracy in brackets; the accuracy of a model that "

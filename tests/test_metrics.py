@@ -3,6 +3,7 @@ that knows the next token, a random model, and features that do or do not hold t
 
 import math
 
+import pytest
 import numpy as np
 import torch
 
@@ -87,3 +88,52 @@ def test_virtual_key_cosine_detects_identical_keys():
     same = memory_diagnostics(model, x)["layer0"]["virtual_key_cos"]
     assert_close(same, 1.0, 1e-5)
     assert diverse < 0.5
+
+
+def verdict_metrics(cache_far: float, window_far: float) -> dict:
+    """Two models' recall rows (passkey at 0.5, 4 and 16 x W = 32) and perplexity buckets."""
+    def model(kind, far, ppl):
+        rows = [{"distance": d, "accuracy": a, "token_accuracy": a, "chance": 0.1}
+                for d, a in ((16, 1.0), (128, far), (512, far / 2))]
+        return {"config": {"memory": {"kind": kind, "window": 32}},
+                "recall": {"passkey": rows}, "loss_by_position": [{"lo": 0, "hi": 9, "ppl": ppl + 1},
+                                                                   {"lo": 9, "hi": 99, "ppl": ppl}],
+                "cost": {"state_bytes": [{"tokens": 100, "state_bytes": 10},
+                                         {"tokens": 1000, "state_bytes": 10}]}}
+    return {"eval": {}, "models": {"window-32": model("window", window_far, 9.5),
+                                   "ttt_cache-32": model("ttt_cache", cache_far, 9.25)}}
+
+
+@pytest.mark.parametrize("cache_far, window_far, says", [
+    (0.9, 0.05, "**ttt_cache-32 recalls passkey 128 tokens back"),
+    (0.9, 0.5, "No memory here recalls beyond the window reliably"),
+    (0.3, 0.05, "No memory here recalls beyond the window reliably")])
+def test_verdict_names_what_the_ttt_cache_recalls_beyond_the_window(cache_far, window_far, says):
+    """The verdict's rows hold each model's best accuracy at >= 4 x W (against the rows), and its
+    sentence claims recall only at >= 0.8 where the window is at most 0.2."""
+    from moshi_ttt.report import verdict
+
+    lines = verdict(verdict_metrics(cache_far, window_far))
+    row = next(x for x in lines if x.startswith("| ttt_cache-32 |"))
+    assert f"| {cache_far:.2f} (passkey, 128 tokens, chance 0.10) | 9.25 |" in row
+    assert says in lines[-1] and "9.25 against the window's 9.50" in lines[-1]
+    assert verdict({"eval": {}, "models": {"ttt_cache-32": verdict_metrics(0.9, 0.0)["models"]["ttt_cache-32"]}}) == []
+
+
+def test_one_fact_recall_is_drawn_against_a_guess_among_the_values():
+    """Binding with N = 1 only (the CPU main job): the verdict's line and the table's are a guess
+    among the 64 values, not 1/N = 1, and the table holds each model's rows in order."""
+    from moshi_ttt.recall_report import binding_table
+    from moshi_ttt.report import verdict
+
+    m = verdict_metrics(0.0, 0.0)
+    for name, acc in (("window-32", 0.03), ("ttt_cache-32", 1.0)):
+        rows = [{"distance_w": w, "distance": int(32 * w), "accuracy": a, "chance": 1.0}
+                for w, a in ((0.5, 1.0), (4.0, acc), (16.0, acc))]
+        m["models"][name]["binding"] = {"one": {"1": rows}}
+        m["models"][name]["recall"] = {}
+    lines = binding_table(m)
+    assert "| ttt_cache-32 | 1 (0.02) | 1.00 | 1.00 | 1.00 |" in lines
+    assert "| window-32 | 1 (0.02) | 1.00 | 0.03 | 0.03 |" in lines
+    row = next(x for x in verdict(m) if x.startswith("| ttt_cache-32 |"))
+    assert "1.00 (binding N=1, 512 tokens, chance 0.02)" in row  # ties: the farthest distance
