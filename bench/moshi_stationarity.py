@@ -64,7 +64,7 @@ def stream_norms(cfg: AdapterConfig, steps: int, chunk: int, seed: int = 0) -> d
     torch.manual_seed(seed)
     lm = lively(patch_lm(LMModel(**tiny_lm_kwargs()).eval(), cfg), seed)
     g = torch.Generator().manual_seed(seed + 1)
-    marks = sorted({2 ** k for k in range(8, steps.bit_length()) if 2 ** k <= steps} | {steps})
+    marks = sorted({2**k for k in range(8, steps.bit_length()) if 2**k <= steps} | {steps})
     rows, done, t0 = [], 0, time.perf_counter()
     card, text_card = lm.card, lm.text_card
     with torch.no_grad(), lm.streaming(1), tqdm(total=steps, desc="stream", unit="step") as bar:
@@ -79,19 +79,27 @@ def stream_norms(cfg: AdapterConfig, steps: int, chunk: int, seed: int = 0) -> d
                 norms = fast_weight_norms(lm)
                 if not all(torch.isfinite(torch.tensor(v)) for v in norms.values()):
                     raise FloatingPointError(f"a fast weight is not finite after {done} steps")
-                fam = {f: [v for k, v in norms.items() if (".ttt." in k) == (f == "inplace_ttt")]
-                       for f in ("inplace_ttt", "ttt_cache")}
-                rows.append({"steps": done, **{f: max(v) for f, v in fam.items() if v}, "norms": norms})
+                fam = {
+                    f: [v for k, v in norms.items() if (".ttt." in k) == (f == "inplace_ttt")]
+                    for f in ("inplace_ttt", "ttt_cache")
+                }
+                rows.append(
+                    {"steps": done, **{f: max(v) for f, v in fam.items() if v}, "norms": norms}
+                )
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    titles = {"inplace_ttt": "In-Place TTT: sum of updates s", "ttt_cache": "TTT cache: compressor W"}
+    titles = {
+        "inplace_ttt": "In-Place TTT: sum of updates s",
+        "ttt_cache": "TTT cache: compressor W",
+    }
     for ax, (fam, title) in zip(axes, titles.items()):
         for name, r in results.items():
             pts = [(x["steps"], x[fam]) for x in r["rows"] if fam in x]
@@ -123,13 +131,22 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="both", help="AdapterConfig preset (3 layers: In-Place TTT and "
-                   "the TTT cache in the last)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        default="both",
+        help="AdapterConfig preset (3 layers: In-Place TTT and the TTT cache in the last)",
+    )
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--chunk", type=int, default=500, help="steps per streaming call")
-    p.add_argument("--variant", action="append", default=[],
-                   help="NAME:memory.F=V,inplace_ttt.F=V (settings replaced in the preset)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:memory.F=V,inplace_ttt.F=V (settings replaced in the preset)",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.steps < 256:
@@ -149,7 +166,9 @@ def main() -> None:
         print(name, flush=True)
         results[name] = {"adapter": cfg.to_dict(), **stream_norms(cfg, a.steps, a.chunk)}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "moshi_norms.json").write_text(json.dumps({"steps": a.steps, "models": results}, indent=1) + "\n")
+    (a.out / "moshi_norms.json").write_text(
+        json.dumps({"steps": a.steps, "models": results}, indent=1) + "\n"
+    )
     plot(results, a.out / "moshi_norms.png")
     for name, r in results.items():
         for fam in ("inplace_ttt", "ttt_cache"):

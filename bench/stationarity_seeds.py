@@ -43,10 +43,16 @@ def collect(runs: list[Path]) -> tuple[int, dict]:
                 raise SystemExit(f"{name} seed {seed} is in two runs with different results")
             cfg = metrics["models"][name]["config"]
             mem, ttt = cfg["memory"], cfg.get("inplace_ttt") or {}
-            entry = {**entry, "settings": {
-                "decay": mem.get("decay"), "gate_init": mem.get("gate_init"),
-                "forget_gate": mem.get("forget_gate", False), "gate_per_token": mem.get("gate_per_token"),
-                "ttt_decay": ttt.get("decay", 0.0) if ttt else None}}
+            entry = {
+                **entry,
+                "settings": {
+                    "decay": mem.get("decay"),
+                    "gate_init": mem.get("gate_init"),
+                    "forget_gate": mem.get("forget_gate", False),
+                    "gate_per_token": mem.get("gate_per_token"),
+                    "ttt_decay": ttt.get("decay", 0.0) if ttt else None,
+                },
+            }
             out[name][seed] = entry  # a model trained again in another run measures the same
     return train_len, out
 
@@ -62,21 +68,27 @@ def summarise(train_len: int, models: dict, window: str) -> dict:
             continue
         keys = sorted(by_seed[seeds[0]]["loss_by_length"], key=int)
         mean = {k: statistics.mean(by_seed[s]["loss_by_length"][k] for s in seeds) for k in keys}
-        ref = {k: statistics.mean(models[window][s]["loss_by_length"][k] for s in seeds) for k in keys}
+        ref = {
+            k: statistics.mean(models[window][s]["loss_by_length"][k] for s in seeds) for k in keys
+        }
         first = by_seed[seeds[0]]
         res["models"][name] = {
-            "kind": first["kind"], "inplace_ttt": first["inplace_ttt"], "settings": first["settings"],
+            "kind": first["kind"],
+            "inplace_ttt": first["inplace_ttt"],
+            "settings": first["settings"],
             "seeds": seeds,
             "loss_by_length": mean,
             "window_loss_by_length": ref,
             "above_window": {k: mean[k] - ref[k] for k in keys if mean[k] > ref[k]},
             "loss_by_seed": {str(s): by_seed[s]["loss_by_length"] for s in seeds},
-            "norm_growth_by_seed": {str(s): by_seed[s]["norm_growth"] for s in seeds}}
+            "norm_growth_by_seed": {str(s): by_seed[s]["norm_growth"] for s in seeds},
+        }
     return res
 
 
 def plot(res: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -85,9 +97,14 @@ def plot(res: dict, path: Path) -> None:
         keys = sorted(m["loss_by_length"], key=int)
         x = [int(k) for k in keys]
         color = f"C{i}"
-        ax.plot(x, [m["loss_by_length"][k] for k in keys], marker="o", color=color,
-                lw=2.5 if name == res["window"] else 1.5,
-                label=f"{name} (mean of seeds {', '.join(map(str, m['seeds']))})")
+        ax.plot(
+            x,
+            [m["loss_by_length"][k] for k in keys],
+            marker="o",
+            color=color,
+            lw=2.5 if name == res["window"] else 1.5,
+            label=f"{name} (mean of seeds {', '.join(map(str, m['seeds']))})",
+        )
         for seed_loss in m["loss_by_seed"].values():
             ax.plot(x, [seed_loss[k] for k in keys], color=color, alpha=0.2, lw=0.8)
     ax.set_xscale("log", base=2)
@@ -101,10 +118,14 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--window", default="window-32", help="the plain window's run name")
-    p.add_argument("--only", nargs="*", default=None, help="report only these models (and the window)")
+    p.add_argument(
+        "--only", nargs="*", default=None, help="report only these models (and the window)"
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     train_len, models = collect(a.runs)

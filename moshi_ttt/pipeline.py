@@ -388,11 +388,11 @@ CPU_TRAIN = TrainConfig(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup=3
 # the main job on 2 CPU cores: half of each batch held-out-style corpus text, half one fact
 # (a key and its value) stated, random filler, the key asked; first within the window, then up to
 # 4 x W back. The answer weighs as much as a corpus row, so both are learned at once.
-CPU_RECALL_TRAIN = TrainConfig(steps=1200, batch_size=32, seq_len=192, lr=3e-3, warmup=50, task_frac=0.5,
-                               tasks=("binding",), binding_keys=(1,), binding_queries=1,
-                               binding_anywhere=True, near_steps=400, near_distances=(0, 4, 8, 16),
-                               task_distances=(0, 16, 32, 64, 128), seq_schedule=((0, 64), (400, 192)),
-                               answer_weight=192.0, context_weight=0.0)
+CPU_RECALL_TRAIN = TrainConfig(
+    steps=1200, batch_size=32, seq_len=192, lr=3e-3, warmup=50, task_frac=0.5, tasks=("binding",),
+    binding_keys=(1,), binding_queries=1, binding_anywhere=True, near_steps=400,
+    near_distances=(0, 4, 8, 16), task_distances=(0, 16, 32, 64, 128),
+    seq_schedule=((0, 64), (400, 192)), answer_weight=192.0, context_weight=0.0)
 
 SMALL_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
                           task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),
@@ -520,7 +520,9 @@ def train_and_evaluate(name: str, cfg: ModelConfig, tcfg: TrainConfig, folder: P
     model, meta = load_checkpoint(ckpt, device)
     docs, _ = held_out_data(data, ec)
     train_len = tcfg.max_seq_len()
-    long_tokens = long_stream_tokens(data, ec.long_stream[-1] * train_len + 1) if ec.long_stream else None
+    long_tokens = None
+    if ec.long_stream:
+        long_tokens = long_stream_tokens(data, ec.long_stream[-1] * train_len + 1)
     res = model_results(model.eval(), meta, ckpt, docs, ec, device, long_tokens, train_len)
     res["wall"] = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
     report.write_json(folder / "eval.json", res)

@@ -260,7 +260,8 @@ def binding_table(metrics: dict) -> list[str]:
         line = 1 / len(VALUES) if n == 1 else 1 / n
         for name, m in models.items():
             rows = _rows(m, n)
-            lines.append(f"| {name} | {n} ({line:.2f}) | " + " | ".join(f"{r['accuracy']:.2f}" for r in rows) + " |")
+            cells = " | ".join(f"{r['accuracy']:.2f}" for r in rows)
+            lines.append(f"| {name} | {n} ({line:.2f}) | {cells} |")
     return lines
 
 

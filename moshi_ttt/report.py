@@ -152,7 +152,8 @@ def _beyond(m: dict, window: int) -> tuple[float, str, float, int] | None:
     for n, rs in m.get("binding", {}).get("one", {}).items():
         # one fact: knowing the values is the whole task, so the line is a guess among them
         guess = 1.0 / len(binding.VALUES) if n == "1" else None
-        rows += [(f"binding N={n}", {**r, "chance": r["chance"] if guess is None else guess}) for r in rs]
+        task = "one fact (binding N = 1)" if n == "1" else f"binding N = {n}"
+        rows += [(task, {**r, "chance": guess or r["chance"]}) for r in rs]
     best = None
     for task, r in rows:
         if r["distance"] >= VERDICT_MULTIPLE * window:
@@ -178,7 +179,8 @@ def verdict(metrics: dict) -> list[str]:
              f"(W = {window} tokens) over the recall tasks, with the task, distance and chance line "
              "(binding N = 1, one fact: a guess among the 64 values; N >= 2: 1/N, a model that knows "
              "only which values were stated).", "",
-             "| memory | state bytes | recall beyond the window | perplexity, last bucket |", "|---|---|---|---|"]
+             "| memory | state bytes | recall beyond the window | perplexity, last bucket |",
+             "|---|---|---|---|"]
     for n, m in models.items():
         sb = m["cost"]["state_bytes"][-1] if m["cost"]["state_bytes"] else None
         b = _beyond(m, window)
@@ -200,7 +202,10 @@ def _sentence(models: dict, wname: str, caches: list[str], window: int) -> str:
         return -1.0 if b is None else b[0]
     best = max(caches, key=score)
     b, wb = _beyond(models[best], window), _beyond(models[wname], window)
-    ppl = (lambda n: models[n]["loss_by_position"][-1]["ppl"] if models[n]["loss_by_position"] else None)
+    def ppl(n):
+        rows = models[n]["loss_by_position"]
+        return rows[-1]["ppl"] if rows else None
+
     tail = ""
     if ppl(best) is not None and ppl(wname) is not None:
         tail = (f" Its perplexity in the last bucket is {ppl(best):.2f} against the window's "

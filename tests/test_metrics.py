@@ -136,4 +136,4 @@ def test_one_fact_recall_is_drawn_against_a_guess_among_the_values():
     assert "| ttt_cache-32 | 1 (0.02) | 1.00 | 1.00 | 1.00 |" in lines
     assert "| window-32 | 1 (0.02) | 1.00 | 0.03 | 0.03 |" in lines
     row = next(x for x in verdict(m) if x.startswith("| ttt_cache-32 |"))
-    assert "1.00 (binding N=1, 512 tokens, chance 0.02)" in row  # ties: the farthest distance
+    assert "1.00 (one fact (binding N = 1), 512 tokens, chance 0.02)" in row  # ties: the farthest distance

@@ -49,7 +49,8 @@ class TTTCacheMemory(EvictingMemory):
         self.lr_b = nn.Parameter(torch.zeros(H))
         if mc.forget_gate:  # λ_n = σ(k̄_n·forget_w + forget_b), starting at the configured decay
             self.forget_w = nn.Parameter(torch.zeros(self.hc, Dh))
-            self.forget_b = nn.Parameter(torch.full((self.hc,), math.log(mc.decay / (1 - mc.decay))))
+            logit = math.log(mc.decay / (1 - mc.decay))
+            self.forget_b = nn.Parameter(torch.full((self.hc,), logit))
         self.probes = nn.Parameter(torch.randn(H, M, Dh))
         self.vkeys = nn.Parameter(torch.randn(H, M, Dh) / math.sqrt(Dh))
         self.vkey_proj = nn.Parameter(torch.zeros(H, Dh, Dh))
@@ -179,7 +180,8 @@ class TTTCacheMemory(EvictingMemory):
         if not self.cfg.forget_gate:
             return self.cfg.decay
         on = (eta > 0).to(keys.dtype)
-        mean = (keys * on[..., None]).sum(-2) / on.sum(-1, keepdim=True).clamp_min(1.0)  # [G, ..., Dh]
+        count = on.sum(-1, keepdim=True).clamp_min(1.0)
+        mean = (keys * on[..., None]).sum(-2) / count  # [G, ..., Dh]
         w = self.forget_w.to(keys.dtype).repeat(rows, 1)  # [G, Dh]
         w = w.view(w.shape[0], *([1] * (mean.dim() - 2)), w.shape[1])
         b = self.forget_b.to(keys.dtype).repeat(rows).view(-1, *([1] * (mean.dim() - 2)))
@@ -445,7 +447,8 @@ class TTTCacheMemory(EvictingMemory):
         ds = tuple(st[f"d{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
         moms = tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1)) if mc.momentum else None
         probes, inits = self._probes(), tuple(w.to(x.dtype) for w in self.inits())
-        fast = not (torch.is_grad_enabled() or mc.forget_gate) and ttt_triton.supports(ds, x, probes)
+        fast = (not (torch.is_grad_enabled() or mc.forget_gate)
+                and ttt_triton.supports(ds, x, probes))
         with torch.autocast(x.device.type, enabled=False):
             v = (ttt_triton.complete_block if fast else complete_block)(
                 ds, moms, inits, x, y, eta, done[:, None].expand(B, hc).reshape(-1), probes,

@@ -136,7 +136,8 @@ class _ChunkScan(torch.autograd.Function):
                     sl = slice(n * chunk, (n + 1) * chunk)
                     history.append(wn)
                     vc = v[:, sl] * coef[:, n, None, None]
-                    wn = torch.baddbmm(w0 + keep[:, n, None, None] * (wn - w0), vc.transpose(1, 2), z[:, sl])
+                    decayed = w0 + keep[:, n, None, None] * (wn - w0)
+                    wn = torch.baddbmm(decayed, vc.transpose(1, 2), z[:, sl])
             # r = dL/ds_n: later chunks' dO_mᵀ Z_m (decayed) plus dL/ds_final
             r = d_s.clone() if d_s is not None else torch.zeros_like(w)
             w = w.clone()
