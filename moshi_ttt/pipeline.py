@@ -412,9 +412,8 @@ STUDY_PRESETS = {
     # training length (loss per length, fast-weight norms) for the window and each forgetting
     "stationarity": StudyPreset(
         model="tiny", window=32, block=16, train=CPU_TRAIN,
-        memories=("window", "ttt_cache", "ttt_cache:decay=0.01", "ttt_cache:decay=0.01,forget_gate=true",
-                  "window+ttt2", "window+ttt2:ttt.decay=0.05",
-                  "ttt_cache+ttt2:decay=0.01,forget_gate=true,ttt.decay=0.05"),
+        memories=("window", "ttt_cache", "window+ttt2", "ttt_cache+ttt2",
+                  "ttt_cache:decay=0.0,gate_init=0.0", "window+ttt2:ttt.decay=0.0"),
         eval=LONG_STREAM),
     # the same on the GPU: the small study's training, streamed to 64 x 1024 tokens (--jobs 4)
     "stationarity-small": StudyPreset(model="small", window=64, block=64, train=SMALL_TRAIN,
