@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from stationarity import parse_setting  # bench/stationarity.py (run as a script from bench/)
 from moshi_ttt.moshi.adapter import patch_lm
 from moshi_ttt.moshi.config import AdapterConfig, tiny_lm_kwargs
 
@@ -122,11 +123,8 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
     name, _, fields = text.partition(":")
     mem, ttt = {}, {}
     for item in filter(None, fields.split(",")):
-        key, eq, value = item.partition("=")
-        part, _, field = key.partition(".")
-        if not eq or part not in ("memory", "inplace_ttt") or not field:
-            raise SystemExit(f"a variant is NAME:memory.F=V,inplace_ttt.F=V, got {text!r}")
-        (mem if part == "memory" else ttt)[field] = json.loads(value)
+        part, field, value = parse_setting(item)
+        (mem if part == "memory" else ttt)[field] = value
     return name, mem, ttt
 
 

@@ -25,18 +25,23 @@ from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.pipeline import long_stream_tokens
 
 
-def with_setting(model: StreamingLM, setting: str) -> StreamingLM:
-    """The same weights under a config with one field changed: ``memory.F=V`` or
-    ``inplace_ttt.F=V`` (V parsed as JSON)."""
+def parse_setting(setting: str) -> tuple[str, str, object]:
+    """``memory.F=V`` or ``inplace_ttt.F=V`` -> (part, field, V parsed as JSON)."""
     path, _, value = setting.partition("=")
     part, _, name = path.partition(".")
     if part not in ("memory", "inplace_ttt") or not name or not value:
         raise SystemExit(f"a setting is memory.FIELD=VALUE or inplace_ttt.FIELD=VALUE, "
                          f"got {setting!r}")
+    return part, name, json.loads(value)
+
+
+def with_setting(model: StreamingLM, setting: str) -> StreamingLM:
+    """The same weights under a config with one field changed (``parse_setting``)."""
+    part, name, value = parse_setting(setting)
     sub = getattr(model.cfg, part)
     if sub is None:
         raise SystemExit(f"{setting!r}: the model has no {part}")
-    changed = dataclasses.replace(sub, **{name: json.loads(value)})
+    changed = dataclasses.replace(sub, **{name: value})
     cfg = dataclasses.replace(model.cfg, **{part: changed})
     out = StreamingLM(cfg)
     out.load_state_dict(model.state_dict())

@@ -129,6 +129,12 @@ def _colors(names):
     return {n: cmap(i % 20) for i, n in enumerate(names)}
 
 
+def chance_line(n: int) -> float:
+    """The line a binding score of N facts is read against: 1/N, a model that knows only which
+    values were stated; for one fact, where knowing the value is the task, a guess among them."""
+    return 1 / len(VALUES) if n == 1 else 1 / n
+
+
 def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None) -> None:
     """Accuracy vs distance (x W), one panel per N, one line per model; chance 1/N (and, for every
     key asked in turn, the bag line H_N/N); the window and the training length marked."""
@@ -147,11 +153,8 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
             if rows:
                 ax.plot([r["distance_w"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3,
                         color=colors[name], label=name)
-        if n == 1:  # one fact: knowing the value is the task; a model without it guesses
-            ax.axhline(1 / len(VALUES), color="black", ls="--", lw=1.2,
-                       label=f"a guess among {len(VALUES)} values")
-        else:
-            ax.axhline(1 / n, color="black", ls="--", lw=1.2, label="chance 1/N (values only)")
+        ax.axhline(chance_line(n), color="black", ls="--", lw=1.2,
+                   label=f"a guess among {len(VALUES)} values" if n == 1 else "chance 1/N (values only)")
         if variant == "all" and n > 1:
             ax.axhline(bag_line(n), color="black", ls=":", lw=1.2, label="bag H_N/N (values only)")
         ax.axvline(1, color="grey", ls="-.", lw=1, label=f"window ({window} tokens)")
@@ -257,7 +260,7 @@ def binding_table(metrics: dict) -> list[str]:
              "| memory | N (line) | " + " | ".join(f"{d:g} x W" for d in dists) + " |",
              "|---|---|" + "---|" * len(dists)]
     for n in keys:
-        line = 1 / len(VALUES) if n == 1 else 1 / n
+        line = chance_line(n)
         for name, m in models.items():
             rows = _rows(m, n)
             cells = " | ".join(f"{r['accuracy']:.2f}" for r in rows)

@@ -14,7 +14,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import long_report, recall_report  # noqa: E402
-from .data import binding  # noqa: E402
 
 
 def git_commit(path: Path | None = None) -> str:
@@ -145,22 +144,27 @@ def cross_session_table(models: dict) -> list[str]:
 VERDICT_MULTIPLE = 4  # "beyond the window": distances of at least this many windows
 
 
-def _beyond(m: dict, window: int) -> tuple[float, str, float, int] | None:
-    """The best exact-answer accuracy of a model at distances >= VERDICT_MULTIPLE x ``window``
-    over its recall tasks and binding rows: (accuracy, task, chance, distance), or None."""
+def _recall_rows(m: dict) -> list[tuple[str, dict]]:
+    """(task, row) of a model's recall tasks and one-question binding rows, each row's chance the
+    line it is read against (``recall_report.chance_line`` for binding)."""
     rows = [(task, r) for task, rs in m.get("recall", {}).items() for r in rs]
     for n, rs in m.get("binding", {}).get("one", {}).items():
-        # one fact: knowing the values is the whole task, so the line is a guess among them
-        guess = 1.0 / len(binding.VALUES) if n == "1" else None
         task = "one fact (binding N = 1)" if n == "1" else f"binding N = {n}"
-        rows += [(task, {**r, "chance": guess or r["chance"]}) for r in rs]
-    best = None
-    for task, r in rows:
-        if r["distance"] >= VERDICT_MULTIPLE * window:
-            cand = (r["accuracy"], task, r.get("chance", 0.0), r["distance"])
-            if best is None or (cand[0], cand[3]) > (best[0], best[3]):  # ties: the farthest
-                best = cand
-    return best
+        rows += [(task, {**r, "chance": recall_report.chance_line(int(n))}) for r in rs]
+    return rows
+
+
+def _beyond(m: dict, window: int) -> tuple[float, str, float, int] | None:
+    """The best exact-answer accuracy of a model at distances >= VERDICT_MULTIPLE x ``window``
+    (ties: the farthest): (accuracy, task, chance, distance), or None."""
+    far = [(r["accuracy"], task, r.get("chance", 0.0), r["distance"]) for task, r in _recall_rows(m)
+           if r["distance"] >= VERDICT_MULTIPLE * window]
+    return max(far, key=lambda c: (c[0], c[3])) if far else None
+
+
+def _last_ppl(m: dict) -> float | None:
+    """Perplexity in the last position bucket (None without the corpus)."""
+    return m["loss_by_position"][-1]["ppl"] if m["loss_by_position"] else None
 
 
 def verdict(metrics: dict) -> list[str]:
@@ -185,10 +189,9 @@ def verdict(metrics: dict) -> list[str]:
         sb = m["cost"]["state_bytes"][-1] if m["cost"]["state_bytes"] else None
         b = _beyond(m, window)
         rec = "-" if b is None else f"{b[0]:.2f} ({b[1]}, {b[3]} tokens, chance {b[2]:.2f})"
-        ppl = m["loss_by_position"][-1]["ppl"] if m["loss_by_position"] else None
         size = "-" if sb is None else (f"{sb['state_bytes']:,} at {sb['tokens']} tokens"
                                        + (", grows" if m["config"]["memory"]["kind"] == "full" else ""))
-        lines.append(f"| {n} | {size} | {rec} | {_fmt(ppl, '.2f')} |")
+        lines.append(f"| {n} | {size} | {rec} | {_fmt(_last_ppl(m), '.2f')} |")
     caches = [n for n, m in models.items() if m["config"]["memory"]["kind"] == "ttt_cache"]
     if caches:
         lines += ["", _sentence(models, wname, caches, window)]
@@ -196,24 +199,17 @@ def verdict(metrics: dict) -> list[str]:
 
 
 def _sentence(models: dict, wname: str, caches: list[str], window: int) -> str:
-    """What the best TTT cache recalls beyond the window against the window, and its perplexity."""
-    def score(n):
-        b = _beyond(models[n], window)
-        return -1.0 if b is None else b[0]
-    best = max(caches, key=score)
-    b, wb = _beyond(models[best], window), _beyond(models[wname], window)
-    def ppl(n):
-        rows = models[n]["loss_by_position"]
-        return rows[-1]["ppl"] if rows else None
-
-    tail = ""
-    if ppl(best) is not None and ppl(wname) is not None:
-        tail = (f" Its perplexity in the last bucket is {ppl(best):.2f} against the window's "
-                f"{ppl(wname):.2f}.")
+    """What the best TTT cache recalls beyond the window against the window on the same task and
+    distance, and its perplexity against the window's."""
+    best = max(caches, key=lambda n: (_beyond(models[n], window) or (-1.0,))[0])
+    b = _beyond(models[best], window)
+    p, pw = _last_ppl(models[best]), _last_ppl(models[wname])
+    tail = "" if p is None or pw is None else (
+        f" Its perplexity in the last bucket is {p:.2f} against the window's {pw:.2f}.")
     if b is None:
         return f"**{best}** was not asked to recall beyond {VERDICT_MULTIPLE} x W.{tail}"
-    task_w = next((r["accuracy"] for t, rs in models[wname].get("recall", {}).items() if t == b[1]
-                   for r in rs if r["distance"] == b[3]), wb[0] if wb else None)
+    task_w = next((r["accuracy"] for t, r in _recall_rows(models[wname])
+                   if t == b[1] and r["distance"] == b[3]), None)
     if b[0] >= 0.8 and (task_w is None or task_w <= 0.2):
         return (f"**{best} recalls {b[1]} {b[3]} tokens back ({VERDICT_MULTIPLE}+ x W) with accuracy "
                 f"{b[0]:.2f}, where the window scores {_fmt(task_w, '.2f')}** (chance {b[2]:.2f}).{tail}")
