@@ -8,6 +8,8 @@ it, as parallel processes.
         --backbone-steps 20 --memories window ttt_cache --binding-num 4     # a smoke test on CPU
     python bench/recall_study.py --out runs/recall2 --backbone runs/recall/backbone/model.pt \\
         --memories window@16 window@64        # more memories from the same backbone
+    python bench/recall_study.py --out runs/mix --preset recall-corpus --data data/corpus \\
+        --backbone runs/recall/backbone/model.pt     # the same mixed with corpus text
     python bench/recall_study.py --merge runs/recall --out docs/results/recall-study
         # the report of the models a run finished (each model's eval.json)
     python bench/recall_study.py --evaluate runs/recall/window-128 --device cpu
@@ -63,6 +65,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=330.0, help="seconds of training for the slowest model")
     p.add_argument("--jobs", type=int, default=16)
     p.add_argument("--memories", nargs="+", default=None)
+    p.add_argument("--preset", default="recall", choices=("recall", "recall-corpus"),
+                   help="recall-corpus: half of each batch corpus text (needs --data)")
+    p.add_argument("--data", type=Path, default=None, help="the corpus folder (recall-corpus)")
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
@@ -91,7 +96,10 @@ def main() -> None:
         merge(a.merge, a.out)
         return
 
-    sp = pipeline.STUDY_PRESETS["recall"]
+    sp = pipeline.STUDY_PRESETS[a.preset]
+    if sp.corpus and (a.data is None or not (a.data / "manifest.json").is_file()):
+        p.error(f"--preset {a.preset} mixes corpus text: --data must name a prepared corpus folder "
+                f"(moshi-ttt prepare), got {a.data}")
     over = {k: v for k, v in (("batch_size", a.batch), ("lr", a.lr), ("seed", a.seed)) if v is not None}
     sp = dataclasses.replace(sp, train=dataclasses.replace(sp.train, **over))
     if sp.backbone:  # the same overrides, and at most --backbone-steps steps
@@ -119,7 +127,7 @@ def main() -> None:
         (a.out / "calibration.json").write_text(json.dumps(calib, indent=2) + "\n")
         print(json.dumps(calib, indent=1), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    pipeline.run_study("recall-run", None, a.out, a.device, jobs=a.jobs, steps=steps,
+    pipeline.run_study("recall-run", a.data if sp.corpus else None, a.out, a.device, jobs=a.jobs, steps=steps,
                        memories=specs, backbone=a.backbone)
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

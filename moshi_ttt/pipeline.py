@@ -436,6 +436,13 @@ STUDY_PRESETS = {
                                           binding_keys=(1, 2, 4, 8, 16, 32), binding_all_questions=True,
                                           cost_lengths=(512, 2048, 8192))),
 }
+# the recall study mixed with corpus text (``--data``): the controls, infini and the TTT cache with
+# its readers, from the same backbone, trained on half corpus rows, also measured by perplexity
+STUDY_PRESETS["recall-corpus"] = dataclasses.replace(
+    STUDY_PRESETS["recall"], memories=("full", "window", "infini", f"ttt_cache:{RECALL_READERS}"),
+    corpus=True, train=TRAIN_PRESETS["recall-corpus"],
+    eval=dataclasses.replace(STUDY_PRESETS["recall"].eval, perplexity=True, max_len=2048,
+                             buckets=(256, 1024, 2048)))
 
 
 def study_jobs(sp: StudyPreset, data: Path | None, out: Path, steps: int | None = None,
@@ -547,6 +554,9 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     sp = STUDY_PRESETS[preset]
+    if sp.corpus and sp.train.task_frac < 1 and data is None:
+        raise ValueError(f"study preset {preset!r} trains on corpus text (task_frac "
+                         f"{sp.train.task_frac}): give a prepared corpus folder")
     data = data if sp.corpus else None
     ec = study_eval(sp)
     work = study_jobs(sp, data, out, steps, memories, seed)

@@ -154,7 +154,8 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
                 ax.plot([r["distance_w"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3,
                         color=colors[name], label=name)
         ax.axhline(chance_line(n), color="black", ls="--", lw=1.2,
-                   label=f"a guess among {len(VALUES)} values" if n == 1 else "chance 1/N (values only)")
+                   label=f"chance (N = 1: a guess among {len(VALUES)} values; N >= 2: 1/N, "
+                         "a model that knows only the values)")
         if variant == "all" and n > 1:
             ax.axhline(bag_line(n), color="black", ls=":", lw=1.2, label="bag H_N/N (values only)")
         ax.axvline(1, color="grey", ls="-.", lw=1, label=f"window ({window} tokens)")

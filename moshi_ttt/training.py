@@ -191,6 +191,10 @@ TRAIN_PRESETS["recall-backbone"] = dataclasses.replace(
 TRAIN_PRESETS["recall-memory"] = dataclasses.replace(
     TRAIN_PRESETS["recall"], steps=2500, seq_len=96, keys_schedule=(), near_steps=1000,
     seq_schedule=((0, 96), (1000, 208)), binding_anywhere=True)
+# the same mixed with corpus text: half of each batch corpus rows, half binding rows, whose answers
+# (2-16 per row) weigh 24 each, about as much as a corpus row's tokens
+TRAIN_PRESETS["recall-corpus"] = dataclasses.replace(
+    TRAIN_PRESETS["recall-memory"], task_frac=0.5, answer_weight=24.0)
 
 
 def at_step(schedule: tuple, step: int, default):

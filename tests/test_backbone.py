@@ -121,3 +121,25 @@ def test_the_recall_study_holds_a_ttt_cache_at_infinis_state_bytes():
               if c.memory.kind in ("infini", "ttt_cache")}
     infini = nbytes.pop("infini-32")
     assert min(abs(b - infini) for b in nbytes.values()) <= 0.01 * infini
+
+
+def test_the_corpus_mixed_recall_study_trains_on_both_and_reports_perplexity(tmp_path, monkeypatch,
+                                                                             corpus):
+    """recall-corpus: the recall preset's memories from one backbone, half of every batch corpus
+    rows; its report holds the perplexity of every model beside binding, and it needs a corpus."""
+    sp = pipeline.STUDY_PRESETS["recall-corpus"]
+    base = pipeline.STUDY_PRESETS["recall"]
+    assert sp.train == dataclasses.replace(base.train, task_frac=0.5, answer_weight=24.0)
+    tiny = preset(0.0, ("window", "ttt_cache"))
+    ec = dataclasses.replace(tiny.eval, perplexity=True, max_len=300, docs=2, buckets=(100, 300))
+    mix = dataclasses.replace(tiny, corpus=True, eval=ec,
+                              train=dataclasses.replace(tiny.train, task_frac=0.5, batch_size=4))
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "mix-test", mix)
+    with pytest.raises(ValueError, match="trains on corpus text"):
+        pipeline.run_study("mix-test", None, tmp_path / "none", "cpu")
+    metrics = pipeline.run_study("mix-test", corpus, tmp_path / "mix", "cpu")
+    for name, m in metrics["models"].items():
+        assert [b["hi"] for b in m["loss_by_position"]] == [100, 300], name
+        assert m["binding"]["one"]["4"] and m["train"]["task_frac"] == 0.5
+    report = (tmp_path / "mix" / "report.md").read_text()
+    assert "| window-32 | " in report.split("## Perplexity by position")[1]
