@@ -24,7 +24,7 @@ from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnos
 from .data.binding import binding_batch
 from .evaluation import BUCKETS, binding_accuracy, long_stream, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
-from .training import TRAIN_PRESETS, TrainConfig, config_dict, train
+from .training import TRAIN_PRESETS, Stage, TrainConfig, config_dict, train
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
     ``task_frac = 1``), from scratch or from the weights of checkpoint ``init`` (``init_from``);
     writes model.pt, train_log.csv, config.json."""
     from .data.prepare import load_split
+    from .trainer import stage_parameters
 
     stream = bounds = manifest = None
     if data is not None:
@@ -110,8 +111,16 @@ def run_training(cfg: ModelConfig, tcfg: TrainConfig, data: Path | None, out: Pa
     out.mkdir(parents=True, exist_ok=True)
     print(f"training {name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{tcfg.total_steps()} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens on {device}", file=sys.stderr)
-    rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device, progress=progress)
+    trained = {n for st in tcfg.all_stages() for n in stage_parameters(model, st)}
+    if trained:
+        rows = train(model, stream, bounds, tcfg, log_path=out / "train_log.csv", device=device,
+                     progress=progress)
+    else:  # e.g. a window after a memory-only recipe: the model it started from, unchanged
+        print(f"{name}: no parameter to train in any stage: it keeps the weights it started from",
+              file=sys.stderr)
+        rows = []
     meta = {"name": name, "train": config_dict(tcfg), "train_log": rows, "commit": report.git_commit(),
+            "trained_parameters": sum(p.numel() for n, p in model.named_parameters() if n in trained),
             "init": None if init is None else backbone_record(init),
             "data": None if data is None else {
                 "dir": str(data), "splits": {s: e["sha256"] for s, e in manifest["splits"].items()}}}
@@ -252,7 +261,7 @@ def model_results(model: StreamingLM, meta: dict, ckpt: Path, docs, ec: EvalConf
     """One model's entry of ``metrics.json``: its config, training and every measurement."""
     torch.manual_seed(ec.seed)
     return {"checkpoint": str(ckpt), "config": model.cfg.to_dict(), "train": meta.get("train"),
-            "init": meta.get("init"),
+            "init": meta.get("init"), "trained_parameters": meta.get("trained_parameters"),
             "train_log": meta.get("train_log", []), "commit_trained": meta.get("commit"),
             **evaluate_model(model, docs, ec, device, long_tokens, train_len)}
 
@@ -385,14 +394,27 @@ RECALL_MEMORIES = (
 CPU_TRAIN = TrainConfig(steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup=30, task_frac=0.25,
                         tasks=("passkey", "mqar"), task_distances=(32, 64, 128), answer_weight=5.0)
 
-# the main job on 2 CPU cores: half of each batch held-out-style corpus text, half one fact
-# (a key and its value) stated, random filler, the key asked; first within the window, then up to
-# 4 x W back. The answer weighs as much as a corpus row, so both are learned at once.
+# the main job on 2 CPU cores, in two parts. First a window model (the backbone): half of each
+# batch corpus text, half one fact (a key and its value) stated, random filler, the key asked;
+# first within the window, then up to 4 x W back. The answer weighs as much as a corpus row, so
+# both are learned at once.
 CPU_RECALL_TRAIN = TrainConfig(
     steps=1200, batch_size=32, seq_len=192, lr=3e-3, warmup=50, task_frac=0.5, tasks=("binding",),
     binding_keys=(1,), binding_queries=1, binding_anywhere=True, near_steps=400,
     near_distances=(0, 4, 8, 16), task_distances=(0, 16, 32, 64, 128),
     seq_schedule=((0, 64), (400, 192)), answer_weight=192.0, context_weight=0.0)
+
+# Then each memory from the backbone's weights, its memory parameters alone: the language model
+# stays the window model's, so the memory can only add to it. Rows of 768 tokens, so that the
+# memory learns to read states as long as the evaluation's; the answer weighs 48. The TTT cache
+# forgets 0.03 per block of 16 evicted tokens: its state settles within about 1 / 0.03 blocks
+# (530 tokens), inside a training row, so the states it reads at 5000 tokens are of the kind it
+# trained on (with the default 0.01 they settle after 1,600 tokens, and it reads 2000-5000 worse
+# than the window).
+CPU_MEMORY_TRAIN = dataclasses.replace(
+    CPU_RECALL_TRAIN, steps=600, batch_size=8, seq_len=768, lr=1e-2, warmup=30, near_steps=100,
+    seq_schedule=((0, 64), (100, 768)), answer_weight=48.0,
+    stages=(Stage("memory", 600, ("*.memory.*",)),))
 
 SMALL_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
                           task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),
@@ -403,8 +425,12 @@ LONG_STREAM = EvalConfig(max_len=2048, docs=2, buckets=(256, 2048), tasks=(), cr
 
 STUDY_PRESETS = {
     # tiny models on 2 CPU cores, a few minutes per memory
-    "cpu": StudyPreset(model="tiny", memories=("window", "pooled", "infini", "ttt_cache"),
-                       window=32, block=16, train=CPU_RECALL_TRAIN,
+    # (the window is the backbone itself: it has no memory parameters to train)
+    "cpu": StudyPreset(model="tiny",
+                       memories=("window", "infini", f"ttt_cache:{RECALL_READERS},decay=0.03"),
+                       window=32, block=16, train=CPU_MEMORY_TRAIN,
+                       backbone=Backbone(CPU_RECALL_TRAIN, check_every=CPU_RECALL_TRAIN.steps,
+                                         min_binding=0.0, keys=1, gate_init=3.0),
                        eval=EvalConfig(max_len=5000, docs=4, buckets=(256, 1000, 2000, 5000), tasks=(),
                                        cross_session=(), binding_keys=(1,), binding_num=100,
                                        binding_distances=(0.5, 1, 2, 4, 16, 64))),
@@ -473,15 +499,22 @@ def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     f = steps / tcfg.total_steps()
-    return dataclasses.replace(tcfg, steps=steps, stages=(), warmup=max(1, round(tcfg.warmup * f)),
+    stages = tuple(dataclasses.replace(st, steps=max(1, round(st.steps * f))) for st in tcfg.stages)
+    if stages:  # each stage in proportion, the last one taking what rounding left
+        stages = stages[:-1] + (dataclasses.replace(
+            stages[-1], steps=max(1, steps - sum(st.steps for st in stages[:-1]))),)
+    return dataclasses.replace(tcfg, steps=steps, stages=stages, warmup=max(1, round(tcfg.warmup * f)),
                                near_steps=round(tcfg.near_steps * f),
                                seq_schedule=tuple((round(s * f), n) for s, n in tcfg.seq_schedule),
                                keys_schedule=tuple((round(s * f), n) for s, n in tcfg.keys_schedule))
 
 
-def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = True) -> Path:
-    """Train ``sp.backbone`` until its binding check passes or its steps run out; writes
-    ``out/model.pt`` whose meta holds the steps taken, every check and whether binding formed."""
+def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = True,
+                   data: Path | None = None) -> Path:
+    """Train ``sp.backbone`` (on the train split of corpus ``data`` where given) until its binding
+    check passes or its steps run out; writes ``out/model.pt`` whose meta holds the steps taken,
+    every check and whether binding formed."""
+    from .data.prepare import load_split
     from .trainer import Trainer
 
     bb = sp.backbone
@@ -489,7 +522,8 @@ def train_backbone(sp: StudyPreset, out: Path, device: str, progress: bool = Tru
     name, cfg = memory_variant(base, bb.spec, sp.ttt_chunk, sp.window, sp.block)
     torch.manual_seed(bb.train.seed)
     model = StreamingLM(cfg)
-    trainer = Trainer(model, bb.train, None, device=device, progress=False)
+    train_data = None if data is None else load_split(data, "train")[:2]
+    trainer = Trainer(model, bb.train, train_data, device=device, progress=False)
     total, checks, formed = bb.train.total_steps(), [], False
     with tqdm(total=total, desc="backbone", disable=not progress, dynamic_ncols=True) as bar:
         while trainer.step < total and not formed:
@@ -565,7 +599,8 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
                          "scratch")
     if backbone is not None and not Path(backbone).is_file():
         raise ValueError(f"backbone {backbone}: no such checkpoint")
-    init = backbone or (train_backbone(sp, out / "backbone", device) if sp.backbone else None)
+    init = backbone or (train_backbone(sp, out / "backbone", device, data=data) if sp.backbone
+                        else None)
     results = {}
     if jobs == 1:
         for name, cfg, tcfg, folder in work:

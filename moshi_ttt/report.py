@@ -167,6 +167,21 @@ def _last_ppl(m: dict) -> float | None:
     return m["loss_by_position"][-1]["ppl"] if m["loss_by_position"] else None
 
 
+def _provenance(m: dict) -> str:
+    """How a model was trained: from which checkpoint, which of its parameters, with what."""
+    init = m.get("init")
+    start = "" if not init else (
+        f"started from `{init['checkpoint']}`" + (f" ({init['steps']} steps)" if init.get("steps") else "")
+        + ", then ")
+    if m.get("trained_parameters") == 0:
+        return (start.removesuffix(", then ") or "untrained") + (
+            "; none of its parameters trains in this recipe, so it is that model")
+    n = m.get("trained_parameters")
+    what = "" if n is None or not init else f"{n:,} of its parameters "
+    return (f"{start}{what}trained at commit `{m['commit_trained']}` with "
+            f"`{json.dumps(m['train'])}`")
+
+
 def verdict(metrics: dict) -> list[str]:
     """Markdown lines: one row per memory (state bytes, best recall beyond the window, perplexity
     at the longest bucket) and one sentence on what the TTT cache recalls that the window does
@@ -192,10 +207,30 @@ def verdict(metrics: dict) -> list[str]:
         size = "-" if sb is None else (f"{sb['state_bytes']:,} at {sb['tokens']} tokens"
                                        + (", grows" if m["config"]["memory"]["kind"] == "full" else ""))
         lines.append(f"| {n} | {size} | {rec} | {_fmt(_last_ppl(m), '.2f')} |")
+    lines += _shared_start(models)
     caches = [n for n, m in models.items() if m["config"]["memory"]["kind"] == "ttt_cache"]
     if caches:
         lines += ["", _sentence(models, wname, caches, window)]
     return lines
+
+
+def _shared_start(models: dict) -> list[str]:
+    """A sentence when every model started from one checkpoint: its steps, the models that are
+    that checkpoint (nothing trained) and the parameters the others trained on it."""
+    inits = [m.get("init") for m in models.values()]
+    if not inits or any(i is None for i in inits) or len({i["checkpoint"] for i in inits}) != 1:
+        return []
+    steps = inits[0].get("steps")
+    same = [n for n, m in models.items() if m.get("trained_parameters") == 0]
+    rest = [f"{n} {m['trained_parameters']:,}" for n, m in models.items()
+            if m.get("trained_parameters")]
+    text = f"Every model starts from one backbone (`{inits[0]['checkpoint']}`" + (
+        f", trained {steps} steps)" if steps else ")")
+    if same:
+        text += f"; {', '.join(same)} is that backbone, unchanged"
+    if rest:
+        text += f"; parameters trained on it: {', '.join(rest)}"
+    return ["", text + "."]
 
 
 def _sentence(models: dict, wname: str, caches: list[str], window: int) -> str:
@@ -285,6 +320,6 @@ def markdown(metrics: dict, train_len: int | None = None) -> str:
         ttt = m["config"].get("inplace_ttt")
         lines.append(f"- **{n}**: memory `{mem['kind']}` window {mem['window']}" +
                      (f", In-Place TTT layers {ttt['layers']} chunk {ttt['chunk_size']}" if ttt else "") +
-                     f"; dim {m['config']['dim']}, {m['config']['num_layers']} layers; trained at commit "
-                     f"`{m['commit_trained']}` with `{json.dumps(m['train'])}`; checkpoint `{m['checkpoint']}`")
+                     f"; dim {m['config']['dim']}, {m['config']['num_layers']} layers; "
+                     + _provenance(m) + f"; checkpoint `{m['checkpoint']}`")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,18 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def stage_parameters(model: torch.nn.Module, stage: Stage) -> list[str]:
+    """The names of the parameters ``stage`` trains: those matching its patterns, outside the
+    layers below ``frozen_layers_below``."""
+    out = []
+    for name, _ in model.named_parameters():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        frozen_layer = layer is not None and layer < stage.frozen_layers_below
+        if any(fnmatch.fnmatch(name, pat) for pat in stage.train) and not frozen_layer:
+            out.append(name)
+    return out
+
+
 class Trainer:
     def __init__(self, model: StreamingLM, cfg: TrainConfig, train_data, val_data=None, out: Path | None = None,
                  device="cpu", progress: bool = True):
@@ -74,10 +86,9 @@ class Trainer:
 
     def apply_stage(self, stage: Stage) -> None:
         """Train exactly the parameters matching the stage's patterns, outside its frozen layers."""
+        names = set(stage_parameters(self.model, stage))
         for name, p in self.model.named_parameters():
-            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-            frozen_layer = layer is not None and layer < stage.frozen_layers_below
-            p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in stage.train) and not frozen_layer)
+            p.requires_grad_(name in names)
 
     # ---- one step -------------------------------------------------------------------------
     def global_batch(self, seq_len: int):

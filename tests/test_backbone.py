@@ -143,3 +143,65 @@ def test_the_corpus_mixed_recall_study_trains_on_both_and_reports_perplexity(tmp
         assert m["binding"]["one"]["4"] and m["train"]["task_frac"] == 0.5
     report = (tmp_path / "mix" / "report.md").read_text()
     assert "| window-32 | " in report.split("## Perplexity by position")[1]
+
+
+def test_scaling_steps_keeps_every_stage_in_proportion():
+    from moshi_ttt.training import Stage
+
+    tcfg = dataclasses.replace(TINY, stages=(Stage("memory", 300, ("*.memory.*",)), Stage("all", 900)))
+    scaled = pipeline.scale_steps(tcfg, 40)
+    assert [(s.name, s.steps, s.train) for s in scaled.stages] == [
+        ("memory", 10, ("*.memory.*",)), ("all", 30, ("*",))]
+    assert scaled.total_steps() == 40
+    odd = pipeline.scale_steps(tcfg, 7)  # rounding: the last stage takes the rest
+    assert [s.steps for s in odd.stages] == [2, 5] and odd.total_steps() == 7
+    assert pipeline.scale_steps(TINY, 3).stages == () and pipeline.scale_steps(TINY, 3).steps == 3
+
+
+def test_a_memory_only_recipe_leaves_the_language_model_of_the_backbone(tmp_path, monkeypatch,
+                                                                       corpus):
+    """The cpu preset's recipe: a window backbone trained on corpus text and facts, then memories
+    trained on their memory parameters alone. Every other weight of a memory equals the
+    backbone's, the window (nothing to train) is the backbone, and the backbone trained on the
+    corpus equals a plain training loop on it."""
+    from moshi_ttt.data.prepare import load_split
+    from moshi_ttt.training import Stage
+
+    cpu = pipeline.STUDY_PRESETS["cpu"]
+    assert [s.train for s in cpu.train.stages] == [("*.memory.*",)] and cpu.backbone.spec == "window"
+    bb_train = dataclasses.replace(cpu.backbone.train, steps=4, batch_size=4, warmup=1,
+                                   near_steps=2, seq_schedule=((0, 32), (2, 192)))
+    mem_train = dataclasses.replace(cpu.train, steps=3, batch_size=4, warmup=1, near_steps=1,
+                                    seq_schedule=((0, 32), (1, 192)),
+                                    stages=(Stage("memory", 3, ("*.memory.*",)),))
+    ec = EvalConfig(perplexity=False, tasks=(), cross_session=(), diagnostics=False,
+                    binding_keys=(1,), binding_distances=(0.5, 2), binding_num=4, cost_lengths=(64,))
+    sp = dataclasses.replace(cpu, memories=("window", "ttt_cache"), train=mem_train, eval=ec,
+                             backbone=dataclasses.replace(cpu.backbone, train=bb_train,
+                                                          check_every=4, num=4))
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "cpu-test", sp)
+    metrics = pipeline.run_study("cpu-test", corpus, tmp_path, "cpu")
+    memory = sum(p.numel() for n, p in StreamingLM(memory_variant(
+        ModelConfig.preset("tiny"), "ttt_cache", 32, 32, 16)[1]).named_parameters() if ".memory." in n)
+    assert metrics["models"]["ttt_cache-32"]["trained_parameters"] == memory
+    report = (tmp_path / "report.md").read_text()
+    assert "window-32 is that backbone, unchanged" in report
+    assert f"parameters trained on it: ttt_cache-32 {memory:,}" in report
+    backbone = load_checkpoint(tmp_path / "backbone" / "model.pt")[0].state_dict()
+    window = load_checkpoint(tmp_path / "window-32" / "model.pt")[0].state_dict()
+    cache = load_checkpoint(tmp_path / "ttt_cache-32" / "model.pt")[0].state_dict()
+    assert window.keys() == backbone.keys()
+    for k, v in backbone.items():
+        torch.testing.assert_close(window[k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(cache[k], v, rtol=0, atol=0, msg=k)
+    torch.manual_seed(mem_train.seed)  # the memory's initial weights, as the study drew them
+    fresh = StreamingLM(memory_variant(ModelConfig.preset("tiny"), "ttt_cache", 32, 32, 16)[1])
+    moved = [k for k in cache if k not in backbone and not torch.equal(cache[k], fresh.state_dict()[k])]
+    assert moved and all(".memory." in k for k in moved)
+    torch.manual_seed(bb_train.seed)
+    ref = StreamingLM(memory_variant(ModelConfig.preset("tiny"), "window", 32, 32, 16)[1])
+    trainer = Trainer(ref, bb_train, load_split(corpus, "train")[:2], progress=False)
+    for _ in range(4):
+        trainer.train_step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(backbone[k], v, rtol=0, atol=0, msg=k)
