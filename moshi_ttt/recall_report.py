@@ -146,7 +146,8 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
     colors = _colors(list(models))
     cols = min(3, len(keys))
     nrows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(8.0, 5.2 * cols), 3.9 * nrows + 0.6 * (cols == 1)),
+                             squeeze=False)
     for ax, n in zip(axes.flat, keys):
         for name, m in models.items():
             rows = _rows(m, n, variant)
@@ -154,8 +155,7 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
                 ax.plot([r["distance_w"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3,
                         color=colors[name], label=name)
         ax.axhline(chance_line(n), color="black", ls="--", lw=1.2,
-                   label=f"chance (N = 1: a guess among {len(VALUES)} values; N >= 2: 1/N, "
-                         "a model that knows only the values)")
+                   label=f"chance (N = 1: a guess, 1/{len(VALUES)}; N >= 2: 1/N, values only)")
         if variant == "all" and n > 1:
             ax.axhline(bag_line(n), color="black", ls=":", lw=1.2, label="bag H_N/N (values only)")
         ax.axvline(1, color="grey", ls="-.", lw=1, label=f"window ({window} tokens)")
@@ -170,10 +170,12 @@ def plot_binding(metrics: dict, path: Path, variant: str, train_len: int | None)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    ncol = 2 if cols == 1 else 4
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
     what = "one question per sample (binding)" if variant == "one" else "every key asked in turn"
     fig.suptitle(f"Key-value recall, {what}")
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.97))
+    legend_rows = -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * legend_rows / nrows, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
