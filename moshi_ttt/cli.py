@@ -1,4 +1,4 @@
-"""Command line: ``moshi-ttt data prepare | train | eval | study | run | sessions``."""
+"""Command line: ``moshi-ttt data prepare | train | eval | study | run | sessions | moshi train``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .pipeline import STUDY_PRESETS, EvalConfig, evaluate, run_study, run_traini
 from .models.lm import StreamingLM
 from .report import git_commit, plot_train_loss, write_json
 from .sessions.cli import add_sessions_parser
+from .moshi_cli import add_moshi_parser
 from .training import SPEC_RECIPE, TRAIN_PRESETS, TrainConfig, config_dict
 
 DEFAULT_DATA = Path("data/corpus")
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(buckets=[256, 512, 1000, 2000, 5000])
     rp.set_defaults(func=cmd_run)
     add_sessions_parser(sub)
+    add_moshi_parser(sub)
     commands_optional(p)
     return p
 

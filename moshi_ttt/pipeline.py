@@ -582,12 +582,16 @@ def run_study(preset: str, data: Path | None, out: Path, device: str, jobs: int 
     """Train every memory of a study preset at the same budget (from the preset's backbone, trained
     first, if it has one; ``backbone``: a checkpoint of it trained before, so that memories trained
     in separate runs share it) and evaluate them together; with ``jobs`` > 1 the models train as
-    parallel processes (several small models share one GPU)."""
+    parallel processes (several small models share one GPU). ``seed`` replaces the training seed
+    of every model and of the backbone."""
     if preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {preset!r}: expected one of {sorted(STUDY_PRESETS)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     sp = STUDY_PRESETS[preset]
+    if seed is not None and sp.backbone:  # the seed of the whole study, its backbone included
+        sp = dataclasses.replace(sp, backbone=dataclasses.replace(
+            sp.backbone, train=dataclasses.replace(sp.backbone.train, seed=seed)))
     if sp.corpus and sp.train.task_frac < 1 and data is None:
         raise ValueError(f"study preset {preset!r} trains on corpus text (task_frac "
                          f"{sp.train.task_frac}): give a prepared corpus folder")

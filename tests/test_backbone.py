@@ -205,3 +205,14 @@ def test_a_memory_only_recipe_leaves_the_language_model_of_the_backbone(tmp_path
         trainer.train_step()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(backbone[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_study_seed_reaches_the_backbone_and_every_memory(tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.STUDY_PRESETS, "bb-test", preset(0.0, ("window",)))
+    metrics = pipeline.run_study("bb-test", None, tmp_path / "s5", "cpu", seed=5)
+    assert load_checkpoint(tmp_path / "s5" / "backbone" / "model.pt")[1]["train"]["seed"] == 5
+    assert metrics["models"]["window-32"]["train"]["seed"] == 5
+    default = load_checkpoint(train_backbone(preset(0.0), tmp_path / "s0", "cpu", progress=False))[0]
+    seeded = load_checkpoint(tmp_path / "s5" / "backbone" / "model.pt")[0]
+    assert any(not torch.equal(a, b) for a, b in zip(default.state_dict().values(),
+                                                      seeded.state_dict().values()))

@@ -84,14 +84,15 @@ def segment_losses(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, sta
 
 
 def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: bool = True,
-                        backward: bool = False) -> list[dict]:
+                        backward: bool = False, loss_scale: float = 1.0) -> list[dict]:
     """Losses of each consecutive segment of one conversation. codes [K, T] (text + n_q audio
     codebooks, Moshi's layout); ``segment`` steps per segment (the last may be shorter).
 
     ``carry``: the streaming state flows from segment to segment (no reset inside a
     conversation); else every segment starts fresh (moshi-finetune). ``backward``: backpropagate
     each segment's loss before the next segment runs (gradients accumulate in ``.grad``; the
-    returned values are then detached). Returns [{"text", "audio", "loss"}] per segment.
+    returned values are then detached; ``loss_scale`` multiplies what is backpropagated).
+    Returns [{"text", "audio", "loss"}] per segment.
     """
     _check_codes(lm, codes, segment)
     _check_contexts(lm, segment, codes.shape[1])
@@ -112,7 +113,7 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
                 (seg_in, seg_tgt), start = delayed_io(lm, codes[:, :, s:s + segment]), 0
             losses = segment_losses(lm, seg_in, seg_tgt, start)
             if backward:
-                losses["loss"].backward()
+                (losses["loss"] * loss_scale).backward()
                 losses = {k: v.detach() for k, v in losses.items()}
             results.append(losses)
             detach_streaming_state(lm)

@@ -1,0 +1,310 @@
+"""Training a patched Moshi on whole conversations, stage by stage.
+
+Each step trains on one conversation: its segments run in order through Moshi's streaming path
+with the memory carried from one to the next (``train.conversation_losses``), each segment's loss
+backpropagated before the next runs (truncated BPTT: the carried state is detached between
+segments), then one optimizer step. Stages choose what trains:
+
+    memory     the adapter's new parameters only (the backbone frozen: no optimizer state)
+    attention  those and the self-attention of the main transformer's layers >= frozen_layers_below
+    all        every parameter
+
+The optimizer holds the trainable parameters of the current stage alone and is rebuilt when a
+stage starts. The learning rate warms up linearly, then follows a cosine to 10% of its peak over
+all stages. Checkpoints are written atomically and resume bit-exactly (weights, optimizer, data
+order and random state).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fnmatch
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from moshi.models.lm import LMModel
+from tqdm.auto import tqdm
+
+from ..training import Stage
+from .adapter import added_keys
+from .train import conversation_losses
+
+TRAIN_STATE_FORMAT = "moshi_ttt.moshi_train/1"
+ADDED = "@added"  # a stage pattern: every parameter the adapter added
+
+
+@dataclass(frozen=True)
+class MoshiTrainConfig:
+    """What ``MoshiTrainer`` does: ``stages`` in order (patterns on parameter names, ``@added``
+    for the adapter's parameters), ``segment`` steps per segment, AdamW (``lr``, ``betas``,
+    ``weight_decay`` on matrices), gradient clipping, bf16 autocast on CUDA (states stay fp32),
+    a checkpoint every ``checkpoint_every`` steps (0: at the end only), a log row every
+    ``log_every`` steps."""
+
+    stages: tuple[Stage, ...]
+    segment: int = 250
+    batch: int = 1  # conversations per step, over all processes
+    lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    bf16: bool = True
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s
+                                                 for s in self.stages))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not self.stages:
+            raise ValueError("MoshiTrainConfig.stages must hold at least one stage")
+        if any(s.loss != "lm" for s in self.stages):
+            bad = [s.name for s in self.stages if s.loss != "lm"]
+            raise ValueError(f"MoshiTrainConfig: stages {bad} ask for a loss other than 'lm', which "
+                             "Moshi training does not have")
+        if self.batch < 1:
+            raise ValueError(f"MoshiTrainConfig.batch must be >= 1, got {self.batch}")
+        if self.segment < 1 or self.warmup < 0 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError(f"MoshiTrainConfig: segment and log_every must be >= 1, warmup and "
+                             f"checkpoint_every >= 0, got {self.segment}, {self.log_every}, "
+                             f"{self.warmup}, {self.checkpoint_every}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.grad_clip <= 0:
+            raise ValueError(f"MoshiTrainConfig: lr and grad_clip must be positive, got {self.lr}, "
+                             f"{self.grad_clip}")
+
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, Stage]:
+        """(index, stage) of the stage that step ``step`` belongs to."""
+        end = 0
+        for i, s in enumerate(self.stages):
+            end += s.steps
+            if step < end:
+                return i, s
+        return len(self.stages) - 1, self.stages[-1]
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then a cosine to 10% of ``lr`` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = (step - self.warmup) / max(1, self.total_steps() - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    @classmethod
+    def preset(cls, name: str, num_layers: int = 32, **overrides) -> "MoshiTrainConfig":
+        """``spec``: the memory alone (1000 steps), then attention above the lower half of the
+        layers (5000), then everything (10000). ``tiny``: the same three stages of 1 step each,
+        for smoke runs."""
+        half = num_layers // 2
+        spec = (Stage("memory", 1000, (ADDED,)),
+                Stage("attention", 5000, (ADDED, "transformer.layers.*.self_attn.*"),
+                      frozen_layers_below=half),
+                Stage("all", 10000))
+        if name == "spec":
+            return cls(stages=spec, **overrides)
+        if name == "tiny":
+            return cls(stages=tuple(dataclasses.replace(s, steps=1) for s in spec), segment=8,
+                       lr=1e-3, warmup=1, bf16=False, **overrides)
+        raise ValueError(f"unknown Moshi training preset {name!r}: expected 'spec' or 'tiny'")
+
+
+def stage_parameters(lm: LMModel, stage: Stage) -> list[str]:
+    """Names of the parameters ``stage`` trains: matching one of its patterns (``@added``: the
+    adapter's parameters), outside main-transformer layers below ``frozen_layers_below``."""
+    added = set(added_keys(lm))
+    out = []
+    for name, _ in lm.named_parameters():
+        parts = name.split(".")
+        layer = int(parts[2]) if parts[:2] == ["transformer", "layers"] else None
+        if layer is not None and layer < stage.frozen_layers_below:
+            continue
+        if any(name in added if pat == ADDED else fnmatch.fnmatch(name, pat) for pat in stage.train):
+            out.append(name)
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class MoshiTrainer:
+    """Trains ``lm`` (patched) on ``conversations`` (callables or arrays giving codes [K, T]),
+    writing ``out/train_state.pt``, ``out/train_log.csv`` and, at the end,
+    ``out/added.safetensors`` (and ``out/model.safetensors`` when a stage trains everything).
+
+    Each step takes the next ``cfg.batch`` conversations of a shuffled order (a new order every
+    epoch); the loss is the mean over them of each conversation's mean over its segments. With
+    torch.distributed initialised, rank r trains conversations r, r + world, ... of those, the
+    gradients are summed across ranks, and rank 0 alone writes files: N processes compute what
+    one does."""
+
+    def __init__(self, lm: LMModel, cfg: MoshiTrainConfig, conversations, out: Path,
+                 progress: bool = True):
+        if not getattr(lm, "moshi_ttt_config", None):
+            raise ValueError("MoshiTrainer needs a patched LMModel (moshi_ttt.moshi.patch_lm)")
+        if not len(conversations):
+            raise ValueError("MoshiTrainer: no conversations to train on")
+        self.lm, self.cfg, self.convs, self.out, self.progress = lm, cfg, conversations, Path(out), progress
+        dist = torch.distributed
+        self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
+                                 if dist.is_available() and dist.is_initialized() else (0, 1))
+        if cfg.batch % self.world:
+            raise ValueError(f"MoshiTrainConfig.batch={cfg.batch} is not divisible by the "
+                             f"{self.world} processes")
+        self.step, self.log, self.opt, self.opt_stage = 0, [], None, None
+        self.rng = np.random.default_rng(cfg.seed)
+        self.order: list[int] = []
+        torch.manual_seed(cfg.seed)
+
+    # ---- stages and optimizer ------------------------------------------------------------
+    def _enter_stage(self, index: int, stage: Stage) -> None:
+        """Freeze all but the stage's parameters and build AdamW over those alone."""
+        names = set(stage_parameters(self.lm, stage))
+        if not names:
+            raise ValueError(f"stage {stage.name!r} trains no parameter of this model "
+                             f"(patterns {stage.train})")
+        params = dict(self.lm.named_parameters())
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        decay = [params[n] for n in sorted(names) if params[n].dim() >= 2]
+        rest = [params[n] for n in sorted(names) if params[n].dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}],
+                                     lr=self.cfg.lr, betas=self.cfg.betas)
+        self.opt_stage = index
+
+    def trainable(self) -> list[str]:
+        return [n for n, p in self.lm.named_parameters() if p.requires_grad]
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _next_batch(self) -> list[torch.Tensor]:
+        """This rank's conversations of the next step (a fresh shuffled order every epoch)."""
+        while len(self.order) < self.cfg.batch:
+            self.order += list(self.rng.permutation(len(self.convs)))
+        step, self.order = self.order[:self.cfg.batch], self.order[self.cfg.batch:]
+        out = []
+        for i in step[self.rank::self.world]:
+            c = self.convs[int(i)]
+            c = c() if callable(c) else c  # a tensor, or an array (a memory map) copied in
+            out.append(c.long().clone() if isinstance(c, torch.Tensor)
+                       else torch.from_numpy(np.array(c, dtype=np.int64)))
+        return out
+
+    # ---- one step ----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        index, stage = self.cfg.stage_at(self.step)
+        if self.opt_stage != index:
+            self._enter_stage(index, stage)
+        lr = self.cfg.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        batch = self._next_batch()
+        self.opt.zero_grad(set_to_none=True)
+        self.lm.train()
+        on_cuda = self.lm.device.type == "cuda"
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, text, audio: sums of conversation means
+        frames = 0
+        for codes in batch:
+            n = -(-codes.shape[1] // self.cfg.segment)  # segments of this conversation
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and on_cuda):
+                segs = conversation_losses(self.lm, codes, self.cfg.segment, carry=True,
+                                           backward=True, loss_scale=1.0 / (n * self.cfg.batch))
+            sums += torch.tensor([[float(s[k]) for k in ("loss", "text", "audio")]
+                                  for s in segs], dtype=torch.float64).mean(0)
+            frames += int(codes.shape[1])
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            torch.distributed.all_reduce(sums)
+        losses = dict(zip(("loss", "text", "audio"), (sums / self.cfg.batch).tolist()))
+        if not all(math.isfinite(v) for v in losses.values()):
+            path = self.out / "train_state.pt"
+            last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written"
+            raise FloatingPointError(f"non-finite training loss {losses['loss']} at step {self.step} "
+                                     f"(stage {stage.name}, learning rate {lr:.3g}); {last}")
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return {"step": self.step, "stage": stage.name, **losses, "lr": lr, "frames": frames}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"format": TRAIN_STATE_FORMAT, "step": self.step, "model": self.lm.state_dict(),
+                "opt": None if self.opt is None else self.opt.state_dict(), "opt_stage": self.opt_stage,
+                "rng": self.rng.bit_generator.state, "order": list(map(int, self.order)),
+                "torch_rng": torch.get_rng_state(), "log": self.log,
+                "config": dataclasses.asdict(self.cfg)}
+
+    def save(self) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_save(self.state(), self.out / "train_state.pt")
+
+    def load(self, path: Path) -> None:
+        st = torch.load(path, map_location=self.lm.device, weights_only=False)
+        if st.get("format") != TRAIN_STATE_FORMAT:
+            raise ValueError(f"{path}: not a Moshi training checkpoint (format {st.get('format')!r})")
+        if st["config"] != dataclasses.asdict(self.cfg):
+            raise ValueError(f"{path} was written with another training configuration; resume it "
+                             "with the same options or start in a new folder")
+        self.lm.load_state_dict(st["model"])
+        self.step, self.log, self.order = st["step"], st["log"], list(st["order"])
+        self.rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        if st["opt"] is not None:
+            self._enter_stage(st["opt_stage"], self.cfg.stages[st["opt_stage"]])
+            self.opt.load_state_dict(st["opt"])
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict]:
+        path = self.out / "train_state.pt"
+        if resume and path.is_file():
+            self.load(path)
+            if self.rank == 0:
+                print(f"resuming from {path} at step {self.step}", file=sys.stderr)
+        total = self.cfg.total_steps()
+        t0 = time.perf_counter()
+        with tqdm(total=total, initial=self.step, desc="moshi train", dynamic_ncols=True,
+                  disable=not self.progress or self.rank != 0) as bar:
+            while self.step < total:
+                row = self.train_step()
+                row["frames_per_s"] = row["frames"] / max(time.perf_counter() - t0, 1e-9)
+                t0 = time.perf_counter()
+                if self.step % self.cfg.log_every == 0 or self.step == total:
+                    self.log.append(row)
+                bar.update()
+                bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+        self.save()
+        if self.rank == 0:
+            self.write_outputs()
+        return self.log
+
+    def write_outputs(self) -> None:
+        from .checkpoint import save_added, save_full
+
+        with open(self.out / "train_log.csv", "w", newline="") as f:
+            cols = ["step", "stage", "loss", "text", "audio", "lr", "frames", "frames_per_s"]
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows({k: r[k] for k in cols} for r in self.log)
+        save_added(self.lm, self.out / "added.safetensors")
+        if any(set(stage_parameters(self.lm, s)) == {n for n, _ in self.lm.named_parameters()}
+               for s in self.cfg.stages):
+            save_full(self.lm, self.out / "model.safetensors")
