@@ -38,6 +38,19 @@ def assert_close(actual, expected, rel, what="", *, floor=1.0):
         f"(error / scale = {err / scale if scale else math.inf:.3g})")
 
 
+def spawn_gloo_pair(worker, *args) -> None:
+    """Run ``worker(rank, port, *args)`` in two processes that can join one gloo group on a free
+    local port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, *args), nprocs=2, join=True)
+
+
 def run_cli(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
     """``moshi-ttt ARGS`` run from ``cwd`` inside this process (``cli.main``, as the console
     script calls it) with stdout and stderr captured and ``env`` added to the environment

@@ -205,19 +205,12 @@ def _gloo_worker(rank, port, cfg, out):
 def test_two_gloo_processes_train_as_one(tmp_path):
     """Two conversations per step: one process trains both, two processes one each and sum
     their gradients; weights and losses agree."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from conftest import assert_close
+    from conftest import assert_close, spawn_gloo_pair
 
     cfg = tiny_cfg(batch=2)
     single = MoshiTrainer(model(), cfg, conversations(4), tmp_path / "one", progress=False)
     losses = [r["loss"] for r in single.fit()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_worker, args=(port, cfg, tmp_path / "two.pt"), nprocs=2, join=True)
+    spawn_gloo_pair(_gloo_worker, cfg, tmp_path / "two.pt")
     two = torch.load(tmp_path / "two.pt")
     start = model().state_dict()  # compare the updates: Adam scales float noise in tiny gradients
     moved = max(float((p - start[n]).abs().max()) for n, p in single.lm.state_dict().items())

@@ -2,17 +2,15 @@
 
 import dataclasses
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import moshi_ttt as mt
 from moshi_ttt.trainer import Trainer
 from moshi_ttt.training import Stage, TrainConfig
-from conftest import assert_close
+from conftest import assert_close, spawn_gloo_pair
 
 
 def corpus(n_docs=30, seed=0):
@@ -120,10 +118,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     cfg = dataclasses.replace(BASE, steps=3, grad_accum=2)
     single = Trainer(cache_model(), cfg, corpus(), progress=False)
     losses = [r["loss"] for r in single.fit()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, cfg, tmp_path / "ddp.pt"), nprocs=2, join=True)
+    spawn_gloo_pair(_ddp_worker, cfg, tmp_path / "ddp.pt")
     ddp = torch.load(tmp_path / "ddp.pt")
     for n, p in single.model.state_dict().items():
         assert_close(p, ddp["weights"][n], 1e-5, n)
