@@ -5,7 +5,8 @@ Input format (kyutai-labs/moshi-finetune)::
     dataset.jsonl   one {"path": "<wav>", "duration": <seconds>} per line; a relative path is
                     taken relative to the folder of the .jsonl
     <name>.wav      stereo: channel 0 (left) = Moshi, channel 1 (right) = user; 24 kHz
-                    (other rates are resampled, see ``read_conversation``)
+                    (other rates are resampled, see ``read_conversation``; read with
+                    ``soundfile``, resampled with ``soxr``)
     <name>.json     {"alignments": [[word, [start_s, end_s], speaker], ...], ...}; Moshi's words
                     carry the speaker label "SPEAKER_MAIN"; other keys are ignored
 
@@ -32,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import struct
 import wave
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -99,51 +99,25 @@ def steps_to_seconds(steps: int, frame_rate: float = FRAME_RATE) -> float:
 
 # ----------------------------------------------------------------------------------- wav io
 
-_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
-
-
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Float32 samples [C, N] in [-1, 1] and the sample rate of a RIFF/WAVE file.
+    """Float32 samples [C, N] in [-1, 1] and the sample rate of a RIFF/WAVE file (``soundfile``:
+    integer PCM scaled by 2^(bits - 1), IEEE float as stored)."""
+    import soundfile
 
-    Reads integer PCM (8/16/24/32 bit) and IEEE float (32/64 bit), plain or WAVE_FORMAT_EXTENSIBLE.
-    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: audio file not found")
-    raw = path.read_bytes()
-    if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
+    try:
+        info = soundfile.info(str(path))
+    except (RuntimeError, soundfile.LibsndfileError):
+        info = None
+    if info is None or info.format != "WAV":
         raise DatasetError(f"{path}: not a RIFF/WAVE file")
-    fmt, data, pos = None, None, 12
-    while pos + 8 <= len(raw):
-        chunk_id, size = raw[pos:pos + 4], struct.unpack("<I", raw[pos + 4:pos + 8])[0]
-        body = raw[pos + 8:pos + 8 + size]  # a size past the end (streamed wavs) is clamped
-        if chunk_id == b"fmt ":
-            fmt = body
-        elif chunk_id == b"data":
-            data = body
-        pos += 8 + size + (size & 1)
-    if fmt is None or len(fmt) < 16 or data is None:
-        raise DatasetError(f"{path}: WAVE file without a valid 'fmt ' and 'data' chunk")
-    tag, channels, rate, _, block, bits = struct.unpack("<HHIIHH", fmt[:16])
-    if tag == _EXTENSIBLE and len(fmt) >= 26:
-        tag = struct.unpack("<H", fmt[24:26])[0]  # first two bytes of the sub-format GUID
-    width = bits // 8
-    if channels == 0 or block != channels * width:
-        raise DatasetError(f"{path}: inconsistent WAVE header ({channels} ch, {bits} bit, block {block})")
-    data = data[:len(data) - len(data) % block]
-    if tag == _PCM and bits == 8:
-        x = (np.frombuffer(data, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == _PCM and bits in (16, 32):
-        x = np.frombuffer(data, f"<i{width}").astype(np.float32) / 2.0 ** (bits - 1)
-    elif tag == _PCM and bits == 24:
-        b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)  # [N*C, 3] little endian
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / 2.0 ** 23
-    elif tag == _FLOAT and bits in (32, 64):
-        x = np.frombuffer(data, f"<f{width}").astype(np.float32)
-    else:
-        raise DatasetError(f"{path}: unsupported WAVE encoding (format tag {tag}, {bits} bit)")
-    return np.ascontiguousarray(x.reshape(-1, channels).T), rate  # [N, C] -> [C, N]
+    try:
+        x, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise DatasetError(f"{path}: unreadable WAVE data ({e})") from None
+    return np.ascontiguousarray(x.T), int(rate)
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -159,28 +133,18 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
         f.writeframes(np.ascontiguousarray(pcm.T).tobytes())  # [C, N] -> [N, C] interleaved
 
 
-def resample(audio: np.ndarray, sr_in: int, sr_out: int, zero_crossings: int = 16,
-             rolloff: float = 0.945) -> np.ndarray:
-    """Band-limited resampling of float [C, N]: polyphase Hann-windowed sinc, deterministic."""
+def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling of float [C, N] to ceil(N * sr_out / sr_in) samples (``soxr``,
+    very high quality), deterministic."""
+    import soxr
+
+    audio = np.asarray(audio, dtype=np.float32)
     if sr_in == sr_out:
-        return np.asarray(audio, dtype=np.float32)
-    C, N = audio.shape
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g
-    cutoff = rolloff * min(1.0, up / down)  # fraction of the input Nyquist frequency
-    half = math.ceil(zero_crossings / cutoff)  # kernel half-width in input samples
-    r = torch.arange(-half, half + down, dtype=torch.float64)  # [L] input offsets from k*down
-    phase = torch.arange(up, dtype=torch.float64)[:, None] * down / up  # [up, 1]
-    t = r[None, :] - phase  # [up, L] distance in input samples to output point i + up*k
-    window = torch.where(t.abs() <= half, 0.5 * (1 + torch.cos(math.pi * t / half)), 0.0)
-    kernel = cutoff * torch.sinc(cutoff * t) * window  # [up, L]
-    n_out = math.ceil(N * up / down)
-    k_out = math.ceil(n_out / up)  # output positions per phase
-    pad_right = max(0, (k_out - 1) * down + r.numel() - N - half)
-    x = torch.from_numpy(np.asarray(audio, dtype=np.float64))[:, None, :]  # [C, 1, N]
-    y = F.conv1d(F.pad(x, (half, pad_right)), kernel[:, None, :], stride=down)  # [C, up, k]
-    y = y.transpose(1, 2).reshape(C, -1)[:, :n_out]  # [C, k*up]: sample i + up*k
-    return y.numpy().astype(np.float32)
+        return audio
+    n_out = math.ceil(audio.shape[1] * sr_out / sr_in)
+    y = soxr.resample(np.ascontiguousarray(audio.T), sr_in, sr_out, quality="VHQ")  # [M, C]
+    y = np.ascontiguousarray(y.T, dtype=np.float32)[:, :n_out]
+    return np.pad(y, ((0, 0), (0, n_out - y.shape[1])))
 
 
 # ----------------------------------------------------------------------------------- reading
