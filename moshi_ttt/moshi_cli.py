@@ -122,8 +122,11 @@ def _conversations(a, lm, out: Path) -> list:
 
     if (lm.num_codebooks - 1) % 2:
         raise ValueError(f"this Moshi has {lm.num_codebooks} codebooks: expected text + 2 x n_q audio")
+    import torch.distributed as dist
+
     cache = a.cache or out / "codes"
-    if not (cache / "manifest.json").is_file():
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0 and not (cache / "manifest.json").is_file():
         jsonl = a.data
         if jsonl is None:
             jsonl = tone_conversations(out / "synthetic", n=a.conversations, seed=a.seed)
@@ -132,6 +135,8 @@ def _conversations(a, lm, out: Path) -> list:
         mimi = load_mimi(a.mimi_weights, num_codebooks=(lm.num_codebooks - 1) // 2)
         prepare_conversations(jsonl, cache, mimi, a.tokenizer, DataConfig(), progress=True)
         print(f"conversations encoded into {cache}", file=sys.stderr)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 encoded them once; every rank reads the same cache
     convs = load_prepared(cache)
     if not convs:
         raise ValueError(f"{cache}: no conversations")
@@ -141,6 +146,9 @@ def _conversations(a, lm, out: Path) -> list:
 def cmd_moshi_train(a) -> None:
     from .moshi import patch_lm
     from .moshi.trainer import MoshiTrainConfig, MoshiTrainer
+    from .trainer import init_distributed
+
+    init_distributed()  # under torchrun: one process per GPU, gradients summed
 
     lm = _model(a)
     num_layers = len(lm.transformer.layers)

@@ -272,24 +272,36 @@ class Trainer:
         if self.rank or self.out is None or self.tb is False:
             return
         if self.tb is None:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    print("no tensorboardX or tensorboard: TensorBoard logging is off", file=sys.stderr)
-                    self.tb = False
-                    return
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        for key in ("loss", "val_loss", "lr", "tokens_per_s", "seq_len"):
-            if row.get(key) is not None:
-                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
-        self.tb.flush()
+            self.tb = tensorboard_writer(self.out / "tensorboard")
+        log_scalars(self.tb, row, ("loss", "val_loss", "lr", "tokens_per_s", "seq_len"))
 
     def write_log(self) -> None:
         if self.rank == 0 and self.out is not None and self.log:
             write_csv(self.out / "train_log.csv", self.log)
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter on ``folder`` (tensorboardX, else torch's), or False (said on
+    stderr) when neither is installed."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("no tensorboardX or tensorboard: TensorBoard logging is off", file=sys.stderr)
+            return False
+    return SummaryWriter(str(folder))
+
+
+def log_scalars(writer, row: dict, keys) -> None:
+    """``row[key]`` as ``train/<key>`` at ``row["step"]`` for each key present (no writer: none)."""
+    if not writer:
+        return
+    for key in keys:
+        if row.get(key) is not None:
+            writer.add_scalar(f"train/{key}", row[key], row["step"])
+    writer.flush()
 
 
 def init_distributed() -> None:

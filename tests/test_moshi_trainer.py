@@ -97,6 +97,8 @@ def test_outputs_load_into_a_fresh_model_and_the_log_is_finite(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
     assert [r["stage"] for r in rows] == ["memory", "attention", "all"]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
+    events, = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert all(f"train/{k}".encode() in events.read_bytes() for k in ("loss", "text", "audio"))
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_stage(tmp_path):

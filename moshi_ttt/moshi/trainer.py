@@ -32,6 +32,7 @@ import torch
 from moshi.models.lm import LMModel
 from tqdm.auto import tqdm
 
+from ..trainer import log_scalars, tensorboard_writer
 from ..training import Stage
 from .adapter import added_keys
 from .train import conversation_losses
@@ -141,7 +142,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 class MoshiTrainer:
     """Trains ``lm`` (patched) on ``conversations`` (callables or arrays giving codes [K, T]),
-    writing ``out/train_state.pt``, ``out/train_log.csv`` and, at the end,
+    writing ``out/train_state.pt``, ``out/train_log.csv``, TensorBoard events in
+    ``out/tensorboard`` and, at the end,
     ``out/added.safetensors`` (and ``out/model.safetensors`` when a stage trains everything).
 
     Each step takes the next ``cfg.batch`` conversations of a shuffled order (a new order every
@@ -163,7 +165,7 @@ class MoshiTrainer:
         if cfg.batch % self.world:
             raise ValueError(f"MoshiTrainConfig.batch={cfg.batch} is not divisible by the "
                              f"{self.world} processes")
-        self.step, self.log, self.opt, self.opt_stage = 0, [], None, None
+        self.step, self.log, self.opt, self.opt_stage, self.tb = 0, [], None, None, None
         self.rng = np.random.default_rng(cfg.seed)
         self.order: list[int] = []
         torch.manual_seed(cfg.seed)
@@ -287,6 +289,10 @@ class MoshiTrainer:
                 t0 = time.perf_counter()
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     self.log.append(row)
+                    if self.rank == 0:
+                        if self.tb is None:
+                            self.tb = tensorboard_writer(self.out / "tensorboard")
+                        log_scalars(self.tb, row, ("loss", "text", "audio", "lr", "frames_per_s"))
                 bar.update()
                 bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.3f}")
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
