@@ -54,6 +54,25 @@ def add_moshi_parser(sub) -> None:
     tp.add_argument("--device", default="cpu")
     tp.set_defaults(func=cmd_moshi_train)
 
+    rp = msub.add_parser("recall", help="conversation recall: facts told early, asked late; the "
+                                        "answer's text tokens scored")
+    model = rp.add_mutually_exclusive_group(required=True)
+    model.add_argument("--tiny", action="store_true", help="a random tiny Moshi (tests)")
+    model.add_argument("--moshi-weights", type=Path, default=None)
+    rp.add_argument("--config", type=Path, default=None)
+    rp.add_argument("--tokenizer", type=Path, required=True, help="Moshi's text tokenizer (.model)")
+    rp.add_argument("--adapter", default="ttt_cache", help=ADAPTER_HELP)
+    rp.add_argument("--added", type=Path, default=None,
+                    help="the trained memory (added.safetensors of `moshi train`)")
+    rp.add_argument("--data", type=Path, required=True,
+                    help="a .jsonl whose alignment files list the facts (synthetic conversations)")
+    rp.add_argument("--mimi-weights", type=Path, default=None)
+    rp.add_argument("--segment", type=int, default=250, help="frames per streamed call")
+    rp.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--device", default="cpu")
+    rp.set_defaults(func=cmd_moshi_recall)
+
 
 def _adapter(spec: str, num_layers: int):
     from .moshi.config import PRESET_NAMES, AdapterConfig
@@ -99,9 +118,14 @@ def _model(a):
 
     from .moshi.config import tiny_lm_kwargs
 
-    if a.tiny:
-        torch.manual_seed(a.seed)  # audio cardinality: Mimi's codebook size
-        return LMModel(**tiny_lm_kwargs(card=MIMI_CARD)).to(a.device)
+    if a.tiny:  # audio cardinality: Mimi's codebook size; text: the tokenizer's, if given
+        over = {"card": MIMI_CARD}
+        if a.tokenizer is not None:
+            from .moshi.data import load_tokenizer
+
+            over["text_card"] = load_tokenizer(a.tokenizer).vocab_size()
+        torch.manual_seed(a.seed)
+        return LMModel(**tiny_lm_kwargs(**over)).to(a.device)
     if a.config is None:
         raise ValueError("--moshi-weights needs --config (the checkpoint's config.json)")
     for what, path in (("--moshi-weights", a.moshi_weights), ("--config", a.config)):
@@ -167,3 +191,44 @@ def cmd_moshi_train(a) -> None:
         indent=1) + "\n")
     MoshiTrainer(lm, cfg, convs, a.out).fit(resume=a.resume)
     print(f"trained: {a.out / 'added.safetensors'}, log {a.out / 'train_log.csv'}", file=sys.stderr)
+
+
+def cmd_moshi_recall(a) -> None:
+    import dataclasses
+
+    import torch
+
+    from .moshi import load_added, patch_lm
+    from .moshi.data import conversation_codes, load_mimi, load_tokenizer, read_dataset
+    from .moshi.recall import fact_recall, recall_summary
+
+    if not a.data.is_file():
+        raise ValueError(f"--data {a.data}: no such file")
+    if not a.tokenizer.is_file():
+        raise ValueError(f"--tokenizer {a.tokenizer}: no such file")
+    lm = _model(a)
+    lm = patch_lm(lm, _adapter(a.adapter, len(lm.transformer.layers)))
+    if a.added is not None:
+        if not a.added.is_file():
+            raise ValueError(f"--added {a.added}: no such file")
+        load_added(lm, a.added)
+    lm.eval()
+    tok = load_tokenizer(a.tokenizer)
+    mimi = load_mimi(a.mimi_weights, num_codebooks=(lm.num_codebooks - 1) // 2)
+    rows, scores = [], []
+    for entry, conv in read_dataset(a.data):
+        facts = json.loads(entry.wav.with_suffix(".json").read_text()).get("facts") or []
+        codes = conversation_codes(conv, mimi, tok)
+        with torch.no_grad():
+            got = fact_recall(lm, codes, facts, tok, a.segment)
+        scores += got
+        rows += [{"conversation": entry.path, **dataclasses.asdict(s), "recalled": s.recalled}
+                 for s in got]
+    summary = recall_summary(scores)
+    if not scores:
+        raise ValueError(f"{a.data}: no fact to score (the alignment files list none, or their "
+                         "answers' tokens are not in the text stream)")
+    print(json.dumps(summary))
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"summary": summary, "facts": rows}, indent=1) + "\n")

@@ -35,20 +35,6 @@ def mimi():
     return md.load_mimi(seed=0)
 
 
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory):
-    """A small sentencepiece model (ids 0-3 = unk, bos, eos, pad, as Moshi's) on the scripts' text."""
-    import sentencepiece
-
-    lines = [t.text for s in synth.dataset_scripts(20, 0, 10, 5) for t in s.turns]
-    prefix = tmp_path_factory.mktemp("spm") / "tiny"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=300, model_type="unigram",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2)
-    return md.load_tokenizer(f"{prefix}.model")
-
-
 class FixedTokenizer:
     """encode(word) -> a fixed token list per word."""
 
