@@ -221,3 +221,22 @@ def test_two_gloo_processes_train_as_one(tmp_path):
     assert_close(two["losses"], losses, 1e-6, "losses")
     with pytest.raises(ValueError, match="batch must be >= 1"):
         tiny_cfg(batch=0)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, capsys, monkeypatch):
+    """A stock checkpoint whose config.json describes another model: one error line naming both."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from moshi_ttt import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    lm = LMModel(**tiny_lm_kwargs())
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "c.json").write_text(json.dumps(tiny_lm_kwargs(dim=48)))
+    assert cli.main(["moshi", "train", "--moshi-weights", str(tmp_path / "w.safetensors"),
+                     "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not match" in err and "w.safetensors" in err and "\n" not in err
