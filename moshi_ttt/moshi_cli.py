@@ -7,6 +7,7 @@ random tiny Moshi). Data: a moshi-finetune ``.jsonl`` (``--data``), Mimi-encoded
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,12 +22,7 @@ def add_moshi_parser(sub) -> None:
     msub = moshi.add_subparsers(dest="moshi_command", required=True)
     tp = msub.add_parser("train", help="train stage by stage on conversations, memory carried "
                                        "across each conversation's segments")
-    model = tp.add_mutually_exclusive_group(required=True)
-    model.add_argument("--tiny", action="store_true", help="a random tiny Moshi (CPU runs, tests)")
-    model.add_argument("--moshi-weights", type=Path, default=None,
-                       help="a stock Moshi checkpoint (.safetensors), read offline")
-    tp.add_argument("--config", type=Path, default=None,
-                    help="the checkpoint's config.json (moshi's loader format; with --moshi-weights)")
+    _model_args(tp)
     tp.add_argument("--tokenizer", type=Path, default=None,
                     help="Moshi's text tokenizer (.model) for --data transcripts")
     tp.add_argument("--adapter", default="ttt_cache", help=ADAPTER_HELP)
@@ -56,10 +52,7 @@ def add_moshi_parser(sub) -> None:
 
     rp = msub.add_parser("recall", help="conversation recall: facts told early, asked late; the "
                                         "answer's text tokens scored")
-    model = rp.add_mutually_exclusive_group(required=True)
-    model.add_argument("--tiny", action="store_true", help="a random tiny Moshi (tests)")
-    model.add_argument("--moshi-weights", type=Path, default=None)
-    rp.add_argument("--config", type=Path, default=None)
+    _model_args(rp)
     rp.add_argument("--tokenizer", type=Path, required=True, help="Moshi's text tokenizer (.model)")
     rp.add_argument("--adapter", default="ttt_cache", help=ADAPTER_HELP)
     rp.add_argument("--added", type=Path, default=None,
@@ -72,6 +65,16 @@ def add_moshi_parser(sub) -> None:
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=cmd_moshi_recall)
+
+
+def _model_args(p) -> None:
+    """--tiny, or --moshi-weights with --config."""
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--tiny", action="store_true", help="a random tiny Moshi (CPU runs, tests)")
+    model.add_argument("--moshi-weights", type=Path, default=None,
+                       help="a stock Moshi checkpoint (.safetensors), read offline")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the checkpoint's config.json (moshi's loader format; with --moshi-weights)")
 
 
 def _adapter(spec: str, num_layers: int):
@@ -89,7 +92,8 @@ def _adapter(spec: str, num_layers: int):
 
 
 def _stages(a, cfg):
-    import dataclasses
+    """The recipe's stages with ``--stage-steps`` or ``--steps`` applied."""
+    from .training import scale_stages
 
     stages = cfg.stages
     if a.stage_steps is not None:
@@ -99,17 +103,13 @@ def _stages(a, cfg):
             raise ValueError(f"--stage-steps must be comma-separated integers, got {a.stage_steps!r}") from None
         if len(steps) != len(stages) or min(steps) < 1:
             raise ValueError(f"--stage-steps needs {len(stages)} positive integers, got {a.stage_steps!r}")
-    elif a.steps is not None:
-        if a.steps < len(stages):
-            raise ValueError(f"--steps must be >= {len(stages)} (one per stage), got {a.steps}")
-        total = sum(s.steps for s in stages)
-        steps = [max(1, round(s.steps * a.steps / total)) for s in stages[:-1]]
-        steps.append(a.steps - sum(steps))
-        if steps[-1] < 1:
-            steps = [1] * (len(stages) - 1) + [a.steps - len(stages) + 1]
-    else:
-        return stages
-    return tuple(dataclasses.replace(s, steps=n) for s, n in zip(stages, steps))
+        return tuple(dataclasses.replace(s, steps=n) for s, n in zip(stages, steps))
+    if a.steps is not None:
+        try:
+            return scale_stages(stages, a.steps)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+    return stages
 
 
 def _model(a):
@@ -181,8 +181,6 @@ def cmd_moshi_train(a) -> None:
             if v is not None}
     cfg = MoshiTrainConfig.preset(a.recipe, num_layers=num_layers, seed=a.seed,
                                   checkpoint_every=a.checkpoint_every, **over)
-    import dataclasses
-
     cfg = dataclasses.replace(cfg, stages=_stages(a, cfg))
     a.out.mkdir(parents=True, exist_ok=True)
     convs = _conversations(a, lm, a.out)
@@ -194,8 +192,6 @@ def cmd_moshi_train(a) -> None:
 
 
 def cmd_moshi_recall(a) -> None:
-    import dataclasses
-
     import torch
 
     from .moshi import load_added, patch_lm

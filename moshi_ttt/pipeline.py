@@ -24,7 +24,7 @@ from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnos
 from .data.binding import binding_batch
 from .evaluation import BUCKETS, binding_accuracy, long_stream, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
-from .training import TRAIN_PRESETS, Stage, TrainConfig, config_dict, train
+from .training import TRAIN_PRESETS, Stage, TrainConfig, config_dict, scale_stages, train
 
 
 @dataclass(frozen=True)
@@ -499,10 +499,7 @@ def scale_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     f = steps / tcfg.total_steps()
-    stages = tuple(dataclasses.replace(st, steps=max(1, round(st.steps * f))) for st in tcfg.stages)
-    if stages:  # each stage in proportion, the last one taking what rounding left
-        stages = stages[:-1] + (dataclasses.replace(
-            stages[-1], steps=max(1, steps - sum(st.steps for st in stages[:-1]))),)
+    stages = scale_stages(tcfg.stages, steps) if tcfg.stages else ()
     return dataclasses.replace(tcfg, steps=steps, stages=stages, warmup=max(1, round(tcfg.warmup * f)),
                                near_steps=round(tcfg.near_steps * f),
                                seq_schedule=tuple((round(s * f), n) for s, n in tcfg.seq_schedule),

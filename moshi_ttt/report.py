@@ -217,14 +217,16 @@ def verdict(metrics: dict) -> list[str]:
 def _shared_start(models: dict) -> list[str]:
     """A sentence when every model started from one checkpoint: its steps, the models that are
     that checkpoint (nothing trained) and the parameters the others trained on it."""
-    inits = [m.get("init") for m in models.values()]
-    if not inits or any(i is None for i in inits) or len({i["checkpoint"] for i in inits}) != 1:
+    from .recall_report import backbone
+
+    bb = backbone({"models": models})
+    if bb is None:
         return []
-    steps = inits[0].get("steps")
+    steps = bb["steps"]
     same = [n for n, m in models.items() if m.get("trained_parameters") == 0]
     rest = [f"{n} {m['trained_parameters']:,}" for n, m in models.items()
             if m.get("trained_parameters")]
-    text = f"Every model starts from one backbone (`{inits[0]['checkpoint']}`" + (
+    text = f"Every model starts from one backbone (`{bb['checkpoint']}`" + (
         f", trained {steps} steps)" if steps else ")")
     if same:
         text += f"; {', '.join(same)} is that backbone, unchanged"

@@ -32,14 +32,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def stage_parameters(model: torch.nn.Module, stage: Stage) -> list[str]:
-    """The names of the parameters ``stage`` trains: those matching its patterns, outside the
-    layers below ``frozen_layers_below``."""
+ADDED = "@added"  # a stage pattern: every name in ``stage_parameters``' ``added``
+
+
+def stage_parameters(model: torch.nn.Module, stage: Stage, layers: str = "layers.",
+                     added: frozenset[str] = frozenset()) -> list[str]:
+    """The names of the parameters ``stage`` trains: those matching one of its patterns (``@added``:
+    the names in ``added``), outside the layers (``<layers>N.``) below ``frozen_layers_below``."""
     out = []
     for name, _ in model.named_parameters():
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        frozen_layer = layer is not None and layer < stage.frozen_layers_below
-        if any(fnmatch.fnmatch(name, pat) for pat in stage.train) and not frozen_layer:
+        layer = int(name[len(layers):].split(".")[0]) if name.startswith(layers) else None
+        if layer is not None and layer < stage.frozen_layers_below:
+            continue
+        if any(name in added if pat == ADDED else fnmatch.fnmatch(name, pat) for pat in stage.train):
             out.append(name)
     return out
 

@@ -45,6 +45,19 @@ SPEC_RECIPE = (Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
                Stage("all", 10000))
 
 
+def scale_stages(stages: tuple[Stage, ...], steps: int) -> tuple[Stage, ...]:
+    """``stages`` with ``steps`` in all, each in proportion and >= 1, the last one taking what
+    rounding left."""
+    if steps < len(stages):
+        raise ValueError(f"steps must be >= {len(stages)} (one per stage), got {steps}")
+    total = sum(st.steps for st in stages)
+    n = [max(1, round(st.steps * steps / total)) for st in stages[:-1]]
+    if steps - sum(n) < 1:  # rounding left nothing for the last stage
+        n = [1] * (len(stages) - 1)
+    n.append(steps - sum(n))
+    return tuple(dataclasses.replace(st, steps=k) for st, k in zip(stages, n))
+
+
 def step_schedule(name: str, pairs, convert, what: str) -> tuple:
     """``pairs`` as ((step, convert(value)), ...), steps >= 0 and increasing; a ValueError names
     ``TrainConfig.<name>`` otherwise."""

@@ -240,3 +240,18 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, capsys, monke
                      "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not match" in err and "w.safetensors" in err and "\n" not in err
+
+
+def test_each_conversation_starts_with_a_fresh_memory(tmp_path):
+    """Two conversations in one step: the second is not streamed on the first one's memory, so
+    the step's loss is the mean of each conversation's loss computed alone."""
+    from moshi_ttt.moshi.train import conversation_losses
+
+    convs = conversations(2)
+    trainer = MoshiTrainer(model(), tiny_cfg(batch=2), convs, tmp_path, progress=False)
+    alone = []
+    for c in convs:
+        segs = conversation_losses(model(), c, trainer.cfg.segment)
+        alone.append(sum(float(s["loss"].detach()) for s in segs) / len(segs))
+    row = trainer.train_step()
+    assert math.isclose(row["loss"], sum(alone) / 2, rel_tol=1e-6)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import fnmatch
 import math
 import os
 import sys
@@ -32,13 +31,13 @@ import torch
 from moshi.models.lm import LMModel
 from tqdm.auto import tqdm
 
-from ..trainer import log_scalars, tensorboard_writer
-from ..training import Stage
+from ..trainer import ADDED, log_scalars, tensorboard_writer
+from ..trainer import stage_parameters as _stage_parameters
+from ..training import Stage, lr_at
 from .adapter import added_keys
 from .train import conversation_losses
 
 TRAIN_STATE_FORMAT = "moshi_ttt.moshi_train/1"
-ADDED = "@added"  # a stage pattern: every parameter the adapter added
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,6 @@ class MoshiTrainConfig:
                 return i, s
         return len(self.stages) - 1, self.stages[-1]
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then a cosine to 10% of ``lr`` at the last step."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        frac = (step - self.warmup) / max(1, self.total_steps() - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
     @classmethod
     def preset(cls, name: str, num_layers: int = 32, **overrides) -> "MoshiTrainConfig":
         """``spec``: the memory alone (1000 steps), then attention above the lower half of the
@@ -120,18 +112,9 @@ class MoshiTrainConfig:
 
 
 def stage_parameters(lm: LMModel, stage: Stage) -> list[str]:
-    """Names of the parameters ``stage`` trains: matching one of its patterns (``@added``: the
-    adapter's parameters), outside main-transformer layers below ``frozen_layers_below``."""
-    added = set(added_keys(lm))
-    out = []
-    for name, _ in lm.named_parameters():
-        parts = name.split(".")
-        layer = int(parts[2]) if parts[:2] == ["transformer", "layers"] else None
-        if layer is not None and layer < stage.frozen_layers_below:
-            continue
-        if any(name in added if pat == ADDED else fnmatch.fnmatch(name, pat) for pat in stage.train):
-            out.append(name)
-    return out
+    """Names of the parameters ``stage`` trains in a patched Moshi (``@added``: the adapter's
+    parameters; layers counted in the main transformer)."""
+    return _stage_parameters(lm, stage, "transformer.layers.", frozenset(added_keys(lm)))
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -187,9 +170,6 @@ class MoshiTrainer:
                                      lr=self.cfg.lr, betas=self.cfg.betas)
         self.opt_stage = index
 
-    def trainable(self) -> list[str]:
-        return [n for n, p in self.lm.named_parameters() if p.requires_grad]
-
     # ---- data ---------------------------------------------------------------------------------
     def _next_batch(self) -> list[torch.Tensor]:
         """This rank's conversations of the next step (a fresh shuffled order every epoch)."""
@@ -209,7 +189,7 @@ class MoshiTrainer:
         index, stage = self.cfg.stage_at(self.step)
         if self.opt_stage != index:
             self._enter_stage(index, stage)
-        lr = self.cfg.lr_at(self.step)
+        lr = lr_at(self.step, self.cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
         batch = self._next_batch()
