@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -33,6 +34,23 @@ def world() -> tuple[int, int]:
 
 
 ADDED = "@added"  # a stage pattern: every name in ``stage_parameters``' ``added``
+
+
+@contextlib.contextmanager
+def reconstructing(model: nn.Module, stage: Stage):
+    """The memories of ``model`` that have a reconstruction loss (the TTT cache), recording it
+    while the block runs (``m.reconstruction_loss()`` reads it); a clear error when none has."""
+    mems = [m for m in model.modules() if hasattr(m, "want_aux")]
+    if not mems:
+        raise ValueError(f"stage {stage.name!r} uses the reconstruction loss, but no memory of this "
+                         "model has one (use a ttt_cache memory)")
+    for m in mems:
+        m.want_aux, m.aux = True, []
+    try:
+        yield mems
+    finally:
+        for m in mems:
+            m.want_aux, m.aux = False, []
 
 
 def stage_parameters(model: torch.nn.Module, stage: Stage, layers: str = "layers.",
@@ -119,18 +137,9 @@ class Trainer:
         """This micro-batch's share of the global loss (so DDP's mean of gradients is exact)."""
         with self.autocast():
             if stage.loss == "reconstruction":
-                mems = [m for m in self.model.modules() if hasattr(m, "want_aux")]
-                if not mems:
-                    raise ValueError(f"stage {stage.name!r} uses the reconstruction loss, but no memory "
-                                     "of this model has one (use a ttt_cache memory)")
-                for m in mems:
-                    m.want_aux = True
-                try:
+                with reconstructing(self.model, stage) as mems:
                     self.net(x, resets=resets)
-                    loss = torch.stack([m.aux for m in mems]).mean()
-                finally:
-                    for m in mems:
-                        m.want_aux = False
+                    loss = torch.stack([m.reconstruction_loss() for m in mems]).mean()
                 return loss * self.world / self.cfg.grad_accum
             logits = self.net(x, resets=resets)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")

@@ -112,13 +112,67 @@ def test_a_non_finite_loss_stops_with_the_step_and_stage(tmp_path):
 
 @pytest.mark.parametrize("over,match", [
     (dict(stages=()), "at least one stage"),
-    (dict(stages=(Stage("memory", 1, ("@added",), "reconstruction"),)), "loss other than"),
     (dict(stages=(Stage("x", 1),), segment=0), "segment"),
     (dict(stages=(Stage("x", 1),), lr=0.0), "lr"),
 ])
 def test_bad_training_configs_fail_clearly(over, match):
     with pytest.raises(ValueError, match=match):
         MoshiTrainConfig(**over)
+
+
+def reconstruction_and_grads(lm, codes, segment):
+    """Stage 1's loss of one conversation and its gradients on the added parameters: streamed in
+    segments (segment > 0, the state carried) or in one parallel pass (segment = 0)."""
+    from moshi_ttt.moshi.train import absorbing_segments, conversation_losses, delayed_io
+    from moshi_ttt.trainer import reconstructing
+
+    lm.zero_grad(set_to_none=True)
+    names = sorted(set(added_keys(lm)) & {n for n, _ in lm.named_parameters()})
+    if segment:
+        n = sum(absorbing_segments(lm, codes.shape[1], segment))
+        segs = conversation_losses(lm, codes, segment, backward=True, loss_scale=1.0 / n,
+                                   loss="reconstruction")
+        loss = torch.stack([s["loss"] for s in segs]).mean()
+    else:
+        with reconstructing(lm, Stage("memory", 1, loss="reconstruction")) as mems:
+            lm.forward_text(delayed_io(lm, codes[None])[0])
+            loss = torch.stack([m.reconstruction_loss() for m in mems]).mean()
+        loss.backward()
+    params = dict(lm.named_parameters())
+    return loss.detach(), {n: params[n].grad.clone() for n in names if params[n].grad is not None}
+
+
+def test_the_reconstruction_loss_streamed_in_one_segment_equals_the_parallel_pass():
+    """Stage 1 streams segments through the TTT cache's block path; in one segment the blocks it
+    absorbs and their recovered values are those of the parallel (training) pass: same loss, same
+    gradients on every added parameter."""
+    codes = conversations(1, T=24)[0]
+    lm = model()
+    par, g_par = reconstruction_and_grads(lm, codes, 0)
+    seg, g_seg = reconstruction_and_grads(lm, codes, 24)
+    torch.testing.assert_close(seg, par, rtol=1e-5, atol=0)
+    assert g_par and g_seg.keys() == g_par.keys()
+    for k in g_par:
+        scale = g_par[k].abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(g_seg[k] / scale, g_par[k] / scale, rtol=0, atol=1e-4, msg=k)
+
+
+def test_a_reconstruction_stage_trains_the_memory_and_needs_a_ttt_cache_and_long_conversations(
+        tmp_path):
+    cfg = dataclasses.replace(tiny_cfg(), stages=(Stage("memory", 4, ("@added",), "reconstruction"),),
+                              lr=3e-2)
+    trainer = MoshiTrainer(model(), cfg, conversations(1, T=40), tmp_path, progress=False)
+    rows = [trainer.train_step() for _ in range(4)]
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["objective"] == "reconstruction"
+    assert rows[0]["audio"] is None and math.isfinite(rows[0]["text"])
+    short = MoshiTrainer(model(), cfg, conversations(1, T=6), tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match="evicts no whole block"):
+        short.train_step()
+    torch.manual_seed(0)
+    plain = patch_lm(LMModel(**tiny_lm_kwargs()), dataclasses.replace(
+        ADAPTER, memory=MemoryConfig(kind="window", window=6)))
+    with pytest.raises(ValueError, match="reconstruction loss"):
+        MoshiTrainer(plain, cfg, conversations(1, T=40), tmp_path / "p", progress=False).train_step()
 
 
 def test_a_stage_with_nothing_to_train_and_unknown_presets_fail_clearly(tmp_path):
@@ -168,7 +222,7 @@ def test_bad_command_input_is_one_line(tmp_path, capsys, extra, message):
     assert err.startswith("moshi-ttt: error:") and message in err and "\n" not in err
 
 
-def test_a_conversation_naming_a_missing_or_mono_wav_is_one_line(tmp_path, capsys):
+def test_a_conversation_naming_a_missing_mono_or_low_rate_wav_is_one_line(tmp_path, capsys):
     import wave
 
     import numpy as np
@@ -189,6 +243,10 @@ def test_a_conversation_naming_a_missing_or_mono_wav_is_one_line(tmp_path, capsy
     jsonl = md.write_jsonl(tmp_path / "m.jsonl", [("a.wav", 1.0)])
     assert cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "p")]) == 2
     assert "1 channel(s)" in capsys.readouterr().err
+    md.write_conversation(wav, np.zeros((2, 4_000), np.float32), 4_000, [])  # 4 kHz: too low
+    assert cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "q")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
+    assert last.startswith("moshi-ttt: error:") and "sample rate 4000 Hz, which Mimi cannot take" in last
 
 
 def _gloo_worker(rank, port, cfg, out):
@@ -242,16 +300,18 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, capsys, monke
     assert "does not match" in err and "w.safetensors" in err and "\n" not in err
 
 
-def test_each_conversation_starts_with_a_fresh_memory(tmp_path):
+@pytest.mark.parametrize("objective", ["lm", "reconstruction"])
+def test_each_conversation_starts_with_a_fresh_memory(tmp_path, objective):
     """Two conversations in one step: the second is not streamed on the first one's memory, so
     the step's loss is the mean of each conversation's loss computed alone."""
     from moshi_ttt.moshi.train import conversation_losses
 
     convs = conversations(2)
-    trainer = MoshiTrainer(model(), tiny_cfg(batch=2), convs, tmp_path, progress=False)
+    cfg = dataclasses.replace(tiny_cfg(batch=2), stages=(Stage("all", 1, loss=objective),))
+    trainer = MoshiTrainer(model(), cfg, convs, tmp_path, progress=False)
     alone = []
     for c in convs:
-        segs = conversation_losses(model(), c, trainer.cfg.segment)
+        segs = conversation_losses(model(), c, trainer.cfg.segment, loss=objective)
         alone.append(sum(float(s["loss"].detach()) for s in segs) / len(segs))
     row = trainer.train_step()
     assert math.isclose(row["loss"], sum(alone) / 2, rel_tol=1e-6)

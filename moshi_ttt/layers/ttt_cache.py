@@ -26,7 +26,7 @@ from ..ops import l2norm_triton as l2norm
 from ..ops.segments import pack, row_of, segment_rows
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops import ttt_step_triton as ttt_step
-from ..ops.ttt_cache import complete_block, compress_scan, compressor
+from ..ops.ttt_cache import complete_block, compress_scan, compressor, reconstruction_terms
 from ..state import ScopedState
 from .evicting import EvictingMemory
 
@@ -61,7 +61,7 @@ class TTTCacheMemory(EvictingMemory):
         if mc.compressor_proj:  # [k; v] of all heads -> the compressor's keys and values (identity)
             self.kv_proj = nn.Parameter(torch.eye(2 * H * Dh))
             self.q_proj = nn.Parameter(torch.eye(H * Dh))
-        self.want_aux, self.aux = False, None  # the reconstruction loss of training stage 1
+        self.want_aux, self.aux = False, []  # the reconstruction terms of training stage 1
         self.fast_read = True  # training reads without per-query copies (``_read_out``; False: the reference)
 
     # ---- compressor ---------------------------------------------------------------------
@@ -253,7 +253,9 @@ class TTTCacheMemory(EvictingMemory):
         if vq is not None:  # [rows * H, L, Dh] -> [B, H, T, Dh]
             vq = vq.view(rows, H, L, Dh).transpose(1, 2)[row_of(r, pos), pos].permute(0, 2, 1, 3)
         if self.want_aux:
-            self.aux = self._reconstruction(blocks(k_raw), blocks(v), kv, vv)
+            if N == 0:
+                raise ValueError("the reconstruction loss needs sequences longer than window + block")
+            self.aux.append(reconstruction_terms(keys, blocks(vc), kv[:, 1:], vv[:, 1:]))
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
@@ -288,14 +290,16 @@ class TTTCacheMemory(EvictingMemory):
         p = torch.softmax(torch.cat([s, s_q], -1), -1)  # [B, H, T, S M + 1]
         return p[..., :-1] @ v + p[..., -1:] * vq.float()
 
-    def _reconstruction(self, keys, vals, kv, vv):
-        """Spec stage 1: after absorbing block n, its keys (as queries into the virtual tokens)
-        should recover its values. keys/vals [G, N, b, Dh]; reads [G, N + 1, M, Dh] -> mean ‖v̂ - v‖²."""
-        if keys.shape[1] == 0:
-            raise ValueError("the reconstruction loss needs sequences longer than window + block")
-        q = F.normalize(keys.float(), dim=-1)
-        att = torch.softmax(q @ kv[:, 1:].float().transpose(-1, -2) * math.sqrt(q.shape[-1]), -1)  # [G, N, b, M]
-        return (att @ vv[:, 1:].float() - vals.float()).pow(2).sum(-1).mean()
+    def reconstruction_loss(self) -> torch.Tensor:
+        """The mean of ``reconstruction_terms`` over every block absorbed since the last call (with
+        ``want_aux`` on; the parallel path and streaming calls alike), and the record cleared."""
+        if not self.aux:
+            raise ValueError(f"{self.name}: no block was absorbed with want_aux on, so there is no "
+                             "reconstruction loss (sequences must be longer than window + block)")
+        total = torch.stack([t for t, _ in self.aux]).sum()
+        count = sum(c for _, c in self.aux)
+        self.aux = []
+        return total / max(count, 1)
 
     # ---- streaming ----------------------------------------------------------------------------
     def state_names(self) -> tuple:
@@ -338,7 +342,7 @@ class TTTCacheMemory(EvictingMemory):
         B, H, kq, Dh = q_raw.shape
         b = self.cfg.block
         cand_k, cand_v = self._kv(cand_k, cand_v)
-        if kq == 1 and not (self.record or self.naive):
+        if kq == 1 and not (self.record or self.naive or self.want_aux):
             return self._step_one(q_raw, cand_k, cand_v, valid[:, 0], st, freqs)
         kn, eta_t = self._prep(cand_k, B)  # [B, H, k, Dh], [B, H, k]
         cv = cand_v.to(kn.dtype)
@@ -372,6 +376,8 @@ class TTTCacheMemory(EvictingMemory):
             flat("d"), flat("mom") if self.cfg.momentum else None, rows(lay_k), rows(lay_v),
             rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)), per_g(apply.to(lay_k.dtype)), freqs, B, first=1,
             query=query)
+        if self.want_aux:  # the blocks completed in this step, each read by the state after it
+            self.aux.append(reconstruction_terms(rows(lay_k), rows(lay_v), kv, vv, per_g(tok_ok)))
         k0, v0 = self._current(st, freqs)
         kv = torch.cat([k0.reshape(G, 1, *kv.shape[2:]).to(kv.dtype), kv], 1)  # [G, NB + 1, M, Dh]
         vv = torch.cat([v0.reshape(G, 1, *vv.shape[2:]).to(vv.dtype), vv], 1)

@@ -60,6 +60,10 @@ class DatasetError(ValueError):
     """A dataset file is missing or not in moshi-finetune's format."""
 
 
+MIN_SAMPLE_RATE = 8_000  # below: no speech band left for Mimi once upsampled
+MAX_SAMPLE_RATE = 384_000
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How conversations become codes. Defaults are Moshi 7B's (``DataConfig.from_lm``)."""
@@ -234,14 +238,19 @@ def read_alignments(path: str | Path) -> tuple[Word, ...]:
 
 def read_conversation(wav: str | Path, cfg: DataConfig = DataConfig(),
                       resample_audio: bool = True) -> Conversation:
-    """Read a stereo wav and its sibling .json; other sample rates are resampled to
-    ``cfg.sample_rate`` (or rejected when ``resample_audio`` is False)."""
+    """Read a stereo wav and its sibling .json; other sample rates in [MIN_SAMPLE_RATE,
+    MAX_SAMPLE_RATE] are resampled to ``cfg.sample_rate`` (or rejected when ``resample_audio`` is
+    False); rates outside that range are rejected."""
     wav = Path(wav)
     audio, rate = read_wav(wav)
     if audio.shape[0] != 2:
         raise DatasetError(f"{wav}: {audio.shape[0]} channel(s); moshi-finetune data is stereo "
                            "(left = Moshi, right = user)")
     if rate != cfg.sample_rate:
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise DatasetError(f"{wav}: sample rate {rate} Hz, which Mimi cannot take: it encodes "
+                               f"{cfg.sample_rate} Hz audio, resampled from {MIN_SAMPLE_RATE} to "
+                               f"{MAX_SAMPLE_RATE} Hz")
         if not resample_audio:
             raise DatasetError(f"{wav}: sample rate {rate} Hz, expected {cfg.sample_rate} Hz")
         audio = resample(audio, rate, cfg.sample_rate)

@@ -17,7 +17,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from .data import FRAME_RATE, word_tokens
-from .train import _check_codes, _check_contexts, delayed_io
+from .train import check_codes, check_contexts, delayed_io
 from .streaming import detach_streaming_state
 
 
@@ -42,8 +42,8 @@ class FactScore:
 def text_predictions(lm: LMModel, codes: torch.Tensor, segment: int) -> torch.Tensor:
     """Argmax text token int64 [T] at every frame of one conversation (codes [K, T]), streamed
     in segments of ``segment`` frames with the memory carried."""
-    _check_codes(lm, codes, segment)
-    _check_contexts(lm, segment, codes.shape[1])
+    check_codes(lm, codes, segment)
+    check_contexts(lm, segment, codes.shape[1])
     inputs, _ = delayed_io(lm, codes.to(lm.device).long()[None])  # [1, K, T]
     out = []
     with lm.streaming(1):

@@ -8,10 +8,15 @@ Gradients flow through one segment; the carried state is detached between segmen
 BPTT). ``carry=False`` is moshi-finetune's way: every segment is its own conversation.
 
 Losses are Moshi's: cross-entropy on the text stream and on the ``dep_q`` audio streams Moshi
-speaks, at positions whose target exists (after each stream's delay, code != -1).
+speaks, at positions whose target exists (after each stream's delay, code != -1); or training
+stage 1's reconstruction loss of the TTT cache (``ops.ttt_cache.reconstruction_terms``: the
+blocks a segment evicts, recovered from the virtual tokens after them), with the text loss
+reported beside it and the depformer not run.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from moshi.models.lm import LMModel
@@ -19,11 +24,13 @@ from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch.nn import functional as F
 
+from ..trainer import reconstructing
+from ..training import Stage
 from .attention import MemoryAttention
 from .streaming import detach_streaming_state
 
 
-def _check_codes(lm: LMModel, codes, segment: int) -> None:
+def check_codes(lm: LMModel, codes, segment: int) -> None:
     if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"codes must be an integer tensor [K, T], got {getattr(codes, 'dtype', type(codes))}")
     if codes.dim() != 2 or codes.shape[0] != lm.num_codebooks or codes.shape[1] < 1:
@@ -36,7 +43,7 @@ def _check_codes(lm: LMModel, codes, segment: int) -> None:
         raise ValueError(f"segment must be a positive int (steps), got {segment!r}")
 
 
-def _check_contexts(lm: LMModel, segment: int, T: int) -> None:
+def check_contexts(lm: LMModel, segment: int, T: int) -> None:
     """Moshi's ring KV cache holds ``context`` steps and is exact for one step a call: a call of t
     steps overwrites t - 1 keys its first queries still need once the ring has wrapped."""
     for i, layer in enumerate(lm.transformer.layers):
@@ -57,22 +64,29 @@ def delayed_io(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return delayed[:, :, :-1], delayed[:, :, 1:]
 
 
+def valid_targets(lm: LMModel, targets: torch.Tensor, start: int) -> torch.Tensor:
+    """Which targets [B, K, t] at global delayed steps start..start+t exist: after stream k's
+    delay, and not Moshi's zero token. -> [B, K, t] bool."""
+    j = start + torch.arange(targets.shape[2], device=targets.device)  # [t]
+    delays = torch.tensor(lm.delays, device=targets.device)
+    return (j[None, None] >= delays[None, :, None]) & (targets != lm.zero_token_id)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits [B, S, t, V] against targets [B, S, t] where ok [B, S, t] (0 if none)."""
+    if not ok.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[ok].float(), targets[ok])
+
+
 def logits_losses(lm: LMModel, text_logits: torch.Tensor, audio_logits: torch.Tensor, targets: torch.Tensor,
                   start: int) -> dict:
     """Mean CE of text_logits [B, 1, t, text_card] and audio_logits [B, dep_q, t, card] against
-    targets [B, K, t] at global delayed steps start..start+t (a target exists from step delay_k on)."""
-    j = start + torch.arange(targets.shape[2], device=targets.device)  # [t]
-    delays = torch.tensor(lm.delays, device=targets.device)
-    valid = (j[None, None] >= delays[None, :, None]) & (targets != lm.zero_token_id)  # [B, K, t]
+    targets [B, K, t] at global delayed steps start..start+t (``valid_targets``)."""
+    valid = valid_targets(lm, targets, start)  # [B, K, t]
     a = slice(lm.audio_offset, lm.audio_offset + lm.dep_q)
-
-    def ce(logits, tgt, ok):  # [B, S, t, V], [B, S, t], [B, S, t]
-        if not ok.any():
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[ok].float(), tgt[ok])
-
-    text = ce(text_logits, targets[:, :1], valid[:, :1])
-    audio = ce(audio_logits, targets[:, a], valid[:, a])
+    text = masked_ce(text_logits, targets[:, :1], valid[:, :1])
+    audio = masked_ce(audio_logits, targets[:, a], valid[:, a])
     return {"text": text, "audio": audio, "loss": text + audio}
 
 
@@ -83,8 +97,31 @@ def segment_losses(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, sta
     return logits_losses(lm, text_logits, audio_logits, targets, start)
 
 
+def absorbing_segments(lm: LMModel, T: int, segment: int) -> list[bool]:
+    """Per consecutive segment of a T-step conversation: whether a TTT cache of ``lm`` completes
+    a block in it (its window holds W steps, so by step e it has evicted max(e - W, 0) tokens)."""
+    mems = [m for m in lm.modules() if hasattr(m, "want_aux")]
+    spans = [(s, min(s + segment, T)) for s in range(0, T, segment)]
+    done = (lambda m, e: max(e - m.cfg.window, 0) // m.cfg.block)
+    return [any(done(m, e) > done(m, s) for m in mems) for s, e in spans]
+
+
+def reconstruction_segment(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int,
+                           mems: list) -> dict:
+    """One streaming call with the reconstruction recorded: {"loss": the mean over the memories
+    that absorbed a block, "text": the text CE (no gradient)}, or None when none absorbed one."""
+    _, text_logits = lm.forward_text(inputs)
+    with torch.no_grad():
+        text = masked_ce(text_logits, targets[:, :1], valid_targets(lm, targets, start)[:, :1])
+    terms = [m.reconstruction_loss() for m in mems if m.aux]
+    if not terms:
+        return None
+    return {"loss": torch.stack(terms).mean(), "text": text}
+
+
 def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: bool = True,
-                        backward: bool = False, loss_scale: float = 1.0) -> list[dict]:
+                        backward: bool = False, loss_scale: float = 1.0,
+                        loss: str = "lm") -> list[dict]:
     """Losses of each consecutive segment of one conversation. codes [K, T] (text + n_q audio
     codebooks, Moshi's layout); ``segment`` steps per segment (the last may be shorter).
 
@@ -92,29 +129,40 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
     conversation); else every segment starts fresh (moshi-finetune). ``backward``: backpropagate
     each segment's loss before the next segment runs (gradients accumulate in ``.grad``; the
     returned values are then detached; ``loss_scale`` multiplies what is backpropagated).
-    Returns [{"text", "audio", "loss"}] per segment.
+    ``loss``: ``"lm"`` -> [{"text", "audio", "loss"}] per segment; ``"reconstruction"`` ->
+    [{"text", "loss"}] per segment in which a TTT cache absorbed a block (carried state only).
     """
-    _check_codes(lm, codes, segment)
-    _check_contexts(lm, segment, codes.shape[1])
+    check_codes(lm, codes, segment)
+    check_contexts(lm, segment, codes.shape[1])
+    if loss not in ("lm", "reconstruction"):
+        raise ValueError(f"loss must be 'lm' or 'reconstruction', got {loss!r}")
+    if loss == "reconstruction" and not carry:
+        raise ValueError("the reconstruction loss needs the carried state (carry=True)")
     ttt = getattr(lm, "moshi_ttt_config", None) and lm.moshi_ttt_config.inplace_ttt
-    if backward and ttt and segment <= ttt.chunk_size:
+    if backward and loss == "lm" and ttt and segment <= ttt.chunk_size:
         raise ValueError(f"segment={segment} <= In-Place TTT chunk_size={ttt.chunk_size}: no update is applied "
                          "inside a segment, so TTT gets no gradient")
     codes = codes.to(lm.device).long()[None]  # [1, K, T]
     T = codes.shape[2]
     inputs, targets = delayed_io(lm, codes)
     results = []
-    with lm.streaming(1):
+    recon = (reconstructing(lm, Stage("reconstruction", 1, loss="reconstruction"))
+             if loss == "reconstruction" else contextlib.nullcontext([]))
+    with lm.streaming(1), recon as mems:
         for s in range(0, T, segment):
             if carry:
                 seg_in, seg_tgt, start = inputs[:, :, s:s + segment], targets[:, :, s:s + segment], s
             else:  # a conversation of its own: initial token first, delays from its first step
                 lm.reset_streaming()
                 (seg_in, seg_tgt), start = delayed_io(lm, codes[:, :, s:s + segment]), 0
-            losses = segment_losses(lm, seg_in, seg_tgt, start)
-            if backward:
-                (losses["loss"] * loss_scale).backward()
-                losses = {k: v.detach() for k, v in losses.items()}
-            results.append(losses)
+            if loss == "lm":
+                losses = segment_losses(lm, seg_in, seg_tgt, start)
+            else:
+                losses = reconstruction_segment(lm, seg_in, seg_tgt, start, mems)
+            if losses is not None:
+                if backward:
+                    (losses["loss"] * loss_scale).backward()
+                    losses = {k: v.detach() for k, v in losses.items()}
+                results.append(losses)
             detach_streaming_state(lm)
     return results

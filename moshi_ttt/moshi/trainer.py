@@ -1,11 +1,12 @@
 """Training a patched Moshi on whole conversations, stage by stage.
 
-Each step trains on one conversation: its segments run in order through Moshi's streaming path
-with the memory carried from one to the next (``train.conversation_losses``), each segment's loss
-backpropagated before the next runs (truncated BPTT: the carried state is detached between
-segments), then one optimizer step. Stages choose what trains:
+Each step trains on ``batch`` conversations: each one's segments run in order through Moshi's
+streaming path with the memory carried from one to the next (``train.conversation_losses``), each
+segment's loss backpropagated before the next runs (truncated BPTT: the carried state is detached
+between segments), then one optimizer step. Stages choose what trains and on which loss:
 
-    memory     the adapter's new parameters only (the backbone frozen: no optimizer state)
+    memory     the adapter's new parameters only (the backbone frozen: no optimizer state), on the
+               TTT cache's reconstruction loss (``loss="reconstruction"``; the depformer not run)
     attention  those and the self-attention of the main transformer's layers >= frozen_layers_below
     all        every parameter
 
@@ -35,7 +36,7 @@ from ..trainer import ADDED, log_scalars, tensorboard_writer
 from ..trainer import stage_parameters as _stage_parameters
 from ..training import Stage, lr_at
 from .adapter import added_keys
-from .train import conversation_losses
+from .train import absorbing_segments, conversation_losses
 
 TRAIN_STATE_FORMAT = "moshi_ttt.moshi_train/1"
 
@@ -67,10 +68,6 @@ class MoshiTrainConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if not self.stages:
             raise ValueError("MoshiTrainConfig.stages must hold at least one stage")
-        if any(s.loss != "lm" for s in self.stages):
-            bad = [s.name for s in self.stages if s.loss != "lm"]
-            raise ValueError(f"MoshiTrainConfig: stages {bad} ask for a loss other than 'lm', which "
-                             "Moshi training does not have")
         if self.batch < 1:
             raise ValueError(f"MoshiTrainConfig.batch must be >= 1, got {self.batch}")
         if self.segment < 1 or self.warmup < 0 or self.log_every < 1 or self.checkpoint_every < 0:
@@ -95,11 +92,11 @@ class MoshiTrainConfig:
 
     @classmethod
     def preset(cls, name: str, num_layers: int = 32, **overrides) -> "MoshiTrainConfig":
-        """``spec``: the memory alone (1000 steps), then attention above the lower half of the
-        layers (5000), then everything (10000). ``tiny``: the same three stages of 1 step each,
-        for smoke runs."""
+        """``spec``: the memory alone on the reconstruction loss (1000 steps), then attention
+        above the lower half of the layers on Moshi's loss (5000), then everything (10000).
+        ``tiny``: the same three stages of 1 step each, for smoke runs."""
         half = num_layers // 2
-        spec = (Stage("memory", 1000, (ADDED,)),
+        spec = (Stage("memory", 1000, (ADDED,), "reconstruction"),
                 Stage("attention", 5000, (ADDED, "transformer.layers.*.self_attn.*"),
                       frozen_layers_below=half),
                 Stage("all", 10000))
@@ -196,15 +193,24 @@ class MoshiTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.lm.train()
         on_cuda = self.lm.device.type == "cuda"
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, text, audio: sums of conversation means
+        keys = ("loss", "text", "audio") if stage.loss == "lm" else ("loss", "text")
+        sums = torch.zeros(len(keys), dtype=torch.float64)  # sums of conversation means
         frames = 0
         for codes in batch:
-            n = -(-codes.shape[1] // self.cfg.segment)  # segments of this conversation
+            if stage.loss == "lm":
+                n = -(-codes.shape[1] // self.cfg.segment)  # segments of this conversation
+            else:
+                n = sum(absorbing_segments(self.lm, codes.shape[1], self.cfg.segment))
+                if not n:
+                    raise ValueError(f"stage {stage.name!r}: a conversation of {codes.shape[1]} steps "
+                                     "evicts no whole block from the TTT cache, so it has no "
+                                     "reconstruction loss; train on longer conversations")
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and on_cuda):
                 segs = conversation_losses(self.lm, codes, self.cfg.segment, carry=True,
-                                           backward=True, loss_scale=1.0 / (n * self.cfg.batch))
-            sums += torch.tensor([[float(s[k]) for k in ("loss", "text", "audio")]
-                                  for s in segs], dtype=torch.float64).mean(0)
+                                           backward=True, loss_scale=1.0 / (n * self.cfg.batch),
+                                           loss=stage.loss)
+            sums += torch.tensor([[float(s[k]) for k in keys] for s in segs],
+                                 dtype=torch.float64).mean(0)
             frames += int(codes.shape[1])
         params = [p for p in self.lm.parameters() if p.requires_grad]
         if self.world > 1:
@@ -213,8 +219,8 @@ class MoshiTrainer:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
             torch.distributed.all_reduce(sums)
-        losses = dict(zip(("loss", "text", "audio"), (sums / self.cfg.batch).tolist()))
-        if not all(math.isfinite(v) for v in losses.values()):
+        losses = {"audio": None, **dict(zip(keys, (sums / self.cfg.batch).tolist()))}
+        if not all(math.isfinite(v) for v in losses.values() if v is not None):
             path = self.out / "train_state.pt"
             last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written"
             raise FloatingPointError(f"non-finite training loss {losses['loss']} at step {self.step} "
@@ -222,7 +228,8 @@ class MoshiTrainer:
         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        return {"step": self.step, "stage": stage.name, **losses, "lr": lr, "frames": frames}
+        return {"step": self.step, "stage": stage.name, "objective": stage.loss, **losses, "lr": lr,
+                "frames": frames}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -286,7 +293,8 @@ class MoshiTrainer:
         from .checkpoint import save_added, save_full
 
         with open(self.out / "train_log.csv", "w", newline="") as f:
-            cols = ["step", "stage", "loss", "text", "audio", "lr", "frames", "frames_per_s"]
+            cols = ["step", "stage", "objective", "loss", "text", "audio", "lr", "frames",
+                    "frames_per_s"]
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows({k: r[k] for k in cols} for r in self.log)

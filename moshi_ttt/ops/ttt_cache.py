@@ -216,3 +216,18 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay=0.0, m
             after = (0.5 * err.pow(2).sum(-1) * valid).sum(-1) / denom
     final = tuple(s[:, -1] - w0 for s, w0 in zip(states, inits))
     return read(states), (final, moms), (before, after)
+
+
+def reconstruction_terms(keys: torch.Tensor, vals: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Training stage 1's reconstruction: after absorbing block n, its keys, as queries into the
+    virtual tokens (K_n, V_n) of the state after it, should recover its values:
+        v̂_t = softmax(√Dh k̂_t K_nᵀ) V_n,   terms = (Σ_t ‖v̂_t - v_t‖², number of tokens t).
+    keys (normalised), vals [G, N, b, Dh]; kv, vv [G, N, M, Dh]; mask [G, N, b] (tokens that
+    count; None: all). Sums in fp32; the count is a Python int when no mask is given."""
+    q = keys.float()
+    att = torch.softmax(q @ kv.float().transpose(-1, -2) * math.sqrt(q.shape[-1]), -1)  # [G, N, b, M]
+    err = (att @ vv.float() - vals.float()).pow(2).sum(-1)  # [G, N, b]
+    if mask is None:
+        return err.sum(), err.numel()
+    return (err * mask.float()).sum(), int(mask.sum())
