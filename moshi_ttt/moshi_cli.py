@@ -172,7 +172,7 @@ def cmd_moshi_train(a) -> None:
     from .moshi.trainer import MoshiTrainConfig, MoshiTrainer
     from .trainer import init_distributed
 
-    init_distributed()  # under torchrun: one process per GPU, gradients summed
+    init_distributed()  # under torchrun: one process per GPU, the model sharded (FSDP2)
 
     lm = _model(a)
     num_layers = len(lm.transformer.layers)
@@ -187,8 +187,11 @@ def cmd_moshi_train(a) -> None:
     (a.out / "config.json").write_text(json.dumps(
         {"adapter": json.loads(lm.moshi_ttt_config.to_json()), "train": dataclasses.asdict(cfg)},
         indent=1) + "\n")
-    MoshiTrainer(lm, cfg, convs, a.out).fit(resume=a.resume)
-    print(f"trained: {a.out / 'added.safetensors'}, log {a.out / 'train_log.csv'}", file=sys.stderr)
+    trainer = MoshiTrainer(lm, cfg, convs, a.out)
+    trainer.fit(resume=a.resume)
+    if trainer.rank == 0:
+        print(f"trained: {a.out / 'added.safetensors'}, log {a.out / 'train_log.csv'}",
+              file=sys.stderr)
 
 
 def cmd_moshi_recall(a) -> None:

@@ -16,7 +16,7 @@ from moshi.models.lm import LMModel
 from moshi_ttt import InPlaceTTTConfig, MemoryConfig
 from moshi_ttt.moshi import AdapterConfig, added_keys, load_added, patch_lm
 from moshi_ttt.moshi.config import tiny_lm_kwargs
-from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, stage_parameters
+from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, full_state, stage_parameters
 from moshi_ttt.training import Stage
 
 ADAPTER = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=4, target="hidden"),
@@ -249,34 +249,56 @@ def test_a_conversation_naming_a_missing_mono_or_low_rate_wav_is_one_line(tmp_pa
     assert last.startswith("moshi-ttt: error:") and "sample rate 4000 Hz, which Mimi cannot take" in last
 
 
+def uneven_conversations():
+    """Conversations of 3, 5, 4 and 3 segments (tiny preset: 8 steps a segment): ranks run
+    different numbers of segments in one step."""
+    return [c for T in (20, 36, 28, 20) for c in conversations(1, T=T)]
+
+
 def _gloo_worker(rank, port, cfg, out):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    t = MoshiTrainer(model(), cfg, conversations(4), out.parent / f"rank{rank}", progress=False)
+    t = MoshiTrainer(model(), cfg, uneven_conversations(), out.parent / f"rank{rank}",
+                     progress=False)
     log = t.fit()
+    weights = full_state(t.lm)  # gathered from the two shards
+    from torch.distributed.tensor import DTensor
+
+    held = {n: (p.to_local().numel(), p.numel()) for n, p in t.lm.named_parameters()
+            if isinstance(p, DTensor)}
     if rank == 0:
-        torch.save({"weights": t.lm.state_dict(), "losses": [r["loss"] for r in log]}, out)
+        torch.save({"weights": weights, "losses": [r["loss"] for r in log], "held": held}, out)
     dist.destroy_process_group()
 
 
 def test_two_gloo_processes_train_as_one(tmp_path):
-    """Two conversations per step: one process trains both, two processes one each and sum
-    their gradients; weights and losses agree."""
+    """Two conversations per step: one process trains both; two processes (the weights sharded
+    by FSDP2) train one each and sum their gradients; weights and losses agree. Adam divides by
+    √v, so the update of an element whose gradient is near zero carries its float noise: the
+    updates are compared at 2% of the largest one."""
     from conftest import assert_close, spawn_gloo_pair
 
     cfg = tiny_cfg(batch=2)
-    single = MoshiTrainer(model(), cfg, conversations(4), tmp_path / "one", progress=False)
+    single = MoshiTrainer(model(), cfg, uneven_conversations(), tmp_path / "one", progress=False)
     losses = [r["loss"] for r in single.fit()]
     spawn_gloo_pair(_gloo_worker, cfg, tmp_path / "two.pt")
     two = torch.load(tmp_path / "two.pt")
     start = model().state_dict()  # compare the updates: Adam scales float noise in tiny gradients
     moved = max(float((p - start[n]).abs().max()) for n, p in single.lm.state_dict().items())
     for n, p in single.lm.state_dict().items():
-        assert_close(two["weights"][n] - start[n], p - start[n], 1e-2, n, floor=moved)
+        assert_close(two["weights"][n] - start[n], p - start[n], 2e-2, n, floor=moved)
     assert_close(two["losses"], losses, 1e-6, "losses")
+    # rank 0 holds half of the sharded weights (rows split, rounded up), the linear layers all
+    sharded = set(two["held"])
+    linears = {f"{n}.weight" for n, m in model().named_modules() if isinstance(m, torch.nn.Linear)}
+    held, full = (sum(x) for x in zip(*two["held"].values()))
+    assert sharded and 0.5 <= held / full < 0.6
+    ttt_mlp = {n for n in linears if n.startswith("transformer.layers.1.gating.")}  # In-Place TTT
+    assert ttt_mlp and linears - ttt_mlp <= sharded and not ttt_mlp & sharded
+    assert not {n for n in sharded if ".memory." in n}  # a memory's weights stay whole
     with pytest.raises(ValueError, match="batch must be >= 1"):
         tiny_cfg(batch=0)
 

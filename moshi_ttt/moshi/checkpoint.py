@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import adapter_config, added_keys, added_state_dict
+from .adapter import adapter_config, added_keys
 from .config import AdapterConfig
 
 ADDED_FORMAT = "moshi_ttt.moshi.added/1"
@@ -62,9 +62,11 @@ def _same_config(lm, saved: AdapterConfig, path) -> None:
         raise ValueError(f"{path} was saved from a model patched with {saved}, this one has {cfg}")
 
 
-def save_added(lm, path) -> None:
-    """Only the parameters the adapter added (a few MB next to a 15 GB stock checkpoint)."""
-    _write(added_state_dict(lm), path, ADDED_FORMAT, adapter_config(lm))
+def save_added(lm, path, state: dict | None = None) -> None:
+    """Only the parameters the adapter added (a few MB next to a 15 GB stock checkpoint), from
+    ``state`` (a whole state dict of ``lm``, e.g. gathered from shards) or ``lm.state_dict()``."""
+    sd = lm.state_dict() if state is None else state
+    _write({k: sd[k] for k in added_keys(lm)}, path, ADDED_FORMAT, adapter_config(lm))
 
 
 def load_added(lm, path) -> None:
@@ -84,9 +86,10 @@ def load_added(lm, path) -> None:
             sd[k].copy_(tensors[k])
 
 
-def save_full(lm, path) -> None:
-    """Every weight of the patched model, stock and added, in one file."""
-    _write(lm.state_dict(), path, FULL_FORMAT, adapter_config(lm))
+def save_full(lm, path, state: dict | None = None) -> None:
+    """Every weight of the patched model, stock and added, in one file (from ``state`` as in
+    ``save_added``)."""
+    _write(lm.state_dict() if state is None else state, path, FULL_FORMAT, adapter_config(lm))
 
 
 def load_full(lm, path) -> None:

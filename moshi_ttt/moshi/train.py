@@ -109,14 +109,15 @@ def absorbing_segments(lm: LMModel, T: int, segment: int) -> list[bool]:
 def reconstruction_segment(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int,
                            mems: list) -> dict:
     """One streaming call with the reconstruction recorded: {"loss": the mean over the memories
-    that absorbed a block, "text": the text CE (no gradient)}, or None when none absorbed one."""
+    that absorbed a block, "text": the text CE (no gradient), "absorbed": whether any did}. With
+    none, the loss is a zero on the call's graph, so a backward still runs (the same collectives
+    on every rank of a sharded model)."""
     _, text_logits = lm.forward_text(inputs)
     with torch.no_grad():
         text = masked_ce(text_logits, targets[:, :1], valid_targets(lm, targets, start)[:, :1])
     terms = [m.reconstruction_loss() for m in mems if m.aux]
-    if not terms:
-        return None
-    return {"loss": torch.stack(terms).mean(), "text": text}
+    loss = torch.stack(terms).mean() if terms else text_logits.float().sum() * 0.0
+    return {"loss": loss, "text": text, "absorbed": bool(terms)}
 
 
 def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: bool = True,
@@ -159,10 +160,11 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
                 losses = segment_losses(lm, seg_in, seg_tgt, start)
             else:
                 losses = reconstruction_segment(lm, seg_in, seg_tgt, start, mems)
-            if losses is not None:
-                if backward:
-                    (losses["loss"] * loss_scale).backward()
-                    losses = {k: v.detach() for k, v in losses.items()}
+            absorbed = losses.pop("absorbed", True)
+            if backward:
+                (losses["loss"] * loss_scale).backward()
+                losses = {k: v.detach() for k, v in losses.items()}
+            if absorbed:
                 results.append(losses)
             detach_streaming_state(lm)
     return results

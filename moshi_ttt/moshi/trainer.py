@@ -11,8 +11,10 @@ between segments), then one optimizer step. Stages choose what trains and on whi
     all        every parameter
 
 The optimizer holds the trainable parameters of the current stage alone and is rebuilt when a
-stage starts. The learning rate warms up linearly, then follows a cosine to 10% of its peak over
-all stages. Checkpoints are written atomically and resume bit-exactly (weights, optimizer, data
+stage starts. Under torch.distributed the model is sharded with FSDP2 (``shard``): every rank
+holds 1/world of each sharded parameter, its gradient and AdamW moments, trains its own
+conversations of the step, and the gradients are summed across ranks; rank 0 alone writes files.
+The learning rate warms up linearly, then follows a cosine to 10% of its peak over all stages. Checkpoints are written atomically and resume bit-exactly (weights, optimizer, data
 order and random state).
 """
 
@@ -30,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from moshi.models.lm import LMModel
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..trainer import ADDED, log_scalars, tensorboard_writer
 from ..trainer import stage_parameters as _stage_parameters
 from ..training import Stage, lr_at
 from .adapter import added_keys
+from .checkpoint import save_added, save_full
 from .train import absorbing_segments, conversation_losses
 
 TRAIN_STATE_FORMAT = "moshi_ttt.moshi_train/1"
@@ -114,6 +118,78 @@ def stage_parameters(lm: LMModel, stage: Stage) -> list[str]:
     return _stage_parameters(lm, stage, "transformer.layers.", frozenset(added_keys(lm)))
 
 
+def shard_units(lm: LMModel) -> list[nn.Module]:
+    """The modules ``shard`` gives to FSDP2: Moshi's feed-forward blocks (``ActivationGating``),
+    and every ``nn.Linear`` / ``nn.Embedding`` outside them; none inside a module that reads its
+    children's weights outside their ``forward`` (the In-Place TTT MLP, a memory). Moshi's own
+    ``StreamingModule`` classes cannot be units: FSDP2 swaps a unit's class, which CPython refuses
+    for classes deriving from ``abc.ABC`` and ``nn.Module``, so their direct parameters (norms,
+    the memories' parameters) stay replicated."""
+    from moshi.modules.gating import ActivationGating
+
+    from ..layers.evicting import EvictingMemory
+    from .gating import TTTGating
+
+    units, skip = [], set()
+    for name, mod in lm.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(mod, (TTTGating, EvictingMemory)):
+            skip.add(name)
+        elif type(mod) is ActivationGating or isinstance(mod, (nn.Linear, nn.Embedding)):
+            units.append(mod)
+            skip.add(name)
+    return units
+
+
+def shard(lm: LMModel) -> LMModel:
+    """FSDP2 (``fully_shard``) over the default process group on each of ``shard_units(lm)``:
+    their weights, gradients and AdamW moments are split across ranks, gathered for their forward
+    and backward, and their gradients reduce-scattered as sums (the trainer's loss scales make
+    that sum the global mean). Returns ``lm`` (changed in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in shard_units(lm):
+        # every unit is a root: without this it would stay gathered after a forward that no
+        # backward follows (a frozen or unused output), its whole weights left as the parameter
+        unit = fully_shard(unit, reshard_after_forward=True)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum (Gloo has no pre-scaled sum)
+    return lm
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the norm
+    before. Sharded gradients (DTensors) add their shards' squares across ranks; the others are
+    whole (replicated) on every rank. Single process: ``torch.nn.utils.clip_grad_norm_``."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    dev = grads[0].device
+
+    def sq(gs):
+        return sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=dev))
+
+    shard_sq = sq([g.to_local() for g in grads if isinstance(g, DTensor)])
+    torch.distributed.all_reduce(shard_sq)
+    norm = (shard_sq + sq([g for g in grads if not isinstance(g, DTensor)])).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    return float(norm)
+
+
+def full_state(lm: LMModel) -> dict:
+    """Every weight as a whole tensor on the CPU (gathered from the shards: every rank calls this;
+    rank 0 gets the tensors, the others an empty dict when the model is sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(lm, options=whole)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -130,7 +206,7 @@ class MoshiTrainer:
     epoch); the loss is the mean over them of each conversation's mean over its segments. With
     torch.distributed initialised, rank r trains conversations r, r + world, ... of those, the
     gradients are summed across ranks, and rank 0 alone writes files: N processes compute what
-    one does."""
+    one does (FSDP2: ``shard``)."""
 
     def __init__(self, lm: LMModel, cfg: MoshiTrainConfig, conversations, out: Path,
                  progress: bool = True):
@@ -145,6 +221,9 @@ class MoshiTrainer:
         if cfg.batch % self.world:
             raise ValueError(f"MoshiTrainConfig.batch={cfg.batch} is not divisible by the "
                              f"{self.world} processes")
+        self.sharded = self.world > 1
+        if self.sharded:
+            shard(lm)
         self.step, self.log, self.opt, self.opt_stage, self.tb = 0, [], None, None, None
         self.rng = np.random.default_rng(cfg.seed)
         self.order: list[int] = []
@@ -164,7 +243,8 @@ class MoshiTrainer:
         rest = [params[n] for n in sorted(names) if params[n].dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}],
-                                     lr=self.cfg.lr, betas=self.cfg.betas)
+                                     lr=self.cfg.lr, betas=self.cfg.betas,
+                                     foreach=False if self.sharded else None)
         self.opt_stage = index
 
     # ---- data ---------------------------------------------------------------------------------
@@ -195,6 +275,10 @@ class MoshiTrainer:
         on_cuda = self.lm.device.type == "cuda"
         keys = ("loss", "text", "audio") if stage.loss == "lm" else ("loss", "text")
         sums = torch.zeros(len(keys), dtype=torch.float64)  # sums of conversation means
+        segments = sum(-(-c.shape[1] // self.cfg.segment) for c in batch)
+        most = segments
+        if self.world > 1:  # agreed before any segment runs: every collective lines up
+            most = int(self._all_reduce(torch.tensor([segments]), torch.distributed.ReduceOp.MAX))
         frames = 0
         for codes in batch:
             if stage.loss == "lm":
@@ -212,52 +296,92 @@ class MoshiTrainer:
             sums += torch.tensor([[float(s[k]) for k in keys] for s in segs],
                                  dtype=torch.float64).mean(0)
             frames += int(codes.shape[1])
+        if most > segments:
+            self._blank_segments(most - segments, stage, on_cuda)
         params = [p for p in self.lm.parameters() if p.requires_grad]
         if self.world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-            torch.distributed.all_reduce(sums)
+            self._sum_replicated(params)
+            sums = self._all_reduce(sums)
         losses = {"audio": None, **dict(zip(keys, (sums / self.cfg.batch).tolist()))}
         if not all(math.isfinite(v) for v in losses.values() if v is not None):
             path = self.out / "train_state.pt"
             last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written"
             raise FloatingPointError(f"non-finite training loss {losses['loss']} at step {self.step} "
                                      f"(stage {stage.name}, learning rate {lr:.3g}); {last}")
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        clip_gradients(params, self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
         return {"step": self.step, "stage": stage.name, "objective": stage.loss, **losses, "lr": lr,
                 "frames": frames}
 
+    def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        """``x`` reduced over the ranks (through the model's device: NCCL reduces CUDA tensors)."""
+        y = x.to(self.lm.device)
+        torch.distributed.all_reduce(y, op=op or torch.distributed.ReduceOp.SUM)
+        return y.to(x.device)
+
+    def _sum_replicated(self, params: list[torch.Tensor]) -> None:
+        """Sum across ranks the gradients of the parameters FSDP2 does not shard."""
+        from torch.distributed.tensor import DTensor
+
+        for p in params:
+            if not isinstance(p, DTensor):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+
+    def _blank_segments(self, n: int, stage: Stage, on_cuda: bool) -> None:
+        """Every segment runs the same FSDP collectives (gathers in forward and backward, one
+        reduce-scatter per unit): a rank with fewer segments than another this step runs ``n``
+        more on a blank conversation with a zero loss, which changes no gradient."""
+        blank = torch.zeros(self.lm.num_codebooks, n * self.cfg.segment, dtype=torch.long)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and on_cuda):
+            conversation_losses(self.lm, blank, self.cfg.segment, carry=True, backward=True,
+                                loss_scale=0.0, loss=stage.loss)
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"format": TRAIN_STATE_FORMAT, "step": self.step, "model": self.lm.state_dict(),
-                "opt": None if self.opt is None else self.opt.state_dict(), "opt_stage": self.opt_stage,
+        """The whole training state, weights and AdamW moments gathered whole (every rank calls
+        this; under FSDP2 rank 0 alone receives the tensors)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        opt = None
+        if self.opt is not None:
+            opt = get_optimizer_state_dict(self.lm, self.opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        return {"format": TRAIN_STATE_FORMAT, "step": self.step, "model": full_state(self.lm),
+                "opt": opt, "opt_stage": self.opt_stage,
                 "rng": self.rng.bit_generator.state, "order": list(map(int, self.order)),
                 "torch_rng": torch.get_rng_state(), "log": self.log,
                 "config": dataclasses.asdict(self.cfg)}
 
     def save(self) -> None:
+        st = self.state()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_save(self.state(), self.out / "train_state.pt")
+            _atomic_save(st, self.out / "train_state.pt")
 
     def load(self, path: Path) -> None:
-        st = torch.load(path, map_location=self.lm.device, weights_only=False)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        st = torch.load(path, map_location="cpu", weights_only=False)
         if st.get("format") != TRAIN_STATE_FORMAT:
             raise ValueError(f"{path}: not a Moshi training checkpoint (format {st.get('format')!r})")
         if st["config"] != dataclasses.asdict(self.cfg):
             raise ValueError(f"{path} was written with another training configuration; resume it "
                              "with the same options or start in a new folder")
-        self.lm.load_state_dict(st["model"])
+        whole = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.lm, st["model"], options=whole)
         self.step, self.log, self.order = st["step"], st["log"], list(st["order"])
         self.rng.bit_generator.state = st["rng"]
         torch.set_rng_state(st["torch_rng"])
         if st["opt"] is not None:
             self._enter_stage(st["opt_stage"], self.cfg.stages[st["opt_stage"]])
-            self.opt.load_state_dict(st["opt"])
+            # a parameter that has had no gradient yet has no AdamW state (as in the saved run)
+            set_optimizer_state_dict(self.lm, self.opt, st["opt"], options=StateDictOptions(
+                full_state_dict=True, strict=False))
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
@@ -285,20 +409,22 @@ class MoshiTrainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save()
         self.save()
-        if self.rank == 0:
-            self.write_outputs()
+        self.write_outputs()
         return self.log
 
     def write_outputs(self) -> None:
-        from .checkpoint import save_added, save_full
-
+        """The CSV log, ``added.safetensors`` and, when a stage trains everything,
+        ``model.safetensors`` (every rank gathers the weights; rank 0 writes)."""
+        sd = full_state(self.lm)
+        if self.rank != 0:
+            return
         with open(self.out / "train_log.csv", "w", newline="") as f:
             cols = ["step", "stage", "objective", "loss", "text", "audio", "lr", "frames",
                     "frames_per_s"]
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows({k: r[k] for k in cols} for r in self.log)
-        save_added(self.lm, self.out / "added.safetensors")
+        save_added(self.lm, self.out / "added.safetensors", sd)
         if any(set(stage_parameters(self.lm, s)) == {n for n, _ in self.lm.named_parameters()}
                for s in self.cfg.stages):
-            save_full(self.lm, self.out / "model.safetensors")
+            save_full(self.lm, self.out / "model.safetensors", sd)
