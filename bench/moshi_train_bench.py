@@ -2,6 +2,7 @@
 backbone frozen) and stage 3 (every parameter on Moshi's loss), one GPU, random weights.
 
     python bench/moshi_train_bench.py --out docs/results/moshi-train-7b-h200      # one H200
+    torchrun --nproc_per_node 2 bench/moshi_train_bench.py --out DIR              # FSDP2, 2 GPUs
     python bench/moshi_train_bench.py --tiny --device cpu --out /tmp/moshi-train  # seconds
 
 Each stage trains ``--steps`` steps (after one warm-up step) of ``MoshiTrainer`` on conversations
@@ -9,7 +10,9 @@ of ``--conversation`` Moshi steps (12.5 per second), streamed in segments of ``-
 with the memory carried. Reported per stage: Moshi steps (frames) per second and tokens per second
 (17 tokens a frame on the 7B: text and 16 audio codebooks), the peak memory allocated, the
 parameters in the optimizer, and the streaming state of one conversation after every segment
-(flat: it must not grow). Weights are bf16; AdamW's moments take their parameters' dtype, so
+(flat: it must not grow). Under torchrun each of N processes trains one conversation a step with
+the model sharded by FSDP2 (``trainer.shard``): frames/s counts all N, the peak is per GPU.
+Weights are bf16; AdamW's moments take their parameters' dtype, so
 stage 3 holds 2 + 2 + 4 bytes per parameter. Writes results.json and results.md under ``--out``.
 """
 
@@ -36,17 +39,17 @@ from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.moshi.train import delayed_io
 from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, stage_parameters
-from moshi_ttt.trainer import ADDED
+from moshi_ttt.trainer import ADDED, init_distributed
 from moshi_ttt.training import Stage
 
 STAGES = {"stage 1 (memory, reconstruction)": Stage("memory", 1, (ADDED,), "reconstruction"),
           "stage 3 (all, Moshi loss)": Stage("all", 1)}
 
 
-def build(tiny: bool, device: torch.device, adapter: str) -> LMModel:
+def build(tiny: bool, device: torch.device, adapter: str, dtype: str) -> LMModel:
     torch.manual_seed(0)
     kw = tiny_lm_kwargs() if tiny else dict(_lm_kwargs)
-    dtype = torch.float32 if tiny or device.type == "cpu" else torch.bfloat16
+    dtype = torch.float32 if tiny or device.type == "cpu" else getattr(torch, dtype)
     lm = LMModel(device=device, dtype=dtype, **kw)
     return patch_lm(lm, AdapterConfig.preset(adapter, num_layers=len(lm.transformer.layers)))
 
@@ -75,10 +78,11 @@ def state_per_segment(lm: LMModel, codes: torch.Tensor, segment: int) -> list[in
     return out
 
 
-def run_stage(lm, stage: Stage, a, device, out: Path) -> dict:
-    convs = [conversation(lm, a.conversation, i) for i in range(a.steps + 1)]
+def run_stage(lm, stage: Stage, a, device, out: Path, world: int) -> dict:
+    convs = [conversation(lm, a.conversation, i) for i in range(world * (a.steps + 1))]
     cfg = MoshiTrainConfig(stages=(dataclasses.replace(stage, steps=a.steps + 1),),
-                           segment=a.segment, warmup=0, bf16=device.type == "cuda", lr=1e-5)
+                           segment=a.segment, warmup=0, bf16=device.type == "cuda", lr=1e-5,
+                           batch=world)
     trainer = MoshiTrainer(lm, cfg, convs, out, progress=False)
     trainer.train_step()  # warm-up: kernels, allocator
     sync(device)
@@ -90,10 +94,11 @@ def run_stage(lm, stage: Stage, a, device, out: Path) -> dict:
         rows.append(trainer.train_step())
         sync(device)
         times.append(time.perf_counter() - t0)
-    trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    opt_bytes = sum(t.numel() * t.element_size() for st in trainer.opt.state.values()
+    trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # whole sizes
+    local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)  # this GPU's shard
+    opt_bytes = sum(local(t).numel() * t.element_size() for st in trainer.opt.state.values()
                     for t in st.values() if torch.is_tensor(t))
-    frames_s = a.conversation / (sum(times) / len(times))
+    frames_s = world * a.conversation / (sum(times) / len(times))
     res = {"seconds_per_step": times, "frames_per_s": frames_s,
            "tokens_per_s": frames_s * lm.num_codebooks,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -111,32 +116,52 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny random Moshi (CPU smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--adapter", default="ttt_cache")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weights on CUDA (float32: fp32 weights and AdamW moments, bf16 autocast)")
     ap.add_argument("--conversation", type=int, default=3000, help="Moshi steps per conversation")
     ap.add_argument("--segment", type=int, default=250, help="Moshi steps per segment")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    device = torch.device(a.device)
+    init_distributed()
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if torch.distributed.is_initialized() else (0, 1))
+    device = torch.device(a.device if a.device != "cuda" or world == 1 else f"cuda:{rank}")
     a.out.mkdir(parents=True, exist_ok=True)
-    lm = build(a.tiny, device, a.adapter)
+    lm = build(a.tiny, device, a.adapter, a.dtype)
     total = sum(p.numel() for p in lm.parameters())
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                "torch": torch.__version__, "model": "tiny" if a.tiny else "moshi 7B (random weights)",
                "adapter": a.adapter, "parameters": total, "conversation": a.conversation,
-               "segment": a.segment, "dtype": str(next(lm.parameters()).dtype), "stages": {}}
+               "segment": a.segment, "dtype": str(next(lm.parameters()).dtype),
+               "processes": world, "stages": {}}
     results["state_bytes_per_segment"] = state_per_segment(lm, conversation(lm, a.conversation, 99),
                                                            a.segment)
     for name, stage in STAGES.items():
         print(name, flush=True)
-        results["stages"][name] = r = run_stage(lm, stage, a, device, a.out / "run")
+        try:
+            r = run_stage(lm, stage, a, device, a.out / "run", world)
+        except torch.OutOfMemoryError as e:
+            r = {"out_of_memory": str(e).splitlines()[0]}
+        results["stages"][name] = r
+        lm.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    if rank:
+        return
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"# Moshi training, {results['model']}, {results['device']}", "",
-             f"Conversations of {a.conversation} steps in segments of {a.segment}, batch 1, "
-             f"weights {results['dtype']}, adapter `{a.adapter}`.", "",
+             f"Conversations of {a.conversation} steps in segments of {a.segment}, one per "
+             f"process a step, {world} process(es), weights {results['dtype']}, adapter "
+             f"`{a.adapter}`; peak and optimizer memory per GPU.", "",
              "| stage | trained params | frames/s | tokens/s | peak GiB | optimizer GiB |",
              "|---|---|---|---|---|---|"]
     for name, r in results["stages"].items():
+        if "out_of_memory" in r:
+            lines.append(f"| {name} | out of memory: {r['out_of_memory'][:120]} | | | | |")
+            continue
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         lines.append(f"| {name} | {r['trained_parameters']:,} | {r['frames_per_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} | {peak} | {r['optimizer_state_gib']:.2f} |")

@@ -146,10 +146,12 @@ def shard(lm: LMModel) -> LMModel:
     """FSDP2 (``fully_shard``) over the default process group on each of ``shard_units(lm)``:
     their weights, gradients and AdamW moments are split across ranks, gathered for their forward
     and backward, and their gradients reduce-scattered as sums (the trainer's loss scales make
-    that sum the global mean). Returns ``lm`` (changed in place)."""
-    from torch.distributed.fsdp import fully_shard
+    that sum the global mean). Returns ``lm`` (changed in place; a sharded model is unchanged)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for unit in shard_units(lm):
+        if isinstance(unit, FSDPModule):
+            continue
         # every unit is a root: without this it would stay gathered after a forward that no
         # backward follows (a frozen or unused output), its whole weights left as the parameter
         unit = fully_shard(unit, reshard_after_forward=True)
