@@ -3,7 +3,9 @@
     python bench/moshi_bench.py --out docs/results/moshi-7b-h100            # one H100, ~6 minutes
     python bench/moshi_bench.py --tiny --device cpu --out /tmp/moshi-tiny    # seconds
 
-Per variant (an ``AdapterConfig`` preset; ``off`` is stock Moshi):
+Per variant (an ``AdapterConfig`` preset; ``off`` is stock Moshi; ``window64`` is stock Moshi with
+its own ring cache cut to 64 steps in every layer of the main transformer, the fair baseline of
+the presets, whose memories keep a 64-step window):
 - batch 1: ms per frame (one ``LMGen.step``: main transformer + depformer + sampling) and the
   streaming state per conversation after 1k, 3k, 10k and 20k steps. The state is advanced between
   checkpoints by multi-step ``forward_text`` calls (eager), then timed with graph replays. The
@@ -174,19 +176,34 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
             "tried": tried}
 
 
-def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool]:
-    """An ``AdapterConfig`` preset and whether its TTT-cache steps take the fused Triton step
-    (``ops/ttt_step_triton.py``, the default): ``NAME+tf32`` its In-Place TTT scan with TF32 products,
-    ``NAME+unfused`` one-token TTT-cache steps through the PyTorch reference step (both may be given)."""
+def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool, int | None]:
+    """An ``AdapterConfig`` preset, whether its TTT-cache steps take the fused Triton step
+    (``ops/ttt_step_triton.py``, the default) and the context of stock attention (None: the
+    model's): ``NAME+tf32`` its In-Place TTT scan with TF32 products, ``NAME+unfused`` one-token
+    TTT-cache steps through the PyTorch reference step (both may be given); ``window64``: stock
+    Moshi with a 64-step context."""
+    if name == "window64":
+        return AdapterConfig.preset("off", num_layers=num_layers), True, 64
     base, *opts = name.split("+")
     cfg = AdapterConfig.preset(base, num_layers=num_layers)
     if any(o not in ("tf32", "unfused") for o in opts) or len(set(opts)) != len(opts) or \
             ("tf32" in opts and cfg.inplace_ttt is None) or ("unfused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache")):
         raise ValueError(f"bad variant {name!r}: expected PRESET, PRESET+tf32 (a preset with In-Place TTT) "
-                         "and/or PRESET+unfused (a preset with the TTT cache)")
+                         "and/or PRESET+unfused (a preset with the TTT cache), or window64")
     if "tf32" in opts:
         cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high"))
-    return cfg, "unfused" not in opts
+    return cfg, "unfused" not in opts, None
+
+
+def set_context(lm: LMModel, context: int | None) -> list:
+    """Set the ring-cache context of every attention of the main transformer (None: unchanged);
+    returns the previous ones."""
+    attns = [layer.self_attn for layer in lm.transformer.layers]
+    before = [a.context for a in attns]
+    if context is not None:
+        for a in attns:
+            a.context = context
+    return before
 
 
 def run(args) -> dict:
@@ -204,7 +221,8 @@ def run(args) -> dict:
            "checkpoints": args.checkpoints, "model_build_s": built_s, "variants": {}}
     per_variant = (args.budget_s - built_s) / len(args.variants)
     for i, name in enumerate(args.variants):
-        cfg, fused = variant_config(name, n_layers)
+        cfg, fused, context = variant_config(name, n_layers)
+        contexts = set_context(lm, context)
         patch_lm(lm, cfg)
         default, ttt_step.ON_CUDA = ttt_step.ON_CUDA, fused
         t0 = time.monotonic()
@@ -215,25 +233,29 @@ def run(args) -> dict:
         finally:
             ttt_step.ON_CUDA = default
         unpatch_lm(lm)
-        out["variants"][name] = {"adapter": cfg.to_dict(), "fused_step": fused, "series": series, "search": search,
-                                 "seconds": time.monotonic() - t0}
+        for layer, c in zip(lm.transformer.layers, contexts):
+            layer.self_attn.context = c
+        out["variants"][name] = {"adapter": cfg.to_dict(), "fused_step": fused, "context": context,
+                                 "series": series, "search": search, "seconds": time.monotonic() - t0}
         print(f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
               f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent {search['max_concurrent']} "
               f"({search['stopped_by']})", flush=True)
     out["total_s"] = time.monotonic() - t_start
     out["ratios"] = ratios(out)
+    out["ratios_window64"] = ratios(out, "window64")
     return out
 
 
-def ratios(out: dict) -> dict:
-    """Each variant against stock (``off``): batch-1 latency, state at the last checkpoint, concurrency."""
+def ratios(out: dict, base: str = "off") -> dict:
+    """Each variant against ``base`` (stock ``off``, or ``window64``): batch-1 latency, state at the
+    last checkpoint, concurrency."""
     v = out["variants"]
-    if "off" not in v:
+    if base not in v:
         return {}
-    s = v["off"]
+    s = v[base]
     res = {}
     for name, r in v.items():
-        if name == "off":
+        if name == base:
             continue
         res[name] = {"latency_b1": r["series"][-1]["ms_per_frame"] / s["series"][-1]["ms_per_frame"],
                      "state_mb_last": r["series"][-1]["state_bytes"] / 1e6,
@@ -266,6 +288,13 @@ def markdown(out: dict) -> str:
         for name, r in out["ratios"].items():
             lines.append(f"| {name} | {r['latency_b1']:.2f}x | {r['state_mb_last']:.1f} | {r['state_vs_stock']:.4f} | "
                          f"{r['concurrency_vs_stock']:.1f}x |")
+    if out.get("ratios_window64"):
+        lines += ["", "Against `window64` (stock Moshi, a 64-step context in every layer):", "",
+                  "| variant | latency at batch 1 | state / window64 | concurrency / window64 |",
+                  "|---|---:|---:|---:|"]
+        for name, r in out["ratios_window64"].items():
+            lines.append(f"| {name} | {r['latency_b1']:.3f}x | {r['state_vs_stock']:.3f} | "
+                         f"{r['concurrency_vs_stock']:.3f}x |")
     lines += ["", f"Total {out['total_s']:.0f} s (model built in {out['model_build_s']:.0f} s)."]
     return "\n".join(lines) + "\n"
 

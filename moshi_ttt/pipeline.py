@@ -406,15 +406,18 @@ CPU_RECALL_TRAIN = TrainConfig(
 
 # Then each memory from the backbone's weights, its memory parameters alone: the language model
 # stays the window model's, so the memory can only add to it. Rows of 768 tokens, so that the
-# memory learns to read states as long as the evaluation's; the answer weighs 48. The TTT cache
-# forgets 0.03 per block of 16 evicted tokens: its state settles within about 1 / 0.03 blocks
-# (530 tokens), inside a training row, so the states it reads at 5000 tokens are of the kind it
-# trained on (with the default 0.01 they settle after 1,600 tokens, and it reads 2000-5000 worse
-# than the window).
+# memory learns to read states as long as the evaluation's. Three quarters of each batch hold the
+# fact: within the window for the first 100 steps, then 1.5 to 8 x W back, where only a memory can
+# answer; each answer weighs 48. With half the rows and distances from 0, the TTT cache learnt to
+# keep the fact with fewer backbone seeds (bench/cpu_recipe_sweep.py, docs/results/study-cpu).
+# The TTT cache forgets 0.03 per block of 16 evicted tokens: its state settles within about
+# 1 / 0.03 blocks (530 tokens), inside a training row, so the states it reads at 5000 tokens are
+# of the kind it trained on (with the default 0.01 they settle after 1,600 tokens, and it reads
+# 2000-5000 worse than the window).
 CPU_MEMORY_TRAIN = dataclasses.replace(
     CPU_RECALL_TRAIN, steps=600, batch_size=8, seq_len=768, lr=1e-2, warmup=30, near_steps=100,
-    seq_schedule=((0, 64), (100, 768)), answer_weight=48.0,
-    stages=(Stage("memory", 600, ("*.memory.*",)),))
+    seq_schedule=((0, 64), (100, 768)), answer_weight=48.0, task_frac=0.75,
+    task_distances=(48, 64, 96, 128, 256), stages=(Stage("memory", 600, ("*.memory.*",)),))
 
 SMALL_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=1024, lr=1e-3, warmup=20, bf16=True,
                           task_frac=0.25, tasks=("passkey", "mqar"), task_distances=(64, 256, 768),

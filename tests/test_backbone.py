@@ -172,7 +172,7 @@ def test_a_memory_only_recipe_leaves_the_language_model_of_the_backbone(tmp_path
     bb_train = dataclasses.replace(cpu.backbone.train, steps=4, batch_size=4, warmup=1,
                                    near_steps=2, seq_schedule=((0, 32), (2, 192)))
     mem_train = dataclasses.replace(cpu.train, steps=3, batch_size=4, warmup=1, near_steps=1,
-                                    seq_schedule=((0, 32), (1, 192)),
+                                    seq_schedule=((0, 32), (1, 320)),  # the fact up to 256 back
                                     stages=(Stage("memory", 3, ("*.memory.*",)),))
     ec = EvalConfig(perplexity=False, tasks=(), cross_session=(), diagnostics=False,
                     binding_keys=(1,), binding_distances=(0.5, 2), binding_num=4, cost_lengths=(64,))

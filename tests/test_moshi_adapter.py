@@ -566,8 +566,8 @@ def load_bench():
 
 def test_bench_tiny_reports_the_states_it_ran(tmp_path):
     bench = load_bench()
-    out = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--variants", "off,both",
-                      "--checkpoints", "5,20", "--max-batch", "2", "--frames", "2"])
+    out = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--variants",
+                      "off,both,window64", "--checkpoints", "5,20", "--max-batch", "2", "--frames", "2"])
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(out))
     assert (tmp_path / "results.png").stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
@@ -581,6 +581,10 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
         for r in out["variants"][name]["series"]:
             assert f"| {name} | {r['steps']} | {r['ms_per_frame']:.2f} | {r['state_bytes'] / 1e6:.2f} |" in md
     assert out["variants"]["off"]["series"][0]["state_bytes"] == stock_bytes
+    # window64: stock Moshi with a ring of 64 steps (the tiny model's own context is 64 too)
+    assert [r["state_bytes"] for r in out["variants"]["window64"]["series"]] == [stock_bytes] * 2
+    assert "Against `window64`" in md and out["ratios_window64"]["both"]["state_vs_stock"] == \
+        out["variants"]["both"]["series"][-1]["state_bytes"] / stock_bytes
 
 
 def test_bench_variant_names():
@@ -588,9 +592,11 @@ def test_bench_variant_names():
     bench = load_bench()
     for name, tf32, fused in [("ttt_cache", False, True), ("ttt_cache+unfused", False, False),
                               ("both+tf32+unfused", True, False), ("both+unfused+tf32", True, False), ("both+tf32", True, True)]:
-        cfg, on = bench.variant_config(name, 32)
-        assert on == fused and cfg.memory.kind == "ttt_cache"
+        cfg, on, context = bench.variant_config(name, 32)
+        assert on == fused and cfg.memory.kind == "ttt_cache" and context is None
         assert (cfg.inplace_ttt.matmul_precision == "high") == tf32 if cfg.inplace_ttt else not tf32
+    cfg, _, context = bench.variant_config("window64", 32)
+    assert context == 64 and cfg.memory is None and cfg.inplace_ttt is None
     for bad in ("off+unfused", "ttt_cache+tf32", "ttt_cache+fused", "ttt_cache+unfused+unfused"):
         with pytest.raises(ValueError, match="bad variant"):
             bench.variant_config(bad, 32)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..ops.masks import visible
+from ..ops.window_attention import window_attention
 from ..ops.rope import apply_rope, yarn_attention_scale, yarn_frequencies
 from ..state import ScopedState
 from .memory import make_memory
@@ -55,13 +56,11 @@ class StreamingAttention(nn.Module):
         q, k, v, q_raw, k_raw = self._qkv(x, pos)
         if self.cfg.memory.kind in EVICTING:
             return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
-        if seg is None and self.cfg.memory.kind == "full":
+        m = self.cfg.memory
+        if seg is None and m.kind == "full":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.sdpa_scale)
-        else:
-            mask = self._mask(pos, pos)  # [B, T, T]
-            if seg is not None:
-                mask = mask & (seg[:, :, None] == seg[:, None, :])
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.sdpa_scale)
+        else:  # block-sparse FlexAttention on CUDA, a dense mask elsewhere
+            o = window_attention(q, k, v, pos, seg, m.kind, m.window, m.num_sink, self.sdpa_scale)
         return self._out(o)
 
     def init_state(self, st: ScopedState, B: int, device, dtype) -> None:

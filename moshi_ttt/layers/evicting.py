@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
+from ..ops.window_attention import window_attention
 from ..ops import ttt_step_triton as ttt_step
 from ..ops.rope import yarn_attention_scale
 from ..state import ScopedState
@@ -76,10 +77,8 @@ class EvictingMemory(nn.Module):
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
         reads = {n: x for n, x in read.items() if n in ("scores", "values", "out")}
         if (self.cfg.combine == "gate" or "out" in read) and not self.banded:
-            # option A normalises the window on its own: fused attention, as the window memory runs
-            ok = visible(pos, pos, "window", W, 0)  # [B, T, T]
-            ok = ok if seg is None else ok & (seg[:, :, None] == seg[:, None, :])
-            o_r = F.scaled_dot_product_attention(q, k, v, attn_mask=ok[:, None], scale=self.inv_t / math.sqrt(Dh))
+            # option A normalises the window on its own: the window memory's attention
+            o_r = window_attention(q, k, v, pos, seg, "window", W, 0, self.inv_t / math.sqrt(Dh))
             vmask = read["has"][:, None].expand(B, H, T)
             out, mass = gate_mix(o_r, vmask, self.alpha(q_raw), **reads)
             self._record(mass, read)
