@@ -142,7 +142,9 @@ def main(argv=None):
                     cfg.memory, block=a.block or cfg.memory.block, compile_scan=a.compile_scan))
             torch.manual_seed(0)
             model = mt.StreamingLM(cfg).to(device)
+            evicting = cfg.memory.kind in ("ttt_cache", "pooled", "infini")
             row = {"kind": kind, "window": cfg.memory.window, "repeat": rep,
+                   "block": cfg.memory.block if evicting else None,
                    "params": sum(p.numel() for p in model.parameters())}
             row.update(bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps))
             if not a.no_stream:
