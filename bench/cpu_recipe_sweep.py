@@ -14,6 +14,9 @@ Variants of the memory stage (``CPU_MEMORY_TRAIN`` with fields replaced):
     dense-lr ``dense`` with the learning rate 2 x
     denser   ``far`` with seven eighths of each batch on the fact
     dense-aw96  ``dense`` with each answer weighing 96 instead of 48
+    dense-900   ``dense`` trained 900 steps instead of 600
+    dense-b12   ``dense`` with 12 rows of 512 tokens instead of 8 of 768 (the same tokens)
+    dense-gate0 ``dense`` with the memory's gate starting half open (gate_init 0, not 3)
 Writes ``sweep.json`` (per variant and seed: recall by distance, perplexity per bucket, the
 backbone's) and ``sweep.md`` under ``--out``.
 """
@@ -37,6 +40,9 @@ VARIANTS = {
     "dense-lr": dict(task_distances=FAR, task_frac=0.75, lr=2e-2),
     "denser": dict(task_distances=FAR, task_frac=0.875),
     "dense-aw96": dict(task_distances=FAR, task_frac=0.75, answer_weight=96.0),
+    "dense-900": dict(task_distances=FAR, task_frac=0.75, steps_factor=1.5),
+    "dense-b12": dict(task_distances=FAR, task_frac=0.75, batch_size=12, seq_len=512),
+    "dense-gate0": dict(task_distances=FAR, task_frac=0.75, memory=dict(gate_init=0.0)),
 }
 
 
@@ -75,7 +81,18 @@ def train_memory(variant: str, seed: int, a) -> None:
     sp = _preset(seed, a.steps, a.backbone_steps)
     (name, cfg, tcfg, _), = pipeline.study_jobs(sp, a.data, a.out, a.steps, (sp.memories[-1],),
                                                  seed=seed)
-    tcfg = dataclasses.replace(tcfg, **VARIANTS[variant])
+    over = dict(VARIANTS[variant])
+    factor = over.pop("steps_factor", 1.0)
+    if "memory" in over:  # fields of the memory's config
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **over.pop("memory")))
+    if "seq_len" in over:  # the schedule's full-length rows at the new length
+        over["seq_schedule"] = tuple((st, over["seq_len"] if n == tcfg.seq_len else n)
+                                     for st, n in tcfg.seq_schedule)
+    tcfg = dataclasses.replace(tcfg, **over)
+    if factor != 1.0:  # longer: the one memory stage with it, the schedule as it was
+        steps = round(tcfg.steps * factor)
+        tcfg = dataclasses.replace(tcfg, steps=steps, stages=tuple(
+            dataclasses.replace(st, steps=steps) for st in tcfg.stages))
     folder = a.out / f"{variant}-{seed}"
     res = pipeline.train_and_evaluate(name, cfg, tcfg, folder, a.data, pipeline.study_eval(sp),
                                       a.device, progress=False,
