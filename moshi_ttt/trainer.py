@@ -36,11 +36,16 @@ def world() -> tuple[int, int]:
 ADDED = "@added"  # a stage pattern: every name in ``stage_parameters``' ``added``
 
 
+def reconstruction_memories(model: nn.Module) -> list[nn.Module]:
+    """The memories of ``model`` that have a reconstruction loss (the TTT cache)."""
+    return [m for m in model.modules() if hasattr(m, "want_aux")]
+
+
 @contextlib.contextmanager
 def reconstructing(model: nn.Module, stage: Stage):
-    """The memories of ``model`` that have a reconstruction loss (the TTT cache), recording it
-    while the block runs (``m.reconstruction_loss()`` reads it); a clear error when none has."""
-    mems = [m for m in model.modules() if hasattr(m, "want_aux")]
+    """``reconstruction_memories(model)``, recording their reconstruction loss while the block
+    runs (``m.reconstruction_loss()`` reads it); a clear error when there is none."""
+    mems = reconstruction_memories(model)
     if not mems:
         raise ValueError(f"stage {stage.name!r} uses the reconstruction loss, but no memory of this "
                          "model has one (use a ttt_cache memory)")

@@ -105,8 +105,9 @@ def added_keys(lm: LMModel) -> list[str]:
     return [f"{prefix}.{k}" for prefix, m in lm.named_modules() if isinstance(m, PATCHED) for k in m.added_keys()]
 
 
-def added_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
-    sd = lm.state_dict()
+def added_state_dict(lm: LMModel, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's parameters of ``state`` (a whole state dict of ``lm``) or ``lm.state_dict()``."""
+    sd = lm.state_dict() if state is None else state
     return {k: sd[k] for k in added_keys(lm)}
 
 

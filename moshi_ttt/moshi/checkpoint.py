@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import adapter_config, added_keys
+from .adapter import adapter_config, added_keys, added_state_dict
 from .config import AdapterConfig
 
 ADDED_FORMAT = "moshi_ttt.moshi.added/1"
@@ -65,8 +65,7 @@ def _same_config(lm, saved: AdapterConfig, path) -> None:
 def save_added(lm, path, state: dict | None = None) -> None:
     """Only the parameters the adapter added (a few MB next to a 15 GB stock checkpoint), from
     ``state`` (a whole state dict of ``lm``, e.g. gathered from shards) or ``lm.state_dict()``."""
-    sd = lm.state_dict() if state is None else state
-    _write({k: sd[k] for k in added_keys(lm)}, path, ADDED_FORMAT, adapter_config(lm))
+    _write(added_state_dict(lm, state), path, ADDED_FORMAT, adapter_config(lm))
 
 
 def load_added(lm, path) -> None:

@@ -24,7 +24,7 @@ from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch.nn import functional as F
 
-from ..trainer import reconstructing
+from ..trainer import reconstructing, reconstruction_memories
 from ..training import Stage
 from .attention import MemoryAttention
 from .streaming import detach_streaming_state
@@ -100,7 +100,7 @@ def segment_losses(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, sta
 def absorbing_segments(lm: LMModel, T: int, segment: int) -> list[bool]:
     """Per consecutive segment of a T-step conversation: whether a TTT cache of ``lm`` completes
     a block in it (its window holds W steps, so by step e it has evicted max(e - W, 0) tokens)."""
-    mems = [m for m in lm.modules() if hasattr(m, "want_aux")]
+    mems = reconstruction_memories(lm)
     spans = [(s, min(s + segment, T)) for s in range(0, T, segment)]
     done = (lambda m, e: max(e - m.cfg.window, 0) // m.cfg.block)
     return [any(done(m, e) > done(m, s) for m in mems) for s, e in spans]

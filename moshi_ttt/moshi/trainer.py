@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from moshi.models.lm import LMModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import load_checked, save_atomic
 from ..trainer import ADDED, log_scalars, tensorboard_writer
 from ..trainer import stage_parameters as _stage_parameters
 from ..training import Stage, lr_at
@@ -192,12 +192,6 @@ def full_state(lm: LMModel) -> dict:
     return get_model_state_dict(lm, options=whole)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class MoshiTrainer:
     """Trains ``lm`` (patched) on ``conversations`` (callables or arrays giving codes [K, T]),
     writing ``out/train_state.pt``, ``out/train_log.csv``, TensorBoard events in
@@ -274,12 +268,11 @@ class MoshiTrainer:
         batch = self._next_batch()
         self.opt.zero_grad(set_to_none=True)
         self.lm.train()
-        on_cuda = self.lm.device.type == "cuda"
         keys = ("loss", "text", "audio") if stage.loss == "lm" else ("loss", "text")
         sums = torch.zeros(len(keys), dtype=torch.float64)  # sums of conversation means
         segments = sum(-(-c.shape[1] // self.cfg.segment) for c in batch)
         most = segments
-        if self.world > 1:  # agreed before any segment runs: every collective lines up
+        if self.sharded:  # agreed before any segment runs: every collective lines up
             most = int(self._all_reduce(torch.tensor([segments]), torch.distributed.ReduceOp.MAX))
         frames = 0
         for codes in batch:
@@ -291,7 +284,7 @@ class MoshiTrainer:
                     raise ValueError(f"stage {stage.name!r}: a conversation of {codes.shape[1]} steps "
                                      "evicts no whole block from the TTT cache, so it has no "
                                      "reconstruction loss; train on longer conversations")
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and on_cuda):
+            with self._autocast():
                 segs = conversation_losses(self.lm, codes, self.cfg.segment, carry=True,
                                            backward=True, loss_scale=1.0 / (n * self.cfg.batch),
                                            loss=stage.loss)
@@ -299,9 +292,9 @@ class MoshiTrainer:
                                  dtype=torch.float64).mean(0)
             frames += int(codes.shape[1])
         if most > segments:
-            self._blank_segments(most - segments, stage, on_cuda)
+            self._blank_segments(most - segments, stage)
         params = [p for p in self.lm.parameters() if p.requires_grad]
-        if self.world > 1:
+        if self.sharded:
             self._sum_replicated(params)
             sums = self._all_reduce(sums)
         losses = {"audio": None, **dict(zip(keys, (sums / self.cfg.batch).tolist()))}
@@ -332,12 +325,17 @@ class MoshiTrainer:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
 
-    def _blank_segments(self, n: int, stage: Stage, on_cuda: bool) -> None:
+    def _autocast(self):
+        """bf16 autocast on CUDA when the config asks for it (the states stay fp32)."""
+        on = self.cfg.bf16 and self.lm.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
+    def _blank_segments(self, n: int, stage: Stage) -> None:
         """Every segment runs the same FSDP collectives (gathers in forward and backward, one
         reduce-scatter per unit): a rank with fewer segments than another this step runs ``n``
         more on a blank conversation with a zero loss, which changes no gradient."""
         blank = torch.zeros(self.lm.num_codebooks, n * self.cfg.segment, dtype=torch.long)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and on_cuda):
+        with self._autocast():
             conversation_losses(self.lm, blank, self.cfg.segment, carry=True, backward=True,
                                 loss_scale=0.0, loss=stage.loss)
 
@@ -361,16 +359,13 @@ class MoshiTrainer:
     def save(self) -> None:
         st = self.state()
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_save(st, self.out / "train_state.pt")
+            save_atomic(st, self.out / "train_state.pt")
 
     def load(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        if st.get("format") != TRAIN_STATE_FORMAT:
-            raise ValueError(f"{path}: not a Moshi training checkpoint (format {st.get('format')!r})")
+        st = load_checked(path, TRAIN_STATE_FORMAT, "Moshi training checkpoint")
         if st["config"] != dataclasses.asdict(self.cfg):
             raise ValueError(f"{path} was written with another training configuration; resume it "
                              "with the same options or start in a new folder")
