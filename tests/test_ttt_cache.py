@@ -335,3 +335,19 @@ def test_state_updates_not_rounded_by_autocast():
     for name in ("d1", "d2", "vk", "vv", "ek", "eeta"):  # the state's own arithmetic stays fp32 under autocast
         assert st1[f"layers.0.{name}"].dtype == torch.float32
     assert st1["layers.0.updates"].item() == ref["layers.0.updates"].item() > 0
+
+
+def test_the_reconstruction_terms_are_fp32_under_autocast():
+    """Stage 1's reconstruction loss runs inside the trainer's bf16 autocast: its products must
+    stay fp32, so it equals the same terms computed without autocast."""
+    from moshi_ttt.ops.ttt_cache import reconstruction_terms
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.nn.functional.normalize(torch.randn(4, 3, 8, 16, generator=g), dim=-1)
+    vals, kv, vv = (torch.randn(4, 3, n, 16, generator=g) for n in (8, 5, 5))
+    mask = torch.rand(4, 3, 8, generator=g) > 0.3
+    ref = reconstruction_terms(keys, vals, kv, vv, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = reconstruction_terms(keys, vals, kv, vv, mask)
+    assert got[0].dtype == torch.float32 and got[1] == ref[1]
+    assert_close(got[0], ref[0], 1e-6, "terms under autocast")

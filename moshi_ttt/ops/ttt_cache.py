@@ -224,10 +224,13 @@ def reconstruction_terms(keys: torch.Tensor, vals: torch.Tensor, kv: torch.Tenso
     virtual tokens (K_n, V_n) of the state after it, should recover its values:
         v̂_t = softmax(√Dh k̂_t K_nᵀ) V_n,   terms = (Σ_t ‖v̂_t - v_t‖², number of tokens t).
     keys (normalised), vals [G, N, b, Dh]; kv, vv [G, N, M, Dh]; mask [G, N, b] (tokens that
-    count; None: all). Sums in fp32; the count is a Python int when no mask is given."""
-    q = keys.float()
-    att = torch.softmax(q @ kv.float().transpose(-1, -2) * math.sqrt(q.shape[-1]), -1)  # [G, N, b, M]
-    err = (att @ vv.float() - vals.float()).pow(2).sum(-1)  # [G, N, b]
+    count; None: all). Products and sums in fp32, autocast or not; the count is a Python int.
+    """
+    with torch.autocast(keys.device.type, enabled=False):  # fp32 products under autocast too
+        q = keys.float()
+        s = q @ kv.float().transpose(-1, -2) * math.sqrt(q.shape[-1])  # [G, N, b, M]
+        att = torch.softmax(s, -1)
+        err = (att @ vv.float() - vals.float()).pow(2).sum(-1)  # [G, N, b]
     if mask is None:
         return err.sum(), err.numel()
     return (err * mask.float()).sum(), int(mask.sum())
