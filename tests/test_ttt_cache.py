@@ -87,18 +87,22 @@ def test_fused_window_attention_equals_banded_reference(extra):
 
 
 @pytest.mark.parametrize("position, cold", [("relative", "wait"), ("decay", "zero"), ("none", "learned")])
-def test_read_without_per_query_copies_equals_reference(position, cold, monkeypatch):
-    """Training reads against all states' virtual tokens, masked per query (``_read_out``), equal the
-    per-query copies and ``_scores`` (the reference): logits and every gradient (float64 model)."""
+@pytest.mark.parametrize("reset", [False, True])
+def test_read_without_per_query_copies_equals_reference(position, cold, reset, monkeypatch):
+    """Training reads with the queries grouped by the state they read (``_read_runs``) equal the
+    per-query copies and ``_scores`` (the reference): logits and every gradient (float64 model),
+    with and without a document boundary."""
     model = lively(mt.StreamingLM(cache_config(window=8, block=4, virtual_position=position, cold_start=cold))).double()
     tokens = torch.randint(0, 50, (2, 70))
-    calls, read_out = [], type(memories(model)[0])._read_out
-    monkeypatch.setattr(type(memories(model)[0]), "_read_out", lambda *a: calls.append(1) or read_out(*a))
+    resets = torch.zeros(2, 70, dtype=torch.bool)
+    resets[0, 29] = reset
+    calls, read_runs = [], type(memories(model)[0])._read_runs
+    monkeypatch.setattr(type(memories(model)[0]), "_read_runs", lambda *a: calls.append(1) or read_runs(*a))
     results = []
     for fast in (False, True):
         for mem in memories(model):
             mem.fast_read = fast
-        results.append(logits_and_grads(model, tokens))
+        results.append(logits_and_grads(model, tokens, resets=resets))
     assert len(calls) == 2  # the fast read ran in both layers, only when on
     for ref, fast in zip(*results):
         assert_close(fast, ref, 1e-6)  # reads are fp32

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..ops.rope import rotate
 from ..ops import l2norm_triton as l2norm
-from ..ops.segments import pack, row_of, segment_rows
+from ..ops.segments import pack, row_of, segment_rows, unpack
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops import ttt_step_triton as ttt_step
 from ..ops.ttt_cache import complete_block, compress_scan, compressor, reconstruction_terms
@@ -62,7 +62,7 @@ class TTTCacheMemory(EvictingMemory):
             self.kv_proj = nn.Parameter(torch.eye(2 * H * Dh))
             self.q_proj = nn.Parameter(torch.eye(H * Dh))
         self.want_aux, self.aux = False, []  # the reconstruction terms of training stage 1
-        self.fast_read = True  # training reads without per-query copies (``_read_out``; False: the reference)
+        self.fast_read = True  # training reads without per-query copies (``_read_runs``; False: the reference)
 
     # ---- compressor ---------------------------------------------------------------------
     def inits(self) -> tuple:
@@ -132,20 +132,28 @@ class TTTCacheMemory(EvictingMemory):
         A = self.vkey_proj.to(vq.dtype)
         return self.qkey.to(vq.dtype)[None, :, None] + torch.einsum("bhqd,hde->bhqe", vq, A)
 
+    def _runs(self, x: torch.Tensor, S: int):
+        """Queries at document positions 0..L-1 grouped by the state they read,
+        n(p) = max(p - W + 1, 0) // b: x [..., L, D] -> (head [..., n0, D], the n0 = min(W - 1, L)
+        positions that read state 0; body [..., S, b, D], run n reading state n, zero padded)."""
+        W, b = self.cfg.window, self.cfg.block
+        n0 = min(W - 1, x.shape[-2])
+        rest = x[..., n0:, :]
+        body = F.pad(rest, (0, 0, 0, S * b - rest.shape[-2])).unflatten(-2, (S, b))
+        return x[..., :n0, :], body
+
+    @staticmethod
+    def _unruns(head: torch.Tensor, body: torch.Tensor, L: int) -> torch.Tensor:
+        """The inverse of ``_runs``: head [..., n0, D], body [..., S, b, D] -> [..., L, D]."""
+        return torch.cat([head, body.flatten(-3, -2)[..., :L - head.shape[-2], :]], -2)
+
     def _query_read_blocks(self, states, qn, rows: int) -> torch.Tensor:
         """The query read of a training sequence: qn [rows * H, L, Dh] at document positions
         0..L-1, states [rows * hc, N + 1, d_in, d_out] -> f_{θ_n(p)}(q̂_p) [rows * H, L, Dh] with
-        n(p) = max(p - W + 1, 0) // b: positions before W - 1 read state 0, then runs of b."""
-        W, b = self.cfg.window, self.cfg.block
-        G, L, Dh = qn.shape
-        S = states[0].shape[1]
-        n0 = min(W - 1, L)
-        head = self._apply_heads(tuple(w[:, 0] for w in states), qn[:, :n0], rows)  # [G, n0, Dh]
-        rest = qn[:, n0:]
-        pad = S * b - rest.shape[1]
-        grid = F.pad(rest, (0, 0, 0, pad)).view(G, S, b, Dh)  # query run n reads state n
-        body = self._apply_heads(states, grid, rows).view(G, S * b, Dh)[:, :rest.shape[1]]
-        return torch.cat([head, body], 1)
+        n(p) = max(p - W + 1, 0) // b (``_runs``)."""
+        head, grid = self._runs(qn, states[0].shape[1])
+        head = self._apply_heads(tuple(w[:, 0] for w in states), head, rows)  # [G, n0, Dh]
+        return self._unruns(head, self._apply_heads(states, grid, rows), qn.shape[1])
 
     def _read(self, freqs, rows: int, first: int = 0, query=None):
         """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S - first, M, Dh]
@@ -250,45 +258,58 @@ class TTTCacheMemory(EvictingMemory):
             query = (lambda states: self._query_read_blocks(states, qp, rows))
         (kv, vv, vq), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(vc), eta,
                                              q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows, query=query)
-        if vq is not None:  # [rows * H, L, Dh] -> [B, H, T, Dh]
-            vq = vq.view(rows, H, L, Dh).transpose(1, 2)[row_of(r, pos), pos].permute(0, 2, 1, 3)
+        vqd = vq.view(rows, H, L, Dh) if vq is not None else None  # at document positions
         if self.want_aux:
             if N == 0:
                 raise ValueError("the reconstruction loss needs sequences longer than window + block")
             self.aux.append(reconstruction_terms(keys, blocks(vc), kv[:, 1:], vv[:, 1:]))
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
+        has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
+        if self.fast_read and self.cfg.combine == "gate" and not self.record:
+            qd = pack(q_raw.transpose(1, 2), r, pos, rows, L).transpose(1, 2)  # [rows, H, L, Dh]
+            out = self._read_runs(qd, kv, vv, vqd)
+            return {"out": unpack(out.transpose(1, 2), r, pos).transpose(1, 2), "has": has,
+                    "losses": losses}
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
             return x.view(rows, H, *x.shape[1:]).transpose(1, 2)[row_of(r, pos), n_q].permute(0, 2, 1, 3, 4)
 
-        has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
-        if self.fast_read and rows == B and self.cfg.combine == "gate" and not self.record:
-            return {"out": self._read_out(q_raw, kv, vv, n_q, vq), "has": has, "losses": losses}
+        vq = unpack(vqd.transpose(1, 2), r, pos).transpose(1, 2) if vqd is not None else None
         return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses, vq)
 
-    def _read_out(self, q_raw, kv, vv, n_q, vq=None):
-        """The softmax read of the virtual tokens (option A normalises it on its own) with each row
-        one document: every query against all N + 1 states' keys, masked to its own state's M, so
-        no per-query copy of the virtual tokens is made. q_raw [B, H, T, Dh]; kv, vv [B * H, S, M, Dh];
-        n_q [B, T]; vq [B, H, T, Dh] the query read (or None) -> [B, H, T, Dh] (fp32); equals the
-        softmax of ``_read_dict``'s scores against ``per_query``."""
-        B, H, T, Dh = q_raw.shape
+    def _read_runs(self, qd, kv, vv, vqd=None):
+        """The softmax read of the virtual tokens (option A normalises it on its own) with the
+        queries of each document grouped by the state they read (``_runs``), so each query meets
+        only its own state's M tokens and no per-query copy is made. qd [rows, H, L, Dh] at
+        document positions 0..L-1; kv, vv [rows * H, S, M, Dh]; vqd the query read [rows, H, L,
+        Dh] (or None) -> [rows, H, L, Dh] (fp32); equals the softmax of ``_read_dict``'s scores
+        against ``per_query``."""
+        R, H, L, Dh = qd.shape
         S, M = kv.shape[1:3]
-        k, v = kv.reshape(B, H, S * M, Dh).float(), vv.reshape(B, H, S * M, Dh).float()
-        col = torch.arange(S * M, device=q_raw.device)
-        ok = (col // M)[None, None, None, :] == n_q[:, None, :, None]  # [B, 1, T, S M]
-        if self.cfg.virtual_position != "decay" and vq is None:  # (autocast casts all three to its dtype)
-            q = q_raw if torch.is_autocast_enabled(q_raw.device.type) else q_raw.float()
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=self.inv_t / math.sqrt(Dh)).float()
-        s = (q_raw.float() @ k.transpose(-1, -2)) * (self.inv_t / math.sqrt(Dh))
-        if self.cfg.virtual_position == "decay":  # token m weighted by exp(-γ m)
-            s = s - F.softplus(self.recency).float().view(1, H, 1, 1) * (col % M).float()
-        s = s.masked_fill(~ok, float("-inf"))
-        if vq is None:
-            return torch.softmax(s, -1) @ v
-        s_q = (q_raw.float() * self._query_keys(vq).float()).sum(-1, keepdim=True) * (self.inv_t / math.sqrt(Dh))
-        p = torch.softmax(torch.cat([s, s_q], -1), -1)  # [B, H, T, S M + 1]
-        return p[..., :-1] @ v + p[..., -1:] * vq.float()
+        c = self.inv_t / math.sqrt(Dh)
+        with torch.autocast(qd.device.type, enabled=False):
+            q = qd.float()
+            k, v = kv.view(R, H, S, M, Dh).float(), vv.view(R, H, S, M, Dh).float()
+            sq = None
+            if vqd is not None:  # K_q = key_q + V_q A, one more token per query
+                vqd = vqd.float()
+                sq = (q * self._query_keys(vqd).float()).sum(-1, keepdim=True) * c  # [R, H, L, 1]
+            gamma = F.softplus(self.recency).float() if self.cfg.virtual_position == "decay" else None
+
+            def read(q, k, v, sq, vq):  # q [..., n, Dh], k, v [..., M, Dh] -> [..., n, Dh]
+                s = q @ k.transpose(-1, -2) * c  # [..., n, M]
+                if gamma is not None:  # token m weighted by exp(-γ m)
+                    bias = gamma.view(1, H, *([1] * (s.dim() - 2))) * torch.arange(M, device=s.device)
+                    s = s - bias
+                if sq is None:
+                    return torch.softmax(s, -1) @ v
+                p = torch.softmax(torch.cat([s, sq], -1), -1)
+                return p[..., :-1] @ v + p[..., -1:] * vq
+
+            parts = [self._runs(x, S) if x is not None else (None, None) for x in (q, sq, vqd)]
+            head = read(parts[0][0], k[:, :, 0], v[:, :, 0], parts[1][0], parts[2][0])
+            body = read(parts[0][1], k, v, parts[1][1], parts[2][1])
+            return self._unruns(head, body, L)
 
     def reconstruction_loss(self) -> torch.Tensor:
         """The mean of ``reconstruction_terms`` over every block absorbed since the last call (with
