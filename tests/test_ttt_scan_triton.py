@@ -97,3 +97,30 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
     tol = 3e-3 if device == "cuda" and cfg.memory.grad_precision == "tf32" else 1e-5
     for n in ref_grads:
         assert_close(grads[n], ref_grads[n], tol, n, floor=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
+    """Long scans replay their launch loops as captured CUDA graphs: states, momenta, losses and
+    every gradient equal direct launches, for two problems of one shape (the second replays the
+    first one's graph on new inputs)."""
+    monkeypatch.setattr(tri, "_graphs", {})
+    N = 2 * tri.GRAPH_MIN_BLOCKS
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ds, moms, inits, keys, vals, eta, apply = problem(3, N, 32, 16, 32, momentum, torch.device("cuda"))
+        leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
+        args = (ds, moms, inits, keys, vals, eta, apply, 0.05, momentum, 3.0, 3)
+        results = []
+        for minimum in (10 ** 9, tri.GRAPH_MIN_BLOCKS):  # direct launches, then the graph
+            monkeypatch.setattr(tri, "GRAPH_MIN_BLOCKS", minimum)
+            out = tri.scan_states(*args, "fp32")
+            outs = [*out[0], *(out[1] or ()), out[2]]
+            total = sum((torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o) * o).sum()
+                        for o in outs[:-1])
+            results.append([o.detach() for o in outs] + list(torch.autograd.grad(total, leaves)))
+        assert len(tri._graphs) == 2  # forward and backward, captured once and replayed for seed 1
+        for a, b in zip(*results):
+            assert_close(b, a, 1e-6, "graph replay")

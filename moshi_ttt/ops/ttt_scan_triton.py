@@ -29,7 +29,40 @@ STATE_WARPS = 8  # the backward's first launch, a program per compressor
 MAX_WEIGHTS = 8192  # Dh x hidden, as large as measured on an H100 (its operands sit in shared memory)
 PRECISION = "tf32x3"  # tl.dot's input precision in the forward: three TF32 products, fp32 accuracy
 GRAD_PRECISION = {"fp32": "tf32x3", "tf32": "tf32"}  # the backward's, by ``MemoryConfig.grad_precision``
+GRAPH_MIN_BLOCKS = 8  # launch loops of at least this many blocks replay as a captured CUDA graph
+GRAPH_CACHE = 8  # captured launch loops kept (forward and backward of the most recent shapes)
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
+_graphs: dict = {}
+
+
+def launched(key, args: tuple, loop):
+    """``loop(*args)`` -> outputs, a loop of kernel launches whose host time would exceed its GPU
+    time, replayed as one CUDA graph: captured once per ``key`` (shapes and scalar arguments) on
+    copies of ``args``, then each call copies ``args`` in and clones the outputs out. Runs the loop
+    directly on CPU tensors and inside another capture."""
+    if not args[0].is_cuda or torch.cuda.is_current_stream_capturing():
+        return loop(*args)
+    key = (args[0].device, *key, *((tuple(a.shape), a.dtype) for a in args))
+    entry = _graphs.pop(key, None)
+    if entry is None:
+        static = tuple(a.clone() for a in args)
+        side = torch.cuda.Stream(args[0].device)
+        side.wait_stream(torch.cuda.current_stream(args[0].device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            loop(*static)
+        torch.cuda.current_stream(args[0].device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = loop(*static)
+        entry = (graph, static, out)
+        while len(_graphs) >= GRAPH_CACHE:
+            _graphs.pop(next(iter(_graphs)))
+    _graphs[key] = entry  # most recent last
+    graph, static, out = entry
+    for s, a in zip(static, args):
+        s.copy_(a)
+    graph.replay()
+    return tuple(o.clone() for o in out)
 
 
 def supports(ds, keys) -> bool:
@@ -250,16 +283,26 @@ class _Scan(torch.autograd.Function):
         s1 = s1.detach().clone().float().contiguous() if has_mom else a1
         s2 = s2.detach().clone().float().contiguous() if has_mom else a2
         ap = (apply > 0).to(torch.int32).contiguous()
-        st1, st2 = x.new_empty(G, N + 1, Dh, m), x.new_empty(G, N + 1, m, Dh)
-        st1[:, 0], st2[:, 0] = w1, w2
-        cap, loss = x.new_empty(G, N, 2), x.new_empty(G, N, b)
         meta, NC = _meta(b, Dh, m, PRECISION, CHUNK, NUM_WARPS)
-        part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
-        count = torch.zeros(G, dtype=torch.int32, device=x.device)  # arrivals per compressor (zero between launches)
         flags = dict(HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay))
-        for n in range(N):
-            _fwd_block[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, s1, s2, a1, a2, ap, cap, count, n, N,
-                                float(decay), float(momentum), float(max_norm), **meta, **flags)
+        scalars = (float(decay), float(momentum), float(max_norm))
+
+        def loop(w1, w2, s1, s2, a1, a2, x, y, eta, ap):
+            st1, st2 = x.new_empty(G, N + 1, Dh, m), x.new_empty(G, N + 1, m, Dh)
+            st1[:, 0], st2[:, 0] = w1, w2
+            cap, loss = x.new_empty(G, N, 2), x.new_empty(G, N, b)
+            part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
+            count = torch.zeros(G, dtype=torch.int32, device=x.device)  # arrivals (zero after a launch)
+            for n in range(N):
+                _fwd_block[(G, NC)](st1, st2, x, y, eta, part1, part2, loss, s1, s2, a1, a2, ap, cap,
+                                    count, n, N, *scalars, **meta, **flags)
+            return st1, st2, cap, loss, s1, s2
+
+        args = (w1.detach().float().contiguous(), w2.detach().float().contiguous(), s1, s2, a1, a2,
+                x, y, eta, ap)
+        run = (lambda *a: launched(("fwd", *scalars, tuple(flags.values())), a, loop)
+               if N >= GRAPH_MIN_BLOCKS else loop(*a))
+        st1, st2, cap, loss, s1, s2 = run(*args)
         ctx.save_for_backward(st1, st2, cap, x, y, eta, ap)
         ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags, grad_prec)
         ctx.mark_non_differentiable(loss)
@@ -275,18 +318,29 @@ class _Scan(torch.autograd.Function):
         dst1, dst2 = dz(dst1, st1), dz(dst2, st2)  # become dθ_0..dθ_N in place
         ds1 = dz(dsn1, st1[:, 0]) if has_mom else None
         ds2 = dz(dsn2, st2[:, 0]) if has_mom else None
-        da1, da2 = torch.zeros_like(st1[:, 0]), torch.zeros_like(st2[:, 0])
-        acc1, acc2, dd1, dd2 = (torch.empty_like(t) for t in (da1, da2, da1, da2))
-        dx, dy, deta = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(eta)
         meta, NC = _meta(b, Dh, m, GRAD_PRECISION[grad_prec], GRAD_CHUNK, GRAD_WARPS)
-        part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
-        count = torch.zeros(G, dtype=torch.int32, device=x.device)
-        moms = (ds1, ds2) if has_mom else (da1, da2)  # (unused without momentum)
-        _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2, *moms, da1, da2, part1, part2,
-                         N, N, bptt, decay, momentum, NC=NC, DH=Dh, MH=m, **flags, num_warps=STATE_WARPS)
-        for n in range(N - 1, -1, -1):
-            _bwd_block[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, cap, dst1, dst2,
-                                acc1, acc2, *moms, da1, da2, count, n, N, bptt, decay, momentum, **meta, **flags)
+
+        def loop(st1, st2, cap, x, y, eta, ap, dst1, dst2, *moms):
+            da1, da2 = torch.zeros_like(st1[:, 0]), torch.zeros_like(st2[:, 0])
+            acc1, acc2, dd1, dd2 = (torch.empty_like(t) for t in (da1, da2, da1, da2))
+            dx, dy, deta = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(eta)
+            part1, part2 = x.new_empty(G, NC, Dh, m), x.new_empty(G, NC, m, Dh)
+            count = torch.zeros(G, dtype=torch.int32, device=x.device)
+            moms = moms if has_mom else (da1, da2)  # (unused without momentum)
+            _bwd_state[(G,)](st1, st2, cap, ap, dst1, dst2, acc1, acc2, dd1, dd2, *moms, da1, da2, part1,
+                             part2, N, N, bptt, decay, momentum, NC=NC, DH=Dh, MH=m, **flags,
+                             num_warps=STATE_WARPS)
+            for n in range(N - 1, -1, -1):
+                _bwd_block[(G, NC)](st1, st2, x, y, eta, ap, dd1, dd2, part1, part2, dx, dy, deta, cap,
+                                    dst1, dst2, acc1, acc2, *moms, da1, da2, count, n, N, bptt, decay,
+                                    momentum, **meta, **flags)
+            return (dst1, dst2, da1, da2, dx, dy, deta) + (moms if has_mom else ())
+
+        args = (st1, st2, cap, x, y, eta, ap, dst1, dst2) + ((ds1, ds2) if has_mom else ())
+        key = ("bwd", decay, momentum, bptt, grad_prec, tuple(flags.values()))
+        out = launched(key, args, loop) if N >= GRAPH_MIN_BLOCKS else loop(*args)
+        dst1, dst2, da1, da2, dx, dy, deta = out[:7]
+        ds1, ds2 = out[7:] if has_mom else (None, None)
         return (dst1[:, 0], dst2[:, 0], ds1, ds2, da1 if decay else None, da2 if decay else None,
                 dx, dy, deta, None, None, None, None, None, None)
 
