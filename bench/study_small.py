@@ -3,7 +3,7 @@ budget, evaluate each right after training (so a call cut short keeps what it fi
 merge the per-model results of several calls into one report.
 
     python bench/study_small.py train --memories window sink --out runs/study-small/a
-    python bench/study_small.py train --recipe --out runs/study-small/b      # window backbone + spec stages
+    python bench/study_small.py train --recipe --out runs/study-small/b      # window backbone + the staged recipe
     python bench/study_small.py merge runs/study-small/a runs/study-small/b --out docs/results/study-small
 """
 
@@ -25,7 +25,8 @@ from moshi_ttt.config import ModelConfig, variant
 from moshi_ttt.data.prepare import load_split
 from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.pipeline import STUDY_PRESETS, evaluate, run_training
-from moshi_ttt.training import SPEC_RECIPE, config_dict, train
+from moshi_ttt.trainer import train
+from moshi_ttt.training import SPEC_RECIPE, config_dict
 
 SP = STUDY_PRESETS["small"]
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 MEMORY_KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
 IMPLEMENTED_MEMORY_KINDS = MEMORY_KINDS
-COMBINES = ("gate", "concat")  # spec option A (separate softmaxes, learned gate) / B (one softmax)
-VIRTUAL_POSITIONS = ("relative", "decay", "none")  # spec options A / B / C
-COLD_STARTS = ("zero", "learned", "wait")  # spec options A / B / C
+COMBINES = ("gate", "concat")  # separate softmaxes mixed by a learned gate / one softmax
+VIRTUAL_POSITIONS = ("relative", "decay", "none")  # RoPE offsets / recency bias / none
+COLD_STARTS = ("zero", "learned", "wait")  # zero output layer / learned state / no read
 GATED_KINDS = ("pooled", "infini", "ttt_cache")  # a window plus a read of evicted tokens, mixed by α
 GRAD_PRECISIONS = ("tf32", "fp32")  # products in the backward of the fused compressor scan (GPU)
 

@@ -24,7 +24,8 @@ from .diagnostics import (evicted_token_probe, evicting_memories, memory_diagnos
 from .data.binding import binding_batch
 from .evaluation import BUCKETS, binding_accuracy, long_stream, loss_by_position, task_accuracy
 from .models.lm import StreamingLM
-from .training import TRAIN_PRESETS, Stage, TrainConfig, config_dict, scale_stages, train
+from .trainer import train
+from .training import TRAIN_PRESETS, Stage, TrainConfig, config_dict, scale_stages
 
 
 @dataclass(frozen=True)

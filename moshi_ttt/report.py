@@ -287,7 +287,7 @@ def markdown(metrics: dict, train_len: int | None = None) -> str:
     if diag:
         lines += ["", "## Memory diagnostics", "",
                   "α: weight of the window in gated mixing (mean over layers and heads); mass: attention on the "
-                  "memory; cos: mean pairwise cosine similarity of virtual keys (spec: < 0.8); inner loss: the "
+                  "memory; cos: mean pairwise cosine similarity of virtual keys (below 0.8: distinct keys); inner loss: the "
                   "compressor's loss on a block before -> after its update (first and last update); probe: "
                   "accuracy of a linear probe predicting the just-evicted token id from the layer-0 memory "
                   "read, against the majority-class rate on the same test samples.", "",

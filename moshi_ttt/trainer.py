@@ -329,3 +329,13 @@ def init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
+          log_path: str | Path | None = None, device="cpu", progress=True) -> list[dict]:
+    """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
+    data = (stream, doc_bounds) if stream is not None else None
+    rows = Trainer(model, cfg, data, device=device, progress=progress).fit()
+    if log_path is not None:
+        write_csv(log_path, rows)
+    return rows

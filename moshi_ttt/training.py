@@ -293,18 +293,6 @@ class TaskRows:
         return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
-          log_path: str | Path | None = None, device="cpu", progress=True) -> list[dict]:
-    """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
-    from .trainer import Trainer
-
-    data = (stream, doc_bounds) if stream is not None else None
-    rows = Trainer(model, cfg, data, device=device, progress=progress).fit()
-    if log_path is not None:
-        write_csv(log_path, rows)
-    return rows
-
-
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,17 @@ import time
 
 import pytest
 import torch
+from conftest import stream, tiny_config
 
 import moshi_ttt as mt
-from conftest import stream, tiny_config
 from moshi_ttt.checkpoint import save_checkpoint
-from moshi_ttt.sessions import ModelIdentity, SessionStore, identity_of, load_into, session_bytes
-from moshi_ttt.sessions.store import PAUSE_ENV
+from moshi_ttt.sessions import (
+    ModelIdentity,
+    SessionStore,
+    identity_of,
+    load_into,
+    session_bytes,
+)
 
 KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
 
@@ -187,15 +192,51 @@ def test_other_bad_input(tmp_path):
 
 # ---- a writer killed in the middle of a save ------------------------------------------------
 KILLED_WRITER = """
-import sys, torch
+import pathlib, sys, time, torch
 from moshi_ttt.checkpoint import load_checkpoint
 from moshi_ttt.sessions import SessionStore
+from moshi_ttt.sessions import store as S
+stage, marker = sys.argv[3], pathlib.Path(sys.argv[4])
+
+def pause():
+    marker.touch()
+    time.sleep(3600)  # killed here
+
+class Torn:  # the blob file: pauses after its header, with half of the body written
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        if stage == "write" and self.f.tell() > 0:
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            pause()
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+class Pausing:  # the index connection: pauses after the row is replaced, before the commit
+    def __init__(self, con):
+        self.con = con
+    def execute(self, sql, *args):
+        if stage == "commit" and sql == "COMMIT":
+            pause()
+        return self.con.execute(sql, *args)
+    def __getattr__(self, name):
+        return getattr(self.con, name)
+
+S.open = lambda *a, **k: Torn(open(*a, **k))  # the store module's open (the builtin elsewhere)
+enter = S._Closing.__enter__
+S._Closing.__enter__ = lambda self: Pausing(enter(self))
 model = load_checkpoint(sys.argv[1])[0].eval()
 store = SessionStore(sys.argv[2])
 state = store.load("c", model)
 with torch.no_grad():
     model.step(torch.arange(17)[None] % 50, state)  # a different state
-store.save("c", state, model)  # pauses at the hook, and is killed there
+store.save("c", state, model)  # pauses at ``stage``, and is killed there
 """
 
 
@@ -207,9 +248,8 @@ def test_writer_killed_mid_save_leaves_previous_state(stage, tmp_path):
     store = SessionStore(tmp_path / "store")
     info = store.save("c", before, model)
     marker = tmp_path / "paused"
-    env = dict(os.environ, **{PAUSE_ENV: f"{stage}:{marker}"})
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "m.pt"), str(tmp_path / "store")],
-                            env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "m.pt"), str(tmp_path / "store"),
+                             stage, str(marker)], stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()

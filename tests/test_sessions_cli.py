@@ -2,10 +2,11 @@
 
 import zipfile
 
+from test_sessions import config, model_of, same_state, streamed
+
 from moshi_ttt import cli
 from moshi_ttt.checkpoint import save_checkpoint
 from moshi_ttt.sessions import SessionStore
-from test_sessions import config, model_of, same_state, streamed
 
 
 def test_sessions_commands_round_trip(tmp_path, capsys):

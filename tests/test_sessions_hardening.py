@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from test_sessions import config, model_of, streamed
 
 from moshi_ttt import sessions as S
 from moshi_ttt.sessions import ModelIdentity, SessionStore
-from moshi_ttt.sessions.store import BLOB_TAG
-from conftest import run_cli
-from test_sessions import config, model_of, streamed
+from moshi_ttt.sessions.format import BLOB_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 IDENT = ModelIdentity("test.Tensors", "c" * 16, "w" * 64, "none", {"dim": 3})

@@ -4,8 +4,8 @@ process restart with its stored memory, and not at all from a fresh memory."""
 import json
 
 import torch
-
 from induction import induction_model
+
 from moshi_ttt import report
 from moshi_ttt.checkpoint import save_checkpoint
 from moshi_ttt.data.tasks import make_task

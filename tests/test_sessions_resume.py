@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import torch
+from test_sessions import KINDS, config, model_of, streamed
 
 from moshi_ttt.checkpoint import save_checkpoint
 from moshi_ttt.sessions import SessionStore
-from test_sessions import KINDS, config, model_of, streamed
 
 SESSION_TWO = """
 import sys, torch

@@ -7,7 +7,8 @@ import torch
 import moshi_ttt as mt
 from moshi_ttt.checkpoint import load_checkpoint, save_checkpoint
 from moshi_ttt.data.batches import doc_starts, sample_windows
-from moshi_ttt.training import TrainConfig, lm_loss, lr_at, train
+from moshi_ttt.trainer import train
+from moshi_ttt.training import TrainConfig, lm_loss, lr_at
 from conftest import assert_close, tiny_config
 
 

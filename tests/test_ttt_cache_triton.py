@@ -55,7 +55,7 @@ def test_triton_block_update_equals_reference(on, device, shape, opts):
     ("complete", dict(momentum=0.5, cold_start="zero")),                                 # the block update alone
     ("step", dict(momentum=0.5, cold_start="zero")),                                     # the whole step
     ("step", dict(decay=0.1, max_state_norm=2.0, virtual_position="decay")),             # no rotation, cap
-    ("step", dict(virtual_position="none", cold_start="wait", num_virtual=3, combine="concat")),  # option B
+    ("step", dict(virtual_position="none", cold_start="wait", num_virtual=3, combine="concat")),  # one softmax
 ])
 def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monkeypatch):
     """One-token streaming (batch 2, a row reset) through the Triton block update, or the whole

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import ModelConfig
+from ..config import MemoryConfig
 from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
 from ..ops.window_attention import window_attention
@@ -35,19 +35,19 @@ def chunked_q(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 class EvictingMemory(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MemoryConfig, heads: int, head_dim: int, rope_scale: float = 1.0):
         super().__init__()
-        self.cfg = cfg.memory
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.cfg = cfg
+        self.num_heads, self.head_dim = heads, head_dim
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
         self.banded = False  # gate-mixed reads: window attention by explicit banded scores (the reference)
         # α = σ(gate): weight of the window
-        self.gate = nn.Parameter(torch.full((cfg.num_heads,), float(self.cfg.gate_init)))
+        self.gate = nn.Parameter(torch.full((heads,), float(cfg.gate_init)))
         if self.cfg.gate_per_token:  # α_t = σ(gate + w·q_t), per head (starts as the constant gate)
-            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.head_dim))
+            self.gate_w = nn.Parameter(torch.zeros(heads, head_dim))
         # softmax logits are qᵀk / √Dh times 1/t, YaRN's temperature (1.0 without YaRN): the window
         # here, softmax virtual keys in the subclasses
-        self.inv_t = yarn_attention_scale(cfg.rope_scale) ** 2
+        self.inv_t = yarn_attention_scale(rope_scale) ** 2
 
     # ---- subclass hooks -----------------------------------------------------------------
     def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
@@ -77,7 +77,7 @@ class EvictingMemory(nn.Module):
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
         reads = {n: x for n, x in read.items() if n in ("scores", "values", "out")}
         if (self.cfg.combine == "gate" or "out" in read) and not self.banded:
-            # option A normalises the window on its own: the window memory's attention
+            # "gate" normalises the window on its own: the window memory's attention
             o_r = window_attention(q, k, v, pos, seg, "window", W, 0, self.inv_t / math.sqrt(Dh))
             vmask = read["has"][:, None].expand(B, H, T)
             out, mass = gate_mix(o_r, vmask, self.alpha(q_raw), **reads)
@@ -98,8 +98,8 @@ class EvictingMemory(nn.Module):
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)
 
     # ---- streaming path -------------------------------------------------------------------
-    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
-        W = self.cfg.window
+    def init(self, st: ScopedState, B: int, device, dtype) -> None:
+        W, H, Dh = self.cfg.window, self.num_heads, self.head_dim
         for name in ("k", "v", "kraw"):  # keys after RoPE, values, keys before RoPE
             st.add(name, torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
         st.add("kpos", torch.full((B, W), -1, dtype=torch.long, device=device), -1)

@@ -1,29 +1,71 @@
-"""Exact KV memories for streaming attention: full, window (ring buffer), sink + window.
+"""The memory protocol and the exact KV memories: full, window (ring buffer), sink + window.
 
-Each memory keeps keys (after RoPE), values and their absolute positions (-1 = empty slot).
-``context`` gives what was stored before the current step; ``write`` stores the step's tokens.
+Every memory of an attention layer (these and the evicting ones, layers/evicting.py) is built
+from ``(MemoryConfig, heads, head_dim, rope_scale)`` and implements:
+    init(st, B, device, dtype)                 its streaming state, in a ScopedState
+    attend_parallel(q_raw, k_raw, v, q, k, pos, seg, freqs) -> [B, H, T, Dh]   a training sequence
+    attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active=None) -> [B, H, k, Dh]   k new tokens
+    self_masked(k) -> names of state a k-token step keeps unchanged by itself for inactive rows
+q, k are after RoPE, q_raw, k_raw before; pos [B, T] positions, seg [B, T] document ids (or None).
+The exact memories keep keys (after RoPE), values and their absolute positions (-1 = empty slot):
+``context`` gives what was stored before the current step, ``write`` stores the step's tokens.
 Masks always come from positions (``ops.masks.visible``), never from slots.
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-from ..config import MemoryConfig, ModelConfig
+import torch
+from torch.nn import functional as F
+
+from ..config import MemoryConfig
+from ..ops.masks import visible
+from ..ops.rope import yarn_attention_scale
+from ..ops.window_attention import window_attention
 from ..state import ScopedState
 
 
-class FullMemory:
+class ExactMemory:
+    """softmax(q kᵀ / (t √Dh)) v over the stored tokens a query may see (``visible``), with 1/t
+    YaRN's temperature (1 without YaRN). Subclasses store the tokens (``context``, ``write``)."""
+
+    def __init__(self, cfg: MemoryConfig, heads: int, head_dim: int, rope_scale: float = 1.0):
+        self.cfg, self.num_heads, self.head_dim = cfg, heads, head_dim
+        inv_t = yarn_attention_scale(rope_scale) ** 2
+        self.scale = None if inv_t == 1.0 else inv_t / math.sqrt(head_dim)  # None: SDPA's 1/√Dh
+
+    def self_masked(self, kq: int) -> tuple:
+        return ()
+
+    def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
+        """All queries of a sequence: causal SDPA for one full-attention document per row, else
+        block-sparse FlexAttention on CUDA (a dense mask elsewhere). [B, H, T, Dh] -> same."""
+        m = self.cfg
+        if seg is None and m.kind == "full":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return window_attention(q, k, v, pos, seg, m.kind, m.window, m.num_sink, self.scale)
+
+    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+        """k new tokens at pos [B, k]: attend to what was stored and to each other, then store them.
+        (``active``: the caller restores inactive rows.)"""
+        k0, v0, p0 = self.context(st)  # [B, H, L, Dh], [B, L]
+        keys, vals = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
+        mask = visible(pos, torch.cat([p0, pos], 1), self.cfg.kind, self.cfg.window, self.cfg.num_sink)
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], scale=self.scale)
+        self.write(st, k, v, pos)
+        return o
+
+
+class FullMemory(ExactMemory):
     """Every past token; grows with the stream.
 
     Buffers grow by doubling (amortised O(1) appends); ``state.meta["tokens"]`` slots are in use,
     the rest hold position -1.
     """
 
-    def __init__(self, cfg: MemoryConfig):
-        self.cfg = cfg
-
-    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
+    def init(self, st: ScopedState, B: int, device, dtype) -> None:
+        H, Dh = self.num_heads, self.head_dim
         st.add("k", torch.zeros(B, H, 0, Dh, device=device, dtype=dtype), 0.0)
         st.add("v", torch.zeros(B, H, 0, Dh, device=device, dtype=dtype), 0.0)
         st.add("kpos", torch.zeros(B, 0, dtype=torch.long, device=device), -1)
@@ -62,14 +104,11 @@ def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=(), stored=None) -> None:
     pbuf.scatter_(1, slots, (stored if stored is not None else pos)[:, -size:])
 
 
-class WindowMemory:
+class WindowMemory(ExactMemory):
     """Ring buffer of the last ``window`` tokens: constant size."""
 
-    def __init__(self, cfg: MemoryConfig):
-        self.cfg = cfg
-
-    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
-        W = self.cfg.window
+    def init(self, st: ScopedState, B: int, device, dtype) -> None:
+        W, H, Dh = self.cfg.window, self.num_heads, self.head_dim
         st.add("k", torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
         st.add("v", torch.zeros(B, H, W, Dh, device=device, dtype=dtype), 0.0)
         st.add("kpos", torch.full((B, W), -1, dtype=torch.long, device=device), -1)
@@ -80,6 +119,22 @@ class WindowMemory:
     def write(self, st: ScopedState, k, v, pos, stored=None) -> None:
         ring_write(st["k"], st["v"], st["kpos"], k, v, pos, stored=stored)
 
+    def self_masked(self, kq: int) -> tuple:
+        """A one-token step of an inactive row writes an empty slot itself (``attend_step``)."""
+        return ("k", "v", "kpos") if kq == 1 else ()
+
+    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+        """One token takes the slot of one no query sees (W back): write first, then attend to the
+        ring, which holds only this row's last W positions (or -1). A row with ``active`` [B] False
+        writes an empty slot (position -1), so it continues as if the step never happened."""
+        if k.shape[2] != 1:
+            return super().attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active)
+        stored = pos if active is None else pos.masked_fill(~active[:, None], -1)
+        self.write(st, k, v, pos, stored=stored)
+        k0, v0, p0 = self.context(st)
+        return F.scaled_dot_product_attention(q, k0.to(k.dtype), v0.to(v.dtype),
+                                              attn_mask=(p0 >= 0)[:, None, None], scale=self.scale)
+
 
 class SinkMemory(WindowMemory):
     """StreamingLLM: the first ``num_sink`` tokens of the stream plus a ring of ``window``.
@@ -88,9 +143,12 @@ class SinkMemory(WindowMemory):
     so writing needs no branch on values (CUDA-graph safe).
     """
 
-    def init(self, st: ScopedState, B: int, H: int, Dh: int, device, dtype) -> None:
-        super().init(st, B, H, Dh, device, dtype)
-        S = self.cfg.num_sink
+    # the sink slots are not a ring a new token overwrites: the general step, nothing self-masked
+    attend_step, self_masked = ExactMemory.attend_step, ExactMemory.self_masked
+
+    def init(self, st: ScopedState, B: int, device, dtype) -> None:
+        super().init(st, B, device, dtype)
+        S, H, Dh = self.cfg.num_sink, self.num_heads, self.head_dim
         st.add("sink_k", torch.zeros(B, H, S + 1, Dh, device=device, dtype=dtype), 0.0)
         st.add("sink_v", torch.zeros(B, H, S + 1, Dh, device=device, dtype=dtype), 0.0)
         st.add("sink_pos", torch.full((B, S + 1), -1, dtype=torch.long, device=device), -1)
@@ -112,16 +170,3 @@ class SinkMemory(WindowMemory):
         st["sink_v"].scatter_(2, idx, v.to(st["sink_v"].dtype))
         st["sink_pos"].scatter_(1, slots, pos)
         st["sink_pos"][:, S].fill_(-1)
-
-
-def make_memory(cfg: ModelConfig):
-    kinds = {"full": FullMemory, "window": WindowMemory, "sink": SinkMemory}
-    if cfg.memory.kind in ("ttt_cache", "pooled", "infini"):
-        from .infini import InfiniMemory
-        from .pooled import PooledMemory
-        from .ttt_cache import TTTCacheMemory
-
-        return {"ttt_cache": TTTCacheMemory, "pooled": PooledMemory, "infini": InfiniMemory}[cfg.memory.kind](cfg)
-    if cfg.memory.kind not in kinds:
-        raise ValueError(f"memory kind {cfg.memory.kind!r} has no implementation")
-    return kinds[cfg.memory.kind](cfg.memory)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import ModelConfig
+from ..config import MemoryConfig
 from ..ops.rope import rotate
 from ..ops import l2norm_triton as l2norm
 from ..ops.segments import pack, row_of, segment_rows, unpack
@@ -32,10 +32,10 @@ from .evicting import EvictingMemory
 
 
 class TTTCacheMemory(EvictingMemory):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: MemoryConfig, heads: int, head_dim: int, rope_scale: float = 1.0):
+        super().__init__(cfg, heads, head_dim, rope_scale)
         mc = self.cfg
-        H, Dh, M = cfg.num_heads, cfg.head_dim, mc.num_virtual
+        H, Dh, M = heads, head_dim, mc.num_virtual
         m = mc.compressor_hidden or 2 * Dh
         self.hc = 1 if mc.compressor_shared else H  # compressors per layer (shared: one for all heads)
         dims = [Dh] + [m] * (mc.compressor_depth - 1) + [Dh]
@@ -219,7 +219,7 @@ class TTTCacheMemory(EvictingMemory):
         """q_raw [B, H, ..., Q, Dh], kv [B, H, ..., Q, M, Dh] -> scores [B, H, ..., Q, M]."""
         s = torch.einsum("...qd,...qmd->...qm", q_raw.float(), kv.float()) / math.sqrt(q_raw.shape[-1])
         s = s * self.inv_t  # YaRN temperature, as on the window logits
-        if self.cfg.virtual_position == "decay":  # token m is weighted by exp(-γ m) (spec option B)
+        if self.cfg.virtual_position == "decay":  # token m is weighted by exp(-γ m)
             gamma = F.softplus(self.recency).view(1, -1, *([1] * (s.dim() - 2)))
             s = s - gamma * torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
         return s
@@ -278,7 +278,7 @@ class TTTCacheMemory(EvictingMemory):
         return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses, vq)
 
     def _read_runs(self, qd, kv, vv, vqd=None):
-        """The softmax read of the virtual tokens (option A normalises it on its own) with the
+        """The softmax read of the virtual tokens ("gate" normalises it on its own) with the
         queries of each document grouped by the state they read (``_runs``), so each query meets
         only its own state's M tokens and no per-query copy is made. qd [rows, H, L, Dh] at
         document positions 0..L-1; kv, vv [rows * H, S, M, Dh]; vqd the query read [rows, H, L,

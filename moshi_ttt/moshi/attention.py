@@ -11,7 +11,6 @@ of every evicted token). Positions are Moshi's per-row offsets, so a reset row r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +18,9 @@ from einops import rearrange
 from moshi.modules.rope import RotaryEmbedding
 from moshi.modules.transformer import StreamingMultiheadAttention, _MHAState
 from torch import nn
-from torch.nn import functional as F
 
-from ..config import MemoryConfig, ModelConfig
-from ..layers.attention import EVICTING
-from ..layers.memory import make_memory
-from ..ops.masks import visible
+from ..config import MemoryConfig
+from ..layers.memories import make_memory
 from ..ops.rope import apply_rope, rope_frequencies, yarn_attention_scale, yarn_frequencies
 from ..state import StreamingState
 from .streaming import empty_state, exec_masked
@@ -84,17 +80,13 @@ class MemoryAttention(StreamingMultiheadAttention):
         self.in_projs, self.out_projs = stock.in_projs, stock.out_projs
         H, Dh = stock.num_heads, stock.embed_dim // stock.num_heads
         self.mem_cfg, self.head_dim, self.respect_exec_mask = memory, Dh, respect_exec_mask
-        yarn = dict(rope_scale=yarn_scale, rope_original_context=original_context) if yarn_scale else {}
-        self.model_cfg = ModelConfig(vocab_size=1, dim=stock.embed_dim, num_layers=1, num_heads=H, memory=memory, **yarn)
-        mem = make_memory(self.model_cfg)
+        mem = make_memory(memory, H, Dh, yarn_scale)
         if isinstance(mem, nn.Module):
             mem.name = name or mem.name  # named in finite-check errors
             mem.to(device=w.device, dtype=w.dtype)
         self.memory = mem
         freqs = rope_freqs(stock.rope.max_period, Dh, yarn_scale, original_context).to(w.device)
         self.register_buffer("freqs", freqs, persistent=False)
-        inv_t = yarn_attention_scale(yarn_scale) ** 2 if yarn_scale else 1.0
-        self.sdpa_scale = inv_t / math.sqrt(Dh)  # window/sink; evicting memories apply their own
 
     def added_keys(self) -> tuple[str, ...]:
         return tuple("memory." + k for k in self.memory.state_dict()) if isinstance(self.memory, nn.Module) else ()
@@ -102,37 +94,18 @@ class MemoryAttention(StreamingMultiheadAttention):
     def _init_streaming_state(self, batch_size: int) -> _MemoryState:
         w = self.in_projs[0].weight
         st = empty_state(batch_size)
-        self.memory.init(st.scope(""), batch_size, self.num_heads, self.head_dim, w.device, w.dtype)
+        self.memory.init(st.scope(""), batch_size, w.device, w.dtype)
         return _MemoryState(batch_size, w.device, None, offset=torch.zeros(batch_size, device=w.device, dtype=torch.long),
                             offset_cpu=0, tensors=st)
 
     def _attend(self, q, k, v, qr, kr, pos, state):
-        """Pre-RoPE q, k, v and rotated qr, kr [B, H, T, Dh]; pos [B, T] -> [B, H, T, Dh]."""
-        kind = self.mem_cfg.kind
-        if kind in EVICTING:
-            if state is None:
-                return self.memory.attend_parallel(q, k, v, qr, kr, pos, None, self.freqs)
-            active = state.exec_mask if self.respect_exec_mask else None
-            return self.memory.attend_step(q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active)
-        W, S = self.mem_cfg.window, self.mem_cfg.num_sink
+        """Pre-RoPE q, k, v and rotated qr, kr [B, H, T, Dh]; pos [B, T] -> [B, H, T, Dh]. A row
+        off Moshi's exec mask evicts and stores nothing (the memory's ``self_masked`` state, the
+        rest restored by ``exec_masked``)."""
         if state is None:
-            mask = visible(pos, pos, kind, W, S)  # [B, T, T]
-            return F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask[:, None], scale=self.sdpa_scale)
-        st = state.tensors.scope("")
-        if kind == "window" and pos.shape[1] == 1:  # the token takes a slot no query sees: attend to the ring
-            # a row off Moshi's exec mask writes an empty slot (position -1): the token it replaces
-            # (W back) is never visible again, so the row continues as if the step never happened
-            off = ~state.exec_mask[:, None] if self.respect_exec_mask else torch.zeros_like(pos, dtype=torch.bool)
-            self.memory.write(st, kr, v, pos, stored=pos.masked_fill(off, -1))
-            k0, v0, p0 = self.memory.context(st)  # the ring holds only this row's last W positions (or -1)
-            return F.scaled_dot_product_attention(qr, k0.to(kr.dtype), v0.to(v.dtype), attn_mask=(p0 >= 0)[:, None, None],
-                                                  scale=self.sdpa_scale)
-        k0, v0, p0 = self.memory.context(st)  # stored before this step
-        keys, vals = torch.cat([k0.to(kr.dtype), kr], 2), torch.cat([v0.to(v.dtype), v], 2)
-        mask = visible(pos, torch.cat([p0, pos], 1), kind, W, S)  # [B, T, L + T]
-        o = F.scaled_dot_product_attention(qr, keys, vals, attn_mask=mask[:, None], scale=self.sdpa_scale)
-        self.memory.write(st, kr, v, pos)
-        return o
+            return self.memory.attend_parallel(q, k, v, qr, kr, pos, None, self.freqs)
+        active = state.exec_mask if self.respect_exec_mask else None
+        return self.memory.attend_step(q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Self-attention of query [B, T, D] (key, value: the same tensor, as Moshi passes them)."""
@@ -146,9 +119,7 @@ class MemoryAttention(StreamingMultiheadAttention):
             o = self._attend(q, k, v, qr, kr, pos, None)
         else:
             slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
-            own = self.memory.self_masked(T) if self.mem_cfg.kind in EVICTING else ()
-            if self.mem_cfg.kind == "window" and T == 1:  # an off row's write is marked empty instead
-                own = ("k", "v", "kpos")
+            own = self.memory.self_masked(T)  # state the memory itself keeps for off rows
             with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own):
                 o = self._attend(q, k, v, qr, kr, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))

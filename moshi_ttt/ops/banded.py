@@ -1,5 +1,5 @@
 """Windowed attention as explicit scores (so virtual tokens can join its softmax), and the mixing
-of recent and virtual attention (combine options A and B)."""
+of recent and virtual attention (``combine`` "gate" and "concat")."""
 
 from __future__ import annotations
 

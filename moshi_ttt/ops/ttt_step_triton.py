@@ -6,7 +6,7 @@ completes, update the compressor and write its read (V_m = f_θ(p̂_m), K_m = ke
 the relative offsets) into the cached virtual tokens; the last program of a row moves the row's
 counters. Per-head compressors of depth 2 only (``supports``).
 ``attend_one`` (``EvictingMemory.attend_step``'s scores and ``mix``): the query against the ring
-and the virtual tokens, combined by option A or B (``attend_supports``).
+and the virtual tokens, combined by ``combine`` "gate" or "concat" (``attend_supports``).
 
 ``ON_CUDA`` (on) sends CUDA tensors here; off, they take the reference step (``bench/moshi_bench.py``'s
 ``+unfused`` variants time that). Tests compare both paths, on CPU under Triton's interpreter and on the GPU.
@@ -139,7 +139,7 @@ if triton is not None:
         sv = tl.where(inm, sv, float("-inf"))
         vv_ = tl.load(vv + (g * M + rm[:, None]) * DH + rd[None, :], mask=inm[:, None], other=0.0).to(tl.float32)
         on = tl.load(has + bi) != 0
-        if GATE:  # option A: α softmax(window) + (1 - α) softmax(virtual); α = 1 without a read
+        if GATE:  # "gate": α softmax(window) + (1 - α) softmax(virtual); α = 1 without a read
             er = tl.exp(s - tl.max(s, 0))
             ev = tl.exp(sv - tl.max(sv, 0))
             o_r = tl.sum(er[:, None] * v, 0) / tl.sum(er, 0)
@@ -147,7 +147,7 @@ if triton is not None:
             a = 1.0 / (1.0 + tl.exp(-tl.load(gate + h).to(tl.float32)))
             a = tl.where(on, a, 1.0)
             o = a * o_r + (1.0 - a) * o_v
-        else:  # option B: one softmax over window and virtual keys
+        else:  # "concat": one softmax over window and virtual keys
             sv = tl.where(on, sv, float("-inf"))
             mx = tl.maximum(tl.max(s, 0), tl.max(sv, 0))
             er = tl.exp(s - mx)

@@ -7,7 +7,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from .store import SESSION_FORMAT, SessionInfo, check_blob
+from .format import SESSION_FORMAT, SessionInfo, check_blob
 
 BUNDLE_TAG = f"moshi_ttt.session-export/{SESSION_FORMAT}"
 

@@ -27,8 +27,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .store import (BLOB_TAG, COLUMNS, INSERT, NO_ENTRY, SCHEMA, SESSION_FORMAT, SessionInfo,
-                    _fsync_dir, _uri, blob_entry, index_error, index_problem, read_header)
+from .format import (
+    BLOB_TAG,
+    COLUMNS,
+    INSERT,
+    NO_ENTRY,
+    SCHEMA,
+    SESSION_FORMAT,
+    SessionInfo,
+    _fsync_dir,
+    _uri,
+    blob_entry,
+    index_error,
+    index_problem,
+    read_header,
+)
 
 LOCK = "sessions.lock"
 SUFFIXES = ("", "-wal", "-shm", "-journal")  # an SQLite database and its side files

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..state import StreamingState
+from .format import SessionInfo, serialize
 from .identity import STREAMING_LM, ModelIdentity, identity_of
-from .store import SessionInfo, SessionStore, serialize
+
+if TYPE_CHECKING:
+    from .store import SessionStore
 
 
 def state_tensors(state: StreamingState, row: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
