@@ -19,6 +19,8 @@ run: $(STAMP)
 	$(BIN)/moshi-ttt study --preset cpu
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,4 +1,6 @@
-"""Whether this torch can capture a CUDA-graph conditional (if) node: prints the replays' results."""
+"""Whether this torch can capture a CUDA-graph conditional (if) node: prints the replays'
+results."""
+
 import torch
 
 has = hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")

@@ -47,38 +47,113 @@ def kernels() -> list:
         MP = max(16, 1 << (M - 1).bit_length())
         common = dict(BLK=b, CH=min(b, 32), DH=Dh, MH=m, M=M, MP=MP, HAS_MOM=False, HAS_DECAY=False)
         nw = 4 if Dh * m <= 4096 else 8
-        out.append(("complete_block", label, source(cache_k._complete_kernel, {**f32s, "done": "*i32"},
-                                                    {**common, "HC": 8}), nw))
-        out.append(("evict_step", label, source(step_k._evict_kernel, {
-            **f32s, "kraw": "*bf16", "cv": "*bf16", "valid": "*i1", "ecount": "*i64", "updates": "*i64",
-            "arrive": "*i32"}, {**common, "H": 8, "ROTATE": True}), nw))
+        out.append(
+            (
+                "complete_block",
+                label,
+                source(cache_k._complete_kernel, {**f32s, "done": "*i32"}, {**common, "HC": 8}),
+                nw,
+            )
+        )
+        out.append(
+            (
+                "evict_step",
+                label,
+                source(
+                    step_k._evict_kernel,
+                    {
+                        **f32s,
+                        "kraw": "*bf16",
+                        "cv": "*bf16",
+                        "valid": "*i1",
+                        "ecount": "*i64",
+                        "updates": "*i64",
+                        "arrive": "*i32",
+                    },
+                    {**common, "H": 8, "ROTATE": True},
+                ),
+                nw,
+            )
+        )
     for label, W, Dh, M in (("small", 256, 64, 4), ("moshi7b", 64, 128, 8)):
-        out.append(("attend_one", label, source(step_k._attend_kernel, {
-            "q": "*bf16", "qr": "*bf16", "rk": "*bf16", "rv": "*bf16", "kpos": "*i64", "has": "*i1", "scale": "fp32"},
-            dict(H=8, W=W, WP=max(16, 1 << (W - 1).bit_length()), DH=Dh, M=M, MP=max(16, 1 << (M - 1).bit_length()),
-                 GATE=True, DECAY=True)), 4 if W * Dh < 8192 else 8))
+        out.append(
+            (
+                "attend_one",
+                label,
+                source(
+                    step_k._attend_kernel,
+                    {
+                        "q": "*bf16",
+                        "qr": "*bf16",
+                        "rk": "*bf16",
+                        "rv": "*bf16",
+                        "kpos": "*i64",
+                        "has": "*i1",
+                        "scale": "fp32",
+                    },
+                    dict(
+                        H=8,
+                        W=W,
+                        WP=max(16, 1 << (W - 1).bit_length()),
+                        DH=Dh,
+                        M=M,
+                        MP=max(16, 1 << (M - 1).bit_length()),
+                        GATE=True,
+                        DECAY=True,
+                    ),
+                ),
+                4 if W * Dh < 8192 else 8,
+            )
+        )
     ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32", "apply": "*i32", "count": "*i32"}
     chunk = dict(BLK=256, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     flags = dict(NC=8, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
-    for name, fn, ch, nw, prec in (("scan_fwd_block", scan_k._fwd_block, scan_k.CHUNK, scan_k.NUM_WARPS, scan_k.PRECISION),
-                                   ("scan_bwd_block", scan_k._bwd_block, scan_k.GRAD_CHUNK, scan_k.GRAD_WARPS,
-                                    scan_k.GRAD_PRECISION["tf32"])):
-        out.append((name, "small", source(fn, {**ints, **f32s}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}), nw))
+    for name, fn, ch, nw, prec in (
+        ("scan_fwd_block", scan_k._fwd_block, scan_k.CHUNK, scan_k.NUM_WARPS, scan_k.PRECISION),
+        (
+            "scan_bwd_block",
+            scan_k._bwd_block,
+            scan_k.GRAD_CHUNK,
+            scan_k.GRAD_WARPS,
+            scan_k.GRAD_PRECISION["tf32"],
+        ),
+    ):
+        out.append(
+            (
+                name,
+                "small",
+                source(fn, {**ints, **f32s}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}),
+                nw,
+            )
+        )
     norm = dict(EPS=l2_k.EPS, ROWS=l2_k.ROWS, D=64)
-    out += [("l2norm_fwd", "small", source(l2_k._fwd, {"x": "*bf16", "R": "i32"}, norm), 4),
-            ("l2norm_bwd", "small", source(l2_k._bwd, {"dx": "*bf16", "R": "i32"}, norm), 4)]
-    out.append(("scan_bwd_state", "small", source(scan_k._bwd_state, {**ints, **f32s}, flags), scan_k.STATE_WARPS))
+    out += [
+        ("l2norm_fwd", "small", source(l2_k._fwd, {"x": "*bf16", "R": "i32"}, norm), 4),
+        ("l2norm_bwd", "small", source(l2_k._bwd, {"dx": "*bf16", "R": "i32"}, norm), 4),
+    ]
+    out.append(
+        (
+            "scan_bwd_state",
+            "small",
+            source(scan_k._bwd_state, {**ints, **f32s}, flags),
+            scan_k.STATE_WARPS,
+        )
+    )
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     target = GPUTarget("cuda", a.arch, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
     rows, ok = [], True
     for name, shape, src, nw in kernels():
         t0 = time.time()
@@ -86,16 +161,31 @@ def main(argv=None):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run(
+                [cuobjdump, "-res-usage", f.name], capture_output=True, text=True
+            ).stdout
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage, re.S)
-        row = {"kernel": name, "shape": shape, "num_warps": nw, "registers": int(m[1]), "spill_stack_bytes": int(m[2]),
-               "shared_bytes": k.metadata.shared, "fits": k.metadata.shared <= SHARED_LIMIT,
-               "compile_s": round(time.time() - t0, 1)}
+        row = {
+            "kernel": name,
+            "shape": shape,
+            "num_warps": nw,
+            "registers": int(m[1]),
+            "spill_stack_bytes": int(m[2]),
+            "shared_bytes": k.metadata.shared,
+            "fits": k.metadata.shared <= SHARED_LIMIT,
+            "compile_s": round(time.time() - t0, 1),
+        }
         ok &= row["fits"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"command": "python bench/compile_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "triton": triton.__version__, "arch": f"sm_{a.arch}", "shared_limit": SHARED_LIMIT, "kernels": rows}
+    res = {
+        "command": "python bench/compile_kernels.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "triton": triton.__version__,
+        "arch": f"sm_{a.arch}",
+        "shared_limit": SHARED_LIMIT,
+        "kernels": rows,
+    }
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -53,8 +53,9 @@ def _preset(seed: int, steps: int | None, backbone_steps: int | None):
     bb = dataclasses.replace(sp.backbone.train, seed=seed)
     if backbone_steps:
         bb = pipeline.scale_steps(bb, backbone_steps)
-    return dataclasses.replace(sp, backbone=dataclasses.replace(
-        sp.backbone, train=bb, check_every=bb.total_steps()))
+    return dataclasses.replace(
+        sp, backbone=dataclasses.replace(sp.backbone, train=bb, check_every=bb.total_steps())
+    )
 
 
 def train_backbone(seed: int, a) -> None:
@@ -79,30 +80,45 @@ def train_memory(variant: str, seed: int, a) -> None:
 
     torch.set_num_threads(1)
     sp = _preset(seed, a.steps, a.backbone_steps)
-    (name, cfg, tcfg, _), = pipeline.study_jobs(sp, a.data, a.out, a.steps, (sp.memories[-1],),
-                                                 seed=seed)
+    ((name, cfg, tcfg, _),) = pipeline.study_jobs(
+        sp, a.data, a.out, a.steps, (sp.memories[-1],), seed=seed
+    )
     over = dict(VARIANTS[variant])
     factor = over.pop("steps_factor", 1.0)
     if "memory" in over:  # fields of the memory's config
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **over.pop("memory")))
     if "seq_len" in over:  # the schedule's full-length rows at the new length
-        over["seq_schedule"] = tuple((st, over["seq_len"] if n == tcfg.seq_len else n)
-                                     for st, n in tcfg.seq_schedule)
+        over["seq_schedule"] = tuple(
+            (st, over["seq_len"] if n == tcfg.seq_len else n) for st, n in tcfg.seq_schedule
+        )
     tcfg = dataclasses.replace(tcfg, **over)
     if factor != 1.0:  # longer: the one memory stage with it, the schedule as it was
         steps = round(tcfg.steps * factor)
-        tcfg = dataclasses.replace(tcfg, steps=steps, stages=tuple(
-            dataclasses.replace(st, steps=steps) for st in tcfg.stages))
+        tcfg = dataclasses.replace(
+            tcfg,
+            steps=steps,
+            stages=tuple(dataclasses.replace(st, steps=steps) for st in tcfg.stages),
+        )
     folder = a.out / f"{variant}-{seed}"
-    res = pipeline.train_and_evaluate(name, cfg, tcfg, folder, a.data, pipeline.study_eval(sp),
-                                      a.device, progress=False,
-                                      init=a.out / f"backbone-{seed}" / "model.pt")
+    res = pipeline.train_and_evaluate(
+        name,
+        cfg,
+        tcfg,
+        folder,
+        a.data,
+        pipeline.study_eval(sp),
+        a.device,
+        progress=False,
+        init=a.out / f"backbone-{seed}" / "model.pt",
+    )
     (folder / "summary.json").write_text(json.dumps(summary(res)))
 
 
 def summary(res: dict) -> dict:
-    return {"recall": {str(b["distance_w"]): b["accuracy"] for b in res["binding"]["one"]["1"]},
-            "ppl": [round(b["ppl"], 3) for b in res["loss_by_position"]]}
+    return {
+        "recall": {str(b["distance_w"]): b["accuracy"] for b in res["binding"]["one"]["1"]},
+        "ppl": [round(b["ppl"], 3) for b in res["loss_by_position"]],
+    }
 
 
 def run_all(fn, jobs: list[tuple], a) -> None:
@@ -122,8 +138,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--data", type=Path, default=Path("data/corpus"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=["preset", "far", "far-lr", "dense"],
-                    choices=list(VARIANTS))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["preset", "far", "far-lr", "dense"],
+        choices=list(VARIANTS),
+    )
     ap.add_argument("--steps", type=int, default=None, help="memory steps (default: the preset's)")
     ap.add_argument("--backbone-steps", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
@@ -138,8 +158,10 @@ def main() -> None:
         rows[v] = {s: _read(a.out / f"{v}-{s}" / "summary.json") for s in a.seeds}
     rows["wall_s"] = {"backbones": t1 - t0, "memories": time.time() - t1}
     (a.out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| variant | seed | 2 x W | 4 x W | 16 x W | 64 x W | perplexity by bucket |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | seed | 2 x W | 4 x W | 16 x W | 64 x W | perplexity by bucket |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in ["backbone", *a.variants]:
         for s in a.seeds:
             r = rows[v][s]
@@ -147,9 +169,13 @@ def main() -> None:
                 lines.append(f"| {v} | {s} | failed | | | | |")
                 continue
             rec = r["recall"]
-            lines.append(f"| {v} | {s} | " + " | ".join(str(rec.get(d, "-")) for d in
-                                                          ("2.0", "4.0", "16.0", "64.0"))
-                         + " | " + " / ".join(f"{p:.2f}" for p in r["ppl"]) + " |")
+            lines.append(
+                f"| {v} | {s} | "
+                + " | ".join(str(rec.get(d, "-")) for d in ("2.0", "4.0", "16.0", "64.0"))
+                + " | "
+                + " / ".join(f"{p:.2f}" for p in r["ppl"])
+                + " |"
+            )
     (a.out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from moshi.models.lm import LMGen, LMModel
 from moshi.models.loaders import _lm_kwargs
-from moshi_ttt.moshi.config import tiny_lm_kwargs
+
 from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
+from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.ops import ttt_step_triton as ttt_step
 
@@ -70,7 +70,8 @@ def time_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> float:
 
 @torch.no_grad()
 def fast_forward(lm: LMModel, B: int, steps: int, chunk: int, device) -> None:
-    """Advance the streaming state by ``steps`` with ``forward_text`` calls of up to ``chunk`` steps."""
+    """Advance the streaming state by ``steps`` with ``forward_text`` calls of up to ``chunk``
+    steps."""
     while steps > 0:
         t = min(chunk, steps)
         codes = torch.randint(0, lm.card, (B, lm.num_codebooks, t), device=device)
@@ -90,8 +91,14 @@ def batch1_series(lm: LMModel, args, device) -> list[dict]:
             fast_forward(lm, 1, n - done, args.ff_chunk, device)
             ms = time_steps(gen, lm, 1, args.frames, device)
             done = n + args.frames
-            rows.append({"steps": n, "ms_per_frame": ms, "state_bytes": state_nbytes(lm),
-                         "allocated_bytes": allocated(device) - base})
+            rows.append(
+                {
+                    "steps": n,
+                    "ms_per_frame": ms,
+                    "state_bytes": state_nbytes(lm),
+                    "allocated_bytes": allocated(device) - base,
+                }
+            )
     return rows
 
 
@@ -113,7 +120,13 @@ def measure(lm: LMModel, B: int, args, device) -> dict:
             ms = time_steps(gen, lm, B, args.frames, device)
             state, alloc = state_nbytes(lm), allocated(device) - base
         peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
-        return {"batch": B, "ms_per_frame": ms, "state_bytes": state, "allocated_bytes": alloc, "peak_bytes": peak}
+        return {
+            "batch": B,
+            "ms_per_frame": ms,
+            "state_bytes": state,
+            "allocated_bytes": alloc,
+            "peak_bytes": peak,
+        }
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
@@ -140,13 +153,20 @@ def fits(goods: list[dict], B: int, free_bytes: float) -> bool:
 
 def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> dict:
     """Largest batch with ms per frame <= threshold: doubling, then bisection to within ~6%."""
-    free = (torch.cuda.get_device_properties(device).total_memory * 0.92 - allocated(device)
-            if device.type == "cuda" else float("inf"))
+    free = (
+        torch.cuda.get_device_properties(device).total_memory * 0.92 - allocated(device)
+        if device.type == "cuda"
+        else float("inf")
+    )
     tried, ok, bad = [], None, None
 
     def attempt(B):
         goods = sorted((t for t in tried if not t.get("oom")), key=lambda t: t["batch"])
-        r = measure(lm, B, args, device) if fits(goods, B, free) else {"batch": B, "oom": True, "predicted": True}
+        r = (
+            measure(lm, B, args, device)
+            if fits(goods, B, free)
+            else {"batch": B, "oom": True, "predicted": True}
+        )
         tried.append(r)
         return not r.get("oom") and r["ms_per_frame"] <= args.threshold_ms, r
 
@@ -170,10 +190,22 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
         else:
             bad = r["batch"]
     fail = next((t for t in tried if t["batch"] == bad), None)
-    reason = ("time budget" if cut else "max batch" if bad is None
-              else "out of memory" if fail and fail.get("oom") else f"> {args.threshold_ms} ms")
-    return {"max_concurrent": ok["batch"] if ok else 0, "at_max": ok, "first_failing": bad, "stopped_by": reason,
-            "tried": tried}
+    reason = (
+        "time budget"
+        if cut
+        else "max batch"
+        if bad is None
+        else "out of memory"
+        if fail and fail.get("oom")
+        else f"> {args.threshold_ms} ms"
+    )
+    return {
+        "max_concurrent": ok["batch"] if ok else 0,
+        "at_max": ok,
+        "first_failing": bad,
+        "stopped_by": reason,
+        "tried": tried,
+    }
 
 
 def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool, int | None]:
@@ -186,12 +218,20 @@ def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool, int
         return AdapterConfig.preset("off", num_layers=num_layers), True, 64
     base, *opts = name.split("+")
     cfg = AdapterConfig.preset(base, num_layers=num_layers)
-    if any(o not in ("tf32", "unfused") for o in opts) or len(set(opts)) != len(opts) or \
-            ("tf32" in opts and cfg.inplace_ttt is None) or ("unfused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache")):
-        raise ValueError(f"bad variant {name!r}: expected PRESET, PRESET+tf32 (a preset with In-Place TTT) "
-                         "and/or PRESET+unfused (a preset with the TTT cache), or window64")
+    if (
+        any(o not in ("tf32", "unfused") for o in opts)
+        or len(set(opts)) != len(opts)
+        or ("tf32" in opts and cfg.inplace_ttt is None)
+        or ("unfused" in opts and (cfg.memory is None or cfg.memory.kind != "ttt_cache"))
+    ):
+        raise ValueError(
+            f"bad variant {name!r}: expected PRESET, PRESET+tf32 (a preset with In-Place TTT) "
+            "and/or PRESET+unfused (a preset with the TTT cache), or window64"
+        )
     if "tf32" in opts:
-        cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high"))
+        cfg = dataclasses.replace(
+            cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, matmul_precision="high")
+        )
     return cfg, "unfused" not in opts, None
 
 
@@ -215,10 +255,21 @@ def run(args) -> dict:
     lm = LMModel(device=device, dtype=dtype, **kwargs).eval()
     built_s = time.monotonic() - t_start
     n_layers = len(lm.transformer.layers)
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "threshold_ms": args.threshold_ms,
-           "cuda_graphs": device.type == "cuda", "frames_timed": args.frames, "ff_chunk": args.ff_chunk,
-           "checkpoints": args.checkpoints, "model_build_s": built_s, "variants": {}}
+    out = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "tiny": args.tiny,
+        "threshold_ms": args.threshold_ms,
+        "cuda_graphs": device.type == "cuda",
+        "frames_timed": args.frames,
+        "ff_chunk": args.ff_chunk,
+        "checkpoints": args.checkpoints,
+        "model_build_s": built_s,
+        "variants": {},
+    }
     per_variant = (args.budget_s - built_s) / len(args.variants)
     for i, name in enumerate(args.variants):
         cfg, fused, context = variant_config(name, n_layers)
@@ -235,11 +286,21 @@ def run(args) -> dict:
         unpatch_lm(lm)
         for layer, c in zip(lm.transformer.layers, contexts):
             layer.self_attn.context = c
-        out["variants"][name] = {"adapter": cfg.to_dict(), "fused_step": fused, "context": context,
-                                 "series": series, "search": search, "seconds": time.monotonic() - t0}
-        print(f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
-              f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent {search['max_concurrent']} "
-              f"({search['stopped_by']})", flush=True)
+        out["variants"][name] = {
+            "adapter": cfg.to_dict(),
+            "fused_step": fused,
+            "context": context,
+            "series": series,
+            "search": search,
+            "seconds": time.monotonic() - t0,
+        }
+        print(
+            f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
+            f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent "
+            f"{search['max_concurrent']} "
+            f"({search['stopped_by']})",
+            flush=True,
+        )
     out["total_s"] = time.monotonic() - t_start
     out["ratios"] = ratios(out)
     out["ratios_window64"] = ratios(out, "window64")
@@ -257,44 +318,80 @@ def ratios(out: dict, base: str = "off") -> dict:
     for name, r in v.items():
         if name == base:
             continue
-        res[name] = {"latency_b1": r["series"][-1]["ms_per_frame"] / s["series"][-1]["ms_per_frame"],
-                     "state_mb_last": r["series"][-1]["state_bytes"] / 1e6,
-                     "state_vs_stock": r["series"][-1]["state_bytes"] / s["series"][-1]["state_bytes"],
-                     "concurrency_vs_stock": r["search"]["max_concurrent"] / max(s["search"]["max_concurrent"], 1)}
+        res[name] = {
+            "latency_b1": r["series"][-1]["ms_per_frame"] / s["series"][-1]["ms_per_frame"],
+            "state_mb_last": r["series"][-1]["state_bytes"] / 1e6,
+            "state_vs_stock": r["series"][-1]["state_bytes"] / s["series"][-1]["state_bytes"],
+            "concurrency_vs_stock": r["search"]["max_concurrent"]
+            / max(s["search"]["max_concurrent"], 1),
+        }
     return res
 
 
 def markdown(out: dict) -> str:
-    graphs = "LMGen with CUDA graphs" if out["cuda_graphs"] else "LMGen eager (no CUDA graphs off GPU)"
-    lines = [f"# Moshi {'tiny' if out['tiny'] else '7B'} streaming benchmark ({out['device']}, {out['dtype']}, "
-             f"random weights, {graphs})",
-             "", "Batch 1: ms per frame and streaming state per conversation after N steps.", "",
-             "| variant | steps | ms/frame | state MB/conv | allocated MB |", "|---|---:|---:|---:|---:|"]
+    graphs = (
+        "LMGen with CUDA graphs" if out["cuda_graphs"] else "LMGen eager (no CUDA graphs off GPU)"
+    )
+    lines = [
+        f"# Moshi {'tiny' if out['tiny'] else '7B'} streaming benchmark ({out['device']}, "
+        f"{out['dtype']}, "
+        f"random weights, {graphs})",
+        "",
+        "Batch 1: ms per frame and streaming state per conversation after N steps.",
+        "",
+        "| variant | steps | ms/frame | state MB/conv | allocated MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in out["variants"].items():
         for row in r["series"]:
-            lines.append(f"| {name} | {row['steps']} | {row['ms_per_frame']:.2f} | {row['state_bytes'] / 1e6:.2f} | "
-                         f"{row['allocated_bytes'] / 1e6:.1f} |")
-    lines += ["", f"Most concurrent conversations under {out['threshold_ms']} ms per frame.", "",
-              "| variant | max concurrent | ms/frame there | state MB/conv | allocated GB there | stopped by |",
-              "|---|---:|---:|---:|---:|---|"]
+            lines.append(
+                f"| {name} | {row['steps']} | {row['ms_per_frame']:.2f} | "
+                f"{row['state_bytes'] / 1e6:.2f} | "
+                f"{row['allocated_bytes'] / 1e6:.1f} |"
+            )
+    lines += [
+        "",
+        f"Most concurrent conversations under {out['threshold_ms']} ms per frame.",
+        "",
+        "| variant | max concurrent | ms/frame there | state MB/conv | allocated GB there | "
+        "stopped by |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for name, r in out["variants"].items():
         s, at = r["search"], r["search"]["at_max"] or {}
-        lines.append(f"| {name} | {s['max_concurrent']} | {at.get('ms_per_frame', float('nan')):.2f} | "
-                     f"{at.get('state_bytes', 0) / max(at.get('batch', 1), 1) / 1e6:.2f} | "
-                     f"{at.get('allocated_bytes', 0) / 1e9:.2f} | {s['stopped_by']} |")
+        lines.append(
+            f"| {name} | {s['max_concurrent']} | {at.get('ms_per_frame', float('nan')):.2f} | "
+            f"{at.get('state_bytes', 0) / max(at.get('batch', 1), 1) / 1e6:.2f} | "
+            f"{at.get('allocated_bytes', 0) / 1e9:.2f} | {s['stopped_by']} |"
+        )
     if out["ratios"]:
-        lines += ["", "Against stock (`off`):", "", "| variant | latency at batch 1 | state at last checkpoint (MB) | "
-                  "state / stock | concurrency / stock |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Against stock (`off`):",
+            "",
+            "| variant | latency at batch 1 | state at last checkpoint (MB) | "
+            "state / stock | concurrency / stock |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, r in out["ratios"].items():
-            lines.append(f"| {name} | {r['latency_b1']:.2f}x | {r['state_mb_last']:.1f} | {r['state_vs_stock']:.4f} | "
-                         f"{r['concurrency_vs_stock']:.1f}x |")
+            lines.append(
+                f"| {name} | {r['latency_b1']:.2f}x | {r['state_mb_last']:.1f} | "
+                f"{r['state_vs_stock']:.4f} | "
+                f"{r['concurrency_vs_stock']:.1f}x |"
+            )
     if out.get("ratios_window64"):
-        lines += ["", "Against `window64` (stock Moshi, a 64-step context in every layer):", "",
-                  "| variant | latency at batch 1 | state / window64 | concurrency / window64 |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Against `window64` (stock Moshi, a 64-step context in every layer):",
+            "",
+            "| variant | latency at batch 1 | state / window64 | concurrency / window64 |",
+            "|---|---:|---:|---:|",
+        ]
         for name, r in out["ratios_window64"].items():
-            lines.append(f"| {name} | {r['latency_b1']:.3f}x | {r['state_vs_stock']:.3f} | "
-                         f"{r['concurrency_vs_stock']:.3f}x |")
+            lines.append(
+                f"| {name} | {r['latency_b1']:.3f}x | {r['state_vs_stock']:.3f} | "
+                f"{r['concurrency_vs_stock']:.3f}x |"
+            )
     lines += ["", f"Total {out['total_s']:.0f} s (model built in {out['model_build_s']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
@@ -311,7 +408,9 @@ def plot(out: dict, path: Path) -> None:
         ax[0].plot(steps, [row["ms_per_frame"] for row in r["series"]], marker="o", label=name)
         ax[1].plot(steps, [row["state_bytes"] / 1e6 for row in r["series"]], marker="o", label=name)
     ax[0].set(xlabel="steps streamed", ylabel="ms per frame (batch 1)", xscale="log")
-    ax[1].set(xlabel="steps streamed", ylabel="state MB per conversation", xscale="log", yscale="log")
+    ax[1].set(
+        xlabel="steps streamed", ylabel="state MB per conversation", xscale="log", yscale="log"
+    )
     names = list(out["variants"])
     ax[2].bar(names, [out["variants"][n]["search"]["max_concurrent"] for n in names])
     ax[2].set(ylabel=f"concurrent conversations < {out['threshold_ms']} ms/frame")
@@ -327,29 +426,61 @@ def parse(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="a tiny Moshi config (CPU tests)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)")
-    p.add_argument("--variants", default="off,ttt_cache,both",
-                   help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT products, "
-                        "PRESET+unfused for the PyTorch reference one-token TTT-cache step (default: ops/ttt_step_triton.py)")
-    p.add_argument("--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)")
-    p.add_argument("--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)"
+    )
+    p.add_argument(
+        "--variants",
+        default="off,ttt_cache,both",
+        help="AdapterConfig presets ('off' is stock Moshi), PRESET+tf32 for TF32 In-Place TTT "
+        "products, "
+        "PRESET+unfused for the PyTorch reference one-token TTT-cache step (default: "
+        "ops/ttt_step_triton.py)",
+    )
+    p.add_argument(
+        "--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)"
+    )
+    p.add_argument(
+        "--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)"
+    )
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--ff-chunk", type=int, default=None, help="steps per fast-forward call (default 500; tiny 50)")
-    p.add_argument("--threshold-ms", type=float, default=80.0, help="real time: 80 ms per frame at 12.5 Hz")
-    p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)")
+    p.add_argument(
+        "--ff-chunk",
+        type=int,
+        default=None,
+        help="steps per fast-forward call (default 500; tiny 50)",
+    )
+    p.add_argument(
+        "--threshold-ms", type=float, default=80.0, help="real time: 80 ms per frame at 12.5 Hz"
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's; tiny 1)"
+    )
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.dtype = a.dtype or ("fp32" if a.tiny else "bf16")
-    a.checkpoints = [int(s) for s in (a.checkpoints or ("20,60,150,300" if a.tiny else "1000,3000,10000,20000")).split(",")]
+    a.checkpoints = [
+        int(s)
+        for s in (a.checkpoints or ("20,60,150,300" if a.tiny else "1000,3000,10000,20000")).split(
+            ","
+        )
+    ]
     a.frames = a.frames or (3 if a.tiny else 20)
     a.ff_chunk = a.ff_chunk or (50 if a.tiny else 500)
     a.max_batch = a.max_batch or (8 if a.tiny else 4096)
     a.budget_s = a.budget_s or (60.0 if a.tiny else 420.0)
     a.threads = a.threads or (1 if a.tiny else None)
     if sorted(a.checkpoints) != a.checkpoints or a.checkpoints[0] < a.warmup:
-        raise ValueError(f"--checkpoints must increase and start at >= --warmup ({a.warmup}), got {a.checkpoints}")
+        raise ValueError(
+            f"--checkpoints must increase and start at >= --warmup ({a.warmup}), got "
+            f"{a.checkpoints}"
+        )
     for v in a.variants:
         variant_config(v, 32)  # a typo fails here, before the 7B model is built
     if a.device.startswith("cuda") and not torch.cuda.is_available():

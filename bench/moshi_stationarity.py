@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from stationarity import parse_setting  # bench/stationarity.py (run as a script from bench/)
 from tqdm import tqdm
 
-from stationarity import parse_setting  # bench/stationarity.py (run as a script from bench/)
 from moshi_ttt.moshi.adapter import patch_lm
 from moshi_ttt.moshi.config import AdapterConfig, tiny_lm_kwargs
 

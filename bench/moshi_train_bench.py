@@ -42,8 +42,10 @@ from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, stage_parame
 from moshi_ttt.trainer import ADDED, init_distributed
 from moshi_ttt.training import Stage
 
-STAGES = {"stage 1 (memory, reconstruction)": Stage("memory", 1, (ADDED,), "reconstruction"),
-          "stage 3 (all, Moshi loss)": Stage("all", 1)}
+STAGES = {
+    "stage 1 (memory, reconstruction)": Stage("memory", 1, (ADDED,), "reconstruction"),
+    "stage 3 (all, Moshi loss)": Stage("all", 1),
+}
 
 
 def build(tiny: bool, device: torch.device, adapter: str, dtype: str) -> LMModel:
@@ -73,16 +75,21 @@ def state_per_segment(lm: LMModel, codes: torch.Tensor, segment: int) -> list[in
     out = []
     with lm.streaming(1):
         for s in range(0, codes.shape[1], segment):
-            lm.forward_text(inputs[:, :, s:s + segment])
+            lm.forward_text(inputs[:, :, s : s + segment])
             out.append(state_nbytes(lm))
     return out
 
 
 def run_stage(lm, stage: Stage, a, device, out: Path, world: int) -> dict:
     convs = [conversation(lm, a.conversation, i) for i in range(world * (a.steps + 1))]
-    cfg = MoshiTrainConfig(stages=(dataclasses.replace(stage, steps=a.steps + 1),),
-                           segment=a.segment, warmup=0, bf16=device.type == "cuda", lr=1e-5,
-                           batch=world)
+    cfg = MoshiTrainConfig(
+        stages=(dataclasses.replace(stage, steps=a.steps + 1),),
+        segment=a.segment,
+        warmup=0,
+        bf16=device.type == "cuda",
+        lr=1e-5,
+        batch=world,
+    )
     trainer = MoshiTrainer(lm, cfg, convs, out, progress=False)
     trainer.train_step()  # warm-up: kernels, allocator
     sync(device)
@@ -95,16 +102,24 @@ def run_stage(lm, stage: Stage, a, device, out: Path, world: int) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
     trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # whole sizes
-    local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)  # this GPU's shard
-    opt_bytes = sum(local(t).numel() * t.element_size() for st in trainer.opt.state.values()
-                    for t in st.values() if torch.is_tensor(t))
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # this GPU's shard
+    opt_bytes = sum(
+        local(t).numel() * t.element_size()
+        for st in trainer.opt.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
     frames_s = world * a.conversation / (sum(times) / len(times))
-    res = {"seconds_per_step": times, "frames_per_s": frames_s,
-           "tokens_per_s": frames_s * lm.num_codebooks,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-           "trained_parameters": trained, "named_trained": len(stage_parameters(lm, stage)),
-           "optimizer_state_gib": opt_bytes / 2**30,
-           "losses": [r["loss"] for r in rows]}
+    res = {
+        "seconds_per_step": times,
+        "frames_per_s": frames_s,
+        "tokens_per_s": frames_s * lm.num_codebooks,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "trained_parameters": trained,
+        "named_trained": len(stage_parameters(lm, stage)),
+        "optimizer_state_gib": opt_bytes / 2**30,
+        "losses": [r["loss"] for r in rows],
+    }
     trainer.opt = None
     del trainer
     gc.collect()
@@ -116,27 +131,42 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny random Moshi (CPU smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--adapter", default="ttt_cache")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="weights on CUDA (float32: fp32 weights and AdamW moments, bf16 autocast)")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="weights on CUDA (float32: fp32 weights and AdamW moments, bf16 autocast)",
+    )
     ap.add_argument("--conversation", type=int, default=3000, help="Moshi steps per conversation")
     ap.add_argument("--segment", type=int, default=250, help="Moshi steps per segment")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     init_distributed()
-    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
-                   if torch.distributed.is_initialized() else (0, 1))
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size())
+        if torch.distributed.is_initialized()
+        else (0, 1)
+    )
     device = torch.device(a.device if a.device != "cuda" or world == 1 else f"cuda:{rank}")
     a.out.mkdir(parents=True, exist_ok=True)
     lm = build(a.tiny, device, a.adapter, a.dtype)
     total = sum(p.numel() for p in lm.parameters())
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-               "torch": torch.__version__, "model": "tiny" if a.tiny else "moshi 7B (random weights)",
-               "adapter": a.adapter, "parameters": total, "conversation": a.conversation,
-               "segment": a.segment, "dtype": str(next(lm.parameters()).dtype),
-               "processes": world, "stages": {}}
-    results["state_bytes_per_segment"] = state_per_segment(lm, conversation(lm, a.conversation, 99),
-                                                           a.segment)
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "model": "tiny" if a.tiny else "moshi 7B (random weights)",
+        "adapter": a.adapter,
+        "parameters": total,
+        "conversation": a.conversation,
+        "segment": a.segment,
+        "dtype": str(next(lm.parameters()).dtype),
+        "processes": world,
+        "stages": {},
+    }
+    results["state_bytes_per_segment"] = state_per_segment(
+        lm, conversation(lm, a.conversation, 99), a.segment
+    )
     for name, stage in STAGES.items():
         print(name, flush=True)
         try:
@@ -152,22 +182,31 @@ def main() -> None:
     if rank:
         return
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# Moshi training, {results['model']}, {results['device']}", "",
-             f"Conversations of {a.conversation} steps in segments of {a.segment}, one per "
-             f"process a step, {world} process(es), weights {results['dtype']}, adapter "
-             f"`{a.adapter}`; peak and optimizer memory per GPU.", "",
-             "| stage | trained params | frames/s | tokens/s | peak GiB | optimizer GiB |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Moshi training, {results['model']}, {results['device']}",
+        "",
+        f"Conversations of {a.conversation} steps in segments of {a.segment}, one per "
+        f"process a step, {world} process(es), weights {results['dtype']}, adapter "
+        f"`{a.adapter}`; peak and optimizer memory per GPU.",
+        "",
+        "| stage | trained params | frames/s | tokens/s | peak GiB | optimizer GiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["stages"].items():
         if "out_of_memory" in r:
             lines.append(f"| {name} | out of memory: {r['out_of_memory'][:120]} | | | | |")
             continue
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {name} | {r['trained_parameters']:,} | {r['frames_per_s']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} | {peak} | {r['optimizer_state_gib']:.2f} |")
+        lines.append(
+            f"| {name} | {r['trained_parameters']:,} | {r['frames_per_s']:.0f} | "
+            f"{r['tokens_per_s']:.0f} | {peak} | {r['optimizer_state_gib']:.2f} |"
+        )
     sb = results["state_bytes_per_segment"]
-    lines += ["", f"Streaming state of one conversation after each segment: {min(sb):,} to "
-              f"{max(sb):,} bytes over {len(sb)} segments."]
+    lines += [
+        "",
+        f"Streaming state of one conversation after each segment: {min(sb):,} to "
+        f"{max(sb):,} bytes over {len(sb)} segments.",
+    ]
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

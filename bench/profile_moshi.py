@@ -22,13 +22,17 @@ from moshi.models.lm import LMGen, LMModel
 from moshi.models.loaders import _lm_kwargs
 from moshi.utils.compile import no_cuda_graph
 
-from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant_config  # bench/ is the script's folder
+# bench/ is the script's folder
+from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant_config
+
 from moshi_ttt.moshi import patch_lm, unpatch_lm
 
 
 def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
     """n eager steps under the profiler -> kernels and GPU microseconds per step, top kernels."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     inputs = [user_tokens(lm, B, device) for _ in range(n)]
     with no_cuda_graph(), torch.profiler.profile(activities=acts) as prof:
         for x in inputs:
@@ -38,17 +42,27 @@ def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
     main = next((e for e in ev if e.key == "forward_text"), None)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:25]
-    return {"kernels_per_step": len(kernels) / n,
-            "gpu_us_per_step": sum(k.device_time for k in kernels) / n,
-            "main_gpu_us_per_step": (main.device_time_total / n) if main else None,
-            "top": [{"name": e.key[:90], "calls_per_step": e.count / n, "gpu_us_per_step": e.self_device_time_total / n}
-                    for e in top if e.self_device_time_total > 0]}
+    return {
+        "kernels_per_step": len(kernels) / n,
+        "gpu_us_per_step": sum(k.device_time for k in kernels) / n,
+        "main_gpu_us_per_step": (main.device_time_total / n) if main else None,
+        "top": [
+            {
+                "name": e.key[:90],
+                "calls_per_step": e.count / n,
+                "gpu_us_per_step": e.self_device_time_total / n,
+            }
+            for e in top
+            if e.self_device_time_total > 0
+        ],
+    }
 
 
 def labelled(fn, name):
     def run(*a, **k):
         with torch.profiler.record_function(name):
             return fn(*a, **k)
+
     return run
 
 
@@ -59,7 +73,11 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--variants", default="off,ttt_cache")
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--extra-batches", default="128", help="batches for the patched variants only (stock runs out of memory)")
+    p.add_argument(
+        "--extra-batches",
+        default="128",
+        help="batches for the patched variants only (stock runs out of memory)",
+    )
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--profiled", type=int, default=3)
     a = p.parse_args()
@@ -69,8 +87,12 @@ def main():
     lm = LMModel(device=device, dtype=dtype, **(TINY_LM if a.tiny else _lm_kwargs)).eval()
     lm.forward_text = labelled(lm.forward_text, "forward_text")
     has_if = hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "cuda_graph_if_nodes": has_if, "runs": []}
+    res = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda_graph_if_nodes": has_if,
+        "runs": [],
+    }
     print(json.dumps({k: res[k] for k in ("device", "torch", "cuda_graph_if_nodes")}), flush=True)
     for name in a.variants.split(","):
         patch_lm(lm, variant_config(name, len(lm.transformer.layers)))
@@ -83,11 +105,17 @@ def main():
                 prof = profile_steps(gen, lm, B, a.profiled, device)
             run = {"variant": name, "batch": B, "graph_ms_per_frame": ms, **prof}
             res["runs"].append(run)
-            print(f"{name} B={B}: {ms:.2f} ms/frame (graphs); eager profile: {prof['kernels_per_step']:.0f} kernels, "
-                  f"{prof['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main {(prof['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms",
-                  flush=True)
+            print(
+                f"{name} B={B}: {ms:.2f} ms/frame (graphs); eager profile: "
+                f"{prof['kernels_per_step']:.0f} kernels, "
+                f"{prof['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main "
+                f"{(prof['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms",
+                flush=True,
+            )
             for t in prof["top"][:12]:
-                print(f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  {t['name']}")
+                print(
+                    f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  {t['name']}"
+                )
             del gen
             torch.cuda.empty_cache() if device.type == "cuda" else None
         unpatch_lm(lm)

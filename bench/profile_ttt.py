@@ -1,6 +1,6 @@
 """Time the parts of one In-Place TTT layer (forward + backward) on the GPU.
 
-    python bench/profile_ttt.py --batch 4 --seq 8192 --dim 512 --hidden 1408 --chunk 512
+python bench/profile_ttt.py --batch 4 --seq 8192 --dim 512 --hidden 1408 --chunk 512
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main():
         o.sum().backward()
 
     res["scan_fp32_ms"] = timed(scan)
-    res["scan_tf32_ms"] = timed(lambda: ttt_chunk_scan(z, v, w0, 0.3, C, precision="high")[0].sum().backward())
+    res["scan_tf32_ms"] = timed(
+        lambda: ttt_chunk_scan(z, v, w0, 0.3, C, precision="high")[0].sum().backward()
+    )
     res["target_fwd_bwd_ms"] = timed(lambda: chunk_target(x0, conv, proj, C).sum().backward())
     x = torch.randn(B, T, D, device=dev, requires_grad=True)
     pos = torch.arange(T, device=dev).expand(B, T)
@@ -63,8 +65,12 @@ def main():
     plain = GatedMLP(D, H).to(dev)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         res["mlp_plain_bf16_ms"] = timed(lambda: plain(x).float().sum().backward())
-        res["mlp_ttt_bf16_ms"] = timed(lambda: ttt.forward_ttt(x, x, pos, None).float().sum().backward())
-        res["mlp_ttt_tf32_bf16_ms"] = timed(lambda: ttt32.forward_ttt(x, x, pos, None).float().sum().backward())
+        res["mlp_ttt_bf16_ms"] = timed(
+            lambda: ttt.forward_ttt(x, x, pos, None).float().sum().backward()
+        )
+        res["mlp_ttt_tf32_bf16_ms"] = timed(
+            lambda: ttt32.forward_ttt(x, x, pos, None).float().sum().backward()
+        )
     flops = 14 * B * T * D * H
     res["scan_fp32_tflops"] = flops / res["scan_fp32_ms"] / 1e9
     print(json.dumps(res, indent=1))

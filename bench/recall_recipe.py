@@ -36,8 +36,9 @@ from moshi_ttt.training import TRAIN_PRESETS
 CHECKS = ((4, 8), (8, 8))  # (N keys, distance d) scored at every check: inside W = 32
 
 
-def train_variant(spec: str, fields: dict, budget: float, every: int, num: int, device: str,
-                  threads: int) -> dict:
+def train_variant(
+    spec: str, fields: dict, budget: float, every: int, num: int, device: str, threads: int
+) -> dict:
     """Near-phase training of one variant for ``budget`` seconds, binding checked every
     ``every`` steps. The schedule is stretched (``steps`` = 10^6) so that lr stays at its peak."""
     torch.set_num_threads(threads)
@@ -51,8 +52,9 @@ def train_variant(spec: str, fields: dict, budget: float, every: int, num: int, 
     for k in ("binding_keys", "near_distances"):
         if k in fields:
             fields[k] = tuple(fields[k])
-    tcfg = dataclasses.replace(base, steps=10 ** 6, near_steps=10 ** 6, seq_len=seq,
-                               seq_schedule=sched, **fields)
+    tcfg = dataclasses.replace(
+        base, steps=10**6, near_steps=10**6, seq_len=seq, seq_schedule=sched, **fields
+    )
     _, cfg = memory_variant(ModelConfig.preset("recall"), spec, 32, 32, 16)
     model = StreamingLM(cfg)
     trainer = Trainer(model, tcfg, None, device=device, progress=False)
@@ -61,16 +63,25 @@ def train_variant(spec: str, fields: dict, budget: float, every: int, num: int, 
         loss = trainer.train_step()
         elapsed = time.perf_counter() - t0
         if trainer.step % every == 0 or elapsed > budget:
-            acc = {f"N{n}_d{d}": binding_accuracy(model, n, [d], num, seed=7, device=device,
-                                                  progress=False)[0]["accuracy"]
-                   for n, d in CHECKS}
+            acc = {
+                f"N{n}_d{d}": binding_accuracy(
+                    model, n, [d], num, seed=7, device=device, progress=False
+                )[0]["accuracy"]
+                for n, d in CHECKS
+            }
             model.train()
             rows.append({"step": trainer.step, "s": round(elapsed, 1), "loss": float(loss), **acc})
             print(f"{spec} {json.dumps(given)} {rows[-1]}", flush=True)
         if elapsed > budget:
             break
-    return {"memory": spec, "fields": given, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
-            "seq_len": seq, "checks": rows}
+    return {
+        "memory": spec,
+        "fields": given,
+        "batch_size": tcfg.batch_size,
+        "lr": tcfg.lr,
+        "seq_len": seq,
+        "checks": rows,
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -83,11 +94,19 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, (n, d) in zip(axes[0], CHECKS):
         for i, r in enumerate(results):
             label = f"{i}: {r['memory']} {json.dumps(r['fields'])}"
-            ax.plot([c["step"] for c in r["checks"]], [c[f"N{n}_d{d}"] for c in r["checks"]],
-                    marker=".", label=label)
+            ax.plot(
+                [c["step"] for c in r["checks"]],
+                [c[f"N{n}_d{d}"] for c in r["checks"]],
+                marker=".",
+                label=label,
+            )
         ax.axhline(chance(n), color="k", ls="--", lw=1, label=f"chance 1/{n}")
-        ax.set(title=f"binding, N = {n}, d = {d} (inside the window)", xlabel="training step",
-               ylabel="exact-answer accuracy", ylim=(0, 1.02))
+        ax.set(
+            title=f"binding, N = {n}, d = {d} (inside the window)",
+            xlabel="training step",
+            ylabel="exact-answer accuracy",
+            ylim=(0, 1.02),
+        )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
@@ -95,11 +114,18 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variant", nargs=2, action="append", metavar=("MEMORY", "FIELDS"),
-                   required=True, help="a memory spec and a JSON object of TrainConfig fields")
+    p.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        metavar=("MEMORY", "FIELDS"),
+        required=True,
+        help="a memory spec and a JSON object of TrainConfig fields",
+    )
     p.add_argument("--budget", type=float, default=240.0, help="training seconds per variant")
     p.add_argument("--every", type=int, default=250, help="steps between binding checks")
     p.add_argument("--num", type=int, default=128, help="held-out samples per check")
@@ -115,12 +141,17 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(variants), mp_context=ctx) as pool:
-        futures = [pool.submit(train_variant, s, f, a.budget, a.every, a.num, a.device, a.threads)
-                   for s, f in variants]
+        futures = [
+            pool.submit(train_variant, s, f, a.budget, a.every, a.num, a.device, a.threads)
+            for s, f in variants
+        ]
         results = [f.result() for f in futures]
-    (a.out / "recipe.json").write_text(json.dumps({"device": a.device, "budget_s": a.budget,
-                                                   "checks": CHECKS, "variants": results},
-                                                  indent=1))
+    (a.out / "recipe.json").write_text(
+        json.dumps(
+            {"device": a.device, "budget_s": a.budget, "checks": CHECKS, "variants": results},
+            indent=1,
+        )
+    )
     plot(results, a.out / "recipe.png")
     print(f"wrote {a.out / 'recipe.json'} and {a.out / 'recipe.png'}")
 

@@ -40,7 +40,9 @@ def time_steps(spec: str, tcfg, sp, device: str, reps: int, threads: int) -> dic
     """Seconds per training step of one memory in the near phase (short rows) and the far phase,
     and its peak GPU memory."""
     torch.set_num_threads(threads)
-    name, cfg = memory_variant(ModelConfig.preset(sp.model), spec, sp.ttt_chunk, sp.window, sp.block)
+    name, cfg = memory_variant(
+        ModelConfig.preset(sp.model), spec, sp.ttt_chunk, sp.window, sp.block
+    )
     trainer = Trainer(StreamingLM(cfg), tcfg, None, device=device, progress=False)
     out = {"name": name}
     for phase, step in (("near", 0), ("far", tcfg.near_steps)):
@@ -60,32 +62,59 @@ def time_steps(spec: str, tcfg, sp, device: str, reps: int, threads: int) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=None, help="the study's folder (all but --evaluate)")
-    p.add_argument("--budget", type=float, default=330.0, help="seconds of training for the slowest model")
+    p.add_argument(
+        "--budget", type=float, default=330.0, help="seconds of training for the slowest model"
+    )
     p.add_argument("--jobs", type=int, default=16)
     p.add_argument("--memories", nargs="+", default=None)
-    p.add_argument("--preset", default="recall", choices=("recall", "recall-corpus"),
-                   help="recall-corpus: half of each batch corpus text (needs --data)")
+    p.add_argument(
+        "--preset",
+        default="recall",
+        choices=("recall", "recall-corpus"),
+        help="recall-corpus: half of each batch corpus text (needs --data)",
+    )
     p.add_argument("--data", type=Path, default=None, help="the corpus folder (recall-corpus)")
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     p.add_argument("--steps", type=int, default=None, help="skip the timing: train this many steps")
     p.add_argument("--max-steps", type=int, default=20000)
-    p.add_argument("--binding-num", type=int, default=None, help="override the samples per (N, distance)")
+    p.add_argument(
+        "--binding-num", type=int, default=None, help="override the samples per (N, distance)"
+    )
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backbone-steps", type=int, default=None,
-                   help="override the most steps the backbone trains before it binds")
-    p.add_argument("--backbone", type=Path, default=None,
-                   help="start every memory from this backbone checkpoint (of an earlier run) "
-                        "instead of training one")
-    p.add_argument("--merge", type=Path, default=None,
-                   help="write the report of the models finished under this folder (no training)")
-    p.add_argument("--evaluate", type=Path, nargs="+", default=None,
-                   help="measure the models in these folders again at the study's distances, "
-                        "rewriting their eval.json (no training)")
+    p.add_argument(
+        "--backbone-steps",
+        type=int,
+        default=None,
+        help="override the most steps the backbone trains before it binds",
+    )
+    p.add_argument(
+        "--backbone",
+        type=Path,
+        default=None,
+        help="start every memory from this backbone checkpoint (of an earlier run) "
+        "instead of training one",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="write the report of the models finished under this folder (no training)",
+    )
+    p.add_argument(
+        "--evaluate",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="measure the models in these folders again at the study's distances, "
+        "rewriting their eval.json (no training)",
+    )
     a = p.parse_args()
     if a.evaluate:
         evaluate(a.evaluate, a.device)
@@ -98,14 +127,22 @@ def main() -> None:
 
     sp = pipeline.STUDY_PRESETS[a.preset]
     if sp.corpus and (a.data is None or not (a.data / "manifest.json").is_file()):
-        p.error(f"--preset {a.preset} mixes corpus text: --data must name a prepared corpus folder "
-                f"(moshi-ttt prepare), got {a.data}")
-    over = {k: v for k, v in (("batch_size", a.batch), ("lr", a.lr), ("seed", a.seed)) if v is not None}
+        p.error(
+            f"--preset {a.preset} mixes corpus text: --data must name a prepared corpus folder "
+            f"(moshi-ttt prepare), got {a.data}"
+        )
+    over = {
+        k: v for k, v in (("batch_size", a.batch), ("lr", a.lr), ("seed", a.seed)) if v is not None
+    }
     sp = dataclasses.replace(sp, train=dataclasses.replace(sp.train, **over))
     if sp.backbone:  # the same overrides, and at most --backbone-steps steps
         bb_over = over if a.backbone_steps is None else {**over, "steps": a.backbone_steps}
-        sp = dataclasses.replace(sp, backbone=dataclasses.replace(
-            sp.backbone, train=dataclasses.replace(sp.backbone.train, **bb_over)))
+        sp = dataclasses.replace(
+            sp,
+            backbone=dataclasses.replace(
+                sp.backbone, train=dataclasses.replace(sp.backbone.train, **bb_over)
+            ),
+        )
     if a.binding_num:
         sp = dataclasses.replace(sp, eval=dataclasses.replace(sp.eval, binding_num=a.binding_num))
     pipeline.STUDY_PRESETS["recall-run"] = sp
@@ -121,14 +158,29 @@ def main() -> None:
         frac = sp.train.near_steps / sp.train.total_steps()
         per_step = max(frac * t["near_s"] + (1 - frac) * t["far_s"] for t in timing)
         steps = int(min(a.max_steps, max(50, a.budget / per_step)) // 50 * 50)
-        calib = {"timing": timing, "slowest_s_per_step": per_step, "budget_s": a.budget, "steps": steps,
-                 "calibration_s": time.perf_counter() - t0, "jobs": a.jobs, "batch": sp.train.batch_size,
-                 "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu"}
+        calib = {
+            "timing": timing,
+            "slowest_s_per_step": per_step,
+            "budget_s": a.budget,
+            "steps": steps,
+            "calibration_s": time.perf_counter() - t0,
+            "jobs": a.jobs,
+            "batch": sp.train.batch_size,
+            "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        }
         (a.out / "calibration.json").write_text(json.dumps(calib, indent=2) + "\n")
         print(json.dumps(calib, indent=1), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    pipeline.run_study("recall-run", a.data if sp.corpus else None, a.out, a.device, jobs=a.jobs, steps=steps,
-                       memories=specs, backbone=a.backbone)
+    pipeline.run_study(
+        "recall-run",
+        a.data if sp.corpus else None,
+        a.out,
+        a.device,
+        jobs=a.jobs,
+        steps=steps,
+        memories=specs,
+        backbone=a.backbone,
+    )
     print(f"study: {steps} steps per model, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
@@ -144,8 +196,10 @@ def evaluate(folders: list[Path], device: str) -> None:
         t0 = time.perf_counter()
         res = pipeline.model_results(model.eval(), meta, folder / "model.pt", [], ec, device)
         report.write_json(folder / "eval.json", res)
-        print(f"{folder.name}: evaluated in {time.perf_counter() - t0:.0f} s on {device}",
-              file=sys.stderr)
+        print(
+            f"{folder.name}: evaluated in {time.perf_counter() - t0:.0f} s on {device}",
+            file=sys.stderr,
+        )
 
 
 def merge(src: Path, out: Path) -> None:
@@ -163,7 +217,9 @@ def merge(src: Path, out: Path) -> None:
     train_len = max([train["seq_len"]] + [n for _, n in train["seq_schedule"]])
     ec = pipeline.study_eval(pipeline.STUDY_PRESETS["recall"])
     _, provenance = pipeline.held_out_data(None, ec)
-    ec = dataclasses.replace(ec, binding_num=next(iter(results.values()))["binding"]["one"]["1"][0]["n"])
+    ec = dataclasses.replace(
+        ec, binding_num=next(iter(results.values()))["binding"]["one"]["1"][0]["n"]
+    )
     pipeline.write_results(results, [], provenance, out, ec, "merged", train_len)
     print(f"report: {out / 'report.md'} ({len(results)} models)")
 

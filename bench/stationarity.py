@@ -30,8 +30,9 @@ def parse_setting(setting: str) -> tuple[str, str, object]:
     path, _, value = setting.partition("=")
     part, _, name = path.partition(".")
     if part not in ("memory", "inplace_ttt") or not name or not value:
-        raise SystemExit(f"a setting is memory.FIELD=VALUE or inplace_ttt.FIELD=VALUE, "
-                         f"got {setting!r}")
+        raise SystemExit(
+            f"a setting is memory.FIELD=VALUE or inplace_ttt.FIELD=VALUE, got {setting!r}"
+        )
     return part, name, json.loads(value)
 
 
@@ -49,14 +50,21 @@ def with_setting(model: StreamingLM, setting: str) -> StreamingLM:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("--data", type=Path, default=Path("data/corpus"))
     p.add_argument("--train-len", type=int, required=True)
     p.add_argument("--multiples", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("NAME", "SETTING"),
-                   help="also evaluate model NAME (its run name) with SETTING changed")
+    p.add_argument(
+        "--set",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "SETTING"),
+        help="also evaluate model NAME (its run name) with SETTING changed",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     loaded = []
@@ -69,11 +77,14 @@ def main() -> None:
     tokens = long_stream_tokens(a.data, a.multiples[-1] * a.train_len + 1)
     models = {}
     for name, model in loaded:
-        runs = [(name, model.eval())] + [(f"{name} [{s}]", with_setting(model, s))
-                                          for n, s in a.set if n == name]
+        runs = [(name, model.eval())] + [
+            (f"{name} [{s}]", with_setting(model, s)) for n, s in a.set if n == name
+        ]
         for label, m in runs:
-            models[label] = {"config": m.cfg.to_dict(),
-                             "long_stream": long_stream(m, tokens, a.train_len, a.multiples)}
+            models[label] = {
+                "config": m.cfg.to_dict(),
+                "long_stream": long_stream(m, tokens, a.train_len, a.multiples),
+            }
     metrics = {"models": models}
     a.out.mkdir(parents=True, exist_ok=True)
     summary = long_report.summary(metrics)

@@ -34,45 +34,68 @@ def soak(model, tokens: int, step: int, adversarial: bool, seed: int = 0):
                 per_thousand.append((time.perf_counter() - t0) * 1e3 / 1000)
                 t0 = time.perf_counter()
                 finite &= bool(torch.isfinite(logits).all()) and all(
-                    bool(torch.isfinite(t.float()).all()) for t in state.tensors.values())
+                    bool(torch.isfinite(t.float()).all()) for t in state.tensors.values()
+                )
             if done in (1000, tokens):
                 sizes[done] = state.nbytes()
     return {"ms_per_token_per_thousand": per_thousand, "state_bytes": sizes, "all_finite": finite}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--step", type=int, default=1, help="tokens per streaming step")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--block", type=int, default=16)
-    p.add_argument("--inputs", nargs="+", default=["random", "adversarial"], choices=["random", "adversarial"])
+    p.add_argument(
+        "--inputs", nargs="+", default=["random", "adversarial"], choices=["random", "adversarial"]
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = mt.ModelConfig.preset("tiny", memory=mt.MemoryConfig(kind="ttt_cache", window=a.window, block=a.block))
+    cfg = mt.ModelConfig.preset(
+        "tiny", memory=mt.MemoryConfig(kind="ttt_cache", window=a.window, block=a.block)
+    )
     model = mt.StreamingLM(cfg).eval()
     adv = mt.StreamingLM(cfg).eval()
     adv.load_state_dict(model.state_dict())
     with torch.no_grad():
         adv.emb.weight.mul_(1e4)  # huge embeddings
-    runs = {name: soak(adv if name == "adversarial" else model, a.tokens, a.step, name == "adversarial")
-            for name in a.inputs}
-    info = {"command": "python bench/stream_soak.py " + " ".join(argv or __import__("sys").argv[1:]),
-            "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-            "commit": a.commit or git_commit(), "config": cfg.to_dict(), "runs": runs}
-    lines = [f"# TTT-cache streaming soak: {a.tokens:,} tokens, {a.step} token(s) per step", "",
-             f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; preset `tiny` with "
-             f"`ttt_cache` (window {a.window}, block {a.block}). Command: `{info['command']}`", "",
-             "| input | all states finite | state bytes after 1k | after last | ms/token, 1st thousand | last thousand | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    runs = {
+        name: soak(adv if name == "adversarial" else model, a.tokens, a.step, name == "adversarial")
+        for name in a.inputs
+    }
+    info = {
+        "command": "python bench/stream_soak.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": a.commit or git_commit(),
+        "config": cfg.to_dict(),
+        "runs": runs,
+    }
+    lines = [
+        f"# TTT-cache streaming soak: {a.tokens:,} tokens, {a.step} token(s) per step",
+        "",
+        f"Device: {info['device']}; torch {info['torch']}; commit {info['commit']}; preset `tiny` "
+        "with "
+        f"`ttt_cache` (window {a.window}, block {a.block}). Command: `{info['command']}`",
+        "",
+        "| input | all states finite | state bytes after 1k | after last | ms/token, 1st thousand "
+        "| last thousand | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
         first, last = r["ms_per_token_per_thousand"][0], r["ms_per_token_per_thousand"][-1]
-        lines.append(f"| {name} | {r['all_finite']} | {r['state_bytes'][1000]:,} | {r['state_bytes'][a.tokens]:,} | "
-                     f"{first:.3f} | {last:.3f} | {last / first:.2f} |")
+        lines.append(
+            f"| {name} | {r['all_finite']} | {r['state_bytes'][1000]:,} | "
+            f"{r['state_bytes'][a.tokens]:,} | "
+            f"{first:.3f} | {last:.3f} | {last / first:.2f} |"
+        )
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

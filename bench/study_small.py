@@ -3,8 +3,10 @@ budget, evaluate each right after training (so a call cut short keeps what it fi
 merge the per-model results of several calls into one report.
 
     python bench/study_small.py train --memories window sink --out runs/study-small/a
-    python bench/study_small.py train --recipe --out runs/study-small/b      # window backbone + the staged recipe
-    python bench/study_small.py merge runs/study-small/a runs/study-small/b --out docs/results/study-small
+    python bench/study_small.py train --recipe --out runs/study-small/b      # window backbone + the
+    staged recipe
+    python bench/study_small.py merge runs/study-small/a runs/study-small/b --out
+    docs/results/study-small
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from pathlib import Path
 import torch
 
 from moshi_ttt import report
-from moshi_ttt.checkpoint import save_checkpoint
-from moshi_ttt.checkpoint import init_from
+from moshi_ttt.checkpoint import init_from, save_checkpoint
 from moshi_ttt.config import ModelConfig, variant
 from moshi_ttt.data.prepare import load_split
 from moshi_ttt.models.lm import StreamingLM
@@ -36,8 +37,11 @@ def set_preset(name: str, steps: int | None) -> None:
     global SP
     SP = STUDY_PRESETS[name]
     if steps:
-        SP = dataclasses.replace(SP, train=dataclasses.replace(SP.train, steps=steps),
-                                 eval=dataclasses.replace(SP.eval, num=2, docs=1, distances=(1, 2)))
+        SP = dataclasses.replace(
+            SP,
+            train=dataclasses.replace(SP.train, steps=steps),
+            eval=dataclasses.replace(SP.eval, num=2, docs=1, distances=(1, 2)),
+        )
 
 
 def model_config(spec: str) -> tuple[str, ModelConfig]:
@@ -50,7 +54,11 @@ def model_config(spec: str) -> tuple[str, ModelConfig]:
     fields = {"block": SP.block}
     for kv in filter(None, extra.split(",")):
         k, _, v = kv.partition("=")
-        fields[k] = type(getattr(cfg.memory, k))(v) if not isinstance(getattr(cfg.memory, k), bool) else v == "true"
+        fields[k] = (
+            type(getattr(cfg.memory, k))(v)
+            if not isinstance(getattr(cfg.memory, k), bool)
+            else v == "true"
+        )
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **fields))
     name = spec if spec.startswith("full") else f"{spec}-{window}"
     return name + (f"-{extra.replace('=', '').replace(',', '-')}" if extra else ""), cfg
@@ -62,13 +70,23 @@ def run_recipe(data: Path, out: Path, device: str) -> Path:
     steps = SP.train.total_steps()
     half = steps // 2
     _, wcfg = model_config("window")
-    backbone = run_training(wcfg, dataclasses.replace(SP.train, steps=half, seq_schedule=()), data,
-                            out / "backbone", "window-backbone", device)
+    backbone = run_training(
+        wcfg,
+        dataclasses.replace(SP.train, steps=half, seq_schedule=()),
+        data,
+        out / "backbone",
+        "window-backbone",
+        device,
+    )
     name, cfg = model_config("ttt_cache")
     name = f"{name}-recipe"
     split = (half // 5, 2 * half // 5, half - half // 5 - 2 * half // 5)
-    stages = tuple(dataclasses.replace(s, steps=n, frozen_layers_below=cfg.num_layers // 2 if s.frozen_layers_below else 0)
-                   for s, n in zip(SPEC_RECIPE, split))
+    stages = tuple(
+        dataclasses.replace(
+            s, steps=n, frozen_layers_below=cfg.num_layers // 2 if s.frozen_layers_below else 0
+        )
+        for s, n in zip(SPEC_RECIPE, split)
+    )
     tcfg = dataclasses.replace(SP.train, stages=stages, seq_schedule=())
     stream, bounds, manifest = load_split(data, "train")
     torch.manual_seed(tcfg.seed)
@@ -77,8 +95,13 @@ def run_recipe(data: Path, out: Path, device: str) -> Path:
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     rows = train(model, stream, bounds, tcfg, log_path=d / "train_log.csv", device=device)
-    meta = {"name": name, "train": config_dict(tcfg), "train_log": rows, "commit": report.git_commit(),
-            "backbone": {"steps": half, "checkpoint": str(backbone)}}
+    meta = {
+        "name": name,
+        "train": config_dict(tcfg),
+        "train_log": rows,
+        "commit": report.git_commit(),
+        "backbone": {"steps": half, "checkpoint": str(backbone)},
+    }
     save_checkpoint(d / "model.pt", model, meta)
     return d / "model.pt"
 
@@ -92,15 +115,25 @@ def cmd_train(a) -> None:
             ckpt = run_recipe(a.data, a.out / "recipe", a.device)
         else:
             name, cfg = model_config(spec)
-            ckpt = run_training(cfg, SP.train, a.data, a.out / name.replace("/", "-"), name, a.device)
+            ckpt = run_training(
+                cfg, SP.train, a.data, a.out / name.replace("/", "-"), name, a.device
+            )
         t1 = time.perf_counter()
-        ev = a.out / f"eval-{ckpt.parent.name}"  # shallow: the device brings back folders a few levels deep
+        # shallow: the device brings back folders a few levels deep
+        ev = a.out / f"eval-{ckpt.parent.name}"
         evaluate([ckpt], a.data, ev, SP.eval, a.device, SP.train.seq_len)
-        timing = {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, "device": torch.cuda.get_device_name()
-                  if torch.cuda.is_available() else "cpu"}
+        timing = {
+            "train_s": t1 - t0,
+            "eval_s": time.perf_counter() - t1,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        }
         (ev / "wall.json").write_text(json.dumps(timing))
         ckpt.unlink()  # too large to bring back; the metrics are what the study keeps
-        print(f"{spec}: train {timing['train_s']:.0f} s, eval {timing['eval_s']:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"{spec}: train {timing['train_s']:.0f} s, eval {timing['eval_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def cmd_merge(a) -> None:
@@ -129,13 +162,17 @@ def cmd_merge(a) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--memories", nargs="*", default=[])
     t.add_argument("--recipe", action="store_true")
     t.add_argument("--preset", default="small", help="study preset (another one for smoke tests)")
-    t.add_argument("--steps", type=int, default=None, help="override the training steps (smoke tests)")
+    t.add_argument(
+        "--steps", type=int, default=None, help="override the training steps (smoke tests)"
+    )
     t.add_argument("--data", type=Path, default=Path("data/corpus"))
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +180,11 @@ def main():
     m = sub.add_parser("merge")
     m.add_argument("dirs", nargs="+", type=Path)
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--commit", default=None, help="the commit the runs used (when the device's copy cannot tell)")
+    m.add_argument(
+        "--commit",
+        default=None,
+        help="the commit the runs used (when the device's copy cannot tell)",
+    )
     m.set_defaults(func=cmd_merge)
     a = p.parse_args()
     a.func(a)

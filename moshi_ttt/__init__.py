@@ -4,4 +4,11 @@ from .config import PRESETS, InPlaceTTTConfig, MemoryConfig, ModelConfig
 from .models.lm import StreamingLM
 from .state import StreamingState
 
-__all__ = ["InPlaceTTTConfig", "MemoryConfig", "ModelConfig", "PRESETS", "StreamingLM", "StreamingState"]
+__all__ = [
+    "InPlaceTTTConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "PRESETS",
+    "StreamingLM",
+    "StreamingState",
+]

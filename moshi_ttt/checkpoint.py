@@ -13,8 +13,15 @@ CKPT_FORMAT = "moshi_ttt.ckpt/1"
 
 
 def save_checkpoint(path: str | os.PathLike, model: StreamingLM, meta: dict | None = None) -> None:
-    save_atomic({"format": CKPT_FORMAT, "config": model.cfg.to_dict(),
-                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}, path)
+    save_atomic(
+        {
+            "format": CKPT_FORMAT,
+            "config": model.cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "meta": meta or {},
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[StreamingLM, dict]:

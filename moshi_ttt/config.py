@@ -13,7 +13,8 @@ IMPLEMENTED_MEMORY_KINDS = MEMORY_KINDS
 COMBINES = ("gate", "concat")  # separate softmaxes mixed by a learned gate / one softmax
 VIRTUAL_POSITIONS = ("relative", "decay", "none")  # RoPE offsets / recency bias / none
 COLD_STARTS = ("zero", "learned", "wait")  # zero output layer / learned state / no read
-GATED_KINDS = ("pooled", "infini", "ttt_cache")  # a window plus a read of evicted tokens, mixed by α
+# a window plus a read of evicted tokens, mixed by α
+GATED_KINDS = ("pooled", "infini", "ttt_cache")
 GRAD_PRECISIONS = ("tf32", "fp32")  # products in the backward of the fused compressor scan (GPU)
 
 
@@ -28,8 +29,10 @@ class MemoryConfig:
     ``ttt_cache``: the window plus a compressor (per head, fast weights) that learns every evicted
     (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
     ``compressor_hidden`` its width (0: 2 x head dim), ``compressor_depth`` its layers (2 or 3),
-    ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr`` the bound on its per-token
-    step size, ``decay`` forgetting towards the initial state, ``forget_gate`` learns it per block and
+    ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr``
+    the bound on its per-token
+    step size, ``decay`` forgetting towards the initial state, ``forget_gate`` learns it per block
+    and
     compressor from the block's keys, λ_n = σ(w·k̄_n + c) with c starting at logit(decay) (Titans'
     data-dependent forgetting; needs decay > 0), ``momentum`` (Titans), ``max_state_norm``
     a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate softmaxes mixed by a learned gate per head) or
@@ -40,7 +43,8 @@ class MemoryConfig:
     ``check_finite`` a per-update check that names the layer and update on NaN/Inf,
     ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels),
     ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"`` (gradients to
-    about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state, is fp32 either way.
+    about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state, is fp32 either
+    way.
 
     Readers (how attention reads what left the window): ``read_query`` adds one virtual token per
     query read from the state at the query itself, ``V_q = f_θ(q̂_t)``, ``K_q = key_q + V_q A``
@@ -84,11 +88,14 @@ class MemoryConfig:
 
     def __post_init__(self):
         if self.kind not in MEMORY_KINDS:
-            raise ValueError(f"MemoryConfig.kind={self.kind!r} is unknown: expected one of {MEMORY_KINDS}")
+            raise ValueError(
+                f"MemoryConfig.kind={self.kind!r} is unknown: expected one of {MEMORY_KINDS}"
+            )
         if self.kind not in IMPLEMENTED_MEMORY_KINDS:
             raise ValueError(
                 f"MemoryConfig.kind={self.kind!r} is not implemented yet: "
-                f"available kinds are {IMPLEMENTED_MEMORY_KINDS}")
+                f"available kinds are {IMPLEMENTED_MEMORY_KINDS}"
+            )
         if self.window < 1:
             raise ValueError(f"MemoryConfig.window must be >= 1, got {self.window}")
         if self.num_sink < 0:
@@ -97,33 +104,49 @@ class MemoryConfig:
             raise ValueError("MemoryConfig.kind='sink' needs num_sink >= 1")
         if self.num_virtual < 1:
             raise ValueError(f"MemoryConfig.num_virtual must be >= 1, got {self.num_virtual}")
-        for name, allowed in (("combine", COMBINES), ("virtual_position", VIRTUAL_POSITIONS),
-                              ("cold_start", COLD_STARTS), ("grad_precision", GRAD_PRECISIONS)):
+        for name, allowed in (
+            ("combine", COMBINES),
+            ("virtual_position", VIRTUAL_POSITIONS),
+            ("cold_start", COLD_STARTS),
+            ("grad_precision", GRAD_PRECISIONS),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"MemoryConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+                raise ValueError(
+                    f"MemoryConfig.{name}={getattr(self, name)!r}: expected one of {allowed}"
+                )
         if self.block < 1 or self.compressor_hidden < 0 or self.bptt < 0:
             raise ValueError("MemoryConfig.block must be >= 1, compressor_hidden and bptt >= 0")
         if self.compressor_depth not in (2, 3):
-            raise ValueError(f"MemoryConfig.compressor_depth must be 2 or 3, got {self.compressor_depth}")
+            raise ValueError(
+                f"MemoryConfig.compressor_depth must be 2 or 3, got {self.compressor_depth}"
+            )
         if not 0 < self.inner_lr <= 10:
             raise ValueError(f"MemoryConfig.inner_lr must be in (0, 10], got {self.inner_lr}")
         if not (0 <= self.decay < 1 and 0 <= self.momentum < 1):
-            raise ValueError(f"MemoryConfig.decay and momentum must be in [0, 1), got {self.decay}, {self.momentum}")
+            raise ValueError(
+                f"MemoryConfig.decay and momentum must be in [0, 1), got {self.decay}, "
+                f"{self.momentum}"
+            )
         if self.max_state_norm <= 0:
             raise ValueError(f"MemoryConfig.max_state_norm must be > 0, got {self.max_state_norm}")
         if self.forget_gate and (self.kind != "ttt_cache" or self.decay <= 0):
-            raise ValueError("MemoryConfig.forget_gate learns a TTT cache's decay from its starting "
-                             f"value: it needs kind='ttt_cache' and decay > 0, got {self.kind!r}, "
-                             f"decay={self.decay}")
+            raise ValueError(
+                "MemoryConfig.forget_gate learns a TTT cache's decay from its starting "
+                f"value: it needs kind='ttt_cache' and decay > 0, got {self.kind!r}, "
+                f"decay={self.decay}"
+            )
         for name in ("read_query", "compressor_proj"):
             if getattr(self, name) and self.kind != "ttt_cache":
-                raise ValueError(f"MemoryConfig.{name} reads a TTT-cache compressor: it needs "
-                                 f"kind='ttt_cache', got {self.kind!r}")
+                raise ValueError(
+                    f"MemoryConfig.{name} reads a TTT-cache compressor: it needs "
+                    f"kind='ttt_cache', got {self.kind!r}"
+                )
         if not math.isfinite(self.gate_init):
             raise ValueError(f"MemoryConfig.gate_init must be finite, got {self.gate_init}")
         if self.gate_per_token and self.kind not in GATED_KINDS:
-            raise ValueError(f"MemoryConfig.gate_per_token needs a gated memory {GATED_KINDS}, "
-                             f"got {self.kind!r}")
+            raise ValueError(
+                f"MemoryConfig.gate_per_token needs a gated memory {GATED_KINDS}, got {self.kind!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -165,12 +188,16 @@ class InPlaceTTTConfig:
         if self.chunk_size < 1:
             raise ValueError(f"InPlaceTTTConfig.chunk_size must be >= 1, got {self.chunk_size}")
         if self.target not in ("embed", "hidden"):
-            raise ValueError(f"InPlaceTTTConfig.target must be 'embed' or 'hidden', got {self.target!r}")
+            raise ValueError(
+                f"InPlaceTTTConfig.target must be 'embed' or 'hidden', got {self.target!r}"
+            )
         if self.conv_kernel < 1:
             raise ValueError(f"InPlaceTTTConfig.conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.matmul_precision not in ("highest", "high"):
-            raise ValueError(f"InPlaceTTTConfig.matmul_precision must be 'highest' or 'high', "
-                             f"got {self.matmul_precision!r}")
+            raise ValueError(
+                f"InPlaceTTTConfig.matmul_precision must be 'highest' or 'high', "
+                f"got {self.matmul_precision!r}"
+            )
 
 
 # fields whose default changed after configs were saved without them: a saved config that lacks
@@ -209,16 +236,22 @@ class ModelConfig:
         object.__setattr__(self, "rope_scale", float(self.rope_scale))  # 4 and 4.0: one fingerprint
         object.__setattr__(self, "rope_original_context", int(self.rope_original_context))
         if not (math.isfinite(self.rope_scale) and self.rope_scale >= 1.0):
-            raise ValueError(f"ModelConfig.rope_scale must be a finite number >= 1, got {self.rope_scale}")
+            raise ValueError(
+                f"ModelConfig.rope_scale must be a finite number >= 1, got {self.rope_scale}"
+            )
         if self.rope_original_context < 0:
-            raise ValueError(f"ModelConfig.rope_original_context must be >= 0, got {self.rope_original_context}")
+            raise ValueError(
+                f"ModelConfig.rope_original_context must be >= 0, got {self.rope_original_context}"
+            )
         if self.rope_scale > 1 and self.rope_original_context == 0:
             raise ValueError("ModelConfig.rope_scale > 1 (YaRN) needs rope_original_context >= 1")
         for name in ("vocab_size", "dim", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.num_heads:
-            raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"ModelConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}"
+            )
         if (self.dim // self.num_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.num_heads} must be even for RoPE")
         if self.hidden_dim < 0:
@@ -230,7 +263,9 @@ class ModelConfig:
                 raise ValueError("ModelConfig.inplace_ttt must be an InPlaceTTTConfig or None")
             bad = [i for i in self.inplace_ttt.layers if not 0 <= i < self.num_layers]
             if bad:
-                raise ValueError(f"InPlaceTTTConfig.layers {bad} out of range for {self.num_layers} layers")
+                raise ValueError(
+                    f"InPlaceTTTConfig.layers {bad} out of range for {self.num_layers} layers"
+                )
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", round(self.dim * 11 / 4))
 
@@ -257,9 +292,15 @@ class ModelConfig:
         for name, default in (("rope_scale", 1.0), ("rope_original_context", 0)):
             if d[name] == default:
                 del d[name]
-        for name, default in (("compressor_depth", 2), ("compressor_shared", False),
-                              ("read_query", False), ("gate_per_token", False),
-                              ("compressor_proj", False), ("gate_init", 0.0), ("forget_gate", False)):
+        for name, default in (
+            ("compressor_depth", 2),
+            ("compressor_shared", False),
+            ("read_query", False),
+            ("gate_per_token", False),
+            ("compressor_proj", False),
+            ("gate_init", 0.0),
+            ("forget_gate", False),
+        ):
             if d["memory"][name] == default:
                 del d["memory"][name]
         if d["inplace_ttt"] is not None and d["inplace_ttt"]["decay"] == 0.0:
@@ -277,19 +318,37 @@ class ModelConfig:
 
 PRESETS = {
     # ~0.1M parameters: CPU tests and the default end-to-end job.
-    "tiny": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4,
-                        memory=MemoryConfig(kind="window", window=64)),
+    "tiny": ModelConfig(
+        vocab_size=256,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        memory=MemoryConfig(kind="window", window=64),
+    ),
     # ~0.5M parameters: the recall study (key-value binding from scratch, window 32).
-    "recall": ModelConfig(vocab_size=256, dim=128, num_layers=2, num_heads=4,
-                          memory=MemoryConfig(kind="window", window=32)),
+    "recall": ModelConfig(
+        vocab_size=256,
+        dim=128,
+        num_layers=2,
+        num_heads=4,
+        memory=MemoryConfig(kind="window", window=32),
+    ),
     # ~26M parameters with a byte vocabulary: the GPU study and benchmarks.
-    "small": ModelConfig(vocab_size=256, dim=512, num_layers=8, num_heads=8,
-                         memory=MemoryConfig(kind="window", window=256)),
+    "small": ModelConfig(
+        vocab_size=256,
+        dim=512,
+        num_layers=8,
+        num_heads=8,
+        memory=MemoryConfig(kind="window", window=256),
+    ),
 }
 
 
-def variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None) -> ModelConfig:
-    """``base`` with the memory and In-Place TTT named by ``spec``: ``kind``, ``kind+tttN`` (In-Place
+def variant(
+    base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None
+) -> ModelConfig:
+    """``base`` with the memory and In-Place TTT named by ``spec``: ``kind``, ``kind+tttN``
+    (In-Place
     TTT in every N-th layer: N-1, 2N-1, ...) or ``kind+tttN/tf32`` (TF32 products in its scan)."""
     kind, _, ttt = spec.partition("+ttt")
     mem = dataclasses.replace(base.memory, kind=kind, window=window or base.memory.window)
@@ -299,16 +358,30 @@ def variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = 
         if not every.isdigit() or int(every) < 1 or prec not in ("", "tf32"):
             raise ValueError(f"bad variant {spec!r}: expected KIND, KIND+tttN or KIND+tttN/tf32")
         layers = tuple(range(int(every) - 1, cfg.num_layers, int(every)))
-        cfg = dataclasses.replace(cfg, inplace_ttt=InPlaceTTTConfig(
-            layers=layers, chunk_size=chunk, matmul_precision="high" if prec == "tf32" else "highest"))
+        cfg = dataclasses.replace(
+            cfg,
+            inplace_ttt=InPlaceTTTConfig(
+                layers=layers,
+                chunk_size=chunk,
+                matmul_precision="high" if prec == "tf32" else "highest",
+            ),
+        )
     return cfg
 
 
 # short names of memory fields in run names (``memory_variant``): true booleans as "+alias",
 # other values as "-alias<value>"
-FIELD_NAMES = {"read_query": "query", "gate_per_token": "tokgate", "compressor_proj": "proj",
-               "num_virtual": "M", "compressor_hidden": "h", "block": "b", "forget_gate": "forget",
-               "ttt.decay": "tttdecay", "ttt.clip_tau": "tttclip"}
+FIELD_NAMES = {
+    "read_query": "query",
+    "gate_per_token": "tokgate",
+    "compressor_proj": "proj",
+    "num_virtual": "M",
+    "compressor_hidden": "h",
+    "block": "b",
+    "forget_gate": "forget",
+    "ttt.decay": "tttdecay",
+    "ttt.clip_tau": "tttclip",
+}
 
 
 def _field_value(spec: str, key: str, v: str, default):
@@ -325,12 +398,18 @@ def _field_value(spec: str, key: str, v: str, default):
         raise ValueError(f"bad memory {spec!r}: {key}={v!r} is not a {kind.__name__}") from e
 
 
-def memory_variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | None = None,
-                   block: int | None = None) -> tuple[str, ModelConfig]:
+def memory_variant(
+    base: ModelConfig,
+    spec: str,
+    chunk: int = 64,
+    window: int | None = None,
+    block: int | None = None,
+) -> tuple[str, ModelConfig]:
     """``kind[+tttN[/tf32]][@W][:field=value,...]`` -> (run name, config): ``variant`` of ``spec``'s
     kind and In-Place TTT, ``@W`` another window, ``:field=value`` MemoryConfig fields (booleans
     ``true``/``false``) or ``ttt.field=value`` InPlaceTTTConfig fields (with ``+tttN``), ``block``
-    the default block. E.g. ``ttt_cache:read_query=true,num_virtual=8`` -> ``ttt_cache-32+query-M8``,
+    the default block. E.g. ``ttt_cache:read_query=true,num_virtual=8`` ->
+    ``ttt_cache-32+query-M8``,
     ``window+ttt2:ttt.decay=0.05`` -> ``window-32+ttt2-tttdecay0.05``."""
     head, _, extra = spec.partition(":")
     head, _, w = head.partition("@")
@@ -346,17 +425,23 @@ def memory_variant(base: ModelConfig, spec: str, chunk: int = 64, window: int | 
         group, _, name = k.rpartition(".")
         known = name in names if group == "" else group == "ttt" and name in ttt_names
         if not eq or not known:
-            raise ValueError(f"bad memory {spec!r}: {item!r} is not FIELD=VALUE of a MemoryConfig "
-                             "field or ttt.FIELD=VALUE of an InPlaceTTTConfig field")
+            raise ValueError(
+                f"bad memory {spec!r}: {item!r} is not FIELD=VALUE of a MemoryConfig "
+                "field or ttt.FIELD=VALUE of an InPlaceTTTConfig field"
+            )
         if group == "ttt" and cfg.inplace_ttt is None:
             raise ValueError(f"bad memory {spec!r}: {k} sets In-Place TTT, which needs +tttN")
         target, into = (cfg.inplace_ttt, ttt_fields) if group else (cfg.memory, fields)
         into[name] = _field_value(spec, k, v, getattr(target, name))
         alias = FIELD_NAMES.get(k, k)
-        suffix += (f"+{alias}" if into[name] else "") if isinstance(into[name], bool) else f"-{alias}{v}"
+        suffix += (
+            (f"+{alias}" if into[name] else "") if isinstance(into[name], bool) else f"-{alias}{v}"
+        )
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **fields))
     if ttt_fields:
-        cfg = dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, **ttt_fields))
+        cfg = dataclasses.replace(
+            cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, **ttt_fields)
+        )
     kind, _, ttt = head.partition("+")
     name = kind if kind == "full" else f"{kind}-{cfg.memory.window}"
     return name + (f"+{ttt.replace('/', '-')}" if ttt else "") + suffix, cfg

@@ -14,15 +14,19 @@ from .models.lm import StreamingLM
 
 
 def evicting_memories(model: StreamingLM) -> dict[int, EvictingMemory]:
-    return {i: layer.self_attn.memory for i, layer in enumerate(model.layers)
-            if isinstance(layer.self_attn.memory, EvictingMemory)}
+    return {
+        i: layer.self_attn.memory
+        for i, layer in enumerate(model.layers)
+        if isinstance(layer.self_attn.memory, EvictingMemory)
+    }
 
 
 @torch.no_grad()
 def memory_diagnostics(model: StreamingLM, tokens: torch.Tensor) -> dict:
     """Per layer with a memory of evicted tokens: gate α per head, attention mass on the memory,
     virtual-key cosine similarity and the inner loss of the first and last compressor updates
-    (one parallel pass over ``tokens`` [B, T]); and whether every streamed state tensor is finite."""
+    (one parallel pass over ``tokens`` [B, T]); and whether every streamed state tensor is
+    finite."""
     mems = evicting_memories(model)
     out = {}
     for mem in mems.values():
@@ -40,11 +44,14 @@ def memory_diagnostics(model: StreamingLM, tokens: torch.Tensor) -> dict:
         before, after = st.get("inner_loss_before"), st.get("inner_loss_after")
         if before is not None and before.shape[1] > 0:
             row["inner_loss_first_update"] = [before[:, 0].mean().item(), after[:, 0].mean().item()]
-            row["inner_loss_last_update"] = [before[:, -1].mean().item(), after[:, -1].mean().item()]
+            row["inner_loss_last_update"] = [
+                before[:, -1].mean().item(),
+                after[:, -1].mean().item(),
+            ]
         out[f"layer{i}"] = row
     state = model.init_state(tokens.shape[0])
     for t in range(0, tokens.shape[1], 256):
-        _, state = model.step(tokens[:, t:t + 256], state)
+        _, state = model.step(tokens[:, t : t + 256], state)
     out["state_finite"] = all(bool(torch.isfinite(t.float()).all()) for t in state.tensors.values())
     return out
 
@@ -65,14 +72,17 @@ def memory_features(model: StreamingLM, tokens: torch.Tensor, layer: int) -> tor
     return x.transpose(1, 2).flatten(2).float()
 
 
-def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300, seed: int = 0):
+def fit_probe(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300, seed: int = 0
+):
     """Linear softmax probe: train on the first 70% of samples, accuracy on the rest, and the
     majority-class accuracy on the same test samples (chance). feats [N, F], labels [N]."""
-    feats, labels = feats.detach().float().cpu(), labels.cpu()  # a small fit: on the CPU, wherever the model ran
+    # a small fit: on the CPU, wherever the model ran
+    feats, labels = feats.detach().float().cpu(), labels.cpu()
     g = torch.Generator().manual_seed(seed)
     n = len(labels)
     perm = torch.randperm(n, generator=g)
-    tr, te = perm[: int(0.7 * n)], perm[int(0.7 * n):]
+    tr, te = perm[: int(0.7 * n)], perm[int(0.7 * n) :]
     mu, sd = feats[tr].mean(0), feats[tr].std(0).clamp_min(1e-6)
     x = (feats - mu) / sd
     w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
@@ -84,11 +94,18 @@ def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, steps
         opt.step()
     with torch.no_grad():
         acc = ((x[te] @ w + b).argmax(-1) == labels[te]).float().mean().item()
-    chance = (labels[te] == torch.bincount(labels[tr], minlength=num_classes).argmax()).float().mean().item()
+    chance = (
+        (labels[te] == torch.bincount(labels[tr], minlength=num_classes).argmax())
+        .float()
+        .mean()
+        .item()
+    )
     return {"accuracy": acc, "chance": chance, "train": len(tr), "test": len(te)}
 
 
-def evicted_token_probe(model: StreamingLM, tokens: torch.Tensor, layer: int = 0, lag: int = 0) -> dict:
+def evicted_token_probe(
+    model: StreamingLM, tokens: torch.Tensor, layer: int = 0, lag: int = 0
+) -> dict:
     """Spec experiment 1: predict the id of the token evicted ``lag`` positions before the newest
     evicted one (position t - W - lag) from what the memory offers query t."""
     W = model.cfg.memory.window
@@ -108,7 +125,9 @@ def state_bytes_curve(model: StreamingLM, lengths: list[int], step: int = 256) -
     for n in sorted(lengths):
         while done < n:
             k = min(step, n - done)
-            _, state = model.step(torch.randint(0, model.cfg.vocab_size, (1, k), device=device), state)
+            _, state = model.step(
+                torch.randint(0, model.cfg.vocab_size, (1, k), device=device), state
+            )
             done += k
         rows.append({"tokens": n, "state_bytes": state.nbytes()})
     return rows
@@ -121,11 +140,11 @@ def stream_ms_per_token(model: StreamingLM, tokens: int = 200, prefill: int = 51
     state = model.init_state(1)
     x = torch.randint(0, model.cfg.vocab_size, (1, prefill + tokens), device=device)
     for t in range(0, prefill, 256):
-        _, state = model.step(x[:, t:min(t + 256, prefill)], state)
+        _, state = model.step(x[:, t : min(t + 256, prefill)], state)
     times = []
     for t in range(prefill, prefill + tokens):
         t0 = time.perf_counter()
-        model.step(x[:, t:t + 1], state)
+        model.step(x[:, t : t + 1], state)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -150,5 +169,7 @@ def state_norms(model: StreamingLM, state) -> dict[str, float]:
             mem_s = names[f"layers.{i}.mem_s"].float()  # [B, H, Dh, Dh]
             out[f"layer{i}.mem_s"] = mem_s.flatten(2).norm(dim=-1).max().item()
         if f"layers.{i}.ttt.s" in names:
-            out[f"layer{i}.ttt.s"] = names[f"layers.{i}.ttt.s"].float().flatten(1).norm(dim=-1).max().item()
+            out[f"layer{i}.ttt.s"] = (
+                names[f"layers.{i}.ttt.s"].float().flatten(1).norm(dim=-1).max().item()
+            )
     return out

@@ -13,13 +13,21 @@ class GraphedStep:
     returns the logits (a buffer overwritten by the next call: clone it to keep it). The state is
     updated in place, exactly as ``model.step`` would (every memory but ``full``)."""
 
-    def __init__(self, model: StreamingLM, state: StreamingState, tokens_per_step: int = 1, warmup: int = 3):
+    def __init__(
+        self, model: StreamingLM, state: StreamingState, tokens_per_step: int = 1, warmup: int = 3
+    ):
         if model.cfg.memory.kind == "full":
-            raise ValueError("a full-attention state grows every step and cannot be replayed as a CUDA graph")
+            raise ValueError(
+                "a full-attention state grows every step and cannot be replayed as a CUDA graph"
+            )
         device = state["pos"].device
         self.state = state
-        self.tokens = torch.zeros(state.batch_size, tokens_per_step, dtype=torch.long, device=device)
-        scratch = StreamingState({k: v.clone() for k, v in state.tensors.items()}, dict(state.fills), dict(state.meta))
+        self.tokens = torch.zeros(
+            state.batch_size, tokens_per_step, dtype=torch.long, device=device
+        )
+        scratch = StreamingState(
+            {k: v.clone() for k, v in state.tensors.items()}, dict(state.fills), dict(state.meta)
+        )
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a copy, so the real state is untouched

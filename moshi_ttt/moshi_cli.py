@@ -13,35 +13,71 @@ import sys
 from pathlib import Path
 
 MIMI_CARD = 2048  # codes per Mimi codebook
-ADAPTER_HELP = ("the memory: an AdapterConfig preset (off, inplace_ttt, ttt_cache, both) or a JSON "
-                "file of AdapterConfig.to_json()")
+ADAPTER_HELP = (
+    "the memory: an AdapterConfig preset (off, inplace_ttt, ttt_cache, both) or a JSON "
+    "file of AdapterConfig.to_json()"
+)
 
 
 def add_moshi_parser(sub) -> None:
     moshi = sub.add_parser("moshi", help="Moshi: train the memory into a Moshi checkpoint")
     msub = moshi.add_subparsers(dest="moshi_command", required=True)
-    tp = msub.add_parser("train", help="train stage by stage on conversations, memory carried "
-                                       "across each conversation's segments")
+    tp = msub.add_parser(
+        "train",
+        help="train stage by stage on conversations, memory carried "
+        "across each conversation's segments",
+    )
     _model_args(tp)
-    tp.add_argument("--tokenizer", type=Path, default=None,
-                    help="Moshi's text tokenizer (.model) for --data transcripts")
+    tp.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="Moshi's text tokenizer (.model) for --data transcripts",
+    )
     tp.add_argument("--adapter", default="ttt_cache", help=ADAPTER_HELP)
-    tp.add_argument("--data", type=Path, default=None,
-                    help="a moshi-finetune .jsonl (default: synthetic tone conversations)")
-    tp.add_argument("--mimi-weights", type=Path, default=None,
-                    help="Mimi's weights to encode --data (default: a random Mimi, for tests)")
-    tp.add_argument("--cache", type=Path, default=None,
-                    help="where encoded conversations are kept (default: OUT/codes)")
-    tp.add_argument("--conversations", type=int, default=4,
-                    help="synthetic conversations (without --data)")
-    tp.add_argument("--recipe", default="spec", choices=["spec", "tiny"],
-                    help="spec: the memory alone, then attention above the lower half, then all")
-    tp.add_argument("--steps", type=int, default=None,
-                    help="total steps, the recipe's stages in proportion (each >= 1)")
+    tp.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a moshi-finetune .jsonl (default: synthetic tone conversations)",
+    )
+    tp.add_argument(
+        "--mimi-weights",
+        type=Path,
+        default=None,
+        help="Mimi's weights to encode --data (default: a random Mimi, for tests)",
+    )
+    tp.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="where encoded conversations are kept (default: OUT/codes)",
+    )
+    tp.add_argument(
+        "--conversations", type=int, default=4, help="synthetic conversations (without --data)"
+    )
+    tp.add_argument(
+        "--recipe",
+        default="spec",
+        choices=["spec", "tiny"],
+        help="spec: the memory alone, then attention above the lower half, then all",
+    )
+    tp.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="total steps, the recipe's stages in proportion (each >= 1)",
+    )
     tp.add_argument("--stage-steps", default=None, help="steps of the 3 stages, e.g. 100,300,600")
-    tp.add_argument("--segment", type=int, default=None, help="steps per segment (default: the recipe's)")
-    tp.add_argument("--batch", type=int, default=None,
-                    help="conversations per step, over all processes (default 1)")
+    tp.add_argument(
+        "--segment", type=int, default=None, help="steps per segment (default: the recipe's)"
+    )
+    tp.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="conversations per step, over all processes (default 1)",
+    )
     tp.add_argument("--lr", type=float, default=None)
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--checkpoint-every", type=int, default=0)
@@ -50,15 +86,25 @@ def add_moshi_parser(sub) -> None:
     tp.add_argument("--device", default="cpu")
     tp.set_defaults(func=cmd_moshi_train)
 
-    rp = msub.add_parser("recall", help="conversation recall: facts told early, asked late; the "
-                                        "answer's text tokens scored")
+    rp = msub.add_parser(
+        "recall",
+        help="conversation recall: facts told early, asked late; the answer's text tokens scored",
+    )
     _model_args(rp)
     rp.add_argument("--tokenizer", type=Path, required=True, help="Moshi's text tokenizer (.model)")
     rp.add_argument("--adapter", default="ttt_cache", help=ADAPTER_HELP)
-    rp.add_argument("--added", type=Path, default=None,
-                    help="the trained memory (added.safetensors of `moshi train`)")
-    rp.add_argument("--data", type=Path, required=True,
-                    help="a .jsonl whose alignment files list the facts (synthetic conversations)")
+    rp.add_argument(
+        "--added",
+        type=Path,
+        default=None,
+        help="the trained memory (added.safetensors of `moshi train`)",
+    )
+    rp.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="a .jsonl whose alignment files list the facts (synthetic conversations)",
+    )
     rp.add_argument("--mimi-weights", type=Path, default=None)
     rp.add_argument("--segment", type=int, default=250, help="frames per streamed call")
     rp.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
@@ -71,10 +117,18 @@ def _model_args(p) -> None:
     """--tiny, or --moshi-weights with --config."""
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--tiny", action="store_true", help="a random tiny Moshi (CPU runs, tests)")
-    model.add_argument("--moshi-weights", type=Path, default=None,
-                       help="a stock Moshi checkpoint (.safetensors), read offline")
-    p.add_argument("--config", type=Path, default=None,
-                   help="the checkpoint's config.json (moshi's loader format; with --moshi-weights)")
+    model.add_argument(
+        "--moshi-weights",
+        type=Path,
+        default=None,
+        help="a stock Moshi checkpoint (.safetensors), read offline",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the checkpoint's config.json (moshi's loader format; with --moshi-weights)",
+    )
 
 
 def _adapter(spec: str, num_layers: int):
@@ -84,7 +138,9 @@ def _adapter(spec: str, num_layers: int):
         return AdapterConfig.preset(spec, num_layers=num_layers)
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"--adapter {spec!r}: not a preset ({', '.join(PRESET_NAMES)}) nor a JSON file")
+        raise ValueError(
+            f"--adapter {spec!r}: not a preset ({', '.join(PRESET_NAMES)}) nor a JSON file"
+        )
     try:
         return AdapterConfig.from_json(path.read_text())
     except (json.JSONDecodeError, TypeError) as e:
@@ -100,9 +156,13 @@ def _stages(a, cfg):
         try:
             steps = [int(x) for x in a.stage_steps.split(",")]
         except ValueError:
-            raise ValueError(f"--stage-steps must be comma-separated integers, got {a.stage_steps!r}") from None
+            raise ValueError(
+                f"--stage-steps must be comma-separated integers, got {a.stage_steps!r}"
+            ) from None
         if len(steps) != len(stages) or min(steps) < 1:
-            raise ValueError(f"--stage-steps needs {len(stages)} positive integers, got {a.stage_steps!r}")
+            raise ValueError(
+                f"--stage-steps needs {len(stages)} positive integers, got {a.stage_steps!r}"
+            )
         return tuple(dataclasses.replace(s, steps=n) for s, n in zip(stages, steps))
     if a.steps is not None:
         try:
@@ -145,7 +205,9 @@ def _conversations(a, lm, out: Path) -> list:
     from .moshi.synth import tone_conversations
 
     if (lm.num_codebooks - 1) % 2:
-        raise ValueError(f"this Moshi has {lm.num_codebooks} codebooks: expected text + 2 x n_q audio")
+        raise ValueError(
+            f"this Moshi has {lm.num_codebooks} codebooks: expected text + 2 x n_q audio"
+        )
     import torch.distributed as dist
 
     cache = a.cache or out / "codes"
@@ -177,21 +239,32 @@ def cmd_moshi_train(a) -> None:
     lm = _model(a)
     num_layers = len(lm.transformer.layers)
     lm = patch_lm(lm, _adapter(a.adapter, num_layers))
-    over = {k: v for k, v in (("segment", a.segment), ("lr", a.lr), ("batch", a.batch))
-            if v is not None}
-    cfg = MoshiTrainConfig.preset(a.recipe, num_layers=num_layers, seed=a.seed,
-                                  checkpoint_every=a.checkpoint_every, **over)
+    over = {
+        k: v for k, v in (("segment", a.segment), ("lr", a.lr), ("batch", a.batch)) if v is not None
+    }
+    cfg = MoshiTrainConfig.preset(
+        a.recipe, num_layers=num_layers, seed=a.seed, checkpoint_every=a.checkpoint_every, **over
+    )
     cfg = dataclasses.replace(cfg, stages=_stages(a, cfg))
     a.out.mkdir(parents=True, exist_ok=True)
     convs = _conversations(a, lm, a.out)
-    (a.out / "config.json").write_text(json.dumps(
-        {"adapter": json.loads(lm.moshi_ttt_config.to_json()), "train": dataclasses.asdict(cfg)},
-        indent=1) + "\n")
+    (a.out / "config.json").write_text(
+        json.dumps(
+            {
+                "adapter": json.loads(lm.moshi_ttt_config.to_json()),
+                "train": dataclasses.asdict(cfg),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     trainer = MoshiTrainer(lm, cfg, convs, a.out)
     trainer.fit(resume=a.resume)
     if trainer.rank == 0:
-        print(f"trained: {a.out / 'added.safetensors'}, log {a.out / 'train_log.csv'}",
-              file=sys.stderr)
+        print(
+            f"trained: {a.out / 'added.safetensors'}, log {a.out / 'train_log.csv'}",
+            file=sys.stderr,
+        )
 
 
 def cmd_moshi_recall(a) -> None:
@@ -221,12 +294,16 @@ def cmd_moshi_recall(a) -> None:
         with torch.no_grad():
             got = fact_recall(lm, codes, facts, tok, a.segment)
         scores += got
-        rows += [{"conversation": entry.path, **dataclasses.asdict(s), "recalled": s.recalled}
-                 for s in got]
+        rows += [
+            {"conversation": entry.path, **dataclasses.asdict(s), "recalled": s.recalled}
+            for s in got
+        ]
     summary = recall_summary(scores)
     if not scores:
-        raise ValueError(f"{a.data}: no fact to score (the alignment files list none, or their "
-                         "answers' tokens are not in the text stream)")
+        raise ValueError(
+            f"{a.data}: no fact to score (the alignment files list none, or their "
+            "answers' tokens are not in the text stream)"
+        )
     print(json.dumps(summary))
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,9 @@ class StreamingState:
 
     def add(self, name: str, tensor: torch.Tensor, fill: float) -> None:
         if tensor.shape[0] != self.batch_size:
-            raise ValueError(f"state tensor {name} has batch {tensor.shape[0]}, expected {self.batch_size}")
+            raise ValueError(
+                f"state tensor {name} has batch {tensor.shape[0]}, expected {self.batch_size}"
+            )
         self.tensors[name] = tensor
         self.fills[name] = fill
 
@@ -48,13 +50,16 @@ class StreamingState:
         try:
             mask = torch.as_tensor(mask)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"reset mask must be a bool tensor of shape ({self.batch_size},): "
-                             f"{e}") from None
+            raise ValueError(
+                f"reset mask must be a bool tensor of shape ({self.batch_size},): {e}"
+            ) from None
         if mask.is_floating_point() or mask.is_complex():
             raise ValueError(f"reset mask must be a bool (or integer) tensor, got {mask.dtype}")
         mask = mask.to(torch.bool)
         if mask.shape != (self.batch_size,):
-            raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
+            raise ValueError(
+                f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}"
+            )
         for name, t in self.tensors.items():
             m = mask.to(t.device).view(-1, *([1] * (t.dim() - 1)))
             t.masked_fill_(m, self.fills[name])
@@ -64,12 +69,21 @@ class StreamingState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device) -> "StreamingState":
-        return StreamingState({k: v.to(device) for k, v in self.tensors.items()}, dict(self.fills), dict(self.meta))
+        return StreamingState(
+            {k: v.to(device) for k, v in self.tensors.items()}, dict(self.fills), dict(self.meta)
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` atomically (temporary file, then rename)."""
-        save_atomic({"format": STATE_FORMAT, "meta": self.meta, "fills": self.fills,
-                     "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()}}, path)
+        save_atomic(
+            {
+                "format": STATE_FORMAT,
+                "meta": self.meta,
+                "fills": self.fills,
+                "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()},
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "StreamingState":
@@ -87,8 +101,9 @@ class StreamingState:
                 raise ValueError(f"{path}: state tensor {name} is not a tensor of batch {batch}")
         if set(fills) != set(tensors):
             odd = sorted(set(fills) ^ set(tensors))
-            raise ValueError(f"{path}: state tensors and fills differ: {odd[:5]} "
-                             "(an incomplete file)")
+            raise ValueError(
+                f"{path}: state tensors and fills differ: {odd[:5]} (an incomplete file)"
+            )
         tensors = {k: v.to(device) if device is not None else v for k, v in tensors.items()}
         return cls(tensors, fills, meta)
 

@@ -47,8 +47,10 @@ def reconstructing(model: nn.Module, stage: Stage):
     runs (``m.reconstruction_loss()`` reads it); a clear error when there is none."""
     mems = reconstruction_memories(model)
     if not mems:
-        raise ValueError(f"stage {stage.name!r} uses the reconstruction loss, but no memory of this "
-                         "model has one (use a ttt_cache memory)")
+        raise ValueError(
+            f"stage {stage.name!r} uses the reconstruction loss, but no memory of this "
+            "model has one (use a ttt_cache memory)"
+        )
     for m in mems:
         m.want_aux, m.aux = True, []
     try:
@@ -58,36 +60,60 @@ def reconstructing(model: nn.Module, stage: Stage):
             m.want_aux, m.aux = False, []
 
 
-def stage_parameters(model: torch.nn.Module, stage: Stage, layers: str = "layers.",
-                     added: frozenset[str] = frozenset()) -> list[str]:
+def stage_parameters(
+    model: torch.nn.Module,
+    stage: Stage,
+    layers: str = "layers.",
+    added: frozenset[str] = frozenset(),
+) -> list[str]:
     """The names of the parameters ``stage`` trains: those matching one of its patterns (``@added``:
     the names in ``added``), outside the layers (``<layers>N.``) below ``frozen_layers_below``."""
     out = []
     for name, _ in model.named_parameters():
-        layer = int(name[len(layers):].split(".")[0]) if name.startswith(layers) else None
+        layer = int(name[len(layers) :].split(".")[0]) if name.startswith(layers) else None
         if layer is not None and layer < stage.frozen_layers_below:
             continue
-        if any(name in added if pat == ADDED else fnmatch.fnmatch(name, pat) for pat in stage.train):
+        if any(
+            name in added if pat == ADDED else fnmatch.fnmatch(name, pat) for pat in stage.train
+        ):
             out.append(name)
     return out
 
 
 class Trainer:
-    def __init__(self, model: StreamingLM, cfg: TrainConfig, train_data, val_data=None, out: Path | None = None,
-                 device="cpu", progress: bool = True):
+    def __init__(
+        self,
+        model: StreamingLM,
+        cfg: TrainConfig,
+        train_data,
+        val_data=None,
+        out: Path | None = None,
+        device="cpu",
+        progress: bool = True,
+    ):
         self.cfg, self.out, self.device, self.progress = cfg, out, torch.device(device), progress
         self.rank, self.world = world()
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by "
-                             f"{self.world} processes")
+            raise ValueError(
+                f"batch size {cfg.batch_size} is not divisible by {self.world} processes"
+            )
         self.model = model.to(self.device)
         # stages freeze parameters and some memory options leave parameters unused: tell DDP
-        self.net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-                    if self.world > 1 else model)
+        self.net = (
+            torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            if self.world > 1
+            else model
+        )
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+        )
         self.stream, self.bounds = train_data if train_data is not None else (None, None)
         if self.stream is None and round(cfg.batch_size * cfg.task_frac) < cfg.batch_size:
             raise ValueError("training without a corpus needs task_frac = 1 (synthetic rows only)")
@@ -125,12 +151,14 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             rows = None  # corpus windows, then synthetic task rows
             if self.n_task < cfg.batch_size:
-                rows = sample_windows(self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng)
+                rows = sample_windows(
+                    self.stream, self.starts, cfg.batch_size - self.n_task, seq_len, self.rng
+                )
             if self.n_task:
                 extra = self.task_rows(self.n_task, seq_len, self.step, self.rng)
                 rows = extra if rows is None else [torch.cat(pair) for pair in zip(rows, extra)]
             per = cfg.batch_size // self.world
-            out.append([t[self.rank * per:(self.rank + 1) * per].to(self.device) for t in rows])
+            out.append([t[self.rank * per : (self.rank + 1) * per].to(self.device) for t in rows])
         return out
 
     def autocast(self):
@@ -172,11 +200,16 @@ class Trainer:
         total = total.item()
         if not np.isfinite(total):
             path = self.checkpoint_path()
-            last = ("no checkpoint was written" if self.saved_step is None or path is None
-                    else f"the last good checkpoint is {path} (step {self.saved_step})")
+            last = (
+                "no checkpoint was written"
+                if self.saved_step is None or path is None
+                else f"the last good checkpoint is {path} (step {self.saved_step})"
+            )
             lr = lr_at(self.step, cfg)
-            raise FloatingPointError(f"non-finite training loss {total} at step {self.step} "
-                                     f"(stage {stage.name}, learning rate {lr:.3g}); {last}")
+            raise FloatingPointError(
+                f"non-finite training loss {total} at step {self.step} "
+                f"(stage {stage.name}, learning rate {lr:.3g}); {last}"
+            )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         self.opt.step()
@@ -189,8 +222,16 @@ class Trainer:
             return None
         stream, bounds = self.val
         rng = np.random.default_rng(12345)  # the same held-out windows every time
-        x, y, resets, w = (t.to(self.device) for t in sample_windows(
-            stream, doc_starts(len(stream), bounds), self.cfg.eval_batches, self.seq_len_at(self.step), rng))
+        x, y, resets, w = (
+            t.to(self.device)
+            for t in sample_windows(
+                stream,
+                doc_starts(len(stream), bounds),
+                self.cfg.eval_batches,
+                self.seq_len_at(self.step),
+                rng,
+            )
+        )
         self.model.eval()
         with self.autocast():
             logits = self.model(x, resets=resets)
@@ -203,9 +244,17 @@ class Trainer:
         return self.out / "train_state.pt" if self.out else None
 
     def state_dict(self) -> dict:
-        return {"format": TRAIN_STATE_FORMAT, "config": self.model.cfg.to_dict(), "train": asdict(self.cfg),
-                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": self.log}
+        return {
+            "format": TRAIN_STATE_FORMAT,
+            "config": self.model.cfg.to_dict(),
+            "train": asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "log": self.log,
+        }
 
     def save(self) -> None:
         if self.out is None:
@@ -220,8 +269,9 @@ class Trainer:
         keys = ("config", "train", "model", "optimizer", "step", "numpy_rng", "torch_rng", "log")
         missing = [k for k in keys if k not in blob]
         if missing:
-            raise ValueError(f"{path} is an incomplete training checkpoint: "
-                             f"no {', '.join(missing)}")
+            raise ValueError(
+                f"{path} is an incomplete training checkpoint: no {', '.join(missing)}"
+            )
         if blob["config"] != self.model.cfg.to_dict():
             raise ValueError(f"{path} belongs to another model config")
         if blob["train"] != asdict(self.cfg):
@@ -230,8 +280,9 @@ class Trainer:
             self.model.load_state_dict(blob["model"], strict=True)
             self.opt.load_state_dict(blob["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: weights or optimizer state do not match the model: "
-                             f"{e}") from e
+            raise ValueError(
+                f"{path}: weights or optimizer state do not match the model: {e}"
+            ) from e
         self.step, self.log = blob["step"], blob["log"]
         self.rng.bit_generator.state = blob["numpy_rng"]
         torch.set_rng_state(blob["torch_rng"])
@@ -255,8 +306,14 @@ class Trainer:
                 print(f"no checkpoint at {path}: starting from step 0", file=sys.stderr)
         self.model.train()
         total = self.cfg.total_steps()
-        with tqdm(range(self.step, total), initial=self.step, total=total, desc="train",
-                  disable=not self.progress or self.rank != 0, dynamic_ncols=True) as bar:
+        with tqdm(
+            range(self.step, total),
+            initial=self.step,
+            total=total,
+            desc="train",
+            disable=not self.progress or self.rank != 0,
+            dynamic_ncols=True,
+        ) as bar:
             self._loop(bar, total)
         self.save()
         self.write_log()
@@ -270,13 +327,20 @@ class Trainer:
             try:
                 loss = self.train_step()
             except FloatingPointError:
-                self.write_log()  # a failed run still leaves its log beside its last good checkpoint
+                # a failed run still leaves its log beside its last good checkpoint
+                self.write_log()
                 raise
             tokens += self.cfg.batch_size * self.cfg.grad_accum * seq
             step = self.step - 1
             if step % self.cfg.log_every == 0 or self.step == total:
-                row = {"step": step, "stage": self.stage_at(step).name, "seq_len": seq, "loss": loss,
-                       "lr": lr_at(step, self.cfg), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                row = {
+                    "step": step,
+                    "stage": self.stage_at(step).name,
+                    "seq_len": seq,
+                    "loss": loss,
+                    "lr": lr_at(step, self.cfg),
+                    "tokens_per_s": tokens / (time.perf_counter() - t0),
+                }
                 if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or self.step == total):
                     row["val_loss"] = self.val_loss()
                 self.log.append(row)
@@ -331,8 +395,15 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def train(model: StreamingLM, stream: np.ndarray, doc_bounds: np.ndarray, cfg: TrainConfig,
-          log_path: str | Path | None = None, device="cpu", progress=True) -> list[dict]:
+def train(
+    model: StreamingLM,
+    stream: np.ndarray,
+    doc_bounds: np.ndarray,
+    cfg: TrainConfig,
+    log_path: str | Path | None = None,
+    device="cpu",
+    progress=True,
+) -> list[dict]:
     """Train on random windows of ``stream``; returns the log rows (step, loss, lr, tokens/s)."""
     data = (stream, doc_bounds) if stream is not None else None
     rows = Trainer(model, cfg, data, device=device, progress=progress).fit()

@@ -36,13 +36,18 @@ class Stage:
         if self.steps < 1:
             raise ValueError(f"Stage {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.loss not in ("lm", "reconstruction"):
-            raise ValueError(f"Stage {self.name!r}: loss must be 'lm' or 'reconstruction', got {self.loss!r}")
+            raise ValueError(
+                f"Stage {self.name!r}: loss must be 'lm' or 'reconstruction', got {self.loss!r}"
+            )
 
 
-# the staged recipe on a pretrained backbone: memory alone, then attention above the lower half, then all
-SPEC_RECIPE = (Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
-               Stage("attention", 5000, ("*.memory.*", "*.self_attn.*"), "lm", frozen_layers_below=4),
-               Stage("all", 10000))
+# the staged recipe on a pretrained backbone: memory alone, then attention above the lower half,
+# then all
+SPEC_RECIPE = (
+    Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
+    Stage("attention", 5000, ("*.memory.*", "*.self_attn.*"), "lm", frozen_layers_below=4),
+    Stage("all", 10000),
+)
 
 
 def scale_stages(stages: tuple[Stage, ...], steps: int) -> tuple[Stage, ...]:
@@ -64,7 +69,9 @@ def step_schedule(name: str, pairs, convert, what: str) -> tuple:
     try:
         out = tuple((int(a), convert(b)) for a, b in pairs)
     except (TypeError, ValueError):
-        raise ValueError(f"TrainConfig.{name} must be (step, {what}) pairs, got {pairs!r}") from None
+        raise ValueError(
+            f"TrainConfig.{name} must be (step, {what}) pairs, got {pairs!r}"
+        ) from None
     starts = [a for a, _ in out]
     if any(a < 0 for a in starts) or starts != sorted(set(starts)):
         raise ValueError(f"TrainConfig.{name} steps must be >= 0 and increasing, got {starts}")
@@ -124,44 +131,68 @@ class TrainConfig:
         return max([self.seq_len] + [n for _, n in self.seq_schedule])
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages))
+        object.__setattr__(
+            self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages)
+        )
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "task_distances", tuple(int(d) for d in self.task_distances))
         object.__setattr__(self, "near_distances", tuple(int(d) for d in self.near_distances))
         object.__setattr__(self, "binding_keys", tuple(int(n) for n in self.binding_keys))
         bad = [t for t in self.tasks if t not in TASKS and t != "binding"]
         if bad or not self.tasks:
-            raise ValueError(f"TrainConfig.tasks: unknown or none {bad}: expected a subset of "
-                             f"{sorted(TASKS) + ['binding']}")
+            raise ValueError(
+                f"TrainConfig.tasks: unknown or none {bad}: expected a subset of "
+                f"{sorted(TASKS) + ['binding']}"
+            )
         if not self.binding_keys or not all(1 <= n <= 64 for n in self.binding_keys):
             raise ValueError(f"TrainConfig.binding_keys must be in 1..64, got {self.binding_keys}")
-        keys_sched = step_schedule("keys_schedule", self.keys_schedule,
-                                   lambda ns: tuple(int(n) for n in ns), "(N, ...)")
+        keys_sched = step_schedule(
+            "keys_schedule", self.keys_schedule, lambda ns: tuple(int(n) for n in ns), "(N, ...)"
+        )
         object.__setattr__(self, "keys_schedule", keys_sched)
         if not all(ns and all(1 <= n <= 64 for n in ns) for _, ns in keys_sched):
-            raise ValueError(f"TrainConfig.keys_schedule N choices must be non-empty and in "
-                             f"1..64, got {keys_sched}")
+            raise ValueError(
+                f"TrainConfig.keys_schedule N choices must be non-empty and in "
+                f"1..64, got {keys_sched}"
+            )
         fewest = min(self.binding_keys + tuple(n for _, ns in keys_sched for n in ns))
         if not 0 <= self.binding_queries <= fewest:
-            raise ValueError(f"TrainConfig.binding_queries must be in 0..{fewest} (the fewest keys "
-                             f"of binding_keys and keys_schedule), got {self.binding_queries}")
+            raise ValueError(
+                f"TrainConfig.binding_queries must be in 0..{fewest} (the fewest keys "
+                f"of binding_keys and keys_schedule), got {self.binding_queries}"
+            )
         if self.binding_filler not in ("random", "corpus"):
-            raise ValueError(f"TrainConfig.binding_filler must be 'random' or 'corpus', "
-                             f"got {self.binding_filler!r}")
+            raise ValueError(
+                f"TrainConfig.binding_filler must be 'random' or 'corpus', "
+                f"got {self.binding_filler!r}"
+            )
         for name in ("task_distances", "near_distances"):
             if not getattr(self, name) or min(getattr(self, name)) < 0:
-                raise ValueError(f"TrainConfig.{name} must be non-negative ints, got {getattr(self, name)}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be non-negative ints, got {getattr(self, name)}"
+                )
         if self.near_steps < 0 or self.context_weight < 0:
-            raise ValueError(f"TrainConfig.near_steps and context_weight must be >= 0, "
-                             f"got {self.near_steps}, {self.context_weight}")
+            raise ValueError(
+                f"TrainConfig.near_steps and context_weight must be >= 0, "
+                f"got {self.near_steps}, {self.context_weight}"
+            )
         schedule = step_schedule("seq_schedule", self.seq_schedule, int, "length")
         object.__setattr__(self, "seq_schedule", schedule)
         lengths = [n for _, n in schedule]
         if any(n < 1 for n in lengths):
             raise ValueError(f"TrainConfig.seq_schedule lengths must be >= 1, got {lengths}")
-        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
-                          ("log_every", 1), ("eval_batches", 1), ("warmup", 0), ("seed", 0),
-                          ("checkpoint_every", 0), ("eval_every", 0)):
+        for name, low in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("seq_len", 1),
+            ("grad_accum", 1),
+            ("log_every", 1),
+            ("eval_batches", 1),
+            ("warmup", 0),
+            ("seed", 0),
+            ("checkpoint_every", 0),
+            ("eval_every", 0),
+        ):
             if getattr(self, name) < low:
                 raise ValueError(f"TrainConfig.{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("lr", "grad_clip", "answer_weight"):
@@ -169,8 +200,9 @@ class TrainConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {v}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, "
-                             f"got {self.weight_decay}")
+            raise ValueError(
+                f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}"
+            )
         if not 0.0 <= self.task_frac <= 1.0:
             raise ValueError(f"TrainConfig.task_frac must be in [0, 1], got {self.task_frac}")
         if any(d < 0 for d in self.task_distances):
@@ -183,31 +215,56 @@ TRAIN_PRESETS = {
     # key-value binding from scratch (data/binding.py) at window 32, answers only in the loss, every
     # key asked in turn: 2 or 4 facts inside the window in 48-token rows (binding forms), then 2-16
     # facts in 96-token rows, then near and far samples up to 4 x W in 208-token rows
-    "recall": TrainConfig(steps=4500, batch_size=256, seq_len=48, lr=1e-3, warmup=100, bf16=True,
-                          task_frac=1.0, tasks=("binding",), binding_keys=(2, 4, 8, 16), binding_queries=0,
-                          keys_schedule=((0, (2, 4)), (2000, (2, 4, 8, 16))),
-                          near_steps=3000, near_distances=(0, 2, 4, 8, 16),
-                          task_distances=(0, 8, 16, 32, 64, 128),
-                          seq_schedule=((0, 48), (2000, 96), (3000, 208)), answer_weight=1.0,
-                          context_weight=0.0,
-                          log_every=50),
+    "recall": TrainConfig(
+        steps=4500,
+        batch_size=256,
+        seq_len=48,
+        lr=1e-3,
+        warmup=100,
+        bf16=True,
+        task_frac=1.0,
+        tasks=("binding",),
+        binding_keys=(2, 4, 8, 16),
+        binding_queries=0,
+        keys_schedule=((0, (2, 4)), (2000, (2, 4, 8, 16))),
+        near_steps=3000,
+        near_distances=(0, 2, 4, 8, 16),
+        task_distances=(0, 8, 16, 32, 64, 128),
+        seq_schedule=((0, 48), (2000, 96), (3000, 208)),
+        answer_weight=1.0,
+        context_weight=0.0,
+        log_every=50,
+    ),
 }
 
 
 # the recall recipe in two parts, for a study whose memories all start from one backbone that binds:
 # its first phase alone (trained until binding forms, at most ``steps``), then the rest
 TRAIN_PRESETS["recall-backbone"] = dataclasses.replace(
-    TRAIN_PRESETS["recall"], steps=4000, binding_keys=(2, 4), keys_schedule=(), seq_schedule=(),
-    near_steps=4000, near_distances=(0, 2, 4))
+    TRAIN_PRESETS["recall"],
+    steps=4000,
+    binding_keys=(2, 4),
+    keys_schedule=(),
+    seq_schedule=(),
+    near_steps=4000,
+    near_distances=(0, 2, 4),
+)
 # (samples anywhere in their rows: rows that all end with the sample left the TTT cache unable
 # to answer facts that open a stream, at 0.00 where the window scored 1.00)
 TRAIN_PRESETS["recall-memory"] = dataclasses.replace(
-    TRAIN_PRESETS["recall"], steps=2500, seq_len=96, keys_schedule=(), near_steps=1000,
-    seq_schedule=((0, 96), (1000, 208)), binding_anywhere=True)
+    TRAIN_PRESETS["recall"],
+    steps=2500,
+    seq_len=96,
+    keys_schedule=(),
+    near_steps=1000,
+    seq_schedule=((0, 96), (1000, 208)),
+    binding_anywhere=True,
+)
 # the same mixed with corpus text: half of each batch corpus rows, half binding rows, whose answers
 # (2-16 per row) weigh 24 each, about as much as a corpus row's tokens
 TRAIN_PRESETS["recall-corpus"] = dataclasses.replace(
-    TRAIN_PRESETS["recall-memory"], task_frac=0.5, answer_weight=24.0)
+    TRAIN_PRESETS["recall-memory"], task_frac=0.5, answer_weight=24.0
+)
 
 
 def at_step(schedule: tuple, step: int, default):
@@ -239,21 +296,35 @@ def lm_loss(model: StreamingLM, inputs, targets, resets=None, weights=None) -> t
     return (nll * w).sum() / w.sum().clamp_min(1.0)
 
 
-def task_rows(mixer, n: int, seq_len: int, answer_weight: float, rng, context_weight: float = 1.0,
-              distances=None):
+def task_rows(
+    mixer,
+    n: int,
+    seq_len: int,
+    answer_weight: float,
+    rng,
+    context_weight: float = 1.0,
+    distances=None,
+):
     """``n`` synthetic task rows of exactly seq_len + 1 tokens: (inputs, targets, resets, weights);
     answer tokens weigh ``answer_weight``, the others ``context_weight``."""
     try:
         toks, mask = mixer.batch(n, length=seq_len + 1, rng=rng, distances=distances)
     except ValueError as e:
-        raise ValueError(f"task rows do not fit seq_len {seq_len}: {e} (use shorter task_distances)") from e
+        raise ValueError(
+            f"task rows do not fit seq_len {seq_len}: {e} (use shorter task_distances)"
+        ) from e
     return _rows(torch.from_numpy(toks), torch.from_numpy(mask), answer_weight, context_weight)
 
 
 def _rows(toks: torch.Tensor, mask: torch.Tensor, answer_weight: float, context_weight: float):
     """tokens, answer_mask [n, T + 1] -> (inputs, targets, resets, weights) [n, T]."""
     weights = torch.where(mask[:, 1:], answer_weight, context_weight).float()
-    return toks[:, :-1], toks[:, 1:], torch.zeros(toks.shape[0], toks.shape[1] - 1, dtype=torch.bool), weights
+    return (
+        toks[:, :-1],
+        toks[:, 1:],
+        torch.zeros(toks.shape[0], toks.shape[1] - 1, dtype=torch.bool),
+        weights,
+    )
 
 
 class TaskRows:
@@ -280,16 +351,38 @@ class TaskRows:
 
     def __call__(self, n: int, seq_len: int, step: int, rng: np.random.Generator):
         cfg, dist = self.cfg, self.distances(step)
-        nb = int((rng.random(n) * len(cfg.tasks) < cfg.tasks.count("binding")).sum()) if self.mixer else n
+        nb = (
+            int((rng.random(n) * len(cfg.tasks) < cfg.tasks.count("binding")).sum())
+            if self.mixer
+            else n
+        )
         parts = []
         if n - nb:
-            parts.append(task_rows(self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist))
+            parts.append(
+                task_rows(
+                    self.mixer, n - nb, seq_len, cfg.answer_weight, rng, cfg.context_weight, dist
+                )
+            )
         if nb:
-            toks, mask = binding_rows(rng, nb, seq_len + 1, cfg.keys_at(step), dist,
-                                      cfg.binding_queries, self.filler, cfg.binding_repeat,
-                                      cfg.binding_anywhere)
-            parts.append(_rows(torch.from_numpy(toks), torch.from_numpy(mask), cfg.answer_weight,
-                               cfg.context_weight))
+            toks, mask = binding_rows(
+                rng,
+                nb,
+                seq_len + 1,
+                cfg.keys_at(step),
+                dist,
+                cfg.binding_queries,
+                self.filler,
+                cfg.binding_repeat,
+                cfg.binding_anywhere,
+            )
+            parts.append(
+                _rows(
+                    torch.from_numpy(toks),
+                    torch.from_numpy(mask),
+                    cfg.answer_weight,
+                    cfg.context_weight,
+                )
+            )
         return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -297,7 +390,7 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    cell = (lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v))
+    cell = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
     lines = [",".join(keys)] + [",".join(cell(r.get(k)) for k in keys) for r in rows]
     path.write_text("\n".join(lines) + "\n")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels, where installed, run under its interpreter (set before import)
+# Triton kernels, where installed, run under its interpreter (set before import)
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import moshi_ttt as mt  # noqa: E402
@@ -35,7 +36,8 @@ def assert_close(actual, expected, rel, what="", *, floor=1.0):
     limit = rel * scale
     assert math.isfinite(err) and math.isfinite(scale) and err <= limit, (
         f"{name}max|actual - expected| = {err:.3g} > {rel:.3g} x scale {scale:.3g} = {limit:.3g} "
-        f"(error / scale = {err / scale if scale else math.inf:.3g})")
+        f"(error / scale = {err / scale if scale else math.inf:.3g})"
+    )
 
 
 def spawn_gloo_pair(worker, *args) -> None:
@@ -85,30 +87,52 @@ def _seed():
 
 
 # Triton kernel tests: on CPU under the interpreter, and on the GPU with ``-m gpu``
-TRITON_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+TRITON_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 
 
 @pytest.fixture
 def on(monkeypatch):
     """Lets Triton kernels take CPU tensors (under the interpreter); ``on(name)`` -> the device."""
     from moshi_ttt.ops import ttt_cache_triton
+
     monkeypatch.setattr(ttt_cache_triton, "CPU_INTERPRET", True)
 
     def device(name):
-        if name == "cpu" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if (
+            name == "cpu"
+            and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
             pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
         return torch.device(name)
+
     return device
 
 
-def tiny_config(kind: str = "window", window: int = 5, num_sink: int = 2, vocab: int = 50, num_layers: int = 2) -> mt.ModelConfig:
-    return mt.ModelConfig(vocab_size=vocab, dim=32, num_layers=num_layers, num_heads=4,
-                          memory=mt.MemoryConfig(kind=kind, window=window, num_sink=num_sink))
+def tiny_config(
+    kind: str = "window", window: int = 5, num_sink: int = 2, vocab: int = 50, num_layers: int = 2
+) -> mt.ModelConfig:
+    return mt.ModelConfig(
+        vocab_size=vocab,
+        dim=32,
+        num_layers=num_layers,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind=kind, window=window, num_sink=num_sink),
+    )
 
 
 def stream(model, tokens, k, state=None, resets_at=None):
-    """Feed ``tokens`` [B, T] k at a time (a list: step sizes in turn); ``resets_at`` {t: mask} resets
+    """Feed ``tokens`` [B, T] k at a time (a list: step sizes in turn); ``resets_at`` {t: mask}
+    resets
     rows before token t."""
     B, T = tokens.shape
     state = state if state is not None else model.init_state(B)
@@ -120,7 +144,7 @@ def stream(model, tokens, k, state=None, resets_at=None):
                 state.reset(mask)
             elif t < r < t + step:
                 step = r - t  # stop at the reset
-        logits, state = model.step(tokens[:, t:t + step], state)
+        logits, state = model.step(tokens[:, t : t + step], state)
         outs.append(logits)
         t += step
     return torch.cat(outs, dim=1), state
@@ -146,10 +170,10 @@ def graphed_and_eager(model, T: int, batch: int = 2):
 
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, T), device="cuda")
     eager_state = model.init_state(batch)
-    eager = torch.cat([model.step(tokens[:, t:t + 1], eager_state)[0] for t in range(T)], 1)
+    eager = torch.cat([model.step(tokens[:, t : t + 1], eager_state)[0] for t in range(T)], 1)
     state = model.init_state(batch)
     step = GraphedStep(model, state)
-    outs = torch.cat([step(tokens[:, t:t + 1]).clone() for t in range(T)], 1)
+    outs = torch.cat([step(tokens[:, t : t + 1]).clone() for t in range(T)], 1)
     return outs, eager, state, eager_state
 
 
@@ -157,6 +181,7 @@ def graphed_and_eager(model, T: int, batch: int = 2):
 def corpus(tmp_path, monkeypatch):
     """A small prepared corpus from a fake source (12 documents of random words)."""
     import numpy as np
+
     from moshi_ttt.data import prepare
     from moshi_ttt.data.sources import Document, LoadedSource, Provenance
 
@@ -164,8 +189,16 @@ def corpus(tmp_path, monkeypatch):
     words = ["the", "pass", "key", "river", "stone", "light", "memory", "window"]
 
     def fake_source(name, cache_dir):
-        docs = [Document(name, f"d{i}", f"doc {i}", " ".join(rng.choice(words, size=int(rng.integers(300, 900)))),
-                         "public domain") for i in range(12)]
+        docs = [
+            Document(
+                name,
+                f"d{i}",
+                f"doc {i}",
+                " ".join(rng.choice(words, size=int(rng.integers(300, 900)))),
+                "public domain",
+            )
+            for i in range(12)
+        ]
         return LoadedSource(name, docs, Provenance("fake", "1", "0" * 64, "public domain"))
 
     monkeypatch.setattr(prepare, "load_source", fake_source)
@@ -176,15 +209,26 @@ def corpus(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
-    """A small sentencepiece model (ids 0-3 = unk, bos, eos, pad, as Moshi's) on the scripts' text."""
+    """A small sentencepiece model (ids 0-3 = unk, bos, eos, pad, as Moshi's) on the scripts'
+    text."""
     import sentencepiece
 
-    from moshi_ttt.moshi import data as md, synth
+    from moshi_ttt.moshi import data as md
+    from moshi_ttt.moshi import synth
 
     lines = [t.text for s in synth.dataset_scripts(20, 0, 10, 5) for t in s.turns]
     prefix = tmp_path_factory.mktemp("spm") / "tiny"
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=300, model_type="unigram",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_prefix=str(prefix),
+        vocab_size=300,
+        model_type="unigram",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     return md.load_tokenizer(f"{prefix}.model")

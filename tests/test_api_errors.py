@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import assert_close, tiny_config
 
 import moshi_ttt as mt
-from conftest import assert_close, tiny_config
 from moshi_ttt.checkpoint import load_checkpoint, save_checkpoint
 from moshi_ttt.pipeline import EvalConfig
 from moshi_ttt.trainer import Trainer
@@ -16,8 +16,14 @@ KINDS = ["window", "full", "ttt_cache"]
 def make(kind: str) -> mt.StreamingLM:
     cfg = tiny_config(kind)
     if kind == "window":  # with In-Place TTT, whose state has fp32 fast weights and counters
-        cfg = mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, memory=cfg.memory,
-                             inplace_ttt=mt.InPlaceTTTConfig(layers=(1,), chunk_size=4))
+        cfg = mt.ModelConfig(
+            vocab_size=50,
+            dim=32,
+            num_layers=2,
+            num_heads=4,
+            memory=cfg.memory,
+            inplace_ttt=mt.InPlaceTTTConfig(layers=(1,), chunk_size=4),
+        )
     return mt.StreamingLM(cfg).eval()
 
 
@@ -30,7 +36,7 @@ def test_integer_token_dtypes_equal_int64(kind, dtype):
         ref = model(tokens)
         assert torch.equal(model(tokens.to(dtype)), ref)
         state = model.init_state(2)
-        steps = [model.step(tokens[:, i:i + 3].to(dtype), state)[0] for i in range(0, 9, 3)]
+        steps = [model.step(tokens[:, i : i + 3].to(dtype), state)[0] for i in range(0, 9, 3)]
     out = torch.cat(steps, 1)
     assert_close(out, ref, 1e-4)
 
@@ -55,11 +61,14 @@ def test_init_state_dtype():
         make("window").init_state(2, dtype=torch.long)
 
 
-@pytest.mark.parametrize("resets, match", [
-    (torch.zeros(2, 4), "bool"),
-    (torch.zeros(2, 4, dtype=torch.float64), "bool"),
-    ([[False] * 4] * 2, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "resets, match",
+    [
+        (torch.zeros(2, 4), "bool"),
+        (torch.zeros(2, 4, dtype=torch.float64), "bool"),
+        ([[False] * 4] * 2, "torch.Tensor"),
+    ],
+)
 def test_bad_resets(resets, match):
     with pytest.raises(ValueError, match=match):
         make("window")(torch.zeros(2, 4, dtype=torch.long), resets=resets)
@@ -73,11 +82,14 @@ def test_integer_resets_equal_bool():
         assert torch.equal(model(tokens, resets=resets.long()), model(tokens, resets=resets))
 
 
-@pytest.mark.parametrize("mask, match", [
-    (torch.tensor([0.0, 1.0]), "bool"),
-    (torch.tensor([True]), "shape"),
-    ("ab", "reset mask"),
-])
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.tensor([0.0, 1.0]), "bool"),
+        (torch.tensor([True]), "shape"),
+        ("ab", "reset mask"),
+    ],
+)
 def test_bad_reset_mask(mask, match):
     with pytest.raises(ValueError, match=match):
         make("window").init_state(2).reset(mask)
@@ -138,9 +150,11 @@ def test_loading_a_malformed_state(tmp_path):
     state = model.init_state(2)
     state.save(tmp_path / "s.pt")
     blob = torch.load(tmp_path / "s.pt", weights_only=True)
-    for key, value, match in (("tensors", None, "not a complete saved state"),
-                              ("fills", {}, "tensors and fills differ"),
-                              ("meta", {"fingerprint": "x"}, "batch size")):
+    for key, value, match in (
+        ("tensors", None, "not a complete saved state"),
+        ("fills", {}, "tensors and fills differ"),
+        ("meta", {"fingerprint": "x"}, "batch size"),
+    ):
         torch.save({**blob, key: value}, tmp_path / "bad.pt")
         with pytest.raises(ValueError, match=match):
             mt.StreamingState.load(tmp_path / "bad.pt")
@@ -163,37 +177,43 @@ def test_checkpoint_with_an_incomplete_config(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"seq_schedule": ((0, 64), (1, -5))}, "lengths must be >= 1"),
-    ({"seq_schedule": ((4, 64), (1, 32))}, "increasing"),
-    ({"seq_schedule": ((0, 64, 3),)}, "pairs"),
-    ({"checkpoint_every": -1}, "checkpoint_every must be >= 0"),
-    ({"eval_every": -1}, "eval_every must be >= 0"),
-    ({"log_every": 0}, "log_every must be >= 1"),
-    ({"warmup": -1}, "warmup"),
-    ({"lr": float("nan")}, "lr must be a finite number"),
-    ({"lr": float("inf")}, "lr must be a finite number"),
-    ({"grad_clip": 0.0}, "grad_clip"),
-    ({"weight_decay": -0.1}, "weight_decay"),
-    ({"seed": -1}, "seed"),
-    ({"task_distances": (-3,)}, "task_distances"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"seq_schedule": ((0, 64), (1, -5))}, "lengths must be >= 1"),
+        ({"seq_schedule": ((4, 64), (1, 32))}, "increasing"),
+        ({"seq_schedule": ((0, 64, 3),)}, "pairs"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be >= 0"),
+        ({"eval_every": -1}, "eval_every must be >= 0"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"warmup": -1}, "warmup"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"seed": -1}, "seed"),
+        ({"task_distances": (-3,)}, "task_distances"),
+    ],
+)
 def test_train_config(over, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**over)
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"docs": 0}, "docs must be >= 1"),
-    ({"max_len": 0}, "max_len must be >= 2"),
-    ({"num": 0}, "num must be >= 1"),
-    ({"buckets": (200, 100, -5)}, "buckets must be positive and increasing"),
-    ({"buckets": ()}, "buckets must be positive and increasing"),
-    ({"distances": (1, -1)}, "multiples of the window and must be >= 1"),
-    ({"distances": (0,)}, "multiples of the window"),
-    ({"tasks": ("nope",)}, "unknown tasks"),
-    ({"cross_session_distance": 0}, "cross_session_distance"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"docs": 0}, "docs must be >= 1"),
+        ({"max_len": 0}, "max_len must be >= 2"),
+        ({"num": 0}, "num must be >= 1"),
+        ({"buckets": (200, 100, -5)}, "buckets must be positive and increasing"),
+        ({"buckets": ()}, "buckets must be positive and increasing"),
+        ({"distances": (1, -1)}, "multiples of the window and must be >= 1"),
+        ({"distances": (0,)}, "multiples of the window"),
+        ({"tasks": ("nope",)}, "unknown tasks"),
+        ({"cross_session_distance": 0}, "cross_session_distance"),
+    ],
+)
 def test_eval_config(over, match):
     with pytest.raises(ValueError, match=match):
         EvalConfig(**over)

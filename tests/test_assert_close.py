@@ -4,7 +4,6 @@ max|actual - expected| <= rel * max(max|expected|, 1)."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_close
 
 

@@ -3,16 +3,21 @@ token-loop reference."""
 
 import pytest
 import torch
+from conftest import assert_close, reset_parity, stream
 
 import moshi_ttt as mt
 from moshi_ttt.layers.infini import sigma
 from moshi_ttt.ops.masks import segment_positions
-from conftest import assert_close, reset_parity, stream
 
 
 def config(kind, combine="gate", window=5, num_virtual=3):
-    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind=kind, window=window, num_virtual=num_virtual, combine=combine))
+    return mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind=kind, window=window, num_virtual=num_virtual, combine=combine),
+    )
 
 
 def lively(model):
@@ -22,7 +27,9 @@ def lively(model):
     return model
 
 
-@pytest.mark.parametrize("kind, combine", [("pooled", "gate"), ("pooled", "concat"), ("infini", "gate")])
+@pytest.mark.parametrize(
+    "kind, combine", [("pooled", "gate"), ("pooled", "concat"), ("infini", "gate")]
+)
 @pytest.mark.parametrize("k", [1, 7, 37])
 def test_parallel_equals_streaming(kind, combine, k):
     reset_parity(lively(mt.StreamingLM(config(kind, combine))).eval(), 400, 199, k, rel=1e-4)
@@ -67,7 +74,9 @@ def test_pooled_read_equals_token_loop():
                     assert torch.isinf(read["scores"][b, :, t, m]).all()
                     continue
                 mk, mv = k[b, :, members].mean(1), v[b, :, members].mean(1)  # [H, Dh]
-                score = (q[b, :, t] * mk).sum(-1) / 8 ** 0.5 + torch.log(torch.tensor(float(len(members))))
+                score = (q[b, :, t] * mk).sum(-1) / 8**0.5 + torch.log(
+                    torch.tensor(float(len(members)))
+                )
                 assert_close(read["scores"][b, :, t, m], score.to(read["scores"].dtype), 1e-6)
                 assert_close(read["values"][b, :, t, m], mv, 1e-9)
 
@@ -82,7 +91,8 @@ def test_infini_read_equals_token_loop():
             assert read["has"][b, t] == bool(ps)
             if not ps:
                 continue
-            S = sum(sigma(k[b, :, p])[:, :, None] * v[b, :, p][:, None, :] for p in ps)  # [H, Dh, Dh]
+            # [H, Dh, Dh]
+            S = sum(sigma(k[b, :, p])[:, :, None] * v[b, :, p][:, None, :] for p in ps)
             z = sum(sigma(k[b, :, p]) for p in ps)
             sq = sigma(q[b, :, t])
             ref = (sq[:, None, :] @ S)[:, 0] / (sq * z).sum(-1, keepdim=True)

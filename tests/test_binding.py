@@ -12,7 +12,16 @@ import torch
 
 from moshi_ttt.config import ModelConfig, memory_variant
 from moshi_ttt.data.binding import (
-    ENQ, ETX, KEYS, STX, VALUES, bag_line, binding_batch, binding_rows, chance, clean_filler,
+    ENQ,
+    ETX,
+    KEYS,
+    STX,
+    VALUES,
+    bag_line,
+    binding_batch,
+    binding_rows,
+    chance,
+    clean_filler,
     make_binding,
 )
 from moshi_ttt.evaluation import binding_accuracy
@@ -26,14 +35,22 @@ def read_sample(tokens: np.ndarray) -> tuple[dict[int, int], int, list[tuple[int
     """A sample parsed from its tokens alone: (facts key -> value, filler length, questions)."""
     t = tokens.tolist()
     s, e, q = t.index(STX), t.index(ETX), t.index(ENQ)
-    facts = dict(zip(t[s + 1:e:2], t[s + 2:e:2]))
-    pairs = zip(t[q + 1::2], t[q + 2::2])  # questions, then any filler after the sample
+    facts = dict(zip(t[s + 1 : e : 2], t[s + 2 : e : 2]))
+    pairs = zip(t[q + 1 :: 2], t[q + 2 :: 2])  # questions, then any filler after the sample
     return facts, q - e - 1, list(itertools.takewhile(lambda kv: kv[0] in KEYS, pairs))
 
 
-@pytest.mark.parametrize("num_keys,num_queries,distance,repeat",
-                         [(1, 1, 0, False), (4, 1, 7, False), (8, 8, 3, False), (16, 5, 64, False),
-                          (4, 4, 2, True), (8, 8, 0, True)])
+@pytest.mark.parametrize(
+    "num_keys,num_queries,distance,repeat",
+    [
+        (1, 1, 0, False),
+        (4, 1, 7, False),
+        (8, 8, 3, False),
+        (16, 5, 64, False),
+        (4, 4, 2, True),
+        (8, 8, 0, True),
+    ],
+)
 def test_sample_answers_are_the_stated_values(num_keys, num_queries, distance, repeat):
     s = make_binding(11, distance, num_keys, num_queries, repeat=repeat)
     facts, d, questions = read_sample(s.tokens)
@@ -120,7 +137,7 @@ def test_rows_with_the_sample_anywhere_state_their_answers_at_every_offset():
         assert row[m].tolist() == [facts[k] for k, _ in questions]
         starts.append(row.tolist().index(STX))
         last = int(np.flatnonzero(m)[-1])
-        assert not np.isin(row[last + 1:], np.r_[KEYS, VALUES, [STX, ETX, ENQ]]).any()
+        assert not np.isin(row[last + 1 :], np.r_[KEYS, VALUES, [STX, ETX, ENQ]]).any()
     assert min(starts) == 0 and max(starts) == 40 - 11  # first and last offsets (N 2, d 0)
     assert all(row[-1] in VALUES for row in ends)  # without: every row ends with its last answer
 
@@ -132,13 +149,26 @@ def facts_of_rows(rows) -> list[tuple[int, int]]:
 
 
 def test_recall_curriculum_draws_keys_and_distances_by_step():
-    cfg = TrainConfig(steps=30, batch_size=64, seq_len=120, task_frac=1.0, tasks=("binding",),
-                      binding_keys=(16,), keys_schedule=((0, (2,)), (10, (2, 4)), (20, (8,))),
-                      near_steps=15, near_distances=(0, 1), task_distances=(30, 40))
+    cfg = TrainConfig(
+        steps=30,
+        batch_size=64,
+        seq_len=120,
+        task_frac=1.0,
+        tasks=("binding",),
+        binding_keys=(16,),
+        keys_schedule=((0, (2,)), (10, (2, 4)), (20, (8,))),
+        near_steps=15,
+        near_distances=(0, 1),
+        task_distances=(30, 40),
+    )
     rows = TaskRows(cfg)
     rng = np.random.default_rng(0)
-    for step, keys, dists in ((0, {2}, {0, 1}), (12, {2, 4}, {0, 1}), (17, {2, 4}, {30, 40}),
-                              (25, {8}, {30, 40})):
+    for step, keys, dists in (
+        (0, {2}, {0, 1}),
+        (12, {2, 4}, {0, 1}),
+        (17, {2, 4}, {30, 40}),
+        (25, {8}, {30, 40}),
+    ):
         seen = facts_of_rows(rows(64, cfg.seq_len, step, rng))
         assert {n for n, _ in seen} == keys == set(cfg.keys_at(step))
         assert {d for _, d in seen} == dists
@@ -148,7 +178,8 @@ def test_recall_curriculum_draws_keys_and_distances_by_step():
     assert any(len(set(a)) < len(a) for a in asked)  # binding_repeat: some key asked twice
     for anywhere in (False, True):  # binding_anywhere: samples leave rows' ends to filler
         x, y, _, w = TaskRows(dataclasses.replace(cfg, binding_anywhere=anywhere))(
-            64, cfg.seq_len, 0, np.random.default_rng(0))
+            64, cfg.seq_len, 0, np.random.default_rng(0)
+        )
         ends_answered = np.isin(y[:, -1].numpy(), VALUES) & (w[:, -1] > 0).numpy()
         assert ends_answered.all() != anywhere and (w > 0).sum(1).min() >= 2
     late = dataclasses.replace(cfg, keys_schedule=((5, (2,)),))
@@ -157,9 +188,18 @@ def test_recall_curriculum_draws_keys_and_distances_by_step():
 
 @pytest.mark.parametrize("context_weight", [0.0, 0.25, 1.0])
 def test_answer_only_loss_weighs_answers_alone(context_weight):
-    cfg = TrainConfig(steps=2, batch_size=8, seq_len=40, task_frac=1.0, tasks=("binding",),
-                      binding_keys=(3,), near_distances=(4,), near_steps=2, answer_weight=2.0,
-                      context_weight=context_weight)
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=8,
+        seq_len=40,
+        task_frac=1.0,
+        tasks=("binding",),
+        binding_keys=(3,),
+        near_distances=(4,),
+        near_steps=2,
+        answer_weight=2.0,
+        context_weight=context_weight,
+    )
     x, y, _, w = TaskRows(cfg)(8, cfg.seq_len, 0, np.random.default_rng(2))
     expected = torch.full_like(w, context_weight)
     for i, row in enumerate(torch.cat([x, y[:, -1:]], 1).numpy()):
@@ -181,13 +221,16 @@ def test_scale_steps_scales_every_schedule():
     assert base.keys_schedule, "the recall recipe states few keys first"
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"keys_schedule": ((0, (2,)), (0, (4,)))}, "increasing"),
-    ({"keys_schedule": ((0, ()),)}, "non-empty"),
-    ({"keys_schedule": ((0, (65,)),)}, "1..64"),
-    ({"keys_schedule": ((0, 4),)}, "pairs"),
-    ({"keys_schedule": ((0, (1,)),), "binding_queries": 2}, "fewest keys"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"keys_schedule": ((0, (2,)), (0, (4,)))}, "increasing"),
+        ({"keys_schedule": ((0, ()),)}, "non-empty"),
+        ({"keys_schedule": ((0, (65,)),)}, "1..64"),
+        ({"keys_schedule": ((0, 4),)}, "pairs"),
+        ({"keys_schedule": ((0, (1,)),), "binding_queries": 2}, "fewest keys"),
+    ],
+)
 def test_keys_schedule_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
@@ -213,17 +256,22 @@ def fake_metrics(inside: dict[str, float], beyond: dict[str, float]) -> dict:
     """metrics.json with N = 4 binding rows at 0.5 and 4 x W for models named like their kinds."""
     models = {}
     for name in inside:
-        rows = [{"distance_w": 0.5, "distance": 16, "accuracy": inside[name]},
-                {"distance_w": 4.0, "distance": 128, "accuracy": beyond[name]}]
-        models[name] = {"config": {"memory": {"kind": name.split("-")[0], "window": 32},
-                                   "num_layers": 2},
-                        "binding": {"one": {"4": rows}}}
+        rows = [
+            {"distance_w": 0.5, "distance": 16, "accuracy": inside[name]},
+            {"distance_w": 4.0, "distance": 128, "accuracy": beyond[name]},
+        ]
+        models[name] = {
+            "config": {"memory": {"kind": name.split("-")[0], "window": 32}, "num_layers": 2},
+            "binding": {"one": {"4": rows}},
+        }
     return {"models": models}
 
 
 def test_report_names_models_in_which_binding_did_not_form():
-    m = fake_metrics({"full": 1.0, "window-32": 0.97, "ttt_cache-32": 0.3},
-                     {"full": 0.99, "window-32": 0.26, "ttt_cache-32": 0.31})
+    m = fake_metrics(
+        {"full": 1.0, "window-32": 0.97, "ttt_cache-32": 0.3},
+        {"full": 0.99, "window-32": 0.26, "ttt_cache-32": 0.31},
+    )
     c = controls(m, 208)
     assert c["passed"] and c["full"]["min_binding_within_training"] == 0.99
     assert c["not_formed"] == {"ttt_cache-32": 0.3}
@@ -236,8 +284,10 @@ def test_report_names_models_in_which_binding_did_not_form():
 def test_a_study_window_sets_the_distances_of_every_model():
     """Models of other windows: the negative control is the study window's, and binding formed
     is judged inside each model's own window."""
-    m = fake_metrics({"window-128": 1.0, "full": 1.0, "window-32": 0.97},
-                     {"window-128": 0.02, "full": 0.99, "window-32": 0.02})
+    m = fake_metrics(
+        {"window-128": 1.0, "full": 1.0, "window-32": 0.97},
+        {"window-128": 0.02, "full": 0.99, "window-32": 0.02},
+    )
     m["models"]["window-128"]["config"]["memory"]["window"] = 128
     far = m["models"]["window-128"]["binding"]["one"]["4"][1]
     far.update(distance_w=2.0, distance=64, accuracy=1.0)  # 2 x 32 tokens: inside its window
@@ -259,8 +309,13 @@ def test_eval_window_scales_binding_distances(window, multiple):
     torch.manual_seed(0)
     _, cfg = memory_variant(ModelConfig.preset("recall"), "window", 32, 24, 16)
     model = StreamingLM(dataclasses.replace(cfg, dim=32, num_heads=2)).eval()
-    ec = EvalConfig(binding_keys=(2,), binding_distances=(multiple,), binding_num=6,
-                    perplexity=False, window=window)
+    ec = EvalConfig(
+        binding_keys=(2,),
+        binding_distances=(multiple,),
+        binding_num=6,
+        perplexity=False,
+        window=window,
+    )
     row = binding_results(model, ec, distance_unit(model, ec), "cpu")["one"]["2"][0]
     ref = binding_accuracy(model, 2, [48], 6, progress=False)[0]
     assert row["distance"] == 48 and row["distance_w"] == multiple

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import moshi_ttt as mt
 from moshi_ttt import cli
 from moshi_ttt.checkpoint import save_checkpoint
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TQDM = re.compile(r"^[\w ]+:\s+\d+%\|")  # a progress bar line
@@ -24,8 +24,14 @@ def process(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedPr
     """Run the command from ``cwd`` as its own process on this worktree's package."""
     base = {k: v for k, v in os.environ.items() if k != "MOSHI_TTT_DEBUG"}
     env = {**base, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moshi_ttt.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "moshi_ttt.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 moshi = run_cli  # in this process: the same main(), without an interpreter start per case
@@ -59,37 +65,44 @@ def test_a_process_prints_what_main_prints(nowhere, tmp_path):
         assert error_line(a) == error_line(b)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    ([], "a command is required: data, train, eval, study, run, sessions"),
-    (["data"], "a command is required: prepare"),
-    (["train", "--device", "bogus"], "unknown device 'bogus'"),
-    (["train", "--window", "0"], r"argument --window: expected an integer >= 1, got '0'"),
-    (["run", "--window", "0"], r"argument --window: expected an integer >= 1"),
-    (["train", "--memory", ""], "argument --memory: unknown memory ''"),
-    (["train", "--memory", "window+tttx"], "unknown memory 'window\\+tttx'"),
-    (["run", "--memories", "window", "nope"], "unknown memory 'nope'"),
-    (["train", "--seq-schedule", "0:64,1:-5"], r"lengths must be >= 1, got \[64, -5\]"),
-    (["train", "--seq-schedule", "0:64:9"], "STEP:LENGTH"),
-    (["train", "--seq-schedule", "0:64,x:9"], "--seq-schedule"),
-    (["train", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
-    (["train", "--log-every", "0"], "log_every must be >= 1"),
-    (["train", "--lr", "nan"], "lr must be a finite number > 0"),
-    (["train", "--stage-steps", "1,1,1"], "--stage-steps .* --recipe spec"),
-    (["train", "--recipe", "spec", "--steps", "5"], "--steps has no effect with --recipe spec"),
-    (["train", "--recipe", "spec", "--stage-steps", "1,x,1"], "--stage-steps '1,x,1'"),
-    (["train", "--name", ""], "argument --name"),
-    (["train", "--init", "missing.pt"], "--init missing.pt: no such checkpoint"),
-    (["eval", "x.pt", "--docs", "0"], "docs must be >= 1, got 0"),
-    (["eval", "x.pt", "--max-len", "0"], "max_len must be >= 2, got 0"),
-    (["eval", "x.pt", "--buckets", "200", "100", "-5"],
-     r"buckets must be positive and increasing .*\[200, 100, -5\]"),
-    (["eval", "x.pt", "--num", "0"], "num must be >= 1, got 0"),
-    (["eval", "x.pt", "--distances", "4", "-1"],
-     r"multiples of the window and must be >= 1, got \[4, -1\]"),
-    (["eval", "x.pt", "--distances", "0"], "multiples of the window"),
-    (["run", "--docs", "0"], "docs must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        ([], "a command is required: data, train, eval, study, run, sessions"),
+        (["data"], "a command is required: prepare"),
+        (["train", "--device", "bogus"], "unknown device 'bogus'"),
+        (["train", "--window", "0"], r"argument --window: expected an integer >= 1, got '0'"),
+        (["run", "--window", "0"], r"argument --window: expected an integer >= 1"),
+        (["train", "--memory", ""], "argument --memory: unknown memory ''"),
+        (["train", "--memory", "window+tttx"], "unknown memory 'window\\+tttx'"),
+        (["run", "--memories", "window", "nope"], "unknown memory 'nope'"),
+        (["train", "--seq-schedule", "0:64,1:-5"], r"lengths must be >= 1, got \[64, -5\]"),
+        (["train", "--seq-schedule", "0:64:9"], "STEP:LENGTH"),
+        (["train", "--seq-schedule", "0:64,x:9"], "--seq-schedule"),
+        (["train", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
+        (["train", "--log-every", "0"], "log_every must be >= 1"),
+        (["train", "--lr", "nan"], "lr must be a finite number > 0"),
+        (["train", "--stage-steps", "1,1,1"], "--stage-steps .* --recipe spec"),
+        (["train", "--recipe", "spec", "--steps", "5"], "--steps has no effect with --recipe spec"),
+        (["train", "--recipe", "spec", "--stage-steps", "1,x,1"], "--stage-steps '1,x,1'"),
+        (["train", "--name", ""], "argument --name"),
+        (["train", "--init", "missing.pt"], "--init missing.pt: no such checkpoint"),
+        (["eval", "x.pt", "--docs", "0"], "docs must be >= 1, got 0"),
+        (["eval", "x.pt", "--max-len", "0"], "max_len must be >= 2, got 0"),
+        (
+            ["eval", "x.pt", "--buckets", "200", "100", "-5"],
+            r"buckets must be positive and increasing .*\[200, 100, -5\]",
+        ),
+        (["eval", "x.pt", "--num", "0"], "num must be >= 1, got 0"),
+        (
+            ["eval", "x.pt", "--distances", "4", "-1"],
+            r"multiples of the window and must be >= 1, got \[4, -1\]",
+        ),
+        (["eval", "x.pt", "--distances", "0"], "multiples of the window"),
+        (["run", "--docs", "0"], "docs must be >= 1"),
+    ],
+)
 def test_bad_options_are_one_line(args, match, nowhere, tmp_path):
     if args and args[0] in ("train", "eval", "run") and "--data" not in args:
         args = [*args, "--data", nowhere, "--device", "cpu"]
@@ -124,7 +137,9 @@ def test_only_the_default_corpus_is_prepared_automatically(tmp_path, monkeypatch
         (Path(path) / "manifest.json").write_text("{}")
 
     monkeypatch.setattr(prepare, "prepare_corpus", fake_prepare)
-    monkeypatch.setattr(cli, "run_study", lambda preset, data, out, device, **kw: studied.append(data))
+    monkeypatch.setattr(
+        cli, "run_study", lambda preset, data, out, device, **kw: studied.append(data)
+    )
     monkeypatch.chdir(tmp_path)
     assert cli.main(["study", "--preset", "cpu", "--device", "cpu"]) == 0
     assert made == [Path("data/corpus")] and studied == [Path("data/corpus")]
@@ -138,7 +153,7 @@ def test_help_lists_every_memory_and_the_corpus_rule(tmp_path):
     r = moshi("train", "--help", cwd=tmp_path)
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
-    memory = text[text.index("--memory MEMORY"):text.index("--window WINDOW attention")]
+    memory = text[text.index("--memory MEMORY") : text.index("--window WINDOW attention")]
     assert all(kind in memory for kind in MEMORY_KINDS)
     assert "+tttN" in memory and "+tttN/tf32" in memory
     assert "prepared automatically when missing" in text
@@ -148,17 +163,48 @@ def test_help_lists_every_memory_and_the_corpus_rule(tmp_path):
 
 def test_non_finite_loss_is_one_line_naming_no_unwritten_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
-    line = error_line(moshi("train", "--data", corpus, "--device", "cpu", "--steps", "4",
-                            "--batch-size", "2", "--seq-len", "64", "--lr", "1e12", "--out", out,
-                            cwd=tmp_path))
+    line = error_line(
+        moshi(
+            "train",
+            "--data",
+            corpus,
+            "--device",
+            "cpu",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--lr",
+            "1e12",
+            "--out",
+            out,
+            cwd=tmp_path,
+        )
+    )
     assert "non-finite training loss" in line and "no checkpoint was written" in line
     assert not (out / "train_state.pt").exists() and "train_state.pt" not in line
 
 
 def test_resume_without_a_checkpoint_starts_at_step_0_and_says_so(corpus, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--data", corpus, "--device", "cpu", "--steps", "1", "--batch-size", "2",
-            "--seq-len", "64", "--out", out, "--resume"]
+    args = [
+        "train",
+        "--data",
+        corpus,
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--out",
+        out,
+        "--resume",
+    ]
     r = moshi(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"no checkpoint at {out / 'train_state.pt'}: starting from step 0" in r.stderr
@@ -174,8 +220,22 @@ def _checkpoint(path: Path, name: str) -> Path:
     return path
 
 
-EVAL = ["--max-len", "300", "--docs", "1", "--num", "1", "--distances", "1", "--buckets", "300",
-        "--cross-session", "--no-diagnostics", "--device", "cpu"]
+EVAL = [
+    "--max-len",
+    "300",
+    "--docs",
+    "1",
+    "--num",
+    "1",
+    "--distances",
+    "1",
+    "--buckets",
+    "300",
+    "--cross-session",
+    "--no-diagnostics",
+    "--device",
+    "cpu",
+]
 
 
 def test_eval_keeps_every_model_when_names_repeat(corpus, tmp_path):
@@ -206,8 +266,9 @@ def test_eval_checkpoint_with_an_incomplete_config(corpus, tmp_path):
     blob = torch.load(path, weights_only=True)
     del blob["config"]["memory"]
     torch.save(blob, path)
-    line = error_line(moshi("eval", path, "--data", corpus, "--out", tmp_path / "eval", *EVAL,
-                            cwd=tmp_path))
+    line = error_line(
+        moshi("eval", path, "--data", corpus, "--out", tmp_path / "eval", *EVAL, cwd=tmp_path)
+    )
     assert f"{path}: its model config is invalid (no 'memory')" in line
 
 
@@ -233,7 +294,17 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_debug_shows_the_traceback_of_user_errors(tmp_path):
-    r = process("eval", "x.pt", "--docs", "0", "--data", tmp_path, "--device", "cpu", cwd=tmp_path,
-              env={"MOSHI_TTT_DEBUG": "1"})
+    r = process(
+        "eval",
+        "x.pt",
+        "--docs",
+        "0",
+        "--data",
+        tmp_path,
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+        env={"MOSHI_TTT_DEBUG": "1"},
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr
     assert "ValueError: EvalConfig.docs" in r.stderr

@@ -74,15 +74,23 @@ def _ztext(testaments: dict[str, list[list[str]]]) -> dict[str, bytes]:
     return files
 
 
-GEN_1_1 = ('<w lemma="strong:H0430">In</w> <w>the</w> <w>beginning</w>, <w>God</w><note '
-           'placement="foot"><reference type="annotateRef">1:1 </reference>Hebrew “Elohim”.'
-           '</note><w>created</w> the heavens &amp; the earth. ')
+GEN_1_1 = (
+    '<w lemma="strong:H0430">In</w> <w>the</w> <w>beginning</w>, <w>God</w><note '
+    'placement="foot"><reference type="annotateRef">1:1 </reference>Hebrew “Elohim”.'
+    "</note><w>created</w> the heavens &amp; the earth. "
+)
 
 
 def _book(osis: str, heading: bool = True) -> list[str]:
     """Entries of one book: heading, 2 chapters of 2 verses, the book's end milestone."""
-    head = (f'<div canonical="true" osisID="{osis}" sID="b{osis}" type="book"/> <title '
-            f'type="main">The Book of {osis}</title>') if heading else ""
+    head = (
+        (
+            f'<div canonical="true" osisID="{osis}" sID="b{osis}" type="book"/> <title '
+            f'type="main">The Book of {osis}</title>'
+        )
+        if heading
+        else ""
+    )
     entries = [head]
     for c in (1, 2):
         entries.append(f'<chapter n="{c}" osisID="{osis}.{c}" sID="{osis}.{c}"/>')
@@ -96,12 +104,16 @@ def _bible_entries() -> dict[str, list[list[str]]]:
     ids = [b for b, _ in sources.BIBLE_BOOKS]
     books = {b: _book(b, heading=b != "Hos") for b in ids + ["Tob"]}
     books["Gen"][2] = GEN_1_1
-    books["Ps"][2] = ('<title canonical="true" type="psalm">A Psalm.</title><lg sID="g"/><l '
-                      'sID="a"/>line one,<l eID="a"/> <l sID="b"/>line two.<l eID="b"/><lg eID="g"/>')
+    books["Ps"][2] = (
+        '<title canonical="true" type="psalm">A Psalm.</title><lg sID="g"/><l '
+        'sID="a"/>line one,<l eID="a"/> <l sID="b"/>line two.<l eID="b"/><lg eID="g"/>'
+    )
     books["Matt"][2] = '<q marker="" who="Jesus">“Come.”</q><w>Then</w> he went. '
     # a book outside the versification lands in Hosea's heading, cutting Hosea's own heading
-    books["Hos"][0] = ('<div canonical="true" osisID="DanGr" sID="x" type="book"/><chapter '
-                       'osisID="DanGr.1" sID="DanGr.1"/>Greek Daniel text.')
+    books["Hos"][0] = (
+        '<div canonical="true" osisID="DanGr" sID="x" type="book"/><chapter '
+        'osisID="DanGr.1" sID="DanGr.1"/>Greek Daniel text.'
+    )
     header = ["", '<milestone type="x-importer"/>']
     ot = [header] + [books[b] for b in ids[:39] + ["Tob"]]
     return {"ot": ot, "nt": [header] + [books[b] for b in ids[39:]]}
@@ -109,6 +121,7 @@ def _bible_entries() -> dict[str, list[list[str]]]:
 
 def _deb(path: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
     """Write a minimal .deb (ar of debian-binary, control.tar.gz, data.tar.xz)."""
+
     def tar(members: dict[str, bytes], mode: str) -> bytes:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode=mode) as t:
@@ -119,8 +132,11 @@ def _deb(path: Path, package: str, version: str, files: dict[str, bytes]) -> Pat
         return buf.getvalue()
 
     control = f"Package: {package}\nVersion: {version}\nArchitecture: all\n".encode()
-    members = {"debian-binary": b"2.0\n", "control.tar.gz": tar({"control": control}, "w:gz"),
-               "data.tar.xz": tar(files, "w:xz")}
+    members = {
+        "debian-binary": b"2.0\n",
+        "control.tar.gz": tar({"control": control}, "w:gz"),
+        "data.tar.xz": tar(files, "w:xz"),
+    }
     out = b"!<arch>\n"
     for name, data in members.items():
         out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode() + data
@@ -130,23 +146,29 @@ def _deb(path: Path, package: str, version: str, files: dict[str, bytes]) -> Pat
     return path
 
 
-NOVEL_LINES = {k: [f"{t.upper()}", "", "Chapter 1", ""] + [f"{k} line {i}." for i in range(9000)]
-               for k, t in sources.AUSTEN_NOVELS.items()}  # > 100k chars each: long documents
+NOVEL_LINES = {
+    k: [f"{t.upper()}", "", "Chapter 1", ""] + [f"{k} line {i}." for i in range(9000)]
+    for k, t in sources.AUSTEN_NOVELS.items()
+}  # > 100k chars each: long documents
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<html><head><title>{title} — Python 3.11.2 documentation</title></head><body>"
-            f'<div class="related">nav</div><div class="document"><div class="body" '
-            f'role="main"><section><h1>{title}<a class="headerlink" href="#">¶</a></h1>{body}'
-            f'</section></div></div><div class="sphinxsidebar">sidebar</div></body></html>')
+    return (
+        f"<html><head><title>{title} — Python 3.11.2 documentation</title></head><body>"
+        f'<div class="related">nav</div><div class="document"><div class="body" '
+        f'role="main"><section><h1>{title}<a class="headerlink" href="#">¶</a></h1>{body}'
+        f'</section></div></div><div class="sphinxsidebar">sidebar</div></body></html>'
+    )
 
 
-PAGES = {"library/a.html": _page("a — A", "<p>" + "alpha " * 500 + "</p>"),
-         "library/b.html": _page("b — B", "<p>" + "beta " * 500 + "</p>"),
-         "library/c.html": _page("c — C", "<p>" + "gamma " * 500 + "</p>"),
-         "library/tiny.html": _page("tiny", "<p>short</p>"),
-         "library/index.html": _page("Library", "<p>" + "toc " * 800 + "</p>"),
-         "genindex-A.html": _page("Index", "<p>" + "idx " * 800 + "</p>")}
+PAGES = {
+    "library/a.html": _page("a — A", "<p>" + "alpha " * 500 + "</p>"),
+    "library/b.html": _page("b — B", "<p>" + "beta " * 500 + "</p>"),
+    "library/c.html": _page("c — C", "<p>" + "gamma " * 500 + "</p>"),
+    "library/tiny.html": _page("tiny", "<p>short</p>"),
+    "library/index.html": _page("Library", "<p>" + "toc " * 800 + "</p>"),
+    "genindex-A.html": _page("Index", "<p>" + "idx " * 800 + "</p>"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +179,18 @@ def debs(tmp_path_factory) -> Path:
     stem = "usr/lib/R/site-library/janeaustenr/data/Rdata"
     _deb(cache, "r-cran-janeaustenr", "1.0.0-1", {stem + ".rdx": rdx, stem + ".rdb": rdb})
     mod = "usr/share/sword/modules/texts/ztext/engWEB2015eb/"
-    _deb(cache, "sword-text-web", "426.0-1",
-         {mod + k: v for k, v in _ztext(_bible_entries()).items()})
-    _deb(cache, "python3.11-doc", "3.11.2-6", {sources.PYDOCS_ROOT + k: v.encode()
-                                              for k, v in PAGES.items()})
+    _deb(
+        cache,
+        "sword-text-web",
+        "426.0-1",
+        {mod + k: v for k, v in _ztext(_bible_entries()).items()},
+    )
+    _deb(
+        cache,
+        "python3.11-doc",
+        "3.11.2-6",
+        {sources.PYDOCS_ROOT + k: v.encode() for k, v in PAGES.items()},
+    )
     return cache
 
 
@@ -185,10 +215,13 @@ def test_bible_books_plain_text():
     entries = debian.read_ztext(_ztext(_bible_entries()))
     docs = {d.doc_id: d for d in sources.bible_documents(entries)}
     assert list(docs) == [b for b, _ in sources.BIBLE_BOOKS]  # 66, canon order, no Tob/DanGr
-    assert docs["Gen"].text == ("In the beginning, God created the heavens & the earth. "
-                                "Gen 1:2 text.\n\nGen 2:1 text. Gen 2:2 text.")
-    assert docs["Ps"].text == ("A Psalm.\nline one,\nline two.\nPs 1:2 text.\n\n"
-                               "Ps 2:1 text. Ps 2:2 text.")
+    assert docs["Gen"].text == (
+        "In the beginning, God created the heavens & the earth. "
+        "Gen 1:2 text.\n\nGen 2:1 text. Gen 2:2 text."
+    )
+    assert docs["Ps"].text == (
+        "A Psalm.\nline one,\nline two.\nPs 1:2 text.\n\nPs 2:1 text. Ps 2:2 text."
+    )
     assert docs["Matt"].text.startswith("“Come.” Then he went. Matt 1:2 text.")
     assert docs["Hos"].text == "Hos 1:1 text. Hos 1:2 text.\n\nHos 2:1 text. Hos 2:2 text."
 
@@ -201,11 +234,15 @@ def test_lazyload_austen():
 
 
 def test_html_to_text():
-    body = ('<p>Some <code>code</code>\n  here.</p><div class="highlight"><pre>def f():\n'
-            '    return 1\n</pre></div><ul><li>one</li><li>two</li></ul>')
+    body = (
+        '<p>Some <code>code</code>\n  here.</p><div class="highlight"><pre>def f():\n'
+        "    return 1\n</pre></div><ul><li>one</li><li>two</li></ul>"
+    )
     title, text = sources.html_to_text(_page("json — JSON", body))
-    assert (title, text) == ("json — JSON", "json — JSON\n\nSome code here.\n\ndef f():\n"
-                             "    return 1\n\none\ntwo")
+    assert (title, text) == (
+        "json — JSON",
+        "json — JSON\n\nSome code here.\n\ndef f():\n    return 1\n\none\ntwo",
+    )
 
 
 def test_pydocs_skips_index_and_tiny_pages():
@@ -214,12 +251,22 @@ def test_pydocs_skips_index_and_tiny_pages():
 
 
 def test_stdlib_skips_tests(tmp_path):
-    for rel in ("a.py", "pkg/b.py", "test/t.py", "pkg/tests/x.py", "site-packages/y.py",
-                "idlelib/idle_test/z.py", "pkg/data.txt"):
+    for rel in (
+        "a.py",
+        "pkg/b.py",
+        "test/t.py",
+        "pkg/tests/x.py",
+        "site-packages/y.py",
+        "idlelib/idle_test/z.py",
+        "pkg/data.txt",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(f"# {rel}\n")
     docs = sources.stdlib_documents(tmp_path)
-    assert [(d.doc_id, d.text) for d in docs] == [("a.py", "# a.py\n"), ("pkg/b.py", "# pkg/b.py\n")]
+    assert [(d.doc_id, d.text) for d in docs] == [
+        ("a.py", "# a.py\n"),
+        ("pkg/b.py", "# pkg/b.py\n"),
+    ]
 
 
 def test_deb_roundtrip(tmp_path):
@@ -234,8 +281,10 @@ def test_source_error_without_apt_get(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(SourceError) as e:
         sources.load_source("austen", tmp_path / "cache")
-    assert str(e.value).startswith("source 'austen': cannot fetch Debian package "
-                                   "'r-cran-janeaustenr': apt-get not found on PATH")
+    assert str(e.value).startswith(
+        "source 'austen': cannot fetch Debian package "
+        "'r-cran-janeaustenr': apt-get not found on PATH"
+    )
 
 
 def test_source_error_names_apt_stderr(tmp_path, monkeypatch):
@@ -243,14 +292,17 @@ def test_source_error_names_apt_stderr(tmp_path, monkeypatch):
     bin_dir.mkdir()
     (bin_dir / "apt-get").write_text(
         "#!/bin/sh\necho 'W: Download is performed unsandboxed as root' >&2\n"
-        "echo \"E: Unable to locate package $2\" >&2\nexit 100\n")
+        'echo "E: Unable to locate package $2" >&2\nexit 100\n'
+    )
     (bin_dir / "apt-get").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     with pytest.raises(SourceError) as e:
         sources.load_source("bible", tmp_path / "cache")
-    assert str(e.value) == ("source 'bible': cannot fetch Debian package 'sword-text-web': "
-                            "`apt-get download sword-text-web` exited with 100:\n"
-                            "E: Unable to locate package sword-text-web")
+    assert str(e.value) == (
+        "source 'bible': cannot fetch Debian package 'sword-text-web': "
+        "`apt-get download sword-text-web` exited with 100:\n"
+        "E: Unable to locate package sword-text-web"
+    )
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -271,16 +323,21 @@ def test_reproducible_bytes(corpus, debs, tmp_path):
 
 
 def _assignment(manifest: dict) -> dict[tuple[str, str], str]:
-    return {(d["source"], d["doc_id"]): s for s, e in manifest["splits"].items()
-            for d in e["document_list"]}
+    return {
+        (d["source"], d["doc_id"]): s
+        for s, e in manifest["splits"].items()
+        for d in e["document_list"]
+    }
 
 
 def test_splits_disjoint_and_complete(corpus, debs):
     manifest = json.loads((corpus / "manifest.json").read_text())
-    listed = [(d["source"], d["doc_id"]) for e in manifest["splits"].values()
-              for d in e["document_list"]]
-    all_docs = [(d.source, d.doc_id) for name in FAKE
-                for d in sources.load_source(name, debs).documents]
+    listed = [
+        (d["source"], d["doc_id"]) for e in manifest["splits"].values() for d in e["document_list"]
+    ]
+    all_docs = [
+        (d.source, d.doc_id) for name in FAKE for d in sources.load_source(name, debs).documents
+    ]
     assert sorted(listed) == sorted(all_docs)  # each document in exactly one split
     per_source = {(src, s) for (src, _), s in _assignment(manifest).items()}
     assert per_source == {(src, s) for src in FAKE for s in prepare.SPLITS}
@@ -289,8 +346,7 @@ def test_splits_disjoint_and_complete(corpus, debs):
 def test_split_deterministic_and_stable_under_added_sources(corpus, debs, tmp_path):
     manifest = json.loads((corpus / "manifest.json").read_text())
     alone = prepare_corpus(tmp_path / "a", ("austen",), progress=False, cache_dir=debs)
-    other_seed = prepare_corpus(tmp_path / "b", ("bible",), seed=1, progress=False,
-                                cache_dir=debs)
+    other_seed = prepare_corpus(tmp_path / "b", ("bible",), seed=1, progress=False, cache_dir=debs)
     full = _assignment(manifest)
     assert _assignment(alone) == {k: v for k, v in full.items() if k[0] == "austen"}
     assert _assignment(other_seed) != {k: v for k, v in full.items() if k[0] == "bible"}
@@ -298,7 +354,7 @@ def test_split_deterministic_and_stable_under_added_sources(corpus, debs, tmp_pa
 
 def test_long_documents_held_out():
     chars = [prepare.LONG_DOC_CHARS] * 4 + [10] * 16
-    split = assign_splits([.9] * 4 + [.3] * 16, chars, val_frac=0.05, test_frac=0.1)
+    split = assign_splits([0.9] * 4 + [0.3] * 16, chars, val_frac=0.05, test_frac=0.1)
     # no u < 0.15, so only the fix-ups fill test (one long document) and val
     assert [split[i] for i in range(4)] == ["test", "train", "train", "train"]
     assert (split.count("test"), split.count("val")) == (1, 1)
@@ -306,8 +362,11 @@ def test_long_documents_held_out():
 
 def test_load_split_round_trip(corpus, debs):
     tok = ByteTokenizer()
-    texts = {(d.source, d.doc_id): d.text for name in FAKE
-             for d in sources.load_source(name, debs).documents}
+    texts = {
+        (d.source, d.doc_id): d.text
+        for name in FAKE
+        for d in sources.load_source(name, debs).documents
+    }
     for split in prepare.SPLITS:
         tokens, bounds, manifest = load_split(corpus, split)
         listing = manifest["splits"][split]["document_list"]
@@ -318,8 +377,9 @@ def test_load_split_round_trip(corpus, debs):
 
 def test_austen_novel_in_test(corpus):
     _, _, manifest = load_split(corpus, "test")
-    held = [d["title"] for d in manifest["splits"]["test"]["document_list"]
-            if d["source"] == "austen"]
+    held = [
+        d["title"] for d in manifest["splits"]["test"]["document_list"] if d["source"] == "austen"
+    ]
     assert len(held) == 1 and held[0] in sources.AUSTEN_NOVELS.values()
 
 
@@ -349,4 +409,6 @@ def test_real_packages(request, tmp_path):
     books = sources.bible(tmp_path)
     assert [d.doc_id for d in books] == [b for b, _ in sources.BIBLE_BOOKS]
     assert books[0].text.startswith("In the beginning, God created the heavens and the earth.")
-    assert books[-1].text.endswith("The grace of the Lord Jesus Christ be with all the saints. Amen.")
+    assert books[-1].text.endswith(
+        "The grace of the Lord Jesus Christ be with all the saints. Amen."
+    )

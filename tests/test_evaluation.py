@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
+from conftest import assert_close, tiny_config
 
 import moshi_ttt as mt
 from moshi_ttt.evaluation import bucket_edges, loss_by_position, stream_predictions, task_accuracy
-from conftest import assert_close, tiny_config
 
 
 def test_loss_by_position_equals_parallel():
@@ -16,7 +16,9 @@ def test_loss_by_position_equals_parallel():
     with torch.no_grad():
         for d in docs:
             t = torch.as_tensor(d[:2200], dtype=torch.long)[None]
-            nll = torch.nn.functional.cross_entropy(model(t)[0, :-1], t[0, 1:], reduction="none").numpy()
+            nll = torch.nn.functional.cross_entropy(
+                model(t)[0, :-1], t[0, 1:], reduction="none"
+            ).numpy()
             for j, v in enumerate(nll, start=1):  # nll of token j
                 b = 0 if j < 1000 else (1 if j < 2000 else 2)
                 sums[b] = sums.get(b, 0.0) + v
@@ -45,4 +47,6 @@ def test_task_accuracy_deterministic_and_bounded():
     a = task_accuracy(model, "passkey", [16, 64], num=3, progress=False)
     b = task_accuracy(model, "passkey", [16, 64], num=3, progress=False)
     assert a == b
-    assert all(0.0 <= r["token_accuracy"] <= 1.0 and r["accuracy"] <= r["token_accuracy"] for r in a)
+    assert all(
+        0.0 <= r["token_accuracy"] <= 1.0 and r["accuracy"] <= r["token_accuracy"] for r in a
+    )

@@ -10,21 +10,34 @@ import contextlib
 
 import pytest
 import torch
+from conftest import assert_close
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.compile import no_cuda_graph
 
 from moshi_ttt import InPlaceTTTConfig, MemoryConfig
-from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm
-from conftest import assert_close
+from moshi_ttt.moshi.config import tiny_lm_kwargs
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
-KW = tiny_lm_kwargs(dim=64, text_card=60, card=48, num_layers=4, context=40, depformer_dim=32,
-                    depformer_dim_feedforward=64)
+KW = tiny_lm_kwargs(
+    dim=64,
+    text_card=60,
+    card=48,
+    num_layers=4,
+    context=40,
+    depformer_dim=32,
+    depformer_dim_feedforward=64,
+)
 C = 8
-CFG = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1, 3), chunk_size=C, lr=0.5, target="hidden"),
-                    memory=MemoryConfig(kind="ttt_cache", window=8, block=4, num_virtual=3), memory_layers=(0, 2))
+CFG = AdapterConfig(
+    inplace_ttt=InPlaceTTTConfig(layers=(1, 3), chunk_size=C, lr=0.5, target="hidden"),
+    memory=MemoryConfig(kind="ttt_cache", window=8, block=4, num_virtual=3),
+    memory_layers=(0, 2),
+)
 
 
 def model(cfg=CFG, dtype=torch.float32):
@@ -43,11 +56,16 @@ def model(cfg=CFG, dtype=torch.float32):
 
 def run(lm, user, graphs: bool, reset_at: int | None = None):
     """Greedy LMGen over user audio [B, 2, T]. Returns generated tokens [B, 3, T'], text logits
-    [B, T, V], how many steps changed layer 1's fast weights and layer 0's compressor, final states."""
+    [B, T, V], how many steps changed layer 1's fast weights and layer 0's compressor, final
+    states."""
     B, _, T = user.shape
     logits, tokens, ttt_updates, cache_updates = [], [], 0, 0
-    gen = LMGen(lm, use_sampling=False, on_text_logits_hook=lambda x: logits.append(x[:, 0, 0].float().clone()))
-    with (contextlib.nullcontext() if graphs else no_cuda_graph()), gen.streaming(B):
+    gen = LMGen(
+        lm,
+        use_sampling=False,
+        on_text_logits_hook=lambda x: logits.append(x[:, 0, 0].float().clone()),
+    )
+    with contextlib.nullcontext() if graphs else no_cuda_graph(), gen.streaming(B):
         s = lm.transformer.layers[1].gating._streaming_state.tensors["s"]
         d = lm.transformer.layers[0].self_attn._streaming_state.tensors["d1"]
         prev_s, prev_d = s.clone(), d.clone()
@@ -55,13 +73,16 @@ def run(lm, user, graphs: bool, reset_at: int | None = None):
             if t == reset_at:
                 gen.reset_streaming(torch.tensor([False, True], device="cuda"))
                 prev_s, prev_d = s.clone(), d.clone()
-            out = gen.step(user[:, :, t:t + 1])
+            out = gen.step(user[:, :, t : t + 1])
             if out is not None:
                 tokens.append(out[:, :, 0].clone())
             ttt_updates += int(not torch.equal(s, prev_s))
             cache_updates += int(not torch.equal(d, prev_d))
             prev_s, prev_d = s.clone(), d.clone()
-        final = {k: v.clone() for k, v in lm.transformer.layers[1].gating._streaming_state.tensors.tensors.items()}
+        final = {
+            k: v.clone()
+            for k, v in lm.transformer.layers[1].gating._streaming_state.tensors.tensors.items()
+        }
     return torch.stack(tokens, 2), torch.stack(logits, 1), ttt_updates, cache_updates, final
 
 

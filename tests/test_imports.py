@@ -18,11 +18,16 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The project modules ``name`` imports (``from .x import y`` counts x.y when it is a module)."""
+    """The project modules ``name`` imports (``from .x import y`` counts x.y when it is a
+    module)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-            for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for n in ast.walk(node)
+    }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -31,7 +36,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                head = package.split(".")[:len(package.split(".")) - node.level + 1]
+                head = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(head + ([node.module] if node.module else []))
             for alias in node.names:
                 full = f"{base}.{alias.name}"

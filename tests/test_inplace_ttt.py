@@ -4,23 +4,43 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import assert_close, stream
 
 import moshi_ttt as mt
 from moshi_ttt.layers.inplace_ttt import InPlaceTTTMLP
 from moshi_ttt.ops.inplace_ttt import chunk_target, ttt_chunk_scan, ttt_naive
 from moshi_ttt.training import lm_loss
-from conftest import assert_close, stream
 
 C = 8
 
 
-def ttt_config(kind="window", window=6, layers=(0, 1), chunk=C, target="embed", lr=0.5, clip_tau=None,
-               reset_on_boundary=True, decay=0.0):
-    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind=kind, window=window),
-                          inplace_ttt=mt.InPlaceTTTConfig(layers=layers, chunk_size=chunk, lr=lr, target=target,
-                                                          clip_tau=clip_tau, reset_on_boundary=reset_on_boundary,
-                                                          decay=decay))
+def ttt_config(
+    kind="window",
+    window=6,
+    layers=(0, 1),
+    chunk=C,
+    target="embed",
+    lr=0.5,
+    clip_tau=None,
+    reset_on_boundary=True,
+    decay=0.0,
+):
+    return mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind=kind, window=window),
+        inplace_ttt=mt.InPlaceTTTConfig(
+            layers=layers,
+            chunk_size=chunk,
+            lr=lr,
+            target=target,
+            clip_tau=clip_tau,
+            reset_on_boundary=reset_on_boundary,
+            decay=decay,
+        ),
+    )
 
 
 def ttt_model(cfg, conv_std=0.3, proj_scale=10.0, seed=0):
@@ -47,10 +67,15 @@ def set_naive(model, naive: bool):
 def test_scan_naive_equals_fast_float64(clip, decay):
     g = torch.Generator().manual_seed(1)
     B, T, h, d = 3, 5 * C, 12, 8
-    args = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
-            for s in ((B, T, h), (B, T, d), (d, h), (B, d, h))]
+    args = [
+        torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+        for s in ((B, T, h), (B, T, d), (d, h), (B, d, h))
+    ]
     apply = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
-    go, gs = torch.randn(B, T, d, dtype=torch.float64, generator=g), torch.randn(B, d, h, dtype=torch.float64, generator=g)
+    go, gs = (
+        torch.randn(B, T, d, dtype=torch.float64, generator=g),
+        torch.randn(B, d, h, dtype=torch.float64, generator=g),
+    )
     results = []
     for f in (ttt_naive, ttt_chunk_scan):
         for a in args:
@@ -77,8 +102,12 @@ def test_model_naive_equals_fast_float64(target, resets):
         set_naive(model, naive)
         model.zero_grad()
         logits = model(tokens, resets=rs)
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
-        grads.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
+        (
+            logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)
+        ).sum().backward()
+        grads.append(
+            {"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+        )
     for name, ref in grads[0].items():
         assert_close(grads[1][name], ref, 1e-6, name, floor=0.0)
 
@@ -132,7 +161,9 @@ def test_decay_bounds_the_sum_of_updates():
     z = torch.randn(1, N * C, h, generator=g, dtype=torch.float64) + 1.0  # a biased, drifting input
     v = torch.randn(1, N * C, d, generator=g, dtype=torch.float64) + 1.0
     w0 = torch.zeros(d, h, dtype=torch.float64)
-    dw = torch.stack([0.3 * v[0, n * C:(n + 1) * C].T @ z[0, n * C:(n + 1) * C] for n in range(N)])
+    dw = torch.stack(
+        [0.3 * v[0, n * C : (n + 1) * C].T @ z[0, n * C : (n + 1) * C] for n in range(N)]
+    )
     bound = torch.linalg.vector_norm(dw, dim=(1, 2)).max() / lam
     _, s_decay = ttt_chunk_scan(z, v, w0, 0.3, C, decay=lam)
     _, s_plain = ttt_chunk_scan(z, v, w0, 0.3, C)
@@ -169,19 +200,20 @@ def test_fresh_layer_is_the_plain_mlp():
 
 # ---- known pitfalls ----------------------------------------------------------------
 def test_conv_target_stays_inside_chunk():
-    """Changing X0 in chunk 2 leaves chunk 1's target, and so every output up to chunk 2, unchanged."""
+    """Changing X0 in chunk 2 leaves chunk 1's target, and so every output up to chunk 2,
+    unchanged."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4 * C, 6, generator=g)
     conv, proj = torch.randn(6, 1, 5, generator=g), torch.randn(6, 6, generator=g)
     x1 = x0.clone()
     x1[:, 2 * C] += 10.0  # first token of chunk 2
     v0, v1 = chunk_target(x0, conv, proj, C), chunk_target(x1, conv, proj, C)
-    assert torch.equal(v0[:, :2 * C], v1[:, :2 * C])
-    assert not torch.equal(v0[:, 2 * C:3 * C], v1[:, 2 * C:3 * C])
+    assert torch.equal(v0[:, : 2 * C], v1[:, : 2 * C])
+    assert not torch.equal(v0[:, 2 * C : 3 * C], v1[:, 2 * C : 3 * C])
     z, w0 = torch.randn(2, 4 * C, 10, generator=g), torch.randn(6, 10, generator=g)
     o0, _ = ttt_chunk_scan(z, v0, w0, 0.3, C)
     o1, _ = ttt_chunk_scan(z, v1, w0, 0.3, C)
-    assert torch.equal(o0[:, :3 * C], o1[:, :3 * C])
+    assert torch.equal(o0[:, : 3 * C], o1[:, : 3 * C])
 
 
 def test_batch_rows_keep_their_own_fast_weights():
@@ -190,7 +222,7 @@ def test_batch_rows_keep_their_own_fast_weights():
     with torch.no_grad():
         out, st = stream(model, tokens, 1)
         for b in range(3):
-            single, sb = stream(model, tokens[b:b + 1], 1)
+            single, sb = stream(model, tokens[b : b + 1], 1)
             assert_close(out[b], single[0], 1e-5, "logits")
             assert_close(st["layers.0.ttt.s"][b], sb["layers.0.ttt.s"][0], 1e-6, "fast weights")
     s = st["layers.0.ttt.s"]
@@ -214,7 +246,11 @@ def test_fast_weights_stay_fp32():
 def test_target_init_is_not_all_zero():
     mlp = InPlaceTTTMLP(16, 40, mt.InPlaceTTTConfig(chunk_size=4))
     assert torch.count_nonzero(mlp.target_conv) == 0
-    assert torch.count_nonzero(mlp.target_proj) == 16 == torch.count_nonzero(torch.diag(mlp.target_proj))
+    assert (
+        torch.count_nonzero(mlp.target_proj)
+        == 16
+        == torch.count_nonzero(torch.diag(mlp.target_proj))
+    )
     x = torch.randn(2, 16, 16)
     mlp.forward_ttt(x, x, torch.arange(16).expand(2, 16), None).pow(2).sum().backward()
     assert mlp.target_conv.grad.abs().max() > 0
@@ -223,7 +259,9 @@ def test_target_init_is_not_all_zero():
 def test_clip_never_applied_in_training():
     cfg = ttt_config(clip_tau=1e-5)
     model = ttt_model(cfg)
-    noclip = ttt_model(dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, clip_tau=None)))
+    noclip = ttt_model(
+        dataclasses.replace(cfg, inplace_ttt=dataclasses.replace(cfg.inplace_ttt, clip_tau=None))
+    )
     tokens = torch.randint(0, 50, (2, 40))
     model.train(), noclip.train()
     assert torch.equal(model(tokens), noclip(tokens))
@@ -256,7 +294,9 @@ def test_streaming_targets_use_real_tokens():
     with torch.no_grad():
         _, st = stream(model, tokens, 1)
         x = model.emb(tokens)
-        h = model.layers[0].norm2(x + model.layers[0].self_attn(model.layers[0].norm1(x), torch.arange(C)[None], None))
+        h = model.layers[0].norm2(
+            x + model.layers[0].self_attn(model.layers[0].norm1(x), torch.arange(C)[None], None)
+        )
         v = chunk_target(x, mlp.target_conv, mlp.target_proj, C)
         ref = mlp.ttt.lr * v[0].T @ mlp.hidden(h)[0]
     assert_close(st["layers.0.ttt.s"][0], ref, 1e-5)
@@ -338,7 +378,9 @@ def test_matmul_precision_option(precision):
     """``high`` allows TF32 products on CUDA only; on CPU both settings compute IEEE fp32, and
     streaming equals parallel under either."""
     base = ttt_config()
-    cfg = dataclasses.replace(base, inplace_ttt=dataclasses.replace(base.inplace_ttt, matmul_precision=precision))
+    cfg = dataclasses.replace(
+        base, inplace_ttt=dataclasses.replace(base.inplace_ttt, matmul_precision=precision)
+    )
     model, ref_model = ttt_model(cfg).eval(), ttt_model(base).eval()
     tokens = torch.randint(0, 50, (2, 45))
     with torch.no_grad():

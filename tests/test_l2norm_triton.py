@@ -4,11 +4,11 @@ program; on CPU under Triton's interpreter and on the GPU with ``-m gpu``."""
 
 import pytest
 import torch
+from conftest import TRITON_DEVICES as DEVICES
+from conftest import assert_close
 from torch.nn import functional as F
 
 from moshi_ttt.ops import l2norm_triton as l2
-
-from conftest import TRITON_DEVICES as DEVICES, assert_close
 
 pytestmark = pytest.mark.skipif(not l2.triton, reason="needs Triton")
 
@@ -26,19 +26,27 @@ def test_normalize_kernel_equals_reference(on, device, dtype):
     assert fast.dtype == ref.dtype == torch.float32
     assert_close(fast, ref, 1e-5, "values")
     dy = torch.randn_like(ref)
-    (g_fast,), (g_ref,) = (torch.autograd.grad((y * dy).sum(), [xi]) for y, xi in ((fast, xs[0]), (ref, xs[1])))
+    (g_fast,), (g_ref,) = (
+        torch.autograd.grad((y * dy).sum(), [xi]) for y, xi in ((fast, xs[0]), (ref, xs[1]))
+    )
     assert g_fast.dtype == g_ref.dtype == dtype
     rel = 1e-4 if dtype == torch.float32 else 2e-2
     clamped = torch.zeros(x.shape[:-1], dtype=torch.bool, device=dev)
     clamped[0, 0, :3] = clamped[1, 2, 5] = True  # dy / ε there (~1e12): compared on their own
     assert_close(g_fast[~clamped], g_ref[~clamped], rel, "gradients")
     assert_close(g_fast[clamped], g_ref[clamped], rel, "gradients where clamped")
-    assert_close(g_fast[0, 0, :3], g_ref[0, 0, :3], 1e-6 if dtype == torch.float32 else 1e-2,
-                 "gradients dy / ε where clamped")
+    assert_close(
+        g_fast[0, 0, :3],
+        g_ref[0, 0, :3],
+        1e-6 if dtype == torch.float32 else 1e-2,
+        "gradients dy / ε where clamped",
+    )
 
 
 def test_unsupported_inputs_take_the_reference(on):
     on("cpu")
     for x in (torch.randn(4, 24), torch.randn(4, 8), torch.randn(4, 64, dtype=torch.float64)):
         assert not l2.supports(x)
-        assert torch.equal(l2.normalize(x), F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1))
+        assert torch.equal(
+            l2.normalize(x), F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+        )

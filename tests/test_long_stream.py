@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close, run_cli
 from torch.nn import functional as F
 
 import moshi_ttt as mt
-from conftest import assert_close, run_cli
 from moshi_ttt.checkpoint import load_checkpoint, save_checkpoint
 from moshi_ttt.config import memory_variant
 from moshi_ttt.diagnostics import state_norms
@@ -21,8 +21,13 @@ SPECS = ["window", "ttt_cache", "infini", "pooled", "window+ttt2", "ttt_cache+tt
 
 
 def model_of(spec: str, window: int = 8) -> mt.StreamingLM:
-    base = mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind="window", window=window))
+    base = mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind="window", window=window),
+    )
     _, cfg = memory_variant(base, spec, 8, window, 4)
     model = mt.StreamingLM(cfg).eval()
     with torch.no_grad():  # move every parameter off its init so fast weights move too
@@ -40,12 +45,18 @@ def naive_norms(model: mt.StreamingLM, state) -> dict:
         if f"layers.{i}.d1" in t:
             for j, init in enumerate(layer.self_attn.memory.inits(), start=1):
                 d = t[f"layers.{i}.d{j}"].double()
-                rows[f"W{j}"] = [float(((d[b, h] + init[h].detach().double()) ** 2).sum().sqrt())
-                                 for b in range(d.shape[0]) for h in range(d.shape[1])]
+                rows[f"W{j}"] = [
+                    float(((d[b, h] + init[h].detach().double()) ** 2).sum().sqrt())
+                    for b in range(d.shape[0])
+                    for h in range(d.shape[1])
+                ]
         if f"layers.{i}.mem_s" in t:
             m = t[f"layers.{i}.mem_s"].double()
-            rows["mem_s"] = [float((m[b, h] ** 2).sum().sqrt())
-                             for b in range(m.shape[0]) for h in range(m.shape[1])]
+            rows["mem_s"] = [
+                float((m[b, h] ** 2).sum().sqrt())
+                for b in range(m.shape[0])
+                for h in range(m.shape[1])
+            ]
         if f"layers.{i}.ttt.s" in t:
             s = t[f"layers.{i}.ttt.s"].double()
             rows["ttt.s"] = [float((s[b] ** 2).sum().sqrt()) for b in range(s.shape[0])]
@@ -58,7 +69,7 @@ def test_state_norms_equal_the_naive_reference(spec):
     model = model_of(spec)
     state = model.init_state(3)
     with torch.no_grad():
-        for t in range(0, 60, 7):
+        for _ in range(0, 60, 7):
             model.step(torch.randint(0, 50, (3, 7)), state)
     got, want = state_norms(model, state), naive_norms(model, state)
     assert set(got) == set(want)
@@ -81,7 +92,7 @@ def test_loss_by_length_equals_the_parallel_pass(spec):
         model.step(tokens[None, :-1], state)
     lo = 0
     for m in mults:
-        assert_close(res["loss_by_length"][str(m)], nll[lo:m * L].mean().item(), 1e-5, str(m))
+        assert_close(res["loss_by_length"][str(m)], nll[lo : m * L].mean().item(), 1e-5, str(m))
         lo = m * L
     assert [r["multiple"] for r in res["norms"]] == list(mults)
     assert [r["tokens"] for r in res["norms"]] == [m * L for m in mults]
@@ -111,17 +122,40 @@ def test_eval_long_stream_report(corpus, tmp_path):
 
     ckpts = []
     for spec in ("window", "ttt_cache"):
-        base = mt.ModelConfig(vocab_size=256, dim=32, num_layers=2, num_heads=4,
-                              memory=mt.MemoryConfig(kind="window", window=16))
+        base = mt.ModelConfig(
+            vocab_size=256,
+            dim=32,
+            num_layers=2,
+            num_heads=4,
+            memory=mt.MemoryConfig(kind="window", window=16),
+        )
         path = tmp_path / spec / "model.pt"
         path.parent.mkdir()
-        save_checkpoint(path, mt.StreamingLM(memory_variant(base, spec, 8, 16, 4)[1]),
-                        {"name": spec})
+        save_checkpoint(
+            path, mt.StreamingLM(memory_variant(base, spec, 8, 16, 4)[1]), {"name": spec}
+        )
         ckpts.append(path)
     out = tmp_path / "eval"
-    args = ["eval", *ckpts, "--data", corpus, "--out", out, "--long-stream", "1", "2", "4",
-            "--train-len", "32", "--no-perplexity", "--tasks", "--cross-session",
-            "--no-diagnostics", "--device", "cpu"]
+    args = [
+        "eval",
+        *ckpts,
+        "--data",
+        corpus,
+        "--out",
+        out,
+        "--long-stream",
+        "1",
+        "2",
+        "4",
+        "--train-len",
+        "32",
+        "--no-perplexity",
+        "--tasks",
+        "--cross-session",
+        "--no-diagnostics",
+        "--device",
+        "cpu",
+    ]
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -146,11 +180,28 @@ def test_a_study_with_a_long_stream_measures_it_as_eval_does(corpus, tmp_path, m
     from moshi_ttt import pipeline
     from moshi_ttt.training import TrainConfig
 
-    monkeypatch.setitem(pipeline.STUDY_PRESETS, "unit-long", pipeline.StudyPreset(
-        model="tiny", memories=("window", "ttt_cache:decay=0.1,forget_gate=true"), window=16, block=8,
-        train=TrainConfig(steps=2, batch_size=2, seq_len=32),
-        eval=EvalConfig(max_len=64, docs=1, buckets=(64,), tasks=(), cross_session=(),
-                        diagnostics=False, perplexity=False, long_stream=(1, 2, 4), cost_lengths=(32,))))
+    monkeypatch.setitem(
+        pipeline.STUDY_PRESETS,
+        "unit-long",
+        pipeline.StudyPreset(
+            model="tiny",
+            memories=("window", "ttt_cache:decay=0.1,forget_gate=true"),
+            window=16,
+            block=8,
+            train=TrainConfig(steps=2, batch_size=2, seq_len=32),
+            eval=EvalConfig(
+                max_len=64,
+                docs=1,
+                buckets=(64,),
+                tasks=(),
+                cross_session=(),
+                diagnostics=False,
+                perplexity=False,
+                long_stream=(1, 2, 4),
+                cost_lengths=(32,),
+            ),
+        ),
+    )
     out = tmp_path / "study"
     metrics = pipeline.run_study("unit-long", corpus, out, "cpu")
     tokens = pipeline.long_stream_tokens(corpus, 4 * 32 + 1)
@@ -171,10 +222,18 @@ def test_seed_summary_means_equal_numpy_over_shared_seeds():
     keys = ["1", "2", "4"]
 
     def entry():
-        return {"kind": "ttt_cache", "inplace_ttt": False, "settings": {}, "norm_growth": 1.0,
-                "loss_by_length": {k: float(rng.uniform(2, 3)) for k in keys}}
+        return {
+            "kind": "ttt_cache",
+            "inplace_ttt": False,
+            "settings": {},
+            "norm_growth": 1.0,
+            "loss_by_length": {k: float(rng.uniform(2, 3)) for k in keys},
+        }
 
-    models = {"window-32": {0: entry(), 1: entry(), 2: entry()}, "mem": {0: entry(), 2: entry(), 5: entry()}}
+    models = {
+        "window-32": {0: entry(), 1: entry(), 2: entry()},
+        "mem": {0: entry(), 2: entry(), 5: entry()},
+    }
     res = summarise(256, models, "window-32")["models"]["mem"]
     assert res["seeds"] == [0, 2]
     for k in keys:

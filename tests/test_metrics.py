@@ -3,16 +3,16 @@ that knows the next token, a random model, and features that do or do not hold t
 
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from conftest import assert_close
 
 import moshi_ttt as mt
 from moshi_ttt.data.tasks import task_batch
 from moshi_ttt.data.tokenizer import ByteTokenizer
 from moshi_ttt.diagnostics import fit_probe, memory_diagnostics, state_bytes_curve
 from moshi_ttt.evaluation import loss_by_position, task_accuracy
-from conftest import assert_close
 
 
 class Oracle(torch.nn.Module):
@@ -27,9 +27,11 @@ class Oracle(torch.nn.Module):
 
     def step(self, x, state):
         t, k = state["t"], x.shape[1]
-        nxt = torch.nn.functional.pad(self.seqs, (0, 1))[:, t + 1:t + 1 + k]
+        nxt = torch.nn.functional.pad(self.seqs, (0, 1))[:, t + 1 : t + 1 + k]
         if not self.correct:
-            nxt = torch.randint(0, self.vocab, nxt.shape, generator=torch.Generator().manual_seed(t))
+            nxt = torch.randint(
+                0, self.vocab, nxt.shape, generator=torch.Generator().manual_seed(t)
+            )
         state["t"] += k
         return torch.nn.functional.one_hot(nxt, self.vocab).float() * 50.0, state
 
@@ -52,14 +54,18 @@ def test_recall_oracle_is_perfect_and_random_is_chance():
     seqs = torch.as_tensor(tokens)
     perfect = task_accuracy(Oracle(seqs, 256), "passkey", [200], 8, seed=7, progress=False)[0]
     assert perfect["accuracy"] == 1.0 and perfect["token_accuracy"] == 1.0
-    random = task_accuracy(Oracle(seqs, 256, correct=False), "passkey", [200], 8, seed=7, progress=False)[0]
+    random = task_accuracy(
+        Oracle(seqs, 256, correct=False), "passkey", [200], 8, seed=7, progress=False
+    )[0]
     assert random["accuracy"] == 0.0 and random["token_accuracy"] < 0.2
 
 
 def test_probe_reads_labels_only_when_present():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (600,), generator=g)
-    informative = torch.nn.functional.one_hot(labels, 5).float() + 0.1 * torch.randn(600, 5, generator=g)
+    informative = torch.nn.functional.one_hot(labels, 5).float() + 0.1 * torch.randn(
+        600, 5, generator=g
+    )
     noise = torch.randn(600, 5, generator=g)
     good, bad = fit_probe(informative, labels, 5), fit_probe(noise, labels, 5)
     assert good["accuracy"] == 1.0
@@ -76,8 +82,10 @@ def test_state_bytes_curve_constant_or_growing():
 
 
 def test_virtual_key_cosine_detects_identical_keys():
-    cfg = mt.ModelConfig.preset("tiny", memory=mt.MemoryConfig(kind="ttt_cache", window=16, block=8,
-                                                                 virtual_position="none"))
+    cfg = mt.ModelConfig.preset(
+        "tiny",
+        memory=mt.MemoryConfig(kind="ttt_cache", window=16, block=8, virtual_position="none"),
+    )
     model = mt.StreamingLM(cfg)
     x = torch.randint(0, 256, (1, 120))
     diverse = memory_diagnostics(model, x)["layer0"]["virtual_key_cos"]
@@ -92,22 +100,44 @@ def test_virtual_key_cosine_detects_identical_keys():
 
 def verdict_metrics(cache_far: float, window_far: float) -> dict:
     """Two models' recall rows (passkey at 0.5, 4 and 16 x W = 32) and perplexity buckets."""
+
     def model(kind, far, ppl):
-        rows = [{"distance": d, "accuracy": a, "token_accuracy": a, "chance": 0.1}
-                for d, a in ((16, 1.0), (128, far), (512, far / 2))]
-        return {"config": {"memory": {"kind": kind, "window": 32}},
-                "recall": {"passkey": rows}, "loss_by_position": [{"lo": 0, "hi": 9, "ppl": ppl + 1},
-                                                                   {"lo": 9, "hi": 99, "ppl": ppl}],
-                "cost": {"state_bytes": [{"tokens": 100, "state_bytes": 10},
-                                         {"tokens": 1000, "state_bytes": 10}]}}
-    return {"eval": {}, "models": {"window-32": model("window", window_far, 9.5),
-                                   "ttt_cache-32": model("ttt_cache", cache_far, 9.25)}}
+        rows = [
+            {"distance": d, "accuracy": a, "token_accuracy": a, "chance": 0.1}
+            for d, a in ((16, 1.0), (128, far), (512, far / 2))
+        ]
+        return {
+            "config": {"memory": {"kind": kind, "window": 32}},
+            "recall": {"passkey": rows},
+            "loss_by_position": [
+                {"lo": 0, "hi": 9, "ppl": ppl + 1},
+                {"lo": 9, "hi": 99, "ppl": ppl},
+            ],
+            "cost": {
+                "state_bytes": [
+                    {"tokens": 100, "state_bytes": 10},
+                    {"tokens": 1000, "state_bytes": 10},
+                ]
+            },
+        }
+
+    return {
+        "eval": {},
+        "models": {
+            "window-32": model("window", window_far, 9.5),
+            "ttt_cache-32": model("ttt_cache", cache_far, 9.25),
+        },
+    }
 
 
-@pytest.mark.parametrize("cache_far, window_far, says", [
-    (0.9, 0.05, "**ttt_cache-32 recalls passkey 128 tokens back"),
-    (0.9, 0.5, "No memory here recalls beyond the window reliably"),
-    (0.3, 0.05, "No memory here recalls beyond the window reliably")])
+@pytest.mark.parametrize(
+    "cache_far, window_far, says",
+    [
+        (0.9, 0.05, "**ttt_cache-32 recalls passkey 128 tokens back"),
+        (0.9, 0.5, "No memory here recalls beyond the window reliably"),
+        (0.3, 0.05, "No memory here recalls beyond the window reliably"),
+    ],
+)
 def test_verdict_names_what_the_ttt_cache_recalls_beyond_the_window(cache_far, window_far, says):
     """The verdict's rows hold each model's best accuracy at >= 4 x W (against the rows), and its
     sentence claims recall only at >= 0.8 where the window is at most 0.2."""
@@ -117,7 +147,15 @@ def test_verdict_names_what_the_ttt_cache_recalls_beyond_the_window(cache_far, w
     row = next(x for x in lines if x.startswith("| ttt_cache-32 |"))
     assert f"| {cache_far:.2f} (passkey, 128 tokens, chance 0.10) | 9.25 |" in row
     assert says in lines[-1] and "9.25 against the window's 9.50" in lines[-1]
-    assert verdict({"eval": {}, "models": {"ttt_cache-32": verdict_metrics(0.9, 0.0)["models"]["ttt_cache-32"]}}) == []
+    assert (
+        verdict(
+            {
+                "eval": {},
+                "models": {"ttt_cache-32": verdict_metrics(0.9, 0.0)["models"]["ttt_cache-32"]},
+            }
+        )
+        == []
+    )
 
 
 def test_one_fact_recall_is_drawn_against_a_guess_among_the_values():
@@ -128,12 +166,15 @@ def test_one_fact_recall_is_drawn_against_a_guess_among_the_values():
 
     m = verdict_metrics(0.0, 0.0)
     for name, acc in (("window-32", 0.03), ("ttt_cache-32", 1.0)):
-        rows = [{"distance_w": w, "distance": int(32 * w), "accuracy": a, "chance": 1.0}
-                for w, a in ((0.5, 1.0), (4.0, acc), (16.0, acc))]
+        rows = [
+            {"distance_w": w, "distance": int(32 * w), "accuracy": a, "chance": 1.0}
+            for w, a in ((0.5, 1.0), (4.0, acc), (16.0, acc))
+        ]
         m["models"][name]["binding"] = {"one": {"1": rows}}
         m["models"][name]["recall"] = {}
     lines = binding_table(m)
     assert "| ttt_cache-32 | 1 (0.02) | 1.00 | 1.00 | 1.00 |" in lines
     assert "| window-32 | 1 (0.02) | 1.00 | 0.03 | 0.03 |" in lines
     row = next(x for x in verdict(m) if x.startswith("| ttt_cache-32 |"))
-    assert "1.00 (one fact (binding N = 1), 512 tokens, chance 0.02)" in row  # ties: the farthest distance
+    # ties: the farthest distance
+    assert "1.00 (one fact (binding N = 1), 512 tokens, chance 0.02)" in row

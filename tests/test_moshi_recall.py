@@ -17,8 +17,11 @@ from moshi_ttt.moshi.recall import fact_recall, recall_summary, text_predictions
 from moshi_ttt.moshi.synth import tone_conversations
 from moshi_ttt.moshi.train import delayed_io
 
-ADAPTER = AdapterConfig(memory=MemoryConfig(kind="ttt_cache", window=8, block=4, num_virtual=3),
-                        memory_layers=(1,), base_memory=MemoryConfig(kind="window", window=8))
+ADAPTER = AdapterConfig(
+    memory=MemoryConfig(kind="ttt_cache", window=8, block=4, num_virtual=3),
+    memory_layers=(1,),
+    base_memory=MemoryConfig(kind="window", window=8),
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def conversation(tmp_path_factory, spm):
 
     out = tmp_path_factory.mktemp("conv")
     jsonl = tone_conversations(out, n=1, seed=3, filler_exchanges=1, num_facts=2)
-    (entry, conv), = list(md.read_dataset(jsonl))
+    ((entry, conv),) = list(md.read_dataset(jsonl))
     codes = md.conversation_codes(conv, md.load_mimi(num_codebooks=2), spm)
     facts = json.loads(entry.wav.with_suffix(".json").read_text())["facts"]
     return codes, facts
@@ -37,7 +40,9 @@ def conversation(tmp_path_factory, spm):
 
 def lm(spm) -> LMModel:
     torch.manual_seed(0)
-    return patch_lm(LMModel(**tiny_lm_kwargs(text_card=spm.vocab_size(), card=2048)), ADAPTER).eval()
+    return patch_lm(
+        LMModel(**tiny_lm_kwargs(text_card=spm.vocab_size(), card=2048)), ADAPTER
+    ).eval()
 
 
 def test_streamed_predictions_equal_the_parallel_forward(conversation, spm):
@@ -76,13 +81,31 @@ def test_the_recall_command_scores_what_the_library_scores(tmp_path, spm, capsys
     tok = tmp_path / "t.model"
     tok.write_bytes(spm.serialized_model_proto())
     jsonl = tone_conversations(tmp_path / "c", n=1, seed=3, filler_exchanges=1, num_facts=2)
-    assert cli.main(["moshi", "recall", "--tiny", "--tokenizer", str(tok), "--data", str(jsonl),
-                     "--segment", "16", "--out", str(tmp_path / "r.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "moshi",
+                "recall",
+                "--tiny",
+                "--tokenizer",
+                str(tok),
+                "--data",
+                str(jsonl),
+                "--segment",
+                "16",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     got = json.loads((tmp_path / "r.json").read_text())
     torch.manual_seed(0)  # the command's model: tiny, seed 0, the ttt_cache preset
-    model = patch_lm(LMModel(**tiny_lm_kwargs(text_card=spm.vocab_size(), card=2048)),
-                     AdapterConfig.preset("ttt_cache", num_layers=3)).eval()
-    (entry, conv), = list(md.read_dataset(jsonl))
+    model = patch_lm(
+        LMModel(**tiny_lm_kwargs(text_card=spm.vocab_size(), card=2048)),
+        AdapterConfig.preset("ttt_cache", num_layers=3),
+    ).eval()
+    ((entry, conv),) = list(md.read_dataset(jsonl))
     codes = md.conversation_codes(conv, md.load_mimi(num_codebooks=2), spm)
     facts = json.loads(entry.wav.with_suffix(".json").read_text())["facts"]
     ref = fact_recall(model, codes, facts, spm, segment=16)

@@ -4,10 +4,10 @@ LMGen: the continuation equals streaming without the break."""
 import pytest
 import torch
 from moshi.models.lm import LMGen
+from test_moshi_adapter import FULL, MIXED, codes, lively, patch_lm, stock
 
 from moshi_ttt.moshi.sessions import STATE_KIND, resume_lmgen, save_lmgen, streaming_tensors
 from moshi_ttt.sessions import SessionStore, module_identity
-from test_moshi_adapter import FULL, MIXED, codes, lively, patch_lm, stock
 
 
 def fresh(cfg):
@@ -18,7 +18,7 @@ def fresh(cfg):
 
 def run(gen, user, out):
     for t in range(user.shape[2]):
-        tok = gen.step(user[:, :, t:t + 1])
+        tok = gen.step(user[:, :, t : t + 1])
         out.append(None if tok is None else tok.clone())
 
 
@@ -41,7 +41,9 @@ def test_lmgen_resume_equals_one_stream(cfg, tmp_path):
     with gen2.streaming(1):
         resume_lmgen(store, "conv", gen2, module_identity(lm2, cfg.to_dict(), STATE_KIND))
         loaded = streaming_tensors(gen2)[0]
-        assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+        assert saved.keys() == loaded.keys() and all(
+            torch.equal(saved[k], loaded[k]) for k in saved
+        )
         run(gen2, user[:, :, 17:], two)
     assert len(one) == len(two)
     for a, b in zip(one, two):

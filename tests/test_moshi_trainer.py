@@ -19,9 +19,12 @@ from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, full_state, stage_parameters
 from moshi_ttt.training import Stage
 
-ADAPTER = AdapterConfig(inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=4, target="hidden"),
-                        memory=MemoryConfig(kind="ttt_cache", window=6, block=2, num_virtual=3),
-                        memory_layers=(0,), base_memory=MemoryConfig(kind="window", window=6))
+ADAPTER = AdapterConfig(
+    inplace_ttt=InPlaceTTTConfig(layers=(1,), chunk_size=4, target="hidden"),
+    memory=MemoryConfig(kind="ttt_cache", window=6, block=2, num_virtual=3),
+    memory_layers=(0,),
+    base_memory=MemoryConfig(kind="window", window=6),
+)
 
 
 def model(seed=0) -> LMModel:
@@ -49,8 +52,11 @@ def test_each_stage_trains_exactly_its_parameters():
     added = set(added_keys(lm)) & set(names)
     memory, attention, everything = tiny_cfg().stages
     assert set(stage_parameters(lm, memory)) == added and added
-    expected = added | {n for n in names if n.startswith("transformer.layers.")
-                        and int(n.split(".")[2]) >= 1 and ".self_attn." in n}
+    expected = added | {
+        n
+        for n in names
+        if n.startswith("transformer.layers.") and int(n.split(".")[2]) >= 1 and ".self_attn." in n
+    }
     expected = {n for n in expected if not (n.startswith("transformer.layers.0."))}
     assert set(stage_parameters(lm, attention)) == expected
     assert set(stage_parameters(lm, everything)) == set(names)
@@ -68,7 +74,10 @@ def test_a_stage_changes_only_its_parameters_and_holds_only_them_in_the_optimize
     assert changed and changed <= trained
     trainer.train_step()  # stage "attention": the optimizer is rebuilt for its parameters
     assert {id(p) for g in trainer.opt.param_groups for p in g["params"]} == {
-        id(p) for n, p in lm.named_parameters() if n in set(stage_parameters(lm, trainer.cfg.stages[1]))}
+        id(p)
+        for n, p in lm.named_parameters()
+        if n in set(stage_parameters(lm, trainer.cfg.stages[1]))
+    }
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
@@ -97,7 +106,7 @@ def test_outputs_load_into_a_fresh_model_and_the_log_is_finite(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
     assert [r["stage"] for r in rows] == ["memory", "attention", "all"]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    events, = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
     assert all(f"train/{k}".encode() in events.read_bytes() for k in ("loss", "text", "audio"))
 
 
@@ -110,11 +119,14 @@ def test_a_non_finite_loss_stops_with_the_step_and_stage(tmp_path):
         trainer.train_step()
 
 
-@pytest.mark.parametrize("over,match", [
-    (dict(stages=()), "at least one stage"),
-    (dict(stages=(Stage("x", 1),), segment=0), "segment"),
-    (dict(stages=(Stage("x", 1),), lr=0.0), "lr"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(stages=()), "at least one stage"),
+        (dict(stages=(Stage("x", 1),), segment=0), "segment"),
+        (dict(stages=(Stage("x", 1),), lr=0.0), "lr"),
+    ],
+)
 def test_bad_training_configs_fail_clearly(over, match):
     with pytest.raises(ValueError, match=match):
         MoshiTrainConfig(**over)
@@ -130,8 +142,9 @@ def reconstruction_and_grads(lm, codes, segment):
     names = sorted(set(added_keys(lm)) & {n for n, _ in lm.named_parameters()})
     if segment:
         n = sum(absorbing_segments(lm, codes.shape[1], segment))
-        segs = conversation_losses(lm, codes, segment, backward=True, loss_scale=1.0 / n,
-                                   loss="reconstruction")
+        segs = conversation_losses(
+            lm, codes, segment, backward=True, loss_scale=1.0 / n, loss="reconstruction"
+        )
         loss = torch.stack([s["loss"] for s in segs]).mean()
     else:
         with reconstructing(lm, Stage("memory", 1, loss="reconstruction")) as mems:
@@ -158,9 +171,11 @@ def test_the_reconstruction_loss_streamed_in_one_segment_equals_the_parallel_pas
 
 
 def test_a_reconstruction_stage_trains_the_memory_and_needs_a_ttt_cache_and_long_conversations(
-        tmp_path):
-    cfg = dataclasses.replace(tiny_cfg(), stages=(Stage("memory", 4, ("@added",), "reconstruction"),),
-                              lr=3e-2)
+    tmp_path,
+):
+    cfg = dataclasses.replace(
+        tiny_cfg(), stages=(Stage("memory", 4, ("@added",), "reconstruction"),), lr=3e-2
+    )
     trainer = MoshiTrainer(model(), cfg, conversations(1, T=40), tmp_path, progress=False)
     rows = [trainer.train_step() for _ in range(4)]
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["objective"] == "reconstruction"
@@ -169,10 +184,14 @@ def test_a_reconstruction_stage_trains_the_memory_and_needs_a_ttt_cache_and_long
     with pytest.raises(ValueError, match="evicts no whole block"):
         short.train_step()
     torch.manual_seed(0)
-    plain = patch_lm(LMModel(**tiny_lm_kwargs()), dataclasses.replace(
-        ADAPTER, memory=MemoryConfig(kind="window", window=6)))
+    plain = patch_lm(
+        LMModel(**tiny_lm_kwargs()),
+        dataclasses.replace(ADAPTER, memory=MemoryConfig(kind="window", window=6)),
+    )
     with pytest.raises(ValueError, match="reconstruction loss"):
-        MoshiTrainer(plain, cfg, conversations(1, T=40), tmp_path / "p", progress=False).train_step()
+        MoshiTrainer(
+            plain, cfg, conversations(1, T=40), tmp_path / "p", progress=False
+        ).train_step()
 
 
 def test_a_stage_with_nothing_to_train_and_unknown_presets_fail_clearly(tmp_path):
@@ -192,8 +211,19 @@ def test_the_command_trains_a_tiny_moshi_end_to_end(tmp_path, capsys):
     from moshi_ttt import cli
 
     out = tmp_path / "run"
-    args = ["moshi", "train", "--tiny", "--steps", "3", "--segment", "16", "--conversations", "2",
-            "--out", str(out)]
+    args = [
+        "moshi",
+        "train",
+        "--tiny",
+        "--steps",
+        "3",
+        "--segment",
+        "16",
+        "--conversations",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [r["stage"] for r in rows] == ["memory", "attention", "all"]
@@ -206,14 +236,17 @@ def test_the_command_trains_a_tiny_moshi_end_to_end(tmp_path, capsys):
         torch.testing.assert_close(again[k], v, rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--moshi-weights", "nowhere.safetensors", "--config", "nowhere.json"], "no such file"),
-    (["--moshi-weights", "nowhere.safetensors"], "needs --config"),
-    (["--tiny", "--data", "nowhere.jsonl"], "no such file"),
-    (["--tiny", "--adapter", "nope"], "not a preset"),
-    (["--tiny", "--steps", "2"], "one per stage"),
-    (["--tiny", "--stage-steps", "1,x,1"], "comma-separated"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--moshi-weights", "nowhere.safetensors", "--config", "nowhere.json"], "no such file"),
+        (["--moshi-weights", "nowhere.safetensors"], "needs --config"),
+        (["--tiny", "--data", "nowhere.jsonl"], "no such file"),
+        (["--tiny", "--adapter", "nope"], "not a preset"),
+        (["--tiny", "--steps", "2"], "one per stage"),
+        (["--tiny", "--stage-steps", "1,x,1"], "comma-separated"),
+    ],
+)
 def test_bad_command_input_is_one_line(tmp_path, capsys, extra, message):
     from moshi_ttt import cli
 
@@ -233,7 +266,10 @@ def test_a_conversation_naming_a_missing_mono_or_low_rate_wav_is_one_line(tmp_pa
     wav = tmp_path / "a.wav"
     md.write_conversation(wav, np.zeros((2, 24_000), np.float32), 24_000, [])
     jsonl = md.write_jsonl(tmp_path / "d.jsonl", [("a.wav", 1.0), ("gone.wav", 1.0)])
-    assert cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "audio file not found" in capsys.readouterr().err
     with wave.open(str(wav), "wb") as f:
         f.setnchannels(1)
@@ -241,12 +277,21 @@ def test_a_conversation_naming_a_missing_mono_or_low_rate_wav_is_one_line(tmp_pa
         f.setframerate(24_000)
         f.writeframes(np.zeros(24_000, "<i2").tobytes())
     jsonl = md.write_jsonl(tmp_path / "m.jsonl", [("a.wav", 1.0)])
-    assert cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "p")]) == 2
+    assert (
+        cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "1 channel(s)" in capsys.readouterr().err
     md.write_conversation(wav, np.zeros((2, 4_000), np.float32), 4_000, [])  # 4 kHz: too low
-    assert cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "q")]) == 2
+    assert (
+        cli.main(["moshi", "train", "--tiny", "--data", str(jsonl), "--out", str(tmp_path / "q")])
+        == 2
+    )
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
-    assert last.startswith("moshi-ttt: error:") and "sample rate 4000 Hz, which Mimi cannot take" in last
+    assert (
+        last.startswith("moshi-ttt: error:")
+        and "sample rate 4000 Hz, which Mimi cannot take" in last
+    )
 
 
 def uneven_conversations():
@@ -258,17 +303,23 @@ def uneven_conversations():
 def _gloo_worker(rank, port, cfg, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    t = MoshiTrainer(model(), cfg, uneven_conversations(), out.parent / f"rank{rank}",
-                     progress=False)
+    t = MoshiTrainer(
+        model(), cfg, uneven_conversations(), out.parent / f"rank{rank}", progress=False
+    )
     log = t.fit()
     weights = full_state(t.lm)  # gathered from the two shards
     from torch.distributed.tensor import DTensor
 
-    held = {n: (p.to_local().numel(), p.numel()) for n, p in t.lm.named_parameters()
-            if isinstance(p, DTensor)}
+    held = {
+        n: (p.to_local().numel(), p.numel())
+        for n, p in t.lm.named_parameters()
+        if isinstance(p, DTensor)
+    }
     if rank == 0:
         torch.save({"weights": weights, "losses": [r["loss"] for r in log], "held": held}, out)
     dist.destroy_process_group()
@@ -314,10 +365,25 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, capsys, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     lm = LMModel(**tiny_lm_kwargs())
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in lm.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     (tmp_path / "c.json").write_text(json.dumps(tiny_lm_kwargs(dim=48)))
-    assert cli.main(["moshi", "train", "--moshi-weights", str(tmp_path / "w.safetensors"),
-                     "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "moshi",
+                "train",
+                "--moshi-weights",
+                str(tmp_path / "w.safetensors"),
+                "--config",
+                str(tmp_path / "c.json"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "does not match" in err and "w.safetensors" in err and "\n" not in err
 

@@ -7,22 +7,33 @@ import dataclasses
 
 import pytest
 import torch
-
-import moshi_ttt as mt
 from conftest import assert_close, graphed_and_eager, reset_parity, stream
 
-READERS = [dict(read_query=True), dict(gate_per_token=True), dict(compressor_proj=True),
-           dict(read_query=True, gate_per_token=True, compressor_proj=True)]
+import moshi_ttt as mt
+
+READERS = [
+    dict(read_query=True),
+    dict(gate_per_token=True),
+    dict(compressor_proj=True),
+    dict(read_query=True, gate_per_token=True, compressor_proj=True),
+]
 
 
 def reader_config(kind="ttt_cache", window=6, block=4, num_virtual=3, **kw) -> mt.ModelConfig:
-    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind=kind, window=window, block=block,
-                                                 num_virtual=num_virtual, **kw))
+    return mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(
+            kind=kind, window=window, block=block, num_virtual=num_virtual, **kw
+        ),
+    )
 
 
 def lively(model):
-    """Every reader parameter away from its initial value, so each one matters (as after training)."""
+    """Every reader parameter away from its initial value, so each one matters (as after
+    training)."""
     with torch.no_grad():
         for layer in model.layers:
             mem = layer.self_attn.memory
@@ -37,7 +48,9 @@ def lively(model):
 
 
 @pytest.mark.parametrize("extra", READERS)
-@pytest.mark.parametrize("combine, cold", [("gate", "wait"), ("concat", "zero"), ("gate", "learned")])
+@pytest.mark.parametrize(
+    "combine, cold", [("gate", "wait"), ("concat", "zero"), ("gate", "learned")]
+)
 def test_reader_parallel_equals_streaming_with_resets(extra, combine, cold):
     """Batch 3, row 1 reset mid-stream, 2000 tokens (the window wraps 300+ times), steps of one
     token (the open block) and of 37 (the block layout) in turn: fp32 logits within 1e-4."""
@@ -46,10 +59,19 @@ def test_reader_parallel_equals_streaming_with_resets(extra, combine, cold):
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
-@pytest.mark.parametrize("extra", [dict(compressor_shared=True), dict(compressor_depth=3),
-                                   dict(momentum=0.5, decay=0.1), dict(virtual_position="decay")])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(compressor_shared=True),
+        dict(compressor_depth=3),
+        dict(momentum=0.5, decay=0.1),
+        dict(virtual_position="decay"),
+    ],
+)
 def test_query_read_parallel_equals_streaming_with_update_options(k, extra):
-    model = lively(mt.StreamingLM(reader_config(read_query=True, compressor_proj=True, **extra))).eval()
+    model = lively(
+        mt.StreamingLM(reader_config(read_query=True, compressor_proj=True, **extra))
+    ).eval()
     tokens = torch.randint(0, 50, (2, 150))
     with torch.no_grad():
         out, _ = stream(model, tokens, k)
@@ -74,8 +96,14 @@ def logits_and_grads(model, tokens, **kw) -> list:
     return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("extra", READERS + [dict(read_query=True, virtual_position="decay"),
-                                             dict(read_query=True, compressor_shared=True)])
+@pytest.mark.parametrize(
+    "extra",
+    READERS
+    + [
+        dict(read_query=True, virtual_position="decay"),
+        dict(read_query=True, compressor_shared=True),
+    ],
+)
 def test_fast_read_equals_reference_read_float64(extra):
     """The fast training read (every query against every state's virtual tokens, masked) and the
     explicit banded window equal the reference per-query read: logits and every gradient."""
@@ -97,17 +125,22 @@ def test_query_read_blocks_equal_a_per_query_gather():
     mem = model.layers[0].self_attn.memory
     G, L, Dh, m = 2 * 4, 40, 8, 16
     S = (L - 7) // 3 + 1
-    states = (torch.randn(G, S, Dh, m, dtype=torch.float64), torch.randn(G, S, m, Dh, dtype=torch.float64))
+    states = (
+        torch.randn(G, S, Dh, m, dtype=torch.float64),
+        torch.randn(G, S, m, Dh, dtype=torch.float64),
+    )
     qn = torch.randn(G, L, Dh, dtype=torch.float64)
     out = mem._query_read_blocks(states, qn, rows=2)
     for p in range(L):
         n = max(p - 7 + 1, 0) // 3
-        h = torch.nn.functional.gelu(qn[:, p:p + 1] @ states[0][:, n])
-        assert_close(out[:, p:p + 1], h @ states[1][:, n], 1e-12)
+        h = torch.nn.functional.gelu(qn[:, p : p + 1] @ states[0][:, n])
+        assert_close(out[:, p : p + 1], h @ states[1][:, n], 1e-12)
 
 
-@pytest.mark.parametrize("extra, new", [(dict(compressor_proj=True), ("kv_proj", "q_proj")),
-                                        (dict(gate_per_token=True), ("gate_w",))])
+@pytest.mark.parametrize(
+    "extra, new",
+    [(dict(compressor_proj=True), ("kv_proj", "q_proj")), (dict(gate_per_token=True), ("gate_w",))],
+)
 def test_new_reader_parameters_start_as_the_model_without_them(extra, new):
     """Identity projections and a zero gate weight: the same logits as the model without them."""
     torch.manual_seed(3)
@@ -122,7 +155,8 @@ def test_new_reader_parameters_start_as_the_model_without_them(extra, new):
 
 @pytest.mark.parametrize("extra", READERS)
 def test_readers_keep_the_state_flat(extra):
-    """The readers add no state: its bytes equal the plain TTT cache's, after 100 and 1000 tokens."""
+    """The readers add no state: its bytes equal the plain TTT cache's, after 100 and 1000
+    tokens."""
     model = mt.StreamingLM(reader_config(**extra)).eval()
     plain = mt.StreamingLM(reader_config()).eval()
     sizes = []
@@ -144,18 +178,36 @@ def test_reader_options_need_a_memory_that_has_them():
     with pytest.raises(ValueError, match="gate_per_token"):
         mt.MemoryConfig(kind="window", gate_per_token=True)
     base = mt.MemoryConfig(kind="ttt_cache")
-    assert reader_config().fingerprint() == dataclasses.replace(
-        reader_config(), memory=dataclasses.replace(reader_config().memory)).fingerprint()
-    assert mt.ModelConfig(memory=base).fingerprint() != mt.ModelConfig(
-        memory=dataclasses.replace(base, read_query=True)).fingerprint()
+    assert (
+        reader_config().fingerprint()
+        == dataclasses.replace(
+            reader_config(), memory=dataclasses.replace(reader_config().memory)
+        ).fingerprint()
+    )
+    assert (
+        mt.ModelConfig(memory=base).fingerprint()
+        != mt.ModelConfig(memory=dataclasses.replace(base, read_query=True)).fingerprint()
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_readers_cuda_graph_replay_equals_eager():
-    cfg = mt.ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
-        kind="ttt_cache", window=8, block=4, read_query=True, gate_per_token=True, compressor_proj=True))
+    cfg = mt.ModelConfig(
+        vocab_size=256,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(
+            kind="ttt_cache",
+            window=8,
+            block=4,
+            read_query=True,
+            gate_per_token=True,
+            compressor_proj=True,
+        ),
+    )
     model = lively(mt.StreamingLM(cfg)).cuda().eval()
     outs, eager, state, eager_state = graphed_and_eager(model, 40)
     assert_close(outs, eager, 1e-4)

@@ -1,26 +1,42 @@
-"""RoPE and YaRN (ops/rope.py): vectorised vs per-pair reference, the paper's ramp and temperature."""
+"""RoPE and YaRN (ops/rope.py): vectorised vs per-pair reference, the paper's ramp and
+temperature."""
 
 import math
 
 import pytest
 import torch
-
-from moshi_ttt.ops.rope import (apply_rope, rope_frequencies, yarn_attention_scale, yarn_frequencies,
-                                yarn_frequencies_naive, yarn_ramp)
 from conftest import assert_close
 
+from moshi_ttt.ops.rope import (
+    apply_rope,
+    rope_frequencies,
+    yarn_attention_scale,
+    yarn_frequencies,
+    yarn_frequencies_naive,
+    yarn_ramp,
+)
 
-@pytest.mark.parametrize("head_dim,max_period,scale,context,fast,slow", [
-    (128, 10_000.0, 4.0, 3000, 32.0, 1.0),   # Moshi 7B extended 4x
-    (128, 10_000.0, 16.0, 3000, 32.0, 1.0),
-    (64, 10_000.0, 1.5, 2048, 32.0, 1.0),
-    (8, 10_000.0, 4.0, 300, 32.0, 1.0),      # the tiny test model: all three regimes
-    (96, 500_000.0, 8.0, 8192, 16.0, 2.0),   # other boundaries
-    (128, 10_000.0, 1.0, 3000, 32.0, 1.0),   # no extension
-])
-def test_yarn_vectorised_equals_per_pair_reference(head_dim, max_period, scale, context, fast, slow):
-    fast_path = yarn_frequencies(head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow)
-    ref = yarn_frequencies_naive(head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow)
+
+@pytest.mark.parametrize(
+    "head_dim,max_period,scale,context,fast,slow",
+    [
+        (128, 10_000.0, 4.0, 3000, 32.0, 1.0),  # Moshi 7B extended 4x
+        (128, 10_000.0, 16.0, 3000, 32.0, 1.0),
+        (64, 10_000.0, 1.5, 2048, 32.0, 1.0),
+        (8, 10_000.0, 4.0, 300, 32.0, 1.0),  # the tiny test model: all three regimes
+        (96, 500_000.0, 8.0, 8192, 16.0, 2.0),  # other boundaries
+        (128, 10_000.0, 1.0, 3000, 32.0, 1.0),  # no extension
+    ],
+)
+def test_yarn_vectorised_equals_per_pair_reference(
+    head_dim, max_period, scale, context, fast, slow
+):
+    fast_path = yarn_frequencies(
+        head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow
+    )
+    ref = yarn_frequencies_naive(
+        head_dim, max_period, scale, context, beta_fast=fast, beta_slow=slow
+    )
     assert fast_path.dtype == torch.float32
     assert_close(fast_path / ref, torch.ones_like(ref), 1e-6, "frequency / reference")
 
@@ -32,7 +48,8 @@ def test_yarn_ramp_and_temperature():
     D, b, L, s = 128, 10_000.0, 3000, 4.0
     theta = rope_frequencies(D, b)
     h = yarn_frequencies(D, b, s, L)
-    r = [L / (2 * math.pi / (b ** (-2 * d / D))) for d in range(D // 2)]  # per pair, in Python floats
+    # per pair, in Python floats
+    r = [L / (2 * math.pi / (b ** (-2 * d / D))) for d in range(D // 2)]
     slow = [d for d in range(D // 2) if r[d] < 1.0]
     fast = [d for d in range(D // 2) if r[d] > 32.0]
     band = [d for d in range(D // 2) if 1.0 <= r[d] <= 32.0]
@@ -59,7 +76,9 @@ def test_yarn_ramp_and_temperature():
 
 def test_yarn_ramp_boundaries():
     """γ at and around α and β against the piecewise definition."""
-    r = torch.tensor([0.0, 0.5, 1.0, 1.0 + 1e-3, 16.5, 32.0 - 1e-3, 32.0, 40.0], dtype=torch.float64)
+    r = torch.tensor(
+        [0.0, 0.5, 1.0, 1.0 + 1e-3, 16.5, 32.0 - 1e-3, 32.0, 40.0], dtype=torch.float64
+    )
     ref = [0.0 if x < 1 else 1.0 if x > 32 else (x - 1) / 31 for x in r.tolist()]
     assert_close(yarn_ramp(r, 1.0, 32.0), torch.tensor(ref, dtype=torch.float64), 1e-12)
 
@@ -85,20 +104,25 @@ import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-import moshi_ttt as mt  # noqa: E402
-from moshi_ttt.layers.attention import StreamingAttention  # noqa: E402
 from conftest import reset_parity, stream, tiny_config  # noqa: E402
 
-S, L0 = 4.0, 300  # tiny head dim 8 at L = 300: r = 47.7 (kept), 4.8 (blended), 0.48, 0.048 (interpolated)
+import moshi_ttt as mt  # noqa: E402
+from moshi_ttt.layers.attention import StreamingAttention  # noqa: E402
+
+# tiny head dim 8 at L = 300: r = 47.7 (kept), 4.8 (blended), 0.48, 0.048 (interpolated)
+S, L0 = 4.0, 300
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(rope_scale=0.5, rope_original_context=300), "rope_scale"),
-    (dict(rope_scale=float("nan"), rope_original_context=300), "rope_scale"),
-    (dict(rope_scale=float("inf"), rope_original_context=300), "rope_scale"),
-    (dict(rope_original_context=-1), "rope_original_context"),
-    (dict(rope_scale=2.0), "needs rope_original_context"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(rope_scale=0.5, rope_original_context=300), "rope_scale"),
+        (dict(rope_scale=float("nan"), rope_original_context=300), "rope_scale"),
+        (dict(rope_scale=float("inf"), rope_original_context=300), "rope_scale"),
+        (dict(rope_original_context=-1), "rope_original_context"),
+        (dict(rope_scale=2.0), "needs rope_original_context"),
+    ],
+)
 def test_model_config_rejects_bad_rope_fields(kw, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(tiny_config(), **kw)
@@ -112,19 +136,37 @@ def test_model_config_old_dicts_load_and_keep_their_fingerprint():
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, gate_init=0.0))
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("rope_")}
     later = ("read_query", "gate_per_token", "gate_init", "forget_gate")
-    old["memory"] = {k: v for k, v in old["memory"].items()
-                     if k not in later and (not k.startswith("compressor_")
-                                            or k == "compressor_hidden")}
+    old["memory"] = {
+        k: v
+        for k, v in old["memory"].items()
+        if k not in later and (not k.startswith("compressor_") or k == "compressor_hidden")
+    }
     assert mt.ModelConfig.from_dict(old) == cfg
-    assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert (
+        cfg.fingerprint()
+        == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    )
     yarn = dataclasses.replace(cfg, rope_scale=4, rope_original_context=L0)
     assert mt.ModelConfig.from_dict(json.loads(json.dumps(yarn.to_dict()))) == yarn
     assert yarn.rope_scale == 4.0 and isinstance(yarn.rope_scale, float)
-    assert len({cfg.fingerprint(), yarn.fingerprint(), dataclasses.replace(yarn, rope_scale=2.0).fingerprint()}) == 3
+    assert (
+        len(
+            {
+                cfg.fingerprint(),
+                yarn.fingerprint(),
+                dataclasses.replace(yarn, rope_scale=2.0).fingerprint(),
+            }
+        )
+        == 3
+    )
     deep = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, compressor_depth=3))
-    assert deep.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(deep.to_dict()) == deep
+    assert (
+        deep.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(deep.to_dict()) == deep
+    )
     shut = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, gate_init=4.0))
-    assert shut.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(shut.to_dict()) == shut
+    assert (
+        shut.fingerprint() != cfg.fingerprint() and mt.ModelConfig.from_dict(shut.to_dict()) == shut
+    )
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -133,8 +175,13 @@ def yarn(cfg: mt.ModelConfig, scale: float = S) -> mt.ModelConfig:
 
 
 def cache_config(**kw) -> mt.ModelConfig:
-    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind="ttt_cache", window=6, block=4, num_virtual=3, **kw))
+    return mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind="ttt_cache", window=6, block=4, num_virtual=3, **kw),
+    )
 
 
 def twin(cfg_a: mt.ModelConfig, cfg_b: mt.ModelConfig):
@@ -155,13 +202,16 @@ def test_yarn_attention_equals_scaled_qk_reference():
     √(1/t) = 0.1 ln s + 1, then softmax(qᵀk / √Dh) with a causal mask."""
     att = StreamingAttention(yarn(tiny_config("full"))).eval()
     B, T, H, Dh = 2, 40, 4, 8
-    x, pos = torch.randn(B, T, 32), torch.arange(T).expand(B, T) * 37  # positions far past L0 / S too
+    # positions far past L0 / S too
+    x, pos = torch.randn(B, T, 32), torch.arange(T).expand(B, T) * 37
     with torch.no_grad():
         out = att(x, pos, None)
         q, k, v = att.in_proj(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
         h, m = yarn_frequencies_naive(Dh, 10_000.0, S, L0), yarn_attention_scale(S)
         q, k = apply_rope(q, pos, h) * m, apply_rope(k, pos, h) * m
-        logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~torch.ones(T, T).tril().bool(), float("-inf"))
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(
+            ~torch.ones(T, T).tril().bool(), float("-inf")
+        )
         ref = att.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 32))
     assert_close(out, ref, 1e-4)
 
@@ -176,15 +226,27 @@ def test_yarn_temperature_reaches_every_logit(kind):
     inv_t = yarn_attention_scale(S) ** 2
     for att in (mod for mod in plain.modules() if isinstance(mod, StreamingAttention)):
         att.freqs = yarn_frequencies(8, 10_000.0, S, L0)
-        att._qkv = (lambda f: lambda x, pos: (lambda q, k, v, qr, kr: (
-            q * inv_t, k, v, qr if kind == "infini" else qr * inv_t, kr))(*f(x, pos)))(att._qkv)
+        att._qkv = (
+            lambda f: (
+                lambda x, pos: (
+                    lambda q, k, v, qr, kr: (
+                        q * inv_t,
+                        k,
+                        v,
+                        qr if kind == "infini" else qr * inv_t,
+                        kr,
+                    )
+                )(*f(x, pos))
+            )
+        )(att._qkv)
     tokens = torch.randint(0, 50, (2, 90))
     with torch.no_grad():
         ref, out = plain(tokens), temp(tokens)
         ref_s, out_s = stream(plain, tokens, 7)[0], stream(temp, tokens, 7)[0]
     assert_close(out, ref, 1e-4, "parallel")
     assert_close(out_s, ref_s, 1e-4, "streaming")
-    assert (out - twin(yarn(cfg, 1.0), yarn(cfg, 1.0))[0](tokens)).abs().max() > 1e-3  # YaRN changes the model
+    # YaRN changes the model
+    assert (out - twin(yarn(cfg, 1.0), yarn(cfg, 1.0))[0](tokens)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["window", "ttt_cache"])
@@ -214,7 +276,9 @@ def test_configs_saved_before_a_default_changed_load_as_they_were_made():
     Moshi adapter's configs; saved with the fields, the new defaults round-trip."""
     from moshi_ttt.moshi.config import AdapterConfig
 
-    cfg = dataclasses.replace(tiny_config("ttt_cache"), inplace_ttt=mt.InPlaceTTTConfig(layers=(1,)))
+    cfg = dataclasses.replace(
+        tiny_config("ttt_cache"), inplace_ttt=mt.InPlaceTTTConfig(layers=(1,))
+    )
     d = json.loads(json.dumps(cfg.to_dict()))
     assert mt.ModelConfig.from_dict(d) == cfg
     del d["inplace_ttt"]["decay"], d["memory"]["gate_init"]

@@ -28,12 +28,21 @@ KINDS = ("full", "window", "sink", "pooled", "infini", "ttt_cache")
 
 def config(kind: str, ttt: bool = False, window: int = 6) -> mt.ModelConfig:
     cfg = tiny_config(kind, window=window)
-    cfg = mt.ModelConfig(**{**cfg.__dict__, "memory": mt.MemoryConfig(kind=kind, window=window, num_sink=2, block=4)})
-    return mt.ModelConfig(**{**cfg.__dict__, "inplace_ttt": mt.InPlaceTTTConfig(layers=(1,), chunk_size=8)}) if ttt else cfg
+    cfg = mt.ModelConfig(
+        **{**cfg.__dict__, "memory": mt.MemoryConfig(kind=kind, window=window, num_sink=2, block=4)}
+    )
+    return (
+        mt.ModelConfig(
+            **{**cfg.__dict__, "inplace_ttt": mt.InPlaceTTTConfig(layers=(1,), chunk_size=8)}
+        )
+        if ttt
+        else cfg
+    )
 
 
 def model_of(cfg: mt.ModelConfig, seed: int = 0) -> mt.StreamingLM:
-    """Every parameter perturbed, so zero-initialised parts (TTT conv, memory outputs) matter too."""
+    """Every parameter perturbed, so zero-initialised parts (TTT conv, memory outputs) matter
+    too."""
     torch.manual_seed(seed)
     model = mt.StreamingLM(cfg).eval()
     with torch.no_grad():
@@ -62,7 +71,9 @@ def test_saved_state_loads_exactly(kind, ttt, tmp_path):
     assert same_state(loaded, state) and loaded.meta == state.meta and loaded.fills == state.fills
     assert info.tokens == 47 and info.bytes == (tmp_path / "blobs" / info.blob).stat().st_size
     assert 0 < info.bytes - session_bytes(state) < 4096  # the blob also carries its session row
-    assert [r.id for r in store.list()] == ["alice-1"] and store.info("alice-1").memory == info.memory
+    assert [r.id for r in store.list()] == ["alice-1"] and store.info(
+        "alice-1"
+    ).memory == info.memory
     # a second save replaces the row and removes the previous blob
     more = streamed(model, T=30, seed=2)
     info2 = store.save("alice-1", more, model)
@@ -78,7 +89,8 @@ def test_rows_of_a_batch_reassemble_the_batch(tmp_path):
     store = SessionStore(tmp_path)
     for r in range(3):
         store.save(f"conv-{r}", state, model, row=r)
-    assert [store.info(f"conv-{r}").tokens for r in range(3)] == [41, 21, 41]  # row 1 restarted at 20
+    # row 1 restarted at 20
+    assert [store.info(f"conv-{r}").tokens for r in range(3)] == [41, 21, 41]
     back = model.init_state(3)
     for r in (2, 0, 1):
         load_into(store, f"conv-{r}", model, back, row=r)
@@ -103,15 +115,24 @@ def test_storage_does_not_grow_with_the_conversation(tmp_path):
 
 def test_generic_tensors_and_meta_round_trip(tmp_path):
     ident = ModelIdentity("moshi.LMGen", "a" * 16, "b" * 64, "ttt_cache", {"dim": 8})
-    tensors = {"cache": torch.randn(1, 2, 5, 4).to(torch.bfloat16), "offset": torch.tensor([7]),
-               "mask": torch.tensor([[True, False]]), "fast.w": torch.randn(1, 3, 3)}
+    tensors = {
+        "cache": torch.randn(1, 2, 5, 4).to(torch.bfloat16),
+        "offset": torch.tensor([7]),
+        "mask": torch.tensor([[True, False]]),
+        "fast.w": torch.randn(1, 3, 3),
+    }
     meta = {"step": 7, "nested": {"a": [1, 2]}}
     store = SessionStore(tmp_path)
     info = store.put_tensors("lmgen-1", tensors, meta, ident, tokens=7)
     back, meta2 = store.get_tensors("lmgen-1", ident)
     assert meta2 == meta and set(back) == set(tensors)
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
-    assert (info.tokens, info.memory, info.config, info.state_kind) == (7, "ttt_cache", {"dim": 8}, "moshi.LMGen")
+    assert (info.tokens, info.memory, info.config, info.state_kind) == (
+        7,
+        "ttt_cache",
+        {"dim": 8},
+        "moshi.LMGen",
+    )
 
 
 # ---- bad input: each a ValueError naming the problem ----------------------------------------
@@ -119,7 +140,10 @@ def test_wrong_config_and_wrong_weights(tmp_path):
     store = SessionStore(tmp_path)
     model = model_of(config("window"))
     store.save("c", streamed(model), model)
-    with pytest.raises(ValueError, match=r"session 'c' belongs to a different model config \(stored \w+, model \w+\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"session 'c' belongs to a different model config \(stored \w+, model \w+\)",
+    ):
         store.load("c", model_of(config("window", window=7)))
     with pytest.raises(ValueError, match="session 'c' belongs to different model weights"):
         store.load("c", model_of(config("window"), seed=1))
@@ -127,10 +151,17 @@ def test_wrong_config_and_wrong_weights(tmp_path):
         store.save("d", streamed(model), model_of(config("sink")))
     other = ModelIdentity("moshi.LMGen", "0" * 16, "0" * 64)
     store.put_tensors("lmgen", {"x": torch.zeros(2)}, {}, other)
-    with pytest.raises(ValueError, match="session 'lmgen' holds a moshi.LMGen state, not a moshi_ttt.StreamingState"):
+    with pytest.raises(
+        ValueError,
+        match="session 'lmgen' holds a moshi.LMGen state, not a moshi_ttt.StreamingState",
+    ):
         store.load("lmgen", model)
-    store.put_tensors("odd", {"x": torch.zeros(1, 2)}, {"fills": {}, "state_meta": {}}, identity_of(model))
-    with pytest.raises(ValueError, match=r"session 'odd' does not match the model's state: missing \['layers"):
+    store.put_tensors(
+        "odd", {"x": torch.zeros(1, 2)}, {"fills": {}, "state_meta": {}}, identity_of(model)
+    )
+    with pytest.raises(
+        ValueError, match=r"session 'odd' does not match the model's state: missing \['layers"
+    ):
         store.load("odd", model)
 
 
@@ -157,7 +188,10 @@ def test_corrupt_blob_and_format_versions(tmp_path):
     data = bytearray(blob.read_bytes())
     data[-5] ^= 0x01
     blob.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"session 'c': blob .* is corrupt \(sha256 \w+\.\.\. != stored \w+\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"session 'c': blob .* is corrupt \(sha256 \w+\.\.\. != stored \w+\.\.\.\)",
+    ):
         store.load("c", model)
     blob.unlink()
     with pytest.raises(ValueError, match="session 'c': its blob .* is missing"):
@@ -165,7 +199,10 @@ def test_corrupt_blob_and_format_versions(tmp_path):
     store.save("c", streamed(model), model)
     with sqlite3.connect(tmp_path / "sessions.sqlite") as con:
         con.execute("UPDATE sessions SET format = 2 WHERE id = 'c'")
-    with pytest.raises(ValueError, match="session 'c' was saved with session format 2; this moshi_ttt reads format 1"):
+    with pytest.raises(
+        ValueError,
+        match="session 'c' was saved with session format 2; this moshi_ttt reads format 1",
+    ):
         store.load("c", model)
     with sqlite3.connect(tmp_path / "sessions.sqlite") as con:
         con.execute("PRAGMA user_version = 7")
@@ -248,8 +285,18 @@ def test_writer_killed_mid_save_leaves_previous_state(stage, tmp_path):
     store = SessionStore(tmp_path / "store")
     info = store.save("c", before, model)
     marker = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "m.pt"), str(tmp_path / "store"),
-                             stage, str(marker)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_WRITER,
+            str(tmp_path / "m.pt"),
+            str(tmp_path / "store"),
+            stage,
+            str(marker),
+        ],
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -262,7 +309,8 @@ def test_writer_killed_mid_save_leaves_previous_state(stage, tmp_path):
     loaded = store.load("c", model)
     assert same_state(loaded, before) and loaded.meta == before.meta
     assert store.info("c").blob == info.blob and store.info("c").tokens == 47
-    assert store.gc(min_age_s=0) == sorted(blobs - {info.blob})  # the orphan goes, the live blob stays
+    # the orphan goes, the live blob stays
+    assert store.gc(min_age_s=0) == sorted(blobs - {info.blob})
     assert same_state(store.load("c", model), before)
     after = streamed(model, T=9, seed=3)
     store.save("c", after, model)  # no lock left behind
@@ -277,8 +325,13 @@ def _writer(root, w: int, n: int) -> None:
     store = SessionStore(root)
     for i in range(n):
         v = w * 1000 + i
-        store.put_tensors("shared", {"x": torch.full((64, 64), float(v)), "y": torch.full((3,), v)},
-                          {"v": v}, IDENT, tokens=v)
+        store.put_tensors(
+            "shared",
+            {"x": torch.full((64, 64), float(v)), "y": torch.full((3,), v)},
+            {"v": v},
+            IDENT,
+            tokens=v,
+        )
 
 
 def _reader(root, n: int, q) -> None:
@@ -286,7 +339,9 @@ def _reader(root, n: int, q) -> None:
     bad = 0
     for _ in range(n):
         tensors, meta = store.get_tensors("shared", IDENT)
-        bad += not (bool((tensors["x"] == meta["v"]).all()) and bool((tensors["y"] == meta["v"]).all()))
+        bad += not (
+            bool((tensors["x"] == meta["v"]).all()) and bool((tensors["y"] == meta["v"]).all())
+        )
     q.put(bad)
 
 
@@ -304,6 +359,9 @@ def test_concurrent_writers_on_one_id(tmp_path):
     assert q.get(timeout=5) == 0  # every read saw one whole version
     store = SessionStore(tmp_path)
     tensors, meta = store.get_tensors("shared", IDENT)
-    assert meta["v"] % 1000 == 7 and torch.equal(tensors["x"], torch.full((64, 64), float(meta["v"])))
+    assert meta["v"] % 1000 == 7 and torch.equal(
+        tensors["x"], torch.full((64, 64), float(meta["v"]))
+    )
     assert store.info("shared").tokens == meta["v"]
-    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [store.info("shared").blob]  # no leaked blobs
+    # no leaked blobs
+    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [store.info("shared").blob]

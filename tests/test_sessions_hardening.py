@@ -29,15 +29,22 @@ IDENT = ModelIdentity("test.Tensors", "c" * 16, "w" * 64, "none", {"dim": 3})
 
 def continue_b(model, b, state):
     with torch.no_grad():
-        return torch.cat([model.step(b[:, t:t + 3], state)[0] for t in range(0, b.shape[1], 3)], 1)
+        return torch.cat(
+            [model.step(b[:, t : t + 3], state)[0] for t in range(0, b.shape[1], 3)], 1
+        )
 
 
 def process(*args, cwd):
     """Run ``moshi-ttt sessions ARGS`` as its own process."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
-    return subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "sessions", *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "moshi_ttt.cli", "sessions", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def sessions(*args, cwd):
@@ -66,8 +73,14 @@ def saved_sessions(root):
     -> {id: (model, continuation tokens, reference logits)}, generic tensors."""
     store = SessionStore(root)
     cases = {}
-    for i, (cid, kind, ttt) in enumerate([("alice", "ttt_cache", True), ("bob", "window", False),
-                                          ("carol", "full", False), ("dave", "sink", True)]):
+    for i, (cid, kind, ttt) in enumerate(
+        [
+            ("alice", "ttt_cache", True),
+            ("bob", "window", False),
+            ("carol", "full", False),
+            ("dave", "sink", True),
+        ]
+    ):
         model = model_of(config(kind, ttt))
         state = streamed(model, seed=10 + i)
         store.save(cid, state, model)
@@ -85,8 +98,10 @@ def write_old_blob(store, cid):
     data = st_save(st_load(path.read_bytes()), metadata={"format": BLOB_TAG})
     path.write_bytes(data)
     with sqlite3.connect(store.db) as con:
-        con.execute("UPDATE sessions SET blob_sha256 = ?, bytes = ? WHERE id = ?",
-                    (hashlib.sha256(data).hexdigest(), len(data), cid))
+        con.execute(
+            "UPDATE sessions SET blob_sha256 = ?, bytes = ? WHERE id = ?",
+            (hashlib.sha256(data).hexdigest(), len(data), cid),
+        )
     return info.blob
 
 
@@ -130,11 +145,17 @@ def test_corrupt_index_is_refused_then_rebuilt(damage, tmp_path):
     before = {r.id: r for r in SessionStore(tmp_path).list()}
     size = db.stat().st_size
     assert size > 4096 and not (tmp_path / "sessions.sqlite-wal").exists()
-    broken = {"garbage": b"this is not an sqlite file" * 300, "truncated": db.read_bytes()[:4096],
-              "empty": b""}[damage]
+    broken = {
+        "garbage": b"this is not an sqlite file" * 300,
+        "truncated": db.read_bytes()[:4096],
+        "empty": b"",
+    }[damage]
     db.write_bytes(broken)
-    with pytest.raises(ValueError, match=r"session index .*sessions.sqlite is unreadable .*"
-                                         r"run `moshi-ttt sessions rebuild --store "):
+    with pytest.raises(
+        ValueError,
+        match=r"session index .*sessions.sqlite is unreadable .*"
+        r"run `moshi-ttt sessions rebuild --store ",
+    ):
         SessionStore(tmp_path)
     assert db.read_bytes() == broken  # never replaced by an empty index
     report = S.rebuild_index(tmp_path)
@@ -219,10 +240,13 @@ def rehashed(src, dst, blob=None, edit=None):
 def test_malformed_blobs_in_an_export(tmp_path):
     _, f = export_of(tmp_path, "window", False)
     store = SessionStore(tmp_path / "dst")
-    for blob, message in [(b"abc", "shorter than"), (struct.pack("<Q", 2) + b"[]", "JSON list"),
-                          (struct.pack("<Q", 99) + b"{}", "header of 99 bytes"),
-                          (struct.pack("<Q", 4) + b"\xff\xfe{}", "not JSON"),
-                          (struct.pack("<Q", 2) + b"{}", "format None")]:
+    for blob, message in [
+        (b"abc", "shorter than"),
+        (struct.pack("<Q", 2) + b"[]", "JSON list"),
+        (struct.pack("<Q", 99) + b"{}", "header of 99 bytes"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "not JSON"),
+        (struct.pack("<Q", 2) + b"{}", "format None"),
+    ]:
         with pytest.raises(ValueError, match=f"exported session .*{message}"):
             store.import_file(rehashed(f, tmp_path / "bad.session", blob=blob))
     blob = st_save({"x": torch.zeros(2)}, metadata={"format": BLOB_TAG})
@@ -234,18 +258,22 @@ def test_malformed_blobs_in_an_export(tmp_path):
 def _set(name, index, value):
     def edit(tensors):
         tensors[name][index] = value
+
     return edit
 
 
-@pytest.mark.parametrize("name,index,value,message", [
-    ("pos", 0, -1000, "state tensor pos holds -1000"),
-    ("layers.0.kpos", (0, 2), 10 ** 6, "state tensor layers.0.kpos holds position 1000000"),
-    ("layers.0.kpos", (0, 2), -7, "state tensor layers.0.kpos holds position -7"),
-    ("layers.1.ttt.count", 0, 99, "state tensor layers.1.ttt.count holds 99"),
-    ("layers.0.ecount", 0, -1, "state tensor layers.0.ecount holds -1"),
-    ("layers.1.ttt.s", (0, 1, 2), float("nan"), "state tensor layers.1.ttt.s has 1 non-finite"),
-    ("layers.0.vk", (0, 0, 0, 0), float("inf"), "state tensor layers.0.vk has 1 non-finite"),
-])
+@pytest.mark.parametrize(
+    "name,index,value,message",
+    [
+        ("pos", 0, -1000, "state tensor pos holds -1000"),
+        ("layers.0.kpos", (0, 2), 10**6, "state tensor layers.0.kpos holds position 1000000"),
+        ("layers.0.kpos", (0, 2), -7, "state tensor layers.0.kpos holds position -7"),
+        ("layers.1.ttt.count", 0, 99, "state tensor layers.1.ttt.count holds 99"),
+        ("layers.0.ecount", 0, -1, "state tensor layers.0.ecount holds -1"),
+        ("layers.1.ttt.s", (0, 1, 2), float("nan"), "state tensor layers.1.ttt.s has 1 non-finite"),
+        ("layers.0.vk", (0, 0, 0, 0), float("inf"), "state tensor layers.0.vk has 1 non-finite"),
+    ],
+)
 def test_impossible_states_are_refused_on_import(name, index, value, message, tmp_path):
     model, f = export_of(tmp_path)
     store = SessionStore(tmp_path / "dst")
@@ -273,16 +301,24 @@ def test_non_finite_states_are_refused_on_save_and_load(tmp_path):
     data = st_save(tensors, metadata={"format": BLOB_TAG})
     path.write_bytes(data)
     with sqlite3.connect(store.db) as con:
-        con.execute("UPDATE sessions SET blob_sha256 = ? WHERE id = 'c'",
-                    (hashlib.sha256(data).hexdigest(),))
+        con.execute(
+            "UPDATE sessions SET blob_sha256 = ? WHERE id = 'c'",
+            (hashlib.sha256(data).hexdigest(),),
+        )
     with pytest.raises(ValueError, match="session 'c': state tensor pos holds -3"):
         store.load("c", model)
 
 
 # ---- the command line ------------------------------------------------------------------------
 def test_cli_store_that_does_not_exist_is_not_created(tmp_path):
-    for args in (["list"], ["show", "c"], ["export", "c", "out.session"], ["gc"], ["delete", "c"],
-                 ["rebuild"]):
+    for args in (
+        ["list"],
+        ["show", "c"],
+        ["export", "c", "out.session"],
+        ["gc"],
+        ["delete", "c"],
+        ["rebuild"],
+    ):
         fails(*args, "--store", "typo", cwd=tmp_path, message="no session store at typo")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     (tmp_path / "plain").mkdir()
@@ -321,20 +357,30 @@ def test_cli_rebuild_gc_delete_and_bad_input(tmp_path):
 
     ok("export", "c", "c.session", "--store", "s", cwd=tmp_path)
     rehashed(tmp_path / "c.session", tmp_path / "short.session", blob=b"abc")
-    fails("import", "short.session", "--store", "s", "--id", "d", cwd=tmp_path,
-          message="shorter than")
+    fails(
+        "import", "short.session", "--store", "s", "--id", "d", cwd=tmp_path, message="shorter than"
+    )
     rehashed(tmp_path / "c.session", tmp_path / "list.session", blob=struct.pack("<Q", 2) + b"[]")
     fails("import", "list.session", "--store", "s", "--id", "d", cwd=tmp_path, message="JSON list")
     rehashed(tmp_path / "c.session", tmp_path / "pos.session", edit=_set("pos", 0, -1000))
-    fails("import", "pos.session", "--store", "s", "--id", "d", cwd=tmp_path,
-          message="state tensor pos")
+    fails(
+        "import",
+        "pos.session",
+        "--store",
+        "s",
+        "--id",
+        "d",
+        cwd=tmp_path,
+        message="state tensor pos",
+    )
     assert [r.id for r in SessionStore(tmp_path / "s").list()] == ["c"]
 
 
 def test_cli_help_names_every_sessions_command(tmp_path):
     commands = ("list", "show", "delete", "export", "import", "gc", "rebuild")
-    r = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "--help"], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "moshi_ttt.cli", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     top = " ".join(r.stdout.split()).split(" sessions ", 1)[1].split("options:")[0]
     assert r.returncode == 0 and all(c in top for c in commands), top
     out = ok("--help", cwd=tmp_path).stdout

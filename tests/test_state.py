@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import assert_close, stream, tiny_config
 
 import moshi_ttt as mt
-from conftest import assert_close, stream, tiny_config
 
 
 @pytest.mark.parametrize("kind", ["full", "window", "sink"])
@@ -19,7 +19,7 @@ def test_saved_state_continues_exactly(kind, tmp_path):
         assert all(torch.equal(loaded[n], state[n]) for n in state.tensors)
         cont, _ = stream(model, b, 4, state=state)
         cont2, _ = stream(model, b, 4, state=loaded)
-        straight = model(torch.cat([a, b], dim=1))[:, a.shape[1]:]
+        straight = model(torch.cat([a, b], dim=1))[:, a.shape[1] :]
     assert torch.equal(cont, cont2)
     assert_close(cont, straight, 1e-4)
 

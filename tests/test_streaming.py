@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import assert_close, stream, tiny_config
 
 import moshi_ttt as mt
-from conftest import assert_close, stream, tiny_config
 
 KINDS = ["full", "window", "sink"]
 
@@ -56,10 +56,12 @@ def test_state_bytes_constant(kind):
     model = mt.StreamingLM(tiny_config(kind, window=W)).eval()
     tokens = torch.randint(0, 50, (2, 100 * W))
     with torch.no_grad():
-        _, s10 = stream(model, tokens[:, :10 * W], 16)
+        _, s10 = stream(model, tokens[:, : 10 * W], 16)
         _, s100 = stream(model, tokens, 16)
     assert s10.nbytes() == s100.nbytes()
-    assert {k: v.shape for k, v in s10.tensors.items()} == {k: v.shape for k, v in s100.tensors.items()}
+    assert {k: v.shape for k, v in s10.tensors.items()} == {
+        k: v.shape for k, v in s100.tensors.items()
+    }
 
 
 def test_full_state_grows():

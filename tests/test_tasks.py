@@ -5,13 +5,19 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
 from moshi_ttt.data.tasks import (
-    TASKS, TaskMixer, answer_accuracy, answer_token_accuracy, make_conversation, make_passkey,
-    make_task, task_batch,
+    TASKS,
+    TaskMixer,
+    answer_accuracy,
+    answer_token_accuracy,
+    make_conversation,
+    make_passkey,
+    make_task,
+    task_batch,
 )
 from moshi_ttt.data.tokenizer import ByteTokenizer
-from conftest import assert_close
 
 BYTE = ByteTokenizer()
 EXACT = ("passkey", "needle", "mqar", "facts")  # conversation distances snap to whole turns
@@ -56,7 +62,10 @@ def fact_and_question(s, text):
     if s.task == "passkey":
         fact, q = f"The pass key is {m['value']}. Remember it.\n", "\nWhat is the pass key?"
     elif s.task == "needle":
-        fact, q = f" The magic number for {m['key']} is {m['value']}.", "\nWhat is the magic number for"
+        fact, q = (
+            f" The magic number for {m['key']} is {m['value']}.",
+            "\nWhat is the magic number for",
+        )
     elif s.task == "mqar":
         fact = " ".join(f"{k}:{v}" for k, v in zip(m["keys"], m["values"])) + "\n"
         q = f"\n{m['queries'][0]}:{m['answers'][0]}"
@@ -125,7 +134,7 @@ def induction_oracle(tokens, mask, rng, vocab):
                 match += ok
                 alive = ok
             j = a - 1 - int(np.argmax(match[::-1]))  # the latest of the longest matches
-            pred[b, a - 1:e - 1] = tokens[b, j:j + e - a]
+            pred[b, a - 1 : e - 1] = tokens[b, j : j + e - a]
     return pred
 
 
@@ -137,7 +146,8 @@ def test_copying_oracle_scores_one_random_scores_chance(name):
     assert answer_accuracy(oracle, tokens, mask).all()
     assert answer_accuracy(torch.from_numpy(oracle), torch.from_numpy(tokens), mask).all()
     assert np.all(answer_token_accuracy(oracle, tokens, mask) == 1.0)
-    rand = np.random.default_rng(1).integers(0, 256, (64, *oracle.shape[1:]))  # 8 rows, 8 draws each
+    # 8 rows, 8 draws each
+    rand = np.random.default_rng(1).integers(0, 256, (64, *oracle.shape[1:]))
     many = (np.tile(tokens, (8, 1)), np.tile(mask, (8, 1)))
     assert not answer_accuracy(rand, *many).any()
     assert answer_token_accuracy(rand, *many).mean() < 0.03  # 1/256 expected
@@ -145,7 +155,10 @@ def test_copying_oracle_scores_one_random_scores_chance(name):
     broken = oracle.copy()
     last = runs(mask[0])[-1][1] - 1
     broken[0, last - 1] = (tokens[0, last] + 1) % 256
-    acc, tok_acc = answer_accuracy(broken, tokens, mask), answer_token_accuracy(broken, tokens, mask)
+    acc, tok_acc = (
+        answer_accuracy(broken, tokens, mask),
+        answer_token_accuracy(broken, tokens, mask),
+    )
     assert not acc[0] and acc[1:].all()
     assert_close(tok_acc[0], 1 - 1 / mask[0].sum(), 1e-6)
 
@@ -154,7 +167,9 @@ def test_accuracy_pred_of_length_L_ignores_last_column():
     tokens, mask = task_batch("passkey", [0, 1], 50)
     pred = np.concatenate([tokens[:, 1:], np.full((2, 1), 7)], axis=1)  # [B, L]
     assert answer_accuracy(pred, tokens, mask).all()
-    assert np.array_equal(answer_accuracy(pred, tokens, mask), answer_accuracy(pred[:, :-1], tokens, mask))
+    assert np.array_equal(
+        answer_accuracy(pred, tokens, mask), answer_accuracy(pred[:, :-1], tokens, mask)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -213,9 +228,9 @@ def test_given_filler_is_sliced_and_values_resampled_away_from_it():
     for seed in range(6):  # 1..8 occur in every slice, so only 9 can stay unique
         s = make_passkey(seed, 60, tokenizer=tok, filler=filler, digits=1)
         assert s.meta["value"] == "9" and tok.decode(s.tokens).count("9") == 2
-        gap = s.tokens[s.meta["fact_span"][1]:s.meta["question_start"]]
+        gap = s.tokens[s.meta["fact_span"][1] : s.meta["question_start"]]
         doubled = np.concatenate([filler, filler])
-        assert any(np.array_equal(doubled[i:i + 60], gap) for i in range(len(filler)))
+        assert any(np.array_equal(doubled[i : i + 60], gap) for i in range(len(filler)))
     c = make_conversation(0, 200, tokenizer=tok, filler=filler)
     assert tok.decode(c.tokens[c.answer_mask]) == c.meta["value"]
 
@@ -225,7 +240,9 @@ def test_mixer_is_deterministic_and_covers_tasks():
     b = TaskMixer(distances=(16, 64), seed=1)
     xs, ys = [a.sample() for _ in range(24)], [b.sample() for _ in range(24)]
     assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(xs, ys))
-    assert {x.task for x in xs} == set(TASKS) and {x.distance for x in xs if x.task != "conversation"} == {16, 64}
+    assert {x.task for x in xs} == set(TASKS) and {
+        x.distance for x in xs if x.task != "conversation"
+    } == {16, 64}
     other = TaskMixer(distances=(16, 64), seed=2)
     c = [other.sample() for _ in range(4)]
     assert not all(np.array_equal(x.tokens, y.tokens) for x, y in zip(xs, c))

@@ -3,17 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close, tiny_config
 
 import moshi_ttt as mt
 from moshi_ttt.checkpoint import load_checkpoint, save_checkpoint
 from moshi_ttt.data.batches import doc_starts, sample_windows
 from moshi_ttt.trainer import train
 from moshi_ttt.training import TrainConfig, lm_loss, lr_at
-from conftest import assert_close, tiny_config
 
 
 def toy_corpus(n_docs=40, length=300, seed=0):
-    """Documents following a fixed successor rule from a random start: learnable, so loss must fall."""
+    """Documents following a fixed successor rule from a random start: learnable, so loss must
+    fall."""
     rng = np.random.default_rng(seed)
     docs = []
     for _ in range(n_docs):
@@ -56,7 +57,9 @@ def test_weighted_loss_equals_masked_mean():
     w = torch.ones(2, 20)
     w[0, 5:] = 0
     logits = model(x)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(2, 20)
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.flatten(), reduction="none"
+    ).view(2, 20)
     ref = torch.cat([nll[0, :5], nll[1]]).mean()
     assert_close(lm_loss(model, x, y, None, w), ref, 1e-5)
 
@@ -86,9 +89,13 @@ def test_task_rows_weight_answers():
 
     mixer = TaskMixer(("passkey",), (20,), seed=0)
     x, y, resets, w = task_rows(mixer, 3, 200, 5.0, np.random.default_rng(0))
-    ref_tokens, ref_mask = TaskMixer(("passkey",), (20,), seed=0).batch(3, length=201, rng=np.random.default_rng(0))
+    ref_tokens, ref_mask = TaskMixer(("passkey",), (20,), seed=0).batch(
+        3, length=201, rng=np.random.default_rng(0)
+    )
     assert torch.equal(torch.cat([x, y[:, -1:]], 1), torch.from_numpy(ref_tokens))
-    assert torch.equal(w == 5.0, torch.from_numpy(ref_mask[:, 1:])) and torch.all((w == 1.0) | (w == 5.0))
+    assert torch.equal(w == 5.0, torch.from_numpy(ref_mask[:, 1:])) and torch.all(
+        (w == 1.0) | (w == 5.0)
+    )
     assert not resets.any()
     with pytest.raises(ValueError, match="do not fit seq_len"):
         task_rows(TaskMixer(("passkey",), (500,), seed=0), 1, 100, 5.0, np.random.default_rng(0))
@@ -97,7 +104,17 @@ def test_task_rows_weight_answers():
 def test_training_with_task_rows_runs_and_learns():
     stream, bounds = toy_corpus()
     model = mt.StreamingLM(tiny_config("window", window=16, vocab=256))
-    cfg = TrainConfig(steps=30, batch_size=8, seq_len=160, lr=3e-3, warmup=3, log_every=1, task_frac=0.25,
-                      tasks=("passkey",), task_distances=(16, 32), answer_weight=5.0)
+    cfg = TrainConfig(
+        steps=30,
+        batch_size=8,
+        seq_len=160,
+        lr=3e-3,
+        warmup=3,
+        log_every=1,
+        task_frac=0.25,
+        tasks=("passkey",),
+        task_distances=(16, 32),
+        answer_weight=5.0,
+    )
     rows = train(model, stream, bounds, cfg, progress=False)
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -6,18 +6,28 @@ import itertools
 
 import pytest
 import torch
+from conftest import assert_close, reset_parity, stream
 
 import moshi_ttt as mt
 from moshi_ttt.ops.ttt_cache import block_step, block_step_naive, compress_scan, compressor
-from conftest import assert_close, reset_parity, stream
 
-OPTIONS = list(itertools.product(("gate", "concat"), ("relative", "decay", "none"), ("zero", "learned", "wait")))
+OPTIONS = list(
+    itertools.product(
+        ("gate", "concat"), ("relative", "decay", "none"), ("zero", "learned", "wait")
+    )
+)
 
 
 def cache_config(window=6, block=4, num_virtual=3, **kw):
-    return mt.ModelConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4,
-                          memory=mt.MemoryConfig(kind="ttt_cache", window=window, block=block,
-                                                 num_virtual=num_virtual, **kw))
+    return mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(
+            kind="ttt_cache", window=window, block=block, num_virtual=num_virtual, **kw
+        ),
+    )
 
 
 def memories(model):
@@ -40,7 +50,9 @@ def logits_and_grads(model, tokens, **kw) -> list:
     """The logits of a float64 model and every parameter's gradient of a fixed linear loss."""
     model.zero_grad()
     logits = model(tokens, **kw)
-    (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+    (
+        logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)
+    ).sum().backward()
     return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
@@ -49,17 +61,28 @@ def logits_and_grads(model, tokens, **kw) -> list:
 def test_parallel_equals_streaming_every_option(combine, position, cold):
     """Batch 3, row 1 reset mid-stream, 2000 tokens, window 6 (wraps 300+ times), steps of 37 tokens
     (the block layout) and of one token (the open block and the cached read) in turn."""
-    model = lively(mt.StreamingLM(cache_config(combine=combine, virtual_position=position, cold_start=cold))).eval()
+    model = lively(
+        mt.StreamingLM(cache_config(combine=combine, virtual_position=position, cold_start=cold))
+    ).eval()
     T, r = 2000, 999
     state = reset_parity(model, T, r, [1] * 7 + [37], 1e-4)
     assert state["layers.0.updates"].tolist() == [(T - 6) // 4, (T - r - 6) // 4, (T - 6) // 4]
 
 
 @pytest.mark.parametrize("k", [1, 5, 13])
-@pytest.mark.parametrize("extra", [dict(momentum=0.5), dict(decay=0.1), dict(max_state_norm=2.0), dict(bptt=2),
-                                   dict(compressor_depth=3), dict(compressor_shared=True),
-                                   dict(decay=0.1, forget_gate=True),
-                                   dict(decay=0.1, forget_gate=True, compressor_shared=True, momentum=0.5)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(momentum=0.5),
+        dict(decay=0.1),
+        dict(max_state_norm=2.0),
+        dict(bptt=2),
+        dict(compressor_depth=3),
+        dict(compressor_shared=True),
+        dict(decay=0.1, forget_gate=True),
+        dict(decay=0.1, forget_gate=True, compressor_shared=True, momentum=0.5),
+    ],
+)
 def test_parallel_equals_streaming_update_options(k, extra):
     model = lively(mt.StreamingLM(cache_config(**extra))).eval()
     tokens = torch.randint(0, 50, (2, 150))
@@ -86,18 +109,24 @@ def test_fused_window_attention_equals_banded_reference(extra):
         assert_close(fast, ref, 1e-6)  # banded is fp32
 
 
-@pytest.mark.parametrize("position, cold", [("relative", "wait"), ("decay", "zero"), ("none", "learned")])
+@pytest.mark.parametrize(
+    "position, cold", [("relative", "wait"), ("decay", "zero"), ("none", "learned")]
+)
 @pytest.mark.parametrize("reset", [False, True])
 def test_read_without_per_query_copies_equals_reference(position, cold, reset, monkeypatch):
     """Training reads with the queries grouped by the state they read (``_read_runs``) equal the
     per-query copies and ``_scores`` (the reference): logits and every gradient (float64 model),
     with and without a document boundary."""
-    model = lively(mt.StreamingLM(cache_config(window=8, block=4, virtual_position=position, cold_start=cold))).double()
+    model = lively(
+        mt.StreamingLM(cache_config(window=8, block=4, virtual_position=position, cold_start=cold))
+    ).double()
     tokens = torch.randint(0, 50, (2, 70))
     resets = torch.zeros(2, 70, dtype=torch.bool)
     resets[0, 29] = reset
     calls, read_runs = [], type(memories(model)[0])._read_runs
-    monkeypatch.setattr(type(memories(model)[0]), "_read_runs", lambda *a: calls.append(1) or read_runs(*a))
+    monkeypatch.setattr(
+        type(memories(model)[0]), "_read_runs", lambda *a: calls.append(1) or read_runs(*a)
+    )
     results = []
     for fast in (False, True):
         for mem in memories(model):
@@ -126,7 +155,9 @@ def test_block_step_naive_equals_fast_float64(depth):
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4, 6)] + [(3, 6, 6)] * (depth - 2) + [(3, 6, 4)]
     ws = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
-    xy = [torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2)]
+    xy = [
+        torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2)
+    ]
     eta = torch.rand(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     results = []
     for f in (block_step_naive, block_step):
@@ -134,14 +165,25 @@ def test_block_step_naive_equals_fast_float64(depth):
             a.grad = None
         deltas, loss = f(tuple(ws), *xy, eta)
         (sum(d.sin().sum() * (i + 1) for i, d in enumerate(deltas)) + loss.sum()).backward()
-        results.append([d.detach() for d in deltas] + [loss.detach()] + [a.grad.clone() for a in (*ws, *xy, eta)])
+        results.append(
+            [d.detach() for d in deltas]
+            + [loss.detach()]
+            + [a.grad.clone() for a in (*ws, *xy, eta)]
+        )
     for ref, fast in zip(*results):
         assert_close(fast, ref, 1e-6, floor=0.0)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(momentum=0.5, decay=0.1), dict(compressor_depth=3),
-                                   dict(compressor_shared=True, momentum=0.5),
-                                   dict(decay=0.1, forget_gate=True)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(),
+        dict(momentum=0.5, decay=0.1),
+        dict(compressor_depth=3),
+        dict(compressor_shared=True, momentum=0.5),
+        dict(decay=0.1, forget_gate=True),
+    ],
+)
 def test_model_naive_equals_fast_float64(extra):
     """States, outputs and gradients of every parameter through the whole model."""
     model = lively(mt.StreamingLM(cache_config(**extra))).double()
@@ -152,11 +194,18 @@ def test_model_naive_equals_fast_float64(extra):
             mem.naive = naive
         model.zero_grad()
         logits = model(tokens)
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+        (
+            logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)
+        ).sum().backward()
         with torch.no_grad():
             _, st = stream(model, tokens, 5)
-        results.append({"logits": logits.detach(), "d2": st["layers.1.d2"],
-                        **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}})
+        results.append(
+            {
+                "logits": logits.detach(),
+                "d2": st["layers.1.d2"],
+                **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            }
+        )
     assert set(results[0]) == set(results[1])
     for name, ref in results[0].items():
         assert_close(results[1][name], ref, 1e-6, name, floor=0.0)
@@ -230,7 +279,9 @@ def test_virtual_tokens_depend_on_evicted_tokens_only():
     and last prediction differ; the same weights with a plain window cannot tell them apart."""
     cfg = cache_config(window=8, block=4)
     model = lively(mt.StreamingLM(cfg)).eval()
-    plain = mt.StreamingLM(dataclasses.replace(cfg, memory=mt.MemoryConfig(kind="window", window=8))).eval()
+    plain = mt.StreamingLM(
+        dataclasses.replace(cfg, memory=mt.MemoryConfig(kind="window", window=8))
+    ).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".memory." not in k})
     a = torch.randint(0, 50, (1, 80))
     b = a.clone()
@@ -240,8 +291,12 @@ def test_virtual_tokens_depend_on_evicted_tokens_only():
         la, sa = stream(model, a, 7)
         lb, sb = stream(model, b, 7)
         read = mem._read(model.layers[0].self_attn.freqs, 1)
-        va = read(tuple((w + sa[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1)))[1]
-        vb = read(tuple((w + sb[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1)))[1]
+        va = read(
+            tuple((w + sa[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1))
+        )[1]
+        vb = read(
+            tuple((w + sb[f"layers.0.d{i}"][0])[:, None] for i, w in enumerate(mem.inits(), 1))
+        )[1]
         pa, pb = plain(a), plain(b)
     assert (va - vb).abs().max() > 1e-3
     assert (la[:, -1] - lb[:, -1]).abs().max() > 1e-4
@@ -252,16 +307,29 @@ def test_truncated_bptt_stops_gradients():
     g = torch.Generator().manual_seed(0)
     G, N, b, D, m = 2, 6, 3, 4, 5
     vals = torch.randn(G, N, b, D, dtype=torch.float64, generator=g, requires_grad=True)
-    keys = torch.nn.functional.normalize(torch.randn(G, N, b, D, dtype=torch.float64, generator=g), dim=-1)
-    init1, init2 = torch.randn(G, D, m, dtype=torch.float64, generator=g), torch.randn(G, m, D, dtype=torch.float64, generator=g)
+    keys = torch.nn.functional.normalize(
+        torch.randn(G, N, b, D, dtype=torch.float64, generator=g), dim=-1
+    )
+    init1, init2 = (
+        torch.randn(G, D, m, dtype=torch.float64, generator=g),
+        torch.randn(G, m, D, dtype=torch.float64, generator=g),
+    )
     probes = torch.randn(G, 1, 2, D, dtype=torch.float64, generator=g)
-    read = (lambda states: (probes, compressor(states, probes)))
+    read = lambda states: (probes, compressor(states, probes))
     grads = {}
     for bptt in (0, 2):
-        (_, reads), *_ = compress_scan((torch.zeros_like(init1), torch.zeros_like(init2)), None, (init1, init2),
-                                       keys, vals, torch.full((G, N, b), 0.3, dtype=torch.float64),
-                                       torch.ones(G, N, dtype=torch.float64), read, bptt=bptt)
-        grads[bptt], = torch.autograd.grad(reads[:, -1].sum(), vals)
+        (_, reads), *_ = compress_scan(
+            (torch.zeros_like(init1), torch.zeros_like(init2)),
+            None,
+            (init1, init2),
+            keys,
+            vals,
+            torch.full((G, N, b), 0.3, dtype=torch.float64),
+            torch.ones(G, N, dtype=torch.float64),
+            read,
+            bptt=bptt,
+        )
+        (grads[bptt],) = torch.autograd.grad(reads[:, -1].sum(), vals)
     assert grads[0][:, 0].abs().max() > 0  # through all 6 updates
     assert grads[2][:, :4].abs().max() == 0 and grads[2][:, 4:].abs().max() > 0  # only the last 2
 
@@ -277,7 +345,8 @@ def test_diagnostics(combine):
         par = dict(mem.stats)
         stream(model, torch.randint(0, 50, (2, 120)), 120)
     assert_close(par["alpha"], torch.sigmoid(mem.gate), 1e-5)
-    if combine == "gate":  # with virtual tokens, the mass on them is exactly 1 - α averaged over heads
+    # with virtual tokens, the mass on them is exactly 1 - α averaged over heads
+    if combine == "gate":
         assert_close(par["virtual_mass"], (1 - par["alpha"]).mean().item(), 1e-6)
     assert 0 < par["virtual_mass"] < 1 and -1 <= par["virtual_key_cos"] <= 1
     assert 0 < mem.stats["virtual_mass"] < 1
@@ -287,7 +356,10 @@ def test_check_finite_names_layer_and_update():
     model = mt.StreamingLM(cache_config(check_finite=True)).eval()
     with torch.no_grad():
         memories(model)[1].w1_init.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"layers.1.self_attn.memory: compressor state not finite after update 0"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"layers.1.self_attn.memory: compressor state not finite after update 0",
+    ):
         model(torch.randint(0, 50, (1, 40)))
 
 
@@ -299,7 +371,8 @@ def test_adversarial_stream_stays_finite_and_constant_size():
     sizes = []
     with torch.no_grad():
         for step in range(60):
-            tokens = torch.full((2, 100), 7) if step % 2 else torch.randint(0, 50, (2, 100))  # repeats
+            # repeats
+            tokens = torch.full((2, 100), 7) if step % 2 else torch.randint(0, 50, (2, 100))
             logits, state = model.step(tokens, state)
             sizes.append(state.nbytes())
         assert torch.isfinite(logits).all()
@@ -333,10 +406,13 @@ def test_state_updates_not_rounded_by_autocast():
             (ak, av, _), ((a1, a2), _), _ = scan()
             _, st = stream(model, tokens, 40)
             _, st1 = stream(model, tokens, 1)
-    assert torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)
+    assert (
+        torch.equal(a1, d1) and torch.equal(a2, d2) and torch.equal(av, rv) and torch.equal(ak, rk)
+    )
     assert d2.dtype == torch.float32 and st["layers.0.d2"].dtype == torch.float32
     assert st["layers.0.d2"].abs().max() > 0
-    for name in ("d1", "d2", "vk", "vv", "ek", "eeta"):  # the state's own arithmetic stays fp32 under autocast
+    # the state's own arithmetic stays fp32 under autocast
+    for name in ("d1", "d2", "vk", "vv", "ek", "eeta"):
         assert st1[f"layers.0.{name}"].dtype == torch.float32
     assert st1["layers.0.updates"].item() == ref["layers.0.updates"].item() > 0
 

@@ -1,8 +1,10 @@
-"""The Triton block update (ops/ttt_cache_triton.py) against its reference (ops/ttt_cache.complete_block):
+"""The Triton block update (ops/ttt_cache_triton.py) against its reference
+(ops/ttt_cache.complete_block):
 on CPU under Triton's interpreter where Triton is installed, on the GPU with ``-m gpu``."""
 
 import pytest
 import torch
+from conftest import TRITON_DEVICES, assert_close, stream
 from torch.nn import functional as F
 
 import moshi_ttt as mt
@@ -10,35 +12,43 @@ from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
 from moshi_ttt.ops import ttt_step_triton as step
 
-from conftest import TRITON_DEVICES, assert_close, stream
-
 pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
 DEVICES = TRITON_DEVICES
 
 
 def problem(B, HC, b, Dh, m, M, momentum, device):
     G = B * HC
-    inits = (torch.randn(HC, Dh, m) / Dh ** 0.5, torch.randn(HC, m, Dh) / m ** 0.5)
+    inits = (torch.randn(HC, Dh, m) / Dh**0.5, torch.randn(HC, m, Dh) / m**0.5)
     ds = tuple(0.1 * torch.randn(G, *w.shape[1:]) for w in inits)
     moms = tuple(0.1 * torch.randn(G, *w.shape[1:]) for w in inits) if momentum else None
     x = F.normalize(torch.randn(G, b, Dh), dim=-1)
     y, eta = torch.randn(G, b, Dh), torch.rand(G, b) / b
     done = torch.arange(G) % 3 != 1
     probes = F.normalize(torch.randn(HC, M, Dh), dim=-1)
-    mv = (lambda t: tuple(a.to(device) for a in t) if isinstance(t, tuple) else (t.to(device) if t is not None else None))
+    mv = lambda t: (
+        tuple(a.to(device) for a in t)
+        if isinstance(t, tuple)
+        else (t.to(device) if t is not None else None)
+    )
     return [mv(a) for a in (ds, moms, inits, x, y, eta, done, probes)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape, opts", [
-    ((3, 2, 16, 32, 16, 8), dict()),                                        # Moshi-like: b 16, M 8 (< 16 probes)
-    ((2, 3, 64, 16, 32, 4), dict(momentum=0.9, decay=0.1, max_norm=3.0)),    # two token chunks, every option
-    ((2, 1, 32, 16, 16, 16), dict(momentum=0.5, max_norm=1.0)),              # one compressor (shared), cap active
-])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [
+        # Moshi-like: b 16, M 8 (< 16 probes)
+        ((3, 2, 16, 32, 16, 8), dict()),
+        # two token chunks, every option
+        ((2, 3, 64, 16, 32, 4), dict(momentum=0.9, decay=0.1, max_norm=3.0)),
+        # one compressor (shared), cap active
+        ((2, 1, 32, 16, 16, 16), dict(momentum=0.5, max_norm=1.0)),
+    ],
+)
 def test_triton_block_update_equals_reference(on, device, shape, opts):
     dev = on(device)
     ds, moms, inits, x, y, eta, done, probes = problem(*shape, opts.get("momentum", 0.0), dev)
-    clone = (lambda t: tuple(a.clone() for a in t) if t is not None else None)
+    clone = lambda t: tuple(a.clone() for a in t) if t is not None else None
     ref_ds, ref_m, fast_ds, fast_m = clone(ds), clone(moms), clone(ds), clone(moms)
     assert tri.supports(fast_ds, x, probes)
     v_ref = ops.complete_block(ref_ds, ref_m, inits, x, y, eta, done, probes, **opts)
@@ -51,17 +61,30 @@ def test_triton_block_update_equals_reference(on, device, shape, opts):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel, extra", [
-    ("complete", dict(momentum=0.5, cold_start="zero")),                                 # the block update alone
-    ("step", dict(momentum=0.5, cold_start="zero")),                                     # the whole step
-    ("step", dict(decay=0.1, max_state_norm=2.0, virtual_position="decay")),             # no rotation, cap
-    ("step", dict(virtual_position="none", cold_start="wait", num_virtual=3, combine="concat")),  # one softmax
-])
+@pytest.mark.parametrize(
+    "kernel, extra",
+    [
+        # the block update alone
+        ("complete", dict(momentum=0.5, cold_start="zero")),
+        # the whole step
+        ("step", dict(momentum=0.5, cold_start="zero")),
+        # no rotation, cap
+        ("step", dict(decay=0.1, max_state_norm=2.0, virtual_position="decay")),
+        # one softmax
+        ("step", dict(virtual_position="none", cold_start="wait", num_virtual=3, combine="concat")),
+    ],
+)
 def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monkeypatch):
     """One-token streaming (batch 2, a row reset) through the Triton block update, or the whole
-    one-token step (evict_step and attend_one), equals the reference step: logits and every state tensor."""
-    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=1, num_heads=4, memory=mt.MemoryConfig(
-        kind="ttt_cache", window=8, block=16, **{"num_virtual": 4, **extra}))
+    one-token step (evict_step and attend_one), equals the reference step: logits and every state
+    tensor."""
+    cfg = mt.ModelConfig(
+        vocab_size=50,
+        dim=64,
+        num_layers=1,
+        num_heads=4,
+        memory=mt.MemoryConfig(kind="ttt_cache", window=8, block=16, **{"num_virtual": 4, **extra}),
+    )
     model = mt.StreamingLM(cfg).to(on(device)).eval()
     with torch.no_grad():
         for layer in model.layers:
@@ -75,7 +98,11 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
     calls = {}
     for mod, name in ((tri, "complete_block"), (step, "evict_step"), (step, "attend_one")):
         fn = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _f=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k))
+        monkeypatch.setattr(
+            mod,
+            name,
+            lambda *a, _f=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k),
+        )
     monkeypatch.setattr(step, "ON_CUDA", True)
     if kernel == "complete":
         monkeypatch.setattr(step, "supports", lambda *a: False)
@@ -84,7 +111,9 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
         fast, st_fast = stream(model, tokens, 1, resets_at=reset)
         # every step of both layers went through the kernels
         n = T  # steps
-        assert calls == ({"complete_block": n} if kernel == "complete" else {"evict_step": n, "attend_one": n})
+        assert calls == (
+            {"complete_block": n} if kernel == "complete" else {"evict_step": n, "attend_one": n}
+        )
         for name in ("supports", "attend_supports"):
             monkeypatch.setattr(step, name, lambda *a: False)
         monkeypatch.setattr(tri, "supports", lambda *a: False)
@@ -97,18 +126,31 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
 
 
 def test_wide_compressors_take_the_reference(on):
-    """Weights past the kernels' shared-memory bound (Dh 128 x hidden 256) are left to the reference."""
+    """Weights past the kernels' shared-memory bound (Dh 128 x hidden 256) are left to the
+    reference."""
     from moshi_ttt.ops import ttt_scan_triton as scan
+
     on("cpu")
     ds = (torch.zeros(2, 128, 256), torch.zeros(2, 256, 128))
     x, probes = torch.zeros(2, 16, 128), torch.zeros(1, 4, 128)
-    assert tri.supports(tuple(d[:, :, :64] for d in ds[:1]) + (ds[1][:, :64],), x, probes)  # 128 x 64: fits
+    # 128 x 64: fits
+    assert tri.supports(tuple(d[:, :, :64] for d in ds[:1]) + (ds[1][:, :64],), x, probes)
     assert not tri.supports(ds, x, probes)
     assert not scan.supports(ds, x[:, None])
-    for dim, fits in ((128, True), (256, False)):  # 2 heads: Dh 64 x hidden 128, Dh 128 x hidden 256
-        cfg = mt.ModelConfig(vocab_size=50, dim=dim, num_layers=1, num_heads=2, memory=mt.MemoryConfig(
-            kind="ttt_cache", window=8, block=16))
+    # 2 heads: Dh 64 x hidden 128, Dh 128 x hidden 256
+    for dim, fits in ((128, True), (256, False)):
+        cfg = mt.ModelConfig(
+            vocab_size=50,
+            dim=dim,
+            num_layers=1,
+            num_heads=2,
+            memory=mt.MemoryConfig(kind="ttt_cache", window=8, block=16),
+        )
         model = mt.StreamingLM(cfg).eval()
         with torch.no_grad():
-            assert step.supports(model.layers[0].self_attn.memory, model.init_state(1).scope("layers.0.")) == fits
-
+            assert (
+                step.supports(
+                    model.layers[0].self_attn.memory, model.init_state(1).scope("layers.0.")
+                )
+                == fits
+            )

@@ -1,45 +1,68 @@
-"""The Triton training scan (ops/ttt_scan_triton.py) against its reference (ops/ttt_cache.scan_states):
+"""The Triton training scan (ops/ttt_scan_triton.py) against its reference
+(ops/ttt_cache.scan_states):
 states, final momenta, losses and every gradient, on CPU under Triton's interpreter where Triton is
 installed and on the GPU with ``-m gpu``."""
 
 import pytest
 import torch
+from conftest import TRITON_DEVICES as DEVICES
+from conftest import assert_close
 from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_scan_triton as tri
 
-from conftest import TRITON_DEVICES as DEVICES, assert_close
-
 pytestmark = pytest.mark.skipif(not tri.triton, reason="needs Triton")
 
 
 def problem(G, N, b, Dh, m, momentum, device):
-    inits = (torch.randn(G, Dh, m) / Dh ** 0.5, torch.randn(G, m, Dh) / m ** 0.5)
+    inits = (torch.randn(G, Dh, m) / Dh**0.5, torch.randn(G, m, Dh) / m**0.5)
     ds = tuple(0.1 * torch.randn_like(w) for w in inits)
     moms = tuple(0.1 * torch.randn_like(w) for w in inits) if momentum else None
     keys = F.normalize(torch.randn(G, N, b, Dh), dim=-1)
     vals, eta = torch.randn(G, N, b, Dh), 4 * torch.rand(G, N, b) / b
-    eta[:, -1, b // 2:] = 0.0  # a partly filled block
+    eta[:, -1, b // 2 :] = 0.0  # a partly filled block
     apply = torch.ones(G, N)
     apply[0, 1] = 0.0  # a skipped block
-    mv = (lambda t: tuple(a.to(device).requires_grad_() for a in t) if t is not None else None)
-    return mv(ds), mv(moms), mv(inits), *(t.to(device).requires_grad_() for t in (keys, vals, eta)), apply.to(device)
+    mv = lambda t: tuple(a.to(device).requires_grad_() for a in t) if t is not None else None
+    return (
+        mv(ds),
+        mv(moms),
+        mv(inits),
+        *(t.to(device).requires_grad_() for t in (keys, vals, eta)),
+        apply.to(device),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_precision", ["fp32", "tf32"])
-@pytest.mark.parametrize("shape, opts", [
-    ((3, 5, 16, 16, 32), dict(decay=0.0, momentum=0.0, max_norm=100.0, bptt=0)),
-    ((2, 4, 64, 16, 16), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2)),   # every option, cap active
-    ((2, 3, 32, 32, 16), dict(decay=0.0, momentum=0.5, max_norm=100.0, bptt=1)),
-])
+@pytest.mark.parametrize(
+    "shape, opts",
+    [
+        ((3, 5, 16, 16, 32), dict(decay=0.0, momentum=0.0, max_norm=100.0, bptt=0)),
+        # every option, cap active
+        ((2, 4, 64, 16, 16), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2)),
+        ((2, 3, 32, 32, 16), dict(decay=0.0, momentum=0.5, max_norm=100.0, bptt=1)),
+    ],
+)
 def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts, grad_precision):
     dev = on(device)
     torch.manual_seed(0)
     ds, moms, inits, keys, vals, eta, apply = problem(*shape, opts["momentum"], dev)
     assert tri.supports(ds, keys)
-    args = (ds, moms, inits, keys, vals, eta, apply, opts["decay"], opts["momentum"], opts["max_norm"], opts["bptt"])
+    args = (
+        ds,
+        moms,
+        inits,
+        keys,
+        vals,
+        eta,
+        apply,
+        opts["decay"],
+        opts["momentum"],
+        opts["max_norm"],
+        opts["bptt"],
+    )
     ref = ops.scan_states(*args)
     fast = tri.scan_states(*args, grad_precision)
     leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
@@ -52,9 +75,14 @@ def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts, gr
     for a, b in zip([*ref[0], *(ref[1] or ()), ref[2]], [*fast[0], *(fast[1] or ()), fast[2]]):
         assert_close(b, a, 1e-4, "states, momenta, losses")
     if opts["max_norm"] < 10:  # the cap binds somewhere (so its backward is exercised)
-        assert (torch.linalg.vector_norm(fast[0][0][:, 1:], dim=(-2, -1)) > opts["max_norm"] - 1e-4).any()
-    for name, a, b in zip("d1 d2 m1 m2 i1 i2 keys vals eta".split() if moms else "d1 d2 i1 i2 keys vals eta".split(),
-                          grads(ref), grads(fast)):
+        assert (
+            torch.linalg.vector_norm(fast[0][0][:, 1:], dim=(-2, -1)) > opts["max_norm"] - 1e-4
+        ).any()
+    for name, a, b in zip(
+        "d1 d2 m1 m2 i1 i2 keys vals eta".split() if moms else "d1 d2 i1 i2 keys vals eta".split(),
+        grads(ref),
+        grads(fast),
+    ):
         assert_close(b, a, 3e-3 if grad_precision == "tf32" else 1e-5, name, floor=0.0)
 
 
@@ -65,10 +93,27 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
     decay, the cap and truncated BPTT) are the same through the fused scan and the reference (TF32
     gradients, per-head compressors, to 3e-3 of their largest entry on the GPU)."""
     import moshi_ttt as mt
+
     dev = on(device)
-    cfg = mt.ModelConfig(vocab_size=50, dim=64, num_layers=2, num_heads=4, memory=mt.MemoryConfig(
-        kind="ttt_cache", window=8, block=16, num_virtual=4, momentum=0.5, decay=0.05, max_state_norm=4.0,
-        bptt=2, compressor_shared=shared, cold_start="zero", grad_precision="fp32" if shared else "tf32"))
+    cfg = mt.ModelConfig(
+        vocab_size=50,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(
+            kind="ttt_cache",
+            window=8,
+            block=16,
+            num_virtual=4,
+            momentum=0.5,
+            decay=0.05,
+            max_state_norm=4.0,
+            bptt=2,
+            compressor_shared=shared,
+            cold_start="zero",
+            grad_precision="fp32" if shared else "tf32",
+        ),
+    )
     model = mt.StreamingLM(cfg).to(dev)
     with torch.no_grad():
         for layer in model.layers:
@@ -86,12 +131,15 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
             model.zero_grad()
             logits = model(tokens, resets)
             (logits.float().logsumexp(-1).mean() - logits[..., 0].float().mean()).backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     ref_logits, ref_grads = run(False)
     n_ref = len(calls)
     logits, grads = run(True)
-    assert n_ref == 0 and len(calls) == cfg.num_layers  # the fused scan ran in every layer, and only then
+    # the fused scan ran in every layer, and only then
+    assert n_ref == 0 and len(calls) == cfg.num_layers
     assert_close(logits, ref_logits, 1e-5, "logits")
     assert ref_grads.keys() == grads.keys() and any("w1_init" in n for n in grads)
     tol = 3e-3 if device == "cuda" and cfg.memory.grad_precision == "tf32" else 1e-5
@@ -110,16 +158,20 @@ def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
     N = 2 * tri.GRAPH_MIN_BLOCKS
     for seed in (0, 1):
         torch.manual_seed(seed)
-        ds, moms, inits, keys, vals, eta, apply = problem(3, N, 32, 16, 32, momentum, torch.device("cuda"))
+        ds, moms, inits, keys, vals, eta, apply = problem(
+            3, N, 32, 16, 32, momentum, torch.device("cuda")
+        )
         leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
         args = (ds, moms, inits, keys, vals, eta, apply, 0.05, momentum, 3.0, 3)
         results = []
-        for minimum in (10 ** 9, tri.GRAPH_MIN_BLOCKS):  # direct launches, then the graph
+        for minimum in (10**9, tri.GRAPH_MIN_BLOCKS):  # direct launches, then the graph
             monkeypatch.setattr(tri, "GRAPH_MIN_BLOCKS", minimum)
             out = tri.scan_states(*args, "fp32")
             outs = [*out[0], *(out[1] or ()), out[2]]
-            total = sum((torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o) * o).sum()
-                        for o in outs[:-1])
+            total = sum(
+                (torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o) * o).sum()
+                for o in outs[:-1]
+            )
             results.append([o.detach() for o in outs] + list(torch.autograd.grad(total, leaves)))
         assert len(tri._graphs) == 2  # forward and backward, captured once and replayed for seed 1
         for a, b in zip(*results):

@@ -8,14 +8,18 @@ import torch
 from conftest import assert_close
 
 from moshi_ttt.ops.masks import segment_positions
-from moshi_ttt.ops.window_attention import (window_attention, window_attention_dense,
-                                            window_attention_flex)
+from moshi_ttt.ops.window_attention import (
+    window_attention,
+    window_attention_dense,
+    window_attention_flex,
+)
 
 
 def inputs(B=2, H=2, T=160, Dh=16, resets=True, device="cpu", dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, T, Dh, generator=g).to(device, dtype).requires_grad_()
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(B, H, T, Dh, generator=g).to(device, dtype).requires_grad_() for _ in range(3)
+    )
     r = None
     if resets:
         r = torch.zeros(B, T, dtype=torch.bool)
@@ -24,17 +28,20 @@ def inputs(B=2, H=2, T=160, Dh=16, resets=True, device="cpu", dtype=torch.float3
     return q, k, v, pos.to(device), (seg.to(device) if resets else None)
 
 
-CASES = [(kind, W, S, resets) for kind, W, S in (("full", 0, 0), ("window", 24, 0),
-                                                  ("window", 1, 0), ("sink", 24, 3))
-         for resets in (False, True)]
+CASES = [
+    (kind, W, S, resets)
+    for kind, W, S in (("full", 0, 0), ("window", 24, 0), ("window", 1, 0), ("sink", 24, 3))
+    for resets in (False, True)
+]
 
 
 @pytest.mark.parametrize("kind,W,S,resets", CASES)
 def test_flex_equals_the_dense_reference(kind, W, S, resets):
     q, k, v, pos, seg = (x.detach() if x is not None else None for x in inputs(resets=resets))
     o0, l0 = window_attention_dense(q, k, v, pos, seg, kind, W, S, scale=0.3, return_lse=True)
-    o1, l1 = window_attention_flex(q, k, v, pos, seg, kind, W, S, scale=0.3, return_lse=True,
-                                   compiled=False)
+    o1, l1 = window_attention_flex(
+        q, k, v, pos, seg, kind, W, S, scale=0.3, return_lse=True, compiled=False
+    )
     assert_close(o1, o0, 1e-5, "output")
     assert_close(l1, l0, 1e-5, "log-sum-exp")
 
@@ -42,10 +49,17 @@ def test_flex_equals_the_dense_reference(kind, W, S, resets):
 def test_the_dense_log_sum_exp_path_equals_sdpa_and_bad_arguments_fail_clearly():
     q, k, v, pos, seg = inputs()
     o, _ = window_attention_dense(q, k, v, pos, seg, "window", 24, scale=0.3, return_lse=True)
-    assert_close(o, window_attention(q, k, v, pos, seg, "window", 24, scale=0.3, impl="dense"),
-                 1e-5, "softmax spelt out vs SDPA")
-    for kw, msg in ((dict(kind="ring"), "kind must be"), (dict(window=0), "window must be"),
-                    (dict(impl="fast"), "impl must be")):
+    assert_close(
+        o,
+        window_attention(q, k, v, pos, seg, "window", 24, scale=0.3, impl="dense"),
+        1e-5,
+        "softmax spelt out vs SDPA",
+    )
+    for kw, msg in (
+        (dict(kind="ring"), "kind must be"),
+        (dict(window=0), "window must be"),
+        (dict(impl="fast"), "impl must be"),
+    ):
         args = dict(kind="window", window=4, impl="dense") | kw
         with pytest.raises(ValueError, match=msg):
             window_attention(q, k, v, pos, seg, args["kind"], args["window"], impl=args["impl"])
@@ -62,8 +76,11 @@ def test_compiled_flex_on_cuda_equals_the_dense_reference(kind, W, S, resets):
     o1 = window_attention(q, k, v, pos, seg, kind, W, S, impl="flex")
     o0 = window_attention(q, k, v, pos, seg, kind, W, S, impl="dense")
     assert_close(o1, o0, 1e-3, "output")
-    for name, a, b in zip("qkv", torch.autograd.grad((o1 * g).sum(), (q, k, v)),
-                          torch.autograd.grad((o0 * g).sum(), (q, k, v))):
+    for name, a, b in zip(
+        "qkv",
+        torch.autograd.grad((o1 * g).sum(), (q, k, v)),
+        torch.autograd.grad((o0 * g).sum(), (q, k, v)),
+    ):
         assert_close(a, b, 1e-3, f"d{name}")
 
 
@@ -71,8 +88,8 @@ def test_a_cached_block_mask_never_serves_other_documents():
     """The block mask is reused for the same position tensors only: new documents (or an update
     in place) in tensors of the same shape get their own mask."""
     q, k, v, pos, seg = (x.detach() for x in inputs())
-    flex = (lambda p, s: window_attention_flex(q, k, v, p, s, "window", 24, compiled=False))
-    dense = (lambda p, s: window_attention_dense(q, k, v, p, s, "window", 24))
+    flex = lambda p, s: window_attention_flex(q, k, v, p, s, "window", 24, compiled=False)
+    dense = lambda p, s: window_attention_dense(q, k, v, p, s, "window", 24)
     assert_close(flex(pos, seg), dense(pos, seg), 1e-5, "first documents")
     r = torch.zeros(2, 160, dtype=torch.bool)
     r[0, 100], r[1, 10] = True, True

@@ -13,8 +13,9 @@ def doc_starts(n_tokens: int, doc_bounds: np.ndarray) -> np.ndarray:
     return starts
 
 
-def sample_windows(stream: np.ndarray, starts: np.ndarray, batch_size: int, seq_len: int,
-                   rng: np.random.Generator):
+def sample_windows(
+    stream: np.ndarray, starts: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
+):
     """Random windows of ``seq_len + 1`` tokens.
 
     Returns inputs [B, T] int64, targets [B, T] int64, resets [B, T] bool (a document starts at
@@ -23,7 +24,9 @@ def sample_windows(stream: np.ndarray, starts: np.ndarray, batch_size: int, seq_
     """
     n = len(stream)
     if n < seq_len + 2:
-        raise ValueError(f"the token stream ({n} tokens) is shorter than seq_len + 2 = {seq_len + 2}")
+        raise ValueError(
+            f"the token stream ({n} tokens) is shorter than seq_len + 2 = {seq_len + 2}"
+        )
     offs = rng.integers(0, n - seq_len - 1, size=batch_size)
     idx = offs[:, None] + np.arange(seq_len + 1)  # [B, T + 1]
     toks = torch.from_numpy(np.asarray(stream[idx], dtype=np.int64))

@@ -55,8 +55,14 @@ def _filler(rng: np.random.Generator, n: int, filler: np.ndarray | None) -> np.n
     return np.resize(np.roll(filler, -start), n)
 
 
-def make_binding(seed: int, distance: int, num_keys: int = 4, num_queries: int = 1,
-                 filler: np.ndarray | None = None, repeat: bool = False) -> TaskSample:
+def make_binding(
+    seed: int,
+    distance: int,
+    num_keys: int = 4,
+    num_queries: int = 1,
+    filler: np.ndarray | None = None,
+    repeat: bool = False,
+) -> TaskSample:
     """One sample: ``num_keys`` facts, ``distance`` filler tokens, ``num_queries`` distinct keys
     asked (1: binding; ``num_keys``: every key in turn, the all-questions variant). ``repeat``:
     keys asked are drawn with replacement, so ruling out the values already answered does not
@@ -69,8 +75,9 @@ def make_binding(seed: int, distance: int, num_keys: int = 4, num_queries: int =
         raise ValueError(f"num_keys must be in 1..{MAX_KEYS}, got {num_keys}")
     if not 1 <= num_queries <= num_keys:
         raise ValueError(f"num_queries must be in 1..num_keys={num_keys}, got {num_queries}")
-    rng = np.random.default_rng([int(seed), zlib.crc32(b"binding"), num_keys, num_queries]
-                                + ([1] if repeat else []))
+    rng = np.random.default_rng(
+        [int(seed), zlib.crc32(b"binding"), num_keys, num_queries] + ([1] if repeat else [])
+    )
     keys = rng.choice(KEYS, num_keys, replace=False)
     vals = rng.choice(VALUES, num_keys, replace=False)
     asked = rng.choice(num_keys, num_queries, replace=bool(repeat))
@@ -78,24 +85,39 @@ def make_binding(seed: int, distance: int, num_keys: int = 4, num_queries: int =
     questions = np.stack([keys[asked], vals[asked]], 1).ravel()
     tokens = np.concatenate([[STX], facts, [ETX], _filler(rng, distance, filler), [ENQ], questions])
     mask = np.zeros(len(tokens), bool)
-    mask[-2 * num_queries + 1::2] = True
+    mask[-2 * num_queries + 1 :: 2] = True
     q = len(tokens) - 2 * num_queries - 1
-    meta = {"keys": keys.tolist(), "values": vals.tolist(), "asked": asked.tolist(),
-            "num_keys": num_keys, "fact_span": (1, 1 + 2 * num_keys), "question_start": q,
-            "answer_start": int(np.flatnonzero(mask)[0])}
+    meta = {
+        "keys": keys.tolist(),
+        "values": vals.tolist(),
+        "asked": asked.tolist(),
+        "num_keys": num_keys,
+        "fact_span": (1, 1 + 2 * num_keys),
+        "question_start": q,
+        "answer_start": int(np.flatnonzero(mask)[0]),
+    }
     return TaskSample("binding", tokens.astype(np.int64), mask, int(distance), meta)
 
 
-def binding_batch(seeds, distance: int, num_keys: int, num_queries: int = 1,
-                  filler: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def binding_batch(
+    seeds, distance: int, num_keys: int, num_queries: int = 1, filler: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``make_binding`` for each seed (all of one length): tokens [B, L], answer_mask [B, L]."""
     samples = [make_binding(int(s), distance, num_keys, num_queries, filler) for s in seeds]
     return np.stack([s.tokens for s in samples]), np.stack([s.answer_mask for s in samples])
 
 
-def binding_rows(rng: np.random.Generator, n: int, length: int, keys, distances,
-                 num_queries: int = 0, filler: np.ndarray | None = None, repeat: bool = False,
-                 anywhere: bool = False):
+def binding_rows(
+    rng: np.random.Generator,
+    n: int,
+    length: int,
+    keys,
+    distances,
+    num_queries: int = 0,
+    filler: np.ndarray | None = None,
+    repeat: bool = False,
+    anywhere: bool = False,
+):
     """``n`` training rows of exactly ``length`` tokens: a sample (N from ``keys``, d from
     ``distances``; ``num_queries`` 0 asks N keys: every key in turn, or with ``repeat`` N keys
     drawn with replacement) left-filled with filler; with ``anywhere`` the sample starts at a
@@ -107,10 +129,12 @@ def binding_rows(rng: np.random.Generator, n: int, length: int, keys, distances,
     for i in range(n):
         N = int(keys[int(rng.integers(len(keys)))])
         d = int(distances[int(rng.integers(len(distances)))])
-        s = make_binding(int(rng.integers(2 ** 31)), d, N, num_queries or N, filler, repeat)
+        s = make_binding(int(rng.integers(2**31)), d, N, num_queries or N, filler, repeat)
         if len(s.tokens) > length:
-            raise ValueError(f"a binding sample of {N} keys at distance {d} has {len(s.tokens)} "
-                             f"tokens, more than the row length {length}")
+            raise ValueError(
+                f"a binding sample of {N} keys at distance {d} has {len(s.tokens)} "
+                f"tokens, more than the row length {length}"
+            )
         pad = length - len(s.tokens)
         lo = int(rng.integers(pad + 1)) if anywhere else pad  # the sample's first token
         hi = lo + len(s.tokens)

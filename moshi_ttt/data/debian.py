@@ -58,21 +58,34 @@ def download_deb(package: str, cache_dir: str | Path, source: str) -> Path:
         return cached[-1]
     apt = shutil.which("apt-get")
     if apt is None:
-        raise _fail(source, package, "apt-get not found on PATH (a Debian-based system is needed, "
-                    f"or put the .deb into {cache_dir} by hand)")
+        raise _fail(
+            source,
+            package,
+            "apt-get not found on PATH (a Debian-based system is needed, "
+            f"or put the .deb into {cache_dir} by hand)",
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.run([apt, "download", package], cwd=cache_dir, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [apt, "download", package], cwd=cache_dir, capture_output=True, text=True, timeout=600
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise _fail(source, package, f"`apt-get download {package}` failed: {e}") from None
     if proc.returncode != 0:
-        raise _fail(source, package, f"`apt-get download {package}` exited with {proc.returncode}:"
-                    f"\n{_stderr_lines(proc.stderr)}")
+        raise _fail(
+            source,
+            package,
+            f"`apt-get download {package}` exited with {proc.returncode}:"
+            f"\n{_stderr_lines(proc.stderr)}",
+        )
     cached = sorted(cache_dir.glob(f"{package}_*.deb"))
     if not cached:
-        raise _fail(source, package, f"`apt-get download {package}` wrote no .deb into {cache_dir}"
-                    f"\n{_stderr_lines(proc.stderr)}")
+        raise _fail(
+            source,
+            package,
+            f"`apt-get download {package}` wrote no .deb into {cache_dir}"
+            f"\n{_stderr_lines(proc.stderr)}",
+        )
     return cached[-1]
 
 
@@ -82,10 +95,10 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
         raise ValueError("not an ar archive")
     out, pos = {}, 8
     while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        out[name] = data[pos + 60:pos + 60 + size]
+        out[name] = data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size % 2)  # members are 2-byte aligned
     return out
 
@@ -101,7 +114,8 @@ def _tar(members: dict[str, bytes], stem: str) -> tarfile.TarFile:
 
 
 def read_deb(path: str | Path, want: Callable[[str], bool]) -> dict[str, bytes]:
-    """Regular files of the ``.deb``'s data tree whose path (e.g. ``usr/share/...``) passes ``want``."""
+    """Regular files of the ``.deb``'s data tree whose path (e.g. ``usr/share/...``) passes
+    ``want``."""
     with _tar(_ar_members(Path(path).read_bytes()), "data") as tar:
         out = {}
         for info in tar:
@@ -156,7 +170,7 @@ def read_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     kind = int(np.asarray(index["compressed"]).ravel()[0])
     out = {}
     for name, (offset, length) in index["variables"].items():
-        blob = rdb[int(offset):int(offset) + int(length)]
+        blob = rdb[int(offset) : int(offset) + int(length)]
         body = blob[4:] if kind else blob  # compressed blobs start with the raw length
         if kind >= 2:
             codec = {b"Z": lzma.decompress, b"2": bz2.decompress, b"0": bytes}[body[:1]]
@@ -188,9 +202,11 @@ def read_ztext(files: Mapping[str, bytes]) -> list[str]:
                 continue
             if block not in blocks:
                 start, csize, usize = bzs[block].tolist()
-                blocks[block] = zlib.decompress(bzz[start:start + csize])
+                blocks[block] = zlib.decompress(bzz[start : start + csize])
                 if len(blocks[block]) != usize:
-                    raise ValueError(f"zText {t} block {block}: {len(blocks[block])} bytes, "
-                                     f"its index says {usize}")
-            entries.append(blocks[block][offset:offset + size].decode("utf-8"))
+                    raise ValueError(
+                        f"zText {t} block {block}: {len(blocks[block])} bytes, "
+                        f"its index says {usize}"
+                    )
+            entries.append(blocks[block][offset : offset + size].decode("utf-8"))
     return entries

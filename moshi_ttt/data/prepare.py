@@ -54,16 +54,18 @@ def _unit(seed: int, source: str, doc_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def assign_splits(units: Sequence[float], chars: Sequence[int], val_frac: float,
-                  test_frac: float) -> list[str]:
+def assign_splits(
+    units: Sequence[float], chars: Sequence[int], val_frac: float, test_frac: float
+) -> list[str]:
     """Split name per document of ONE source (hash positions ``units``, lengths ``chars``).
 
     The rule is ``SPLIT_RULE``.
     """
     if len(units) < 3:
         return ["train"] * len(units)
-    split = ["test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
-             for u in units]
+    split = [
+        "test" if u < test_frac else "val" if u < test_frac + val_frac else "train" for u in units
+    ]
     by_u = sorted(range(len(units)), key=lambda i: units[i])
     long = [i for i in by_u if chars[i] >= LONG_DOC_CHARS]
     need = max(1, round(test_frac * len(long))) if long else 0
@@ -108,38 +110,66 @@ def _write_split(out: Path, split: str, docs: Sequence[_Doc]) -> dict:
         for i, d in enumerate(docs):
             f.write(d.tokens.tobytes())
             bounds[i] = offset, offset + len(d.tokens)
-            listing.append({"source": d.doc.source, "doc_id": d.doc.doc_id, "title": d.doc.title,
-                            "chars": len(d.doc.text), "tokens": len(d.tokens), "offset": offset})
+            listing.append(
+                {
+                    "source": d.doc.source,
+                    "doc_id": d.doc.doc_id,
+                    "title": d.doc.title,
+                    "chars": len(d.doc.text),
+                    "tokens": len(d.tokens),
+                    "offset": offset,
+                }
+            )
             offset += len(d.tokens)
     np.save(out / f"{split}.docs.npy", bounds)
     files = {"tokens": f"{split}.bin", "docs": f"{split}.docs.npy"}
-    return {"files": files, "sha256": {v: _sha256(out / v) for v in files.values()},
-            "tokens": offset, "documents": len(docs), "document_list": listing}
+    return {
+        "files": files,
+        "sha256": {v: _sha256(out / v) for v in files.values()},
+        "tokens": offset,
+        "documents": len(docs),
+        "document_list": listing,
+    }
 
 
 def _source_entry(src: LoadedSource, docs: Sequence[_Doc], split: Sequence[str]) -> dict:
     p = src.provenance
-    return {"package": p.package, "version": p.version, "deb_sha256": p.deb_sha256,
-            "license": p.license, "documents": len(docs),
-            "chars": sum(len(d.doc.text) for d in docs),
-            "tokens": sum(len(d.tokens) for d in docs),
-            "content_sha256": documents_sha256(src.documents),
-            "split_documents": {s: split.count(s) for s in SPLITS},
-            "split_tokens": {s: sum(len(d.tokens) for d, x in zip(docs, split) if x == s)
-                             for s in SPLITS}}
+    return {
+        "package": p.package,
+        "version": p.version,
+        "deb_sha256": p.deb_sha256,
+        "license": p.license,
+        "documents": len(docs),
+        "chars": sum(len(d.doc.text) for d in docs),
+        "tokens": sum(len(d.tokens) for d in docs),
+        "content_sha256": documents_sha256(src.documents),
+        "split_documents": {s: split.count(s) for s in SPLITS},
+        "split_tokens": {
+            s: sum(len(d.tokens) for d, x in zip(docs, split) if x == s) for s in SPLITS
+        },
+    }
 
 
-def prepare_corpus(out_dir: str | Path, sources: Sequence[str] = ("austen", "bible", "pydocs",
-                   "stdlib"), tokenizer: str = "byte", ranks_path: str | Path | None = None,
-                   seed: int = 0, val_frac: float = 0.05, test_frac: float = 0.1,
-                   progress: bool = True, cache_dir: str | Path | None = None) -> dict:
+def prepare_corpus(
+    out_dir: str | Path,
+    sources: Sequence[str] = ("austen", "bible", "pydocs", "stdlib"),
+    tokenizer: str = "byte",
+    ranks_path: str | Path | None = None,
+    seed: int = 0,
+    val_frac: float = 0.05,
+    test_frac: float = 0.1,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict:
     """Fetch, parse, split and tokenize ``sources`` into ``out_dir``; returns the manifest.
 
     ``.deb`` files are cached in ``cache_dir`` (default ``<out_dir>/.cache/debs``).
     """
     if not (0 < val_frac and 0 < test_frac and val_frac + test_frac <= 0.5):
-        raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac <= 0.5, got "
-                         f"{val_frac}, {test_frac}")
+        raise ValueError(
+            f"need 0 < val_frac, test_frac and val_frac + test_frac <= 0.5, got "
+            f"{val_frac}, {test_frac}"
+        )
     if len(set(sources)) != len(sources) or not sources:
         raise ValueError(f"sources must be distinct and non-empty, got {sources}")
     tok = get_tokenizer(tokenizer, ranks_path)
@@ -153,25 +183,44 @@ def prepare_corpus(out_dir: str | Path, sources: Sequence[str] = ("austen", "bib
     for name in bar:
         bar.set_postfix_str(f"loading {name}")
         src = load_source(name, cache_dir or out / ".cache" / "debs")
-        docs = [_Doc(d, tok.encode(d.text).astype(dtype), _unit(seed, name, d.doc_id))
-                for d in tqdm(src.documents, desc=f"tokenize {name}", unit="doc",
-                              disable=not progress, file=sys.stderr, leave=False)]
-        split = assign_splits([d.u for d in docs], [len(d.doc.text) for d in docs], val_frac,
-                              test_frac)
+        docs = [
+            _Doc(d, tok.encode(d.text).astype(dtype), _unit(seed, name, d.doc_id))
+            for d in tqdm(
+                src.documents,
+                desc=f"tokenize {name}",
+                unit="doc",
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            )
+        ]
+        split = assign_splits(
+            [d.u for d in docs], [len(d.doc.text) for d in docs], val_frac, test_frac
+        )
         for d, s in zip(docs, split):
             per_split[s].append(d)
         source_entries[name] = _source_entry(src, docs, split)
         if progress:
             e = source_entries[name]
             counts = "/".join(str(e["split_documents"][s]) for s in SPLITS)
-            tqdm.write(f"{name}: {e['documents']} documents, {e['chars']:,} chars, "
-                       f"{e['tokens']:,} tokens from {e['package']} {e['version']}; "
-                       f"train/val/test documents {counts}", file=sys.stderr)
+            tqdm.write(
+                f"{name}: {e['documents']} documents, {e['chars']:,} chars, "
+                f"{e['tokens']:,} tokens from {e['package']} {e['version']}; "
+                f"train/val/test documents {counts}",
+                file=sys.stderr,
+            )
     manifest = {
-        "format": FORMAT, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
-        "dtype": dtype.name, "ranks_sha256": _sha256(Path(ranks_path)) if ranks_path else None,
-        "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
-        "split_rule": SPLIT_RULE, "long_doc_chars": LONG_DOC_CHARS, "sources": source_entries,
+        "format": FORMAT,
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "ranks_sha256": _sha256(Path(ranks_path)) if ranks_path else None,
+        "seed": seed,
+        "val_frac": val_frac,
+        "test_frac": test_frac,
+        "split_rule": SPLIT_RULE,
+        "long_doc_chars": LONG_DOC_CHARS,
+        "sources": source_entries,
         "splits": {s: _write_split(out, s, per_split[s]) for s in SPLITS},
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
@@ -182,13 +231,16 @@ def prepare_corpus(out_dir: str | Path, sources: Sequence[str] = ("austen", "bib
 def load_manifest(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
-        raise ValueError(f"no corpus in {out_dir}: {path.name} is missing "
-                         "(build it with moshi_ttt.data.prepare.prepare_corpus)")
+        raise ValueError(
+            f"no corpus in {out_dir}: {path.name} is missing "
+            "(build it with moshi_ttt.data.prepare.prepare_corpus)"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_split(out_dir: str | Path, split: str, verify: bool = True
-               ) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_split(
+    out_dir: str | Path, split: str, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(tokens as a read-only np.memmap, document bounds int64 [n_docs, 2], manifest).
 
     ``verify`` checks both files against the manifest's sha256 (ValueError on mismatch).
@@ -201,12 +253,13 @@ def load_split(out_dir: str | Path, split: str, verify: bool = True
         if not (out / name).is_file():
             raise ValueError(f"corpus in {out_dir} is incomplete: {name} is missing")
         if verify and _sha256(out / name) != entry["sha256"][name]:
-            raise ValueError(f"{out / name} does not match its sha256 in manifest.json "
-                             "(modified or half-written; rebuild the corpus)")
+            raise ValueError(
+                f"{out / name} does not match its sha256 in manifest.json "
+                "(modified or half-written; rebuild the corpus)"
+            )
     dtype = np.dtype(manifest["dtype"])
     path = out / entry["files"]["tokens"]
-    tokens = (np.memmap(path, dtype=dtype, mode="r") if entry["tokens"]
-              else np.zeros(0, dtype=dtype))
+    tokens = np.memmap(path, dtype=dtype, mode="r") if entry["tokens"] else np.zeros(0, dtype=dtype)
     bounds = np.load(out / entry["files"]["docs"])
     if len(tokens) != entry["tokens"] or len(bounds) != entry["documents"]:
         raise ValueError(f"{path} has {len(tokens)} tokens, manifest says {entry['tokens']}")
@@ -222,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        prepare_corpus(args.out_dir, tuple(args.sources), args.tokenizer, args.ranks_path,
-                       args.seed)
+        prepare_corpus(
+            args.out_dir, tuple(args.sources), args.tokenizer, args.ranks_path, args.seed
+        )
     except SourceError as e:
         sys.exit(f"error: {e}")
 

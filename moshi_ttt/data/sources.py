@@ -52,8 +52,11 @@ class LoadedSource:
 # ----------------------------------------------------------------------------- austen
 AUSTEN_LICENSE = "public-domain (text); MIT (janeaustenr package)"
 AUSTEN_NOVELS = {  # R variable -> title as janeaustenr::austen_books() names it, publication order
-    "sensesensibility": "Sense & Sensibility", "prideprejudice": "Pride & Prejudice",
-    "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
+    "sensesensibility": "Sense & Sensibility",
+    "prideprejudice": "Pride & Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
     "persuasion": "Persuasion",
 }
 
@@ -77,23 +80,37 @@ def _austen_parse(files: Mapping[str, bytes]) -> list[Document]:
 
 # ----------------------------------------------------------------------------- bible
 BIBLE_LICENSE = "public-domain"
-BIBLE_BOOKS = tuple(tuple(s.split(" ", 1)) for s in (  # (OSIS id, name): the 66-book canon
-    "Gen Genesis|Exod Exodus|Lev Leviticus|Num Numbers|Deut Deuteronomy|Josh Joshua|Judg Judges|"
-    "Ruth Ruth|1Sam 1 Samuel|2Sam 2 Samuel|1Kgs 1 Kings|2Kgs 2 Kings|1Chr 1 Chronicles|"
-    "2Chr 2 Chronicles|Ezra Ezra|Neh Nehemiah|Esth Esther|Job Job|Ps Psalms|Prov Proverbs|"
-    "Eccl Ecclesiastes|Song Song of Solomon|Isa Isaiah|Jer Jeremiah|Lam Lamentations|"
-    "Ezek Ezekiel|Dan Daniel|Hos Hosea|Joel Joel|Amos Amos|Obad Obadiah|Jonah Jonah|Mic Micah|"
-    "Nah Nahum|Hab Habakkuk|Zeph Zephaniah|Hag Haggai|Zech Zechariah|Mal Malachi|Matt Matthew|"
-    "Mark Mark|Luke Luke|John John|Acts Acts|Rom Romans|1Cor 1 Corinthians|2Cor 2 Corinthians|"
-    "Gal Galatians|Eph Ephesians|Phil Philippians|Col Colossians|1Thess 1 Thessalonians|"
-    "2Thess 2 Thessalonians|1Tim 1 Timothy|2Tim 2 Timothy|Titus Titus|Phlm Philemon|"
-    "Heb Hebrews|Jas James|1Pet 1 Peter|2Pet 2 Peter|1John 1 John|2John 2 John|3John 3 John|"
-    "Jude Jude|Rev Revelation").split("|"))
+BIBLE_BOOKS = tuple(
+    tuple(s.split(" ", 1))
+    for s in (  # (OSIS id, name): the 66-book canon
+        "Gen Genesis|Exod Exodus|Lev Leviticus|Num Numbers|Deut Deuteronomy|Josh Joshua|Judg "
+        "Judges|"
+        "Ruth Ruth|1Sam 1 Samuel|2Sam 2 Samuel|1Kgs 1 Kings|2Kgs 2 Kings|1Chr 1 Chronicles|"
+        "2Chr 2 Chronicles|Ezra Ezra|Neh Nehemiah|Esth Esther|Job Job|Ps Psalms|Prov Proverbs|"
+        "Eccl Ecclesiastes|Song Song of Solomon|Isa Isaiah|Jer Jeremiah|Lam Lamentations|"
+        "Ezek Ezekiel|Dan Daniel|Hos Hosea|Joel Joel|Amos Amos|Obad Obadiah|Jonah Jonah|Mic Micah|"
+        "Nah Nahum|Hab Habakkuk|Zeph Zephaniah|Hag Haggai|Zech Zechariah|Mal Malachi|Matt Matthew|"
+        "Mark Mark|Luke Luke|John John|Acts Acts|Rom Romans|1Cor 1 Corinthians|2Cor 2 Corinthians|"
+        "Gal Galatians|Eph Ephesians|Phil Philippians|Col Colossians|1Thess 1 Thessalonians|"
+        "2Thess 2 Thessalonians|1Tim 1 Timothy|2Tim 2 Timothy|Titus Titus|Phlm Philemon|"
+        "Heb Hebrews|Jas James|1Pet 1 Peter|2Pet 2 Peter|1John 1 John|2John 2 John|3John 3 John|"
+        "Jude Jude|Rev Revelation"
+    ).split("|")
+)
 _TAG = re.compile(r"<(/?)([A-Za-z]+)([^>]*?)(/?)>|[^<]+")
 _ATTR = re.compile(r'([\w:]+)="([^"]*)"')
 _GAP, _LINE, _PARA = "\x03", "\x01", "\x02"  # soft space, line break, chapter break
-_BREAKS = {"div": _LINE, "l": _LINE, "lg": _LINE, "lb": _LINE, "item": _LINE, "list": _LINE,
-           "speaker": _LINE, "title": _LINE, "q": _GAP}
+_BREAKS = {
+    "div": _LINE,
+    "l": _LINE,
+    "lg": _LINE,
+    "lb": _LINE,
+    "item": _LINE,
+    "list": _LINE,
+    "speaker": _LINE,
+    "title": _LINE,
+    "q": _GAP,
+}
 
 
 def _osis_books(osis: str) -> dict[str, list[str]]:
@@ -107,14 +124,21 @@ def _osis_books(osis: str) -> dict[str, list[str]]:
                 books[book].append(html.unescape(m.group(0)))
             continue
         a = dict(_ATTR.findall(attrs))
-        if name in ("div", "chapter") and "sID" in a and "osisID" in a and (
-                name == "chapter" or a.get("type") == "book"):
+        if (
+            name in ("div", "chapter")
+            and "sID" in a
+            and "osisID" in a
+            and (name == "chapter" or a.get("type") == "book")
+        ):
             book = a["osisID"].split(".")[0]
             books.setdefault(book, [])
         elif name == "div" and a.get("type") == "book" and "eID" in a:
             book = None
-        if not close and not empty and (name == "note" or (name == "title" and
-                                                            a.get("canonical") != "true")):
+        if (
+            not close
+            and not empty
+            and (name == "note" or (name == "title" and a.get("canonical") != "true"))
+        ):
             drop.append(name)
         elif close and drop and drop[-1] == name:
             drop.pop()
@@ -135,8 +159,11 @@ def _osis_clean(pieces: Sequence[str]) -> str:
     text = "".join(pieces)
     text = re.sub(_GAP + r"+(?=[\s,.;:!?’”)\]—" + _GAP + _LINE + _PARA + "]|$)", "", text)
     text = re.sub(r"[ \t" + _GAP + "]+", " ", text)
-    text = re.sub(r"[\s" + _LINE + _PARA + r"]*[" + _LINE + _PARA + r"][\s" + _LINE + _PARA + "]*",
-                  lambda m: "\n\n" if _PARA in m.group(0) else "\n", text)
+    text = re.sub(
+        r"[\s" + _LINE + _PARA + r"]*[" + _LINE + _PARA + r"][\s" + _LINE + _PARA + "]*",
+        lambda m: "\n\n" if _PARA in m.group(0) else "\n",
+        text,
+    )
     return text.strip()
 
 
@@ -167,8 +194,22 @@ def _bible_parse(files: Mapping[str, bytes]) -> list[Document]:
 PYDOCS_ROOT = "usr/share/doc/python3.11/html/"
 PYDOCS_MIN_CHARS = 2000
 _PYDOCS_SKIP = re.compile(r"(^|/)(genindex.*|search|index|py-modindex|contents)\.html$")
-_WIDE = {"p", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "dl", "ul", "ol", "table", "section",
-         "blockquote"}
+_WIDE = {
+    "p",
+    "pre",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "dl",
+    "ul",
+    "ol",
+    "table",
+    "section",
+    "blockquote",
+}
 _NARROW = {"div", "li", "dt", "dd", "tr", "br", "hr", "caption", "figure"}
 
 
@@ -250,7 +291,7 @@ def pydocs_documents(pages: Mapping[str, str]) -> list[Document]:
 
 
 def _pydocs_parse(files: Mapping[str, bytes]) -> list[Document]:
-    return pydocs_documents({k[len(PYDOCS_ROOT):]: v.decode("utf-8") for k, v in files.items()})
+    return pydocs_documents({k[len(PYDOCS_ROOT) :]: v.decode("utf-8") for k, v in files.items()})
 
 
 # ----------------------------------------------------------------------------- stdlib
@@ -284,10 +325,18 @@ class DebSource:
 
 
 SOURCES = {
-    "austen": DebSource("r-cran-janeaustenr", AUSTEN_LICENSE,
-                        r"usr/lib/R/site-library/janeaustenr/data/Rdata\.rd[bx]$", _austen_parse),
-    "bible": DebSource("sword-text-web", BIBLE_LICENSE,
-                       r"usr/share/sword/modules/texts/ztext/engweb2015eb/", _bible_parse),
+    "austen": DebSource(
+        "r-cran-janeaustenr",
+        AUSTEN_LICENSE,
+        r"usr/lib/R/site-library/janeaustenr/data/Rdata\.rd[bx]$",
+        _austen_parse,
+    ),
+    "bible": DebSource(
+        "sword-text-web",
+        BIBLE_LICENSE,
+        r"usr/share/sword/modules/texts/ztext/engweb2015eb/",
+        _bible_parse,
+    ),
     "pydocs": DebSource("python3.11-doc", "PSF-2.0", PYDOCS_ROOT + r".*\.html$", _pydocs_parse),
     "stdlib": None,  # the running interpreter, no package
 }
@@ -308,10 +357,12 @@ def load_source(name: str, cache_dir: str | Path) -> LoadedSource:
     except SourceError:
         raise
     except Exception as e:  # a malformed package: one clear line, not a traceback
-        raise SourceError(f"source {name!r}: cannot parse {deb.path.name}: "
-                          f"{type(e).__name__}: {e}") from e
-    return LoadedSource(name, tuple(docs), Provenance(spec.package, deb.version, deb.sha256,
-                                                      spec.license))
+        raise SourceError(
+            f"source {name!r}: cannot parse {deb.path.name}: {type(e).__name__}: {e}"
+        ) from e
+    return LoadedSource(
+        name, tuple(docs), Provenance(spec.package, deb.version, deb.sha256, spec.license)
+    )
 
 
 def austen(cache_dir: str | Path) -> list[Document]:

@@ -48,7 +48,9 @@ class Gpt2Tokenizer:
                 ranks[base64.b64decode(tok)] = int(rank)
         eot = len(ranks)
         self._enc = tiktoken.Encoding(
-            "gpt2-local", pat_str=self._PATTERN, mergeable_ranks=ranks,
+            "gpt2-local",
+            pat_str=self._PATTERN,
+            mergeable_ranks=ranks,
             special_tokens={"<|endoftext|>": eot},
         )
         self.vocab_size = eot + 1

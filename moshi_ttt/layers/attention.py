@@ -23,12 +23,16 @@ class StreamingAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.in_proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        freqs = yarn_frequencies(cfg.head_dim, cfg.max_period, cfg.rope_scale, cfg.rope_original_context)
-        self.register_buffer("freqs", freqs, persistent=False)  # [Dh/2]; plain RoPE when rope_scale = 1
+        freqs = yarn_frequencies(
+            cfg.head_dim, cfg.max_period, cfg.rope_scale, cfg.rope_original_context
+        )
+        # [Dh/2]; plain RoPE when rope_scale = 1
+        self.register_buffer("freqs", freqs, persistent=False)
         self.memory = make_memory(cfg.memory, cfg.num_heads, cfg.head_dim, cfg.rope_scale)
 
     def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
-        """x [B, T, D], pos [B, T] -> q, k (RoPE at pos), v, and q, k before RoPE: [B, H, T, Dh] each."""
+        """x [B, T, D], pos [B, T] -> q, k (RoPE at pos), v, and q, k before RoPE: [B, H, T, Dh]
+        each."""
         B, T, _ = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
@@ -39,7 +43,8 @@ class StreamingAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, H * Dh))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
-        """Parallel path. x [B, T, D]; pos [B, T] positions within each segment; seg [B, T] ids or None."""
+        """Parallel path. x [B, T, D]; pos [B, T] positions within each segment; seg [B, T] ids or
+        None."""
         q, k, v, q_raw, k_raw = self._qkv(x, pos)
         return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
 

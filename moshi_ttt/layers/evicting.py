@@ -1,4 +1,5 @@
-"""Memories of a window plus what leaves it: the common part of ``ttt_cache``, ``pooled`` and ``infini``.
+"""Memories of a window plus what leaves it: the common part of ``ttt_cache``, ``pooled`` and
+``infini``.
 
 The window is the exact ring of the last W tokens (keys after RoPE, keys before RoPE, values,
 positions). A token at position p (within its document) is evicted for queries at p + W and
@@ -18,11 +19,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MemoryConfig
+from ..ops import ttt_step_triton as ttt_step
 from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
-from ..ops.window_attention import window_attention
-from ..ops import ttt_step_triton as ttt_step
 from ..ops.rope import yarn_attention_scale
+from ..ops.window_attention import window_attention
 from ..state import ScopedState
 from .memory import ring_write
 
@@ -40,7 +41,8 @@ class EvictingMemory(nn.Module):
         self.cfg = cfg
         self.num_heads, self.head_dim = heads, head_dim
         self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
-        self.banded = False  # gate-mixed reads: window attention by explicit banded scores (the reference)
+        # gate-mixed reads: window attention by explicit banded scores (the reference)
+        self.banded = False
         # α = σ(gate): weight of the window
         self.gate = nn.Parameter(torch.full((heads,), float(cfg.gate_init)))
         if self.cfg.gate_per_token:  # α_t = σ(gate + w·q_t), per head (starts as the constant gate)
@@ -71,7 +73,8 @@ class EvictingMemory(nn.Module):
 
     # ---- parallel path --------------------------------------------------------------------
     def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
-        """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row, pos 0..T-1) -> out [B, H, T, Dh]."""
+        """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row, pos 0..T-1) -> out [B,
+        H, T, Dh]."""
         B, H, T, Dh = q.shape
         W = self.cfg.window
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
@@ -87,13 +90,28 @@ class EvictingMemory(nn.Module):
         seg = seg if seg is not None else torch.zeros_like(pos)
         pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
         sq, sk = chunked(seg, W, -2), band(seg, W, -3)
-        ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(*pq.shape, pk.shape[-1])
+        ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(
+            *pq.shape, pk.shape[-1]
+        )
         ok = (ok & (sq[..., None] == sk[..., None, :]))[:, None]  # [B, 1, NC, W, 2W]
-        s_r = (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2)) / math.sqrt(Dh) * self.inv_t
-        s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)  # pad rows finite
-        vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)  # [B, H, NC, W]
+        s_r = (
+            (chunked(q, W).float() @ band(k, W).float().transpose(-1, -2))
+            / math.sqrt(Dh)
+            * self.inv_t
+        )
+        # pad rows finite
+        s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)
+        # [B, H, NC, W]
+        vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)
         gate = chunked(self.alpha(q_raw)[..., None], W)[..., 0]  # [B, H, NC, W]
-        out, mass = mix(s_r, band(v, W), vmask, gate, self.cfg.combine, **{n: chunked_q(x, W) for n, x in reads.items()})
+        out, mass = mix(
+            s_r,
+            band(v, W),
+            vmask,
+            gate,
+            self.cfg.combine,
+            **{n: chunked_q(x, W) for n, x in reads.items()},
+        )
         self._record(mass.flatten(2)[..., :T], read)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)
 
@@ -107,24 +125,27 @@ class EvictingMemory(nn.Module):
 
     def candidates(self, st: ScopedState, k_raw, v, pos):
         """Tokens leaving the window in this step: positions P - W + j for j < k, valid when >= 0
-        (a suffix). Only those ring slots are read. -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
+        (a suffix). Only those ring slots are read. -> keys before RoPE, values [B, H, k, Dh], valid
+        [B, k]."""
         B, H, kq, Dh = k_raw.shape
         W = self.cfg.window
         if kq == 1:  # position P - W sits in the slot P takes
-            gather = (lambda buf: buf.gather(2, (pos % W)[:, None, :, None].expand(-1, H, -1, Dh)))
+            gather = lambda buf: buf.gather(2, (pos % W)[:, None, :, None].expand(-1, H, -1, Dh))
             return gather(st["kraw"]), gather(st["v"]), pos >= W
         P = pos[:, 0]
         n = min(kq, W)
-        order = (P[:, None] + torch.arange(n, device=pos.device)) % W  # ring slots of positions P - W + j
-        gather = (lambda buf: buf.gather(2, order[:, None, :, None].expand(-1, H, -1, Dh)))
+        # ring slots of positions P - W + j
+        order = (P[:, None] + torch.arange(n, device=pos.device)) % W
+        gather = lambda buf: buf.gather(2, order[:, None, :, None].expand(-1, H, -1, Dh))
         cand_k, cand_v = gather(st["kraw"]), gather(st["v"])
         if kq > W:  # the rest leave within the step
-            cand_k = torch.cat([cand_k, k_raw[:, :, :kq - W].to(cand_k.dtype)], 2)
-            cand_v = torch.cat([cand_v, v[:, :, :kq - W].to(cand_v.dtype)], 2)
+            cand_k = torch.cat([cand_k, k_raw[:, :, : kq - W].to(cand_k.dtype)], 2)
+            cand_v = torch.cat([cand_v, v[:, :, : kq - W].to(cand_v.dtype)], 2)
         return cand_k, cand_v, (P[:, None] - W + torch.arange(kq, device=pos.device)) >= 0
 
     def self_masked(self, kq: int) -> tuple:
-        """Names of state tensors that a ``kq``-token ``attend_step`` given ``active`` keeps unchanged
+        """Names of state tensors that a ``kq``-token ``attend_step`` given ``active`` keeps
+        unchanged
         by itself for inactive rows (one-token steps: the ring)."""
         return ("k", "v", "kraw", "kpos") if kq == 1 else ()
 
@@ -137,28 +158,54 @@ class EvictingMemory(nn.Module):
         if active is not None:
             valid = valid & active[:, None]
         read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
-        write = (lambda: ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),)))
-        if kq == 1:  # the new token takes the slot of one no query here sees: attend to the ring itself
+        write = lambda: ring_write(
+            st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),)
+        )
+        # the new token takes the slot of one no query here sees: attend to the ring itself
+        if kq == 1:
             if active is None:
                 write()
             else:  # an inactive row records an empty slot and keeps the token it would evict
                 on = active.view(B, 1, 1, 1)
-                ring_write(st["k"], st["v"], st["kpos"], k, torch.where(on, v.to(cand_v.dtype), cand_v), pos,
-                           extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
-                           stored=pos.masked_fill(~active[:, None], -1))
+                ring_write(
+                    st["k"],
+                    st["v"],
+                    st["kpos"],
+                    k,
+                    torch.where(on, v.to(cand_v.dtype), cand_v),
+                    pos,
+                    extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
+                    stored=pos.masked_fill(~active[:, None], -1),
+                )
             if "fused" in read:  # a subclass's virtual tokens [B, H, M, Dh], for the fused kernel
-                return ttt_step.attend_one(self, st, q, q_raw, *read["fused"], read["has"]).to(q.dtype)
+                return ttt_step.attend_one(self, st, q, q_raw, *read["fused"], read["has"]).to(
+                    q.dtype
+                )
             keys, vals, kpos = st["k"], st["v"], st["kpos"]
         else:
-            keys, vals = torch.cat([st["k"].to(k.dtype), k], 2), torch.cat([st["v"].to(v.dtype), v], 2)
+            keys, vals = (
+                torch.cat([st["k"].to(k.dtype), k], 2),
+                torch.cat([st["v"].to(v.dtype), v], 2),
+            )
             kpos = torch.cat([st["kpos"], pos], 1)
         # the ring after a one-token write holds only this row's last W positions (or -1: empty)
-        ok = (kpos >= 0)[:, None, None, :] if kq == 1 else visible(pos, kpos, "window", self.cfg.window, 0)[:, None]
-        s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t  # [B, H, k, K]
+        ok = (
+            (kpos >= 0)[:, None, None, :]
+            if kq == 1
+            else visible(pos, kpos, "window", self.cfg.window, 0)[:, None]
+        )
+        # [B, H, k, K]
+        s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t
         s_r = s_r.masked_fill(~ok, float("-inf"))
         vmask = read["has"][:, None].expand(B, H, kq)
-        out, mass = mix(s_r, vals, vmask, self.alpha(q_raw), self.cfg.combine,
-                        **{n: x for n, x in read.items() if n in ("scores", "values", "out")})
+        out, mass = mix(
+            s_r,
+            vals,
+            vmask,
+            self.alpha(q_raw),
+            self.cfg.combine,
+            **{n: x for n, x in read.items() if n in ("scores", "values", "out")},
+        )
         self._record(mass, read)
         if kq > 1:
             write()
@@ -166,7 +213,8 @@ class EvictingMemory(nn.Module):
 
     # ---- diagnostics ----------------------------------------------------------------------
     def _record(self, mass, read):
-        """With ``record`` on: α per head, attention mass on the memory, and what the subclass adds."""
+        """With ``record`` on: α per head, attention mass on the memory, and what the subclass
+        adds."""
         if not self.record:
             return
         with torch.no_grad():
@@ -174,11 +222,15 @@ class EvictingMemory(nn.Module):
             alpha = torch.sigmoid(self.gate).detach().cpu()
             if self.cfg.gate_per_token:  # the mean α per head over queries with a read
                 on = sel.flatten(2).float()
-                alpha = (1 - (mass.flatten(2) * on).sum(-1).sum(0) / on.sum(-1).sum(0).clamp_min(1)).cpu()
-            self.stats = {"alpha": alpha,
-                          "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
-                          "read": {n: read[n].detach() for n in ("values", "out") if n in read},
-                          **self.extra_stats(read, sel)}
+                alpha = (
+                    1 - (mass.flatten(2) * on).sum(-1).sum(0) / on.sum(-1).sum(0).clamp_min(1)
+                ).cpu()
+            self.stats = {
+                "alpha": alpha,
+                "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
+                "read": {n: read[n].detach() for n in ("values", "out") if n in read},
+                **self.extra_stats(read, sel),
+            }
 
     def extra_stats(self, read, sel) -> dict:
         return {}

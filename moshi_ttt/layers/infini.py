@@ -1,4 +1,5 @@
-"""``infini``: Infini-attention's compressive memory (Munkhdalai et al. 2024), fed by evicted tokens.
+"""``infini``: Infini-attention's compressive memory (Munkhdalai et al. 2024), fed by evicted
+tokens.
 
 Per head, with σ = ELU + 1 and keys/queries before RoPE:
     S = Σ_p σ(k_p)ᵀ v_p,  z = Σ_p σ(k_p)          over evicted tokens p <= t - W
@@ -34,9 +35,10 @@ class InfiniMemory(EvictingMemory):
         r, rows, L = segment_rows(pos, seg, W)
         f = torch.promote_types(q_raw.dtype, torch.float32)
         # per document rows: [rows, H, L, Dh]
-        packed = (lambda x: pack(x.transpose(1, 2).to(f), r, pos, rows, L).transpose(1, 2))
+        packed = lambda x: pack(x.transpose(1, 2).to(f), r, pos, rows, L).transpose(1, 2)
         sq, sk, vv = sigma(packed(q_raw)), sigma(packed(k_raw)), packed(v)
-        real = pack(torch.ones_like(pos, dtype=f), r, pos, rows, L)[:, None, :, None]  # [rows, 1, L, 1]
+        # [rows, 1, L, 1]
+        real = pack(torch.ones_like(pos, dtype=f), r, pos, rows, L)[:, None, :, None]
         sk = sk * real  # padding contributes nothing
         NC = L // W
         kc, vc = sk.view(rows, H, NC, W, Dh), vv.view(rows, H, NC, W, Dh)

@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from ..config import InPlaceTTTConfig
+from ..ops.inplace_ttt import (
+    chunk_target,
+    fp32_matmul_precision,
+    pad_to_chunks,
+    ttt_chunk_scan,
+    ttt_naive,
+)
 from ..ops.segments import pack, segment_rows, unpack
-from ..ops.inplace_ttt import chunk_target, fp32_matmul_precision, pad_to_chunks, ttt_chunk_scan, ttt_naive
 from ..state import ScopedState
 from .mlp import GatedMLP
 
@@ -39,7 +45,8 @@ class InPlaceTTTMLP(GatedMLP):
         self.reset_ttt_parameters()
 
     def reset_ttt_parameters(self) -> None:
-        """Conv zero, W_target diagonal ~N(0, 0.02): the layer starts as the plain MLP (never zero both)."""
+        """Conv zero, W_target diagonal ~N(0, 0.02): the layer starts as the plain MLP (never zero
+        both)."""
         with torch.no_grad():
             self.target_conv.zero_()
             self.target_proj.copy_(torch.diag(torch.randn(self.target_proj.shape[0]) * 0.02))
@@ -48,15 +55,29 @@ class InPlaceTTTMLP(GatedMLP):
         return None if self.training else self.ttt.clip_tau  # inference-only guard
 
     def _scan(self, z, x0, s0=None, apply=None):
-        """fp32 scan over chunk-aligned rows. z [R, L, h], x0 [R, L, D] (L multiple of C) -> (O, s)."""
+        """fp32 scan over chunk-aligned rows. z [R, L, h], x0 [R, L, D] (L multiple of C) -> (O,
+        s)."""
         C, precision = self.ttt.chunk_size, self.ttt.matmul_precision
         with fp32_matmul_precision(precision):
-            v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)  # [R, L, D]
+            # [R, L, D]
+            v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)
         scan = ttt_naive if self.naive else ttt_chunk_scan
-        return scan(z, v, self.linear_out.weight.to(z.dtype), self.ttt.lr, C, s0=s0, apply=apply,
-                    clip_tau=self._clip(), precision=precision, decay=self.ttt.decay)
+        return scan(
+            z,
+            v,
+            self.linear_out.weight.to(z.dtype),
+            self.ttt.lr,
+            C,
+            s0=s0,
+            apply=apply,
+            clip_tau=self._clip(),
+            precision=precision,
+            decay=self.ttt.decay,
+        )
 
-    def forward_ttt(self, x: torch.Tensor, x0: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None):
+    def forward_ttt(
+        self, x: torch.Tensor, x0: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None
+    ):
         """Parallel path. x [B, T, D] (normalised MLP input), x0 [B, T, D] target source,
         pos/seg [B, T] positions and segment ids (fast weights restart at W0 in every segment)."""
         B, T, D = x.shape
@@ -73,7 +94,11 @@ class InPlaceTTTMLP(GatedMLP):
             return unpack(o, r, pos).to(x.dtype)
 
     def init_state(self, st: ScopedState, B: int, device) -> None:
-        C, h, D = self.ttt.chunk_size, self.linear_out.weight.shape[1], self.linear_out.weight.shape[0]
+        C, h, D = (
+            self.ttt.chunk_size,
+            self.linear_out.weight.shape[1],
+            self.linear_out.weight.shape[0],
+        )
         dt = torch.promote_types(self.linear_out.weight.dtype, torch.float32)
         st.add("s", torch.zeros(B, D, h, device=device, dtype=dt), 0.0)
         st.add("zbuf", torch.zeros(B, C, h, device=device, dtype=dt), 0.0)
@@ -82,7 +107,8 @@ class InPlaceTTTMLP(GatedMLP):
 
     def step(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState) -> torch.Tensor:
         """Streaming path for k tokens: the buffered chunk plus the new tokens are laid out from the
-        chunk start and scanned like training; only complete chunks update ``s``. Static shapes only."""
+        chunk start and scanned like training; only complete chunks update ``s``. Static shapes
+        only."""
         B, k, D = x.shape
         C = self.ttt.chunk_size
         L = C * -(-(C + k) // C)
@@ -90,16 +116,20 @@ class InPlaceTTTMLP(GatedMLP):
         with _no_autocast(x):
             z, x0 = _f32(z), _f32(x0)
             count = st["count"]
-            idx = count[:, None] + torch.arange(k, device=x.device)  # [B, k] slots of the new tokens
+            # [B, k] slots of the new tokens
+            idx = count[:, None] + torch.arange(k, device=x.device)
             zl = torch.cat([st["zbuf"], z.new_zeros(B, L - C, z.shape[-1])], 1).scatter(
-                1, idx[:, :, None].expand(-1, -1, z.shape[-1]), z)  # [B, L, h]
+                1, idx[:, :, None].expand(-1, -1, z.shape[-1]), z
+            )  # [B, L, h]
             xl = torch.cat([st["xbuf"], x0.new_zeros(B, L - C, D)], 1).scatter(
-                1, idx[:, :, None].expand(-1, -1, D), x0)  # [B, L, D]
+                1, idx[:, :, None].expand(-1, -1, D), x0
+            )  # [B, L, D]
             ends = (torch.arange(L // C, device=x.device) + 1) * C  # [N]
             apply = (ends[None] <= (count + k)[:, None]).float()  # [B, N] complete chunks
             o, s = self._scan(zl, xl, s0=st["s"], apply=apply)
             out = o.gather(1, idx[:, :, None].expand(-1, -1, D))  # [B, k, D]
-            keep = ((count + k) // C * C)[:, None] + torch.arange(C, device=x.device)  # the open chunk
+            # the open chunk
+            keep = ((count + k) // C * C)[:, None] + torch.arange(C, device=x.device)
             st["zbuf"].copy_(zl.gather(1, keep[:, :, None].expand(-1, -1, z.shape[-1])))
             st["xbuf"].copy_(xl.gather(1, keep[:, :, None].expand(-1, -1, D)))
             st["s"].copy_(s)

@@ -51,7 +51,9 @@ class ExactMemory:
         (``active``: the caller restores inactive rows.)"""
         k0, v0, p0 = self.context(st)  # [B, H, L, Dh], [B, L]
         keys, vals = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
-        mask = visible(pos, torch.cat([p0, pos], 1), self.cfg.kind, self.cfg.window, self.cfg.num_sink)
+        mask = visible(
+            pos, torch.cat([p0, pos], 1), self.cfg.kind, self.cfg.window, self.cfg.num_sink
+        )
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None], scale=self.scale)
         self.write(st, k, v, pos)
         return o
@@ -80,12 +82,18 @@ class FullMemory(ExactMemory):
         if n + t > cap:
             new_cap = max(n + t, 2 * cap, 64)
             grow = new_cap - cap
-            st["k"] = torch.cat([st["k"], st["k"].new_zeros(*st["k"].shape[:2], grow, st["k"].shape[3])], dim=2)
-            st["v"] = torch.cat([st["v"], st["v"].new_zeros(*st["v"].shape[:2], grow, st["v"].shape[3])], dim=2)
-            st["kpos"] = torch.cat([st["kpos"], st["kpos"].new_full((st["kpos"].shape[0], grow), -1)], dim=1)
-        st["k"][:, :, n:n + t] = k
-        st["v"][:, :, n:n + t] = v
-        st["kpos"][:, n:n + t] = pos
+            st["k"] = torch.cat(
+                [st["k"], st["k"].new_zeros(*st["k"].shape[:2], grow, st["k"].shape[3])], dim=2
+            )
+            st["v"] = torch.cat(
+                [st["v"], st["v"].new_zeros(*st["v"].shape[:2], grow, st["v"].shape[3])], dim=2
+            )
+            st["kpos"] = torch.cat(
+                [st["kpos"], st["kpos"].new_full((st["kpos"].shape[0], grow), -1)], dim=1
+            )
+        st["k"][:, :, n : n + t] = k
+        st["v"][:, :, n : n + t] = v
+        st["kpos"][:, n : n + t] = pos
 
 
 def ring_write(kbuf, vbuf, pbuf, k, v, pos, extra=(), stored=None) -> None:
@@ -132,8 +140,9 @@ class WindowMemory(ExactMemory):
         stored = pos if active is None else pos.masked_fill(~active[:, None], -1)
         self.write(st, k, v, pos, stored=stored)
         k0, v0, p0 = self.context(st)
-        return F.scaled_dot_product_attention(q, k0.to(k.dtype), v0.to(v.dtype),
-                                              attn_mask=(p0 >= 0)[:, None, None], scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k0.to(k.dtype), v0.to(v.dtype), attn_mask=(p0 >= 0)[:, None, None], scale=self.scale
+        )
 
 
 class SinkMemory(WindowMemory):
@@ -155,7 +164,8 @@ class SinkMemory(WindowMemory):
 
     def context(self, st: ScopedState):
         S = self.cfg.num_sink
-        ring_pos = st["kpos"].masked_fill(st["kpos"] < S, -1)  # sink positions live in the sink buffer
+        # sink positions live in the sink buffer
+        ring_pos = st["kpos"].masked_fill(st["kpos"] < S, -1)
         k = torch.cat([st["sink_k"], st["k"]], dim=2)
         v = torch.cat([st["sink_v"], st["v"]], dim=2)
         return k, v, torch.cat([st["sink_pos"], ring_pos], dim=1)
@@ -163,7 +173,8 @@ class SinkMemory(WindowMemory):
     def write(self, st: ScopedState, k, v, pos) -> None:
         super().write(st, k, v, pos)
         S = self.cfg.num_sink
-        k, v, pos = k[:, :, :S], v[:, :, :S], pos[:, :S]  # only a step's first S tokens can be sinks
+        # only a step's first S tokens can be sinks
+        k, v, pos = k[:, :, :S], v[:, :, :S], pos[:, :S]
         slots = torch.where(pos < S, pos, torch.full_like(pos, S))  # [B, t]; S is the spill slot
         idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         st["sink_k"].scatter_(2, idx, k.to(st["sink_k"].dtype))

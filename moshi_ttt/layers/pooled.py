@@ -27,7 +27,11 @@ class PooledMemory(EvictingMemory):
         s = s / math.sqrt(q_raw.shape[-1]) * self.inv_t
         s = s + torch.log(n[..., 0].float().clamp_min(1)).expand_as(s)
         empty = (count == 0)[:, None].expand_as(s)
-        return {"scores": s.masked_fill(empty, float("-inf")), "values": mean_v, "has": (count > 0).any(-1)}
+        return {
+            "scores": s.masked_fill(empty, float("-inf")),
+            "values": mean_v,
+            "has": (count > 0).any(-1),
+        }
 
     def _slots(self, pos, M):
         return F.one_hot(pos % M, M)  # [.., T, M]
@@ -50,7 +54,9 @@ class PooledMemory(EvictingMemory):
         idx = pos - W  # the last evicted position for each query
         ok = idx >= 0
         j, r = idx.clamp_min(0), row_of(r, pos)
-        gather = (lambda x: torch.where(ok[..., None, None, None], x[r, j], 0.0).permute(0, 2, 1, 3, 4))
+        gather = lambda x: torch.where(ok[..., None, None, None], x[r, j], 0.0).permute(
+            0, 2, 1, 3, 4
+        )
         count = torch.where(ok[..., None], cnt[r, j], 0.0)  # [B, T, M]
         return self._read(q_raw, gather(sk), gather(sv), count)
 
@@ -64,12 +70,18 @@ class PooledMemory(EvictingMemory):
     def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
         M = self.cfg.num_virtual
         W = self.cfg.window
-        slot = self._slots((pos - W).clamp_min(0), M).to(st["sum_k"].dtype) * valid[..., None]  # [B, k, M]
-        ck = torch.cumsum(cand_k.to(slot.dtype)[:, :, :, None] * slot[:, None, :, :, None], 2)  # [B, H, k, M, Dh]
+        # [B, k, M]
+        slot = self._slots((pos - W).clamp_min(0), M).to(st["sum_k"].dtype) * valid[..., None]
+        # [B, H, k, M, Dh]
+        ck = torch.cumsum(cand_k.to(slot.dtype)[:, :, :, None] * slot[:, None, :, :, None], 2)
         cv = torch.cumsum(cand_v.to(slot.dtype)[:, :, :, None] * slot[:, None, :, :, None], 2)
         cc = torch.cumsum(slot, 1)  # [B, k, M]
-        read = self._read(q_raw, st["sum_k"][:, :, None] + ck, st["sum_v"][:, :, None] + cv,
-                          st["count"][:, None] + cc)
+        read = self._read(
+            q_raw,
+            st["sum_k"][:, :, None] + ck,
+            st["sum_v"][:, :, None] + cv,
+            st["count"][:, None] + cc,
+        )
         st["sum_k"].add_(ck[:, :, -1])
         st["sum_v"].add_(cv[:, :, -1])
         st["count"].add_(cc[:, -1])

@@ -21,11 +21,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MemoryConfig
-from ..ops.rope import rotate
 from ..ops import l2norm_triton as l2norm
-from ..ops.segments import pack, row_of, segment_rows, unpack
 from ..ops import ttt_cache_triton as ttt_triton
 from ..ops import ttt_step_triton as ttt_step
+from ..ops.rope import rotate
+from ..ops.segments import pack, row_of, segment_rows, unpack
 from ..ops.ttt_cache import complete_block, compress_scan, compressor, reconstruction_terms
 from ..state import ScopedState
 from .evicting import EvictingMemory
@@ -37,12 +37,14 @@ class TTTCacheMemory(EvictingMemory):
         mc = self.cfg
         H, Dh, M = heads, head_dim, mc.num_virtual
         m = mc.compressor_hidden or 2 * Dh
-        self.hc = 1 if mc.compressor_shared else H  # compressors per layer (shared: one for all heads)
+        # compressors per layer (shared: one for all heads)
+        self.hc = 1 if mc.compressor_shared else H
         dims = [Dh] + [m] * (mc.compressor_depth - 1) + [Dh]
         for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:]), 1):
             init = torch.randn(self.hc, din, dout) / math.sqrt(din)
             if i == mc.compressor_depth and mc.cold_start == "zero":  # the state starts with a zero
-                self.register_buffer(f"w{i}_init", torch.zeros_like(init))  # output layer (never all)
+                # output layer (never all)
+                self.register_buffer(f"w{i}_init", torch.zeros_like(init))
             else:
                 setattr(self, f"w{i}_init", nn.Parameter(init))
         self.lr_w = nn.Parameter(torch.zeros(H, Dh))  # η_t = inner_lr σ(k̂_t·lr_w + lr_b) / b
@@ -62,7 +64,8 @@ class TTTCacheMemory(EvictingMemory):
             self.kv_proj = nn.Parameter(torch.eye(2 * H * Dh))
             self.q_proj = nn.Parameter(torch.eye(H * Dh))
         self.want_aux, self.aux = False, []  # the reconstruction terms of training stage 1
-        self.fast_read = True  # training reads without per-query copies (``_read_runs``; False: the reference)
+        # training reads without per-query copies (``_read_runs``; False: the reference)
+        self.fast_read = True
 
     # ---- compressor ---------------------------------------------------------------------
     def inits(self) -> tuple:
@@ -74,18 +77,26 @@ class TTTCacheMemory(EvictingMemory):
         if self.hc == self.num_heads:
             return x
         S, Dh = x.shape[1], x.shape[-1]
-        return x.view(rows, S, self.num_heads, -1, Dh).transpose(1, 2).reshape(rows * self.num_heads, S, -1, Dh)
+        return (
+            x.view(rows, S, self.num_heads, -1, Dh)
+            .transpose(1, 2)
+            .reshape(rows * self.num_heads, S, -1, Dh)
+        )
 
     def _keys(self, v: torch.Tensor, freqs) -> torch.Tensor:
-        """Virtual keys K_m = key_m + V_m A (at their relative RoPE offsets). v [rows * H, S, M, Dh]."""
+        """Virtual keys K_m = key_m + V_m A (at their relative RoPE offsets). v [rows * H, S, M,
+        Dh]."""
         G, S, M, Dh = v.shape
         vh = v.view(-1, self.num_heads, S, M, Dh)
-        k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum("rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype))
+        k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum(
+            "rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype)
+        )
         k = k.reshape(G, S, M, Dh)
         return rotate(k, *self._rotation(freqs)) if self.cfg.virtual_position == "relative" else k
 
     def _rotation(self, freqs):
-        """(cos, sin) [M, Dh/2] of the relative RoPE offsets: virtual key m sits offsets[m] tokens back
+        """(cos, sin) [M, Dh/2] of the relative RoPE offsets: virtual key m sits offsets[m] tokens
+        back
         (buffers only: cached)."""
         key = (freqs.device, freqs.dtype, freqs.data_ptr(), freqs._version)
         if getattr(self, "_rot_key", None) != key:
@@ -104,21 +115,24 @@ class TTTCacheMemory(EvictingMemory):
             return k_raw, v
         B, H, n, Dh = k_raw.shape
         x = torch.cat([k_raw, v.to(k_raw.dtype)], 1).permute(0, 2, 1, 3).reshape(B, n, 2 * H * Dh)
-        c = (x @ self.kv_proj.to(x.dtype)).view(B, n, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x [B, H, n, Dh]
+        # 2 x [B, H, n, Dh]
+        c = (x @ self.kv_proj.to(x.dtype)).view(B, n, 2, H, Dh).permute(2, 0, 3, 1, 4)
         return c[0], c[1]
 
     def _query(self, q_raw: torch.Tensor) -> torch.Tensor:
-        """Normalised queries of the query read: q̂ (or q P_q, normalised). [B, H, n, Dh] -> fp32."""
+        """Normalised queries of the query read: q̂ (or q P_q, normalised). [B, H, n, Dh] ->
+        fp32."""
         q = q_raw
         if self.cfg.compressor_proj:
             B, H, n, Dh = q.shape
-            q = (q.transpose(1, 2).reshape(B, n, H * Dh) @ self.q_proj.to(q.dtype))
+            q = q.transpose(1, 2).reshape(B, n, H * Dh) @ self.q_proj.to(q.dtype)
             q = q.view(B, n, H, Dh).transpose(1, 2)
         with torch.autocast(q.device.type, enabled=False):
             return F.normalize(q.to(torch.promote_types(q.dtype, torch.float32)), dim=-1)
 
     def _apply_heads(self, ws, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """f_θ per head: ws [rows * hc, ..., d_in, d_out], x [rows * H, ..., n, Dh] -> [rows * H, ..., n, Dh]
+        """f_θ per head: ws [rows * hc, ..., d_in, d_out], x [rows * H, ..., n, Dh] -> [rows * H,
+        ..., n, Dh]
         (a shared compressor reads the queries of all its heads)."""
         if self.hc == self.num_heads:
             return compressor(ws, x.to(ws[0].dtype))
@@ -145,7 +159,7 @@ class TTTCacheMemory(EvictingMemory):
     @staticmethod
     def _unruns(head: torch.Tensor, body: torch.Tensor, L: int) -> torch.Tensor:
         """The inverse of ``_runs``: head [..., n0, D], body [..., S, b, D] -> [..., L, D]."""
-        return torch.cat([head, body.flatten(-3, -2)[..., :L - head.shape[-2], :]], -2)
+        return torch.cat([head, body.flatten(-3, -2)[..., : L - head.shape[-2], :]], -2)
 
     def _query_read_blocks(self, states, qn, rows: int) -> torch.Tensor:
         """The query read of a training sequence: qn [rows * H, L, Dh] at document positions
@@ -156,34 +170,43 @@ class TTTCacheMemory(EvictingMemory):
         return self._unruns(head, self._apply_heads(states, grid, rows), qn.shape[1])
 
     def _read(self, freqs, rows: int, first: int = 0, query=None):
-        """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S - first, M, Dh]
+        """read(states (W1, ..., W_L), each [rows * hc, S, d_in, d_out]) -> (K, V) [rows * H, S -
+        first, M, Dh]
         of the states from index ``first``, and ``query(states)`` (the query read; None without)."""
         probes = self._probes().repeat(rows, 1, 1)[:, None]  # [G, 1, M', Dh]
 
         def read(states):
             vq = query(states) if query is not None else None
             states = tuple(w[:, first:] for w in states)
-            v = self._per_head(compressor(states, probes.to(states[0].dtype)), rows)  # [rows * H, S, M, Dh]
+            # [rows * H, S, M, Dh]
+            v = self._per_head(compressor(states, probes.to(states[0].dtype)), rows)
             return self._keys(v, freqs), v, vq
+
         return read
 
     def _prep(self, keys: torch.Tensor, rows: int, fused: bool = False):
-        """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or float64) and
-        their step sizes η_t [..] (``fused``: the normalisation as a Triton kernel where it runs)."""
+        """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or float64)
+        and
+        their step sizes η_t [..] (``fused``: the normalisation as a Triton kernel where it
+        runs)."""
         with torch.autocast(keys.device.type, enabled=False):
             kn = l2norm.normalize(keys, naive=not fused)
             shape = kn.shape
-            return kn, self._eta(kn.reshape(rows * self.num_heads, -1, 1, shape[-1]), rows).view(shape[:-1])
+            return kn, self._eta(kn.reshape(rows * self.num_heads, -1, 1, shape[-1]), rows).view(
+                shape[:-1]
+            )
 
     def _eta(self, keys: torch.Tensor, rows: int) -> torch.Tensor:
-        """Per-token step size, bounded by inner_lr / b. keys [G, N, b, Dh] normalised -> [G, N, b]."""
+        """Per-token step size, bounded by inner_lr / b. keys [G, N, b, Dh] normalised -> [G, N,
+        b]."""
         w, b = self.lr_w.repeat(rows, 1).to(keys.dtype), self.lr_b.repeat(rows).to(keys.dtype)
         logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
         return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
 
     def _decay(self, keys: torch.Tensor, eta: torch.Tensor, rows: int):
         """λ per block and compressor: the configured constant, or with ``forget_gate``
-        σ(k̄·w + c) of the mean k̄ of the block's tokens (those with η > 0). keys [rows * hc, ..., b,
+        σ(k̄·w + c) of the mean k̄ of the block's tokens (those with η > 0). keys [rows * hc, ...,
+        b,
         Dh], eta [rows * hc, ..., b] -> a float or [rows * hc, ...]."""
         if not self.cfg.forget_gate:
             return self.cfg.decay
@@ -197,27 +220,50 @@ class TTTCacheMemory(EvictingMemory):
 
     def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0, query=None):
         """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
-        apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads of
-        the states from index ``first``). A shared compressor learns the block's tokens of all heads in
+        apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads
+        of
+        the states from index ``first``). A shared compressor learns the block's tokens of all heads
+        in
         one step (b H tokens, η / H each)."""
         vals = vals.to(keys.dtype)
         if self.hc != self.num_heads:
             H = self.num_heads
-            merge = (lambda x: x.view(rows, H, *x.shape[1:]).transpose(1, 2).reshape(rows, x.shape[1], -1, *x.shape[3:]))
-            keys, vals, eta = merge(keys), merge(vals), merge(eta[..., None])[..., 0] / H  # [rows, N, H b, ...]
+            merge = lambda x: (
+                x.view(rows, H, *x.shape[1:])
+                .transpose(1, 2)
+                .reshape(rows, x.shape[1], -1, *x.shape[3:])
+            )
+            # [rows, N, H b, ...]
+            keys, vals, eta = merge(keys), merge(vals), merge(eta[..., None])[..., 0] / H
             apply = apply.view(rows, H, -1)[:, 0]
         inits = tuple(w.to(keys.dtype).repeat(rows, 1, 1) for w in self.inits())
         mc = self.cfg
         with torch.autocast(keys.device.type, enabled=False):
-            return compress_scan(ds, moms, inits, keys, vals, eta, apply, self._read(freqs, rows, first, query),
-                                 decay=self._decay(keys, eta, rows), momentum=mc.momentum,
-                                 max_norm=mc.max_state_norm, bptt=mc.bptt,
-                                 naive=self.naive, record=self.record, check=self.name if mc.check_finite else None,
-                                 compiled=mc.compile_scan, grad_precision=mc.grad_precision)
+            return compress_scan(
+                ds,
+                moms,
+                inits,
+                keys,
+                vals,
+                eta,
+                apply,
+                self._read(freqs, rows, first, query),
+                decay=self._decay(keys, eta, rows),
+                momentum=mc.momentum,
+                max_norm=mc.max_state_norm,
+                bptt=mc.bptt,
+                naive=self.naive,
+                record=self.record,
+                check=self.name if mc.check_finite else None,
+                compiled=mc.compile_scan,
+                grad_precision=mc.grad_precision,
+            )
 
     def _scores(self, q_raw, kv):
         """q_raw [B, H, ..., Q, Dh], kv [B, H, ..., Q, M, Dh] -> scores [B, H, ..., Q, M]."""
-        s = torch.einsum("...qd,...qmd->...qm", q_raw.float(), kv.float()) / math.sqrt(q_raw.shape[-1])
+        s = torch.einsum("...qd,...qmd->...qm", q_raw.float(), kv.float()) / math.sqrt(
+            q_raw.shape[-1]
+        )
         s = s * self.inv_t  # YaRN temperature, as on the window logits
         if self.cfg.virtual_position == "decay":  # token m is weighted by exp(-γ m)
             gamma = F.softplus(self.recency).view(1, -1, *([1] * (s.dim() - 2)))
@@ -230,8 +276,13 @@ class TTTCacheMemory(EvictingMemory):
         scores = self._scores(q_raw, kv)
         if vq is not None:
             kq = self._query_keys(vq)
-            s_q = (q_raw.float() * kq.float()).sum(-1, keepdim=True) * (self.inv_t / math.sqrt(q_raw.shape[-1]))
-            scores, vv = torch.cat([scores, s_q], -1), torch.cat([vv, vq[..., None, :].to(vv.dtype)], -2)
+            s_q = (q_raw.float() * kq.float()).sum(-1, keepdim=True) * (
+                self.inv_t / math.sqrt(q_raw.shape[-1])
+            )
+            scores, vv = (
+                torch.cat([scores, s_q], -1),
+                torch.cat([vv, vq[..., None, :].to(vv.dtype)], -2),
+            )
         return {"scores": scores, "values": vv, "has": has, "keys": kv, "losses": losses}
 
     # ---- parallel ---------------------------------------------------------------------------
@@ -244,7 +295,7 @@ class TTTCacheMemory(EvictingMemory):
         N = max(L - W, 0) // b
 
         def blocks(x):  # [B, H, T, Dh] -> [rows * H, N, b, Dh]
-            xp = pack(x.transpose(1, 2), r, pos, rows, L)[:, :N * b]  # [rows, N b, H, Dh]
+            xp = pack(x.transpose(1, 2), r, pos, rows, L)[:, : N * b]  # [rows, N b, H, Dh]
             return xp.reshape(rows, N, b, H, Dh).permute(0, 3, 1, 2, 4).reshape(rows * H, N, b, Dh)
 
         dt = torch.promote_types(q_raw.dtype, torch.float32)
@@ -255,24 +306,42 @@ class TTTCacheMemory(EvictingMemory):
         if self.cfg.read_query:  # queries at their document positions: [rows * H, L, Dh]
             qp = pack(self._query(q_raw).transpose(1, 2), r, pos, rows, L)
             qp = qp.permute(0, 2, 1, 3).reshape(rows * H, L, Dh)
-            query = (lambda states: self._query_read_blocks(states, qp, rows))
-        (kv, vv, vq), _, losses = self._scan(d, d if self.cfg.momentum else None, keys, blocks(vc), eta,
-                                             q_raw.new_ones(rows * H, N, dtype=dt), freqs, rows, query=query)
+            query = lambda states: self._query_read_blocks(states, qp, rows)
+        (kv, vv, vq), _, losses = self._scan(
+            d,
+            d if self.cfg.momentum else None,
+            keys,
+            blocks(vc),
+            eta,
+            q_raw.new_ones(rows * H, N, dtype=dt),
+            freqs,
+            rows,
+            query=query,
+        )
         vqd = vq.view(rows, H, L, Dh) if vq is not None else None  # at document positions
         if self.want_aux:
             if N == 0:
-                raise ValueError("the reconstruction loss needs sequences longer than window + block")
+                raise ValueError(
+                    "the reconstruction loss needs sequences longer than window + block"
+                )
             self.aux.append(reconstruction_terms(keys, blocks(vc), kv[:, 1:], vv[:, 1:]))
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
         if self.fast_read and self.cfg.combine == "gate" and not self.record:
             qd = pack(q_raw.transpose(1, 2), r, pos, rows, L).transpose(1, 2)  # [rows, H, L, Dh]
             out = self._read_runs(qd, kv, vv, vqd)
-            return {"out": unpack(out.transpose(1, 2), r, pos).transpose(1, 2), "has": has,
-                    "losses": losses}
+            return {
+                "out": unpack(out.transpose(1, 2), r, pos).transpose(1, 2),
+                "has": has,
+                "losses": losses,
+            }
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
-            return x.view(rows, H, *x.shape[1:]).transpose(1, 2)[row_of(r, pos), n_q].permute(0, 2, 1, 3, 4)
+            return (
+                x.view(rows, H, *x.shape[1:])
+                .transpose(1, 2)[row_of(r, pos), n_q]
+                .permute(0, 2, 1, 3, 4)
+            )
 
         vq = unpack(vqd.transpose(1, 2), r, pos).transpose(1, 2) if vqd is not None else None
         return self._read_dict(q_raw, per_query(kv), per_query(vv), has, losses, vq)
@@ -294,12 +363,16 @@ class TTTCacheMemory(EvictingMemory):
             if vqd is not None:  # K_q = key_q + V_q A, one more token per query
                 vqd = vqd.float()
                 sq = (q * self._query_keys(vqd).float()).sum(-1, keepdim=True) * c  # [R, H, L, 1]
-            gamma = F.softplus(self.recency).float() if self.cfg.virtual_position == "decay" else None
+            gamma = (
+                F.softplus(self.recency).float() if self.cfg.virtual_position == "decay" else None
+            )
 
             def read(q, k, v, sq, vq):  # q [..., n, Dh], k, v [..., M, Dh] -> [..., n, Dh]
                 s = q @ k.transpose(-1, -2) * c  # [..., n, M]
                 if gamma is not None:  # token m weighted by exp(-γ m)
-                    bias = gamma.view(1, H, *([1] * (s.dim() - 2))) * torch.arange(M, device=s.device)
+                    bias = gamma.view(1, H, *([1] * (s.dim() - 2))) * torch.arange(
+                        M, device=s.device
+                    )
                     s = s - bias
                 if sq is None:
                     return torch.softmax(s, -1) @ v
@@ -315,8 +388,10 @@ class TTTCacheMemory(EvictingMemory):
         """The mean of ``reconstruction_terms`` over every block absorbed since the last call (with
         ``want_aux`` on; the parallel path and streaming calls alike), and the record cleared."""
         if not self.aux:
-            raise ValueError(f"{self.name}: no block was absorbed with want_aux on, so there is no "
-                             "reconstruction loss (sequences must be longer than window + block)")
+            raise ValueError(
+                f"{self.name}: no block was absorbed with want_aux on, so there is no "
+                "reconstruction loss (sequences must be longer than window + block)"
+            )
         total = torch.stack([t for t, _ in self.aux]).sum()
         count = sum(c for _, c in self.aux)
         self.aux = []
@@ -326,33 +401,51 @@ class TTTCacheMemory(EvictingMemory):
     def state_names(self) -> tuple:
         """Compressor state offsets d1..dL (and momenta mom1..momL): [B, hc, d_in, d_out] each."""
         L = self.cfg.compressor_depth
-        return tuple(f"{p}{i}" for p in (("d", "mom") if self.cfg.momentum else ("d",)) for i in range(1, L + 1))
+        return tuple(
+            f"{p}{i}"
+            for p in (("d", "mom") if self.cfg.momentum else ("d",))
+            for i in range(1, L + 1)
+        )
 
     def init_memory(self, st: ScopedState, B: int, device) -> None:
         H, Dh, b, M = self.num_heads, self.head_dim, self.cfg.block, self.cfg.num_virtual
         inits = self.inits()
         f32 = torch.promote_types(inits[0].dtype, torch.float32)
-        for name in self.state_names():  # compressor state as offsets from the (trained) initial state
-            st.add(name, torch.zeros(B, *inits[int(name[-1]) - 1].shape, device=device, dtype=f32), 0.0)
-        st.add("ek", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # the open block: normalised keys,
+        # compressor state as offsets from the (trained) initial state
+        for name in self.state_names():
+            st.add(
+                name, torch.zeros(B, *inits[int(name[-1]) - 1].shape, device=device, dtype=f32), 0.0
+            )
+        # the open block: normalised keys,
+        st.add("ek", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)
         st.add("ev", torch.zeros(B, H, b, Dh, device=device, dtype=f32), 0.0)  # values
         st.add("eeta", torch.zeros(B, H, b, device=device, dtype=f32), 0.0)  # and step sizes
         st.add("ecount", torch.zeros(B, dtype=torch.long, device=device), 0)
         st.add("updates", torch.zeros(B, dtype=torch.long, device=device), 0)
-        st.add("vk", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # the read of the current state
-        st.add("vv", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)  # (valid once updates > 0)
+        # the read of the current state
+        st.add("vk", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)
+        # (valid once updates > 0)
+        st.add("vv", torch.zeros(B, H, M, Dh, device=device, dtype=f32), 0.0)
 
     def self_masked(self, kq: int) -> tuple:
-        """State a step leaves unchanged by itself for rows that evict nothing (the ring: one-token steps)."""
-        return super().self_masked(kq) + self.state_names() + ("ek", "ev", "eeta", "ecount", "updates", "vk", "vv")
+        """State a step leaves unchanged by itself for rows that evict nothing (the ring: one-token
+        steps)."""
+        return (
+            super().self_masked(kq)
+            + self.state_names()
+            + ("ek", "ev", "eeta", "ecount", "updates", "vk", "vv")
+        )
 
     def _current(self, st: ScopedState, freqs):
-        """The virtual tokens of the state now: (K, V) [B, H, M, Dh] (the initial state's before any update)."""
-        if self.cfg.cold_start == "wait":  # no virtual tokens before the first update: nothing to read
+        """The virtual tokens of the state now: (K, V) [B, H, M, Dh] (the initial state's before any
+        update)."""
+        # no virtual tokens before the first update: nothing to read
+        if self.cfg.cold_start == "wait":
             return st["vk"], st["vv"]
         dt = st["vk"].dtype
         with torch.autocast(st["vk"].device.type, enabled=False):
-            k0, v0, _ = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))  # [H, 1, M, Dh]
+            # [H, 1, M, Dh]
+            k0, v0, _ = self._read(freqs, 1)(tuple(w.to(dt)[:, None] for w in self.inits()))
         has = (st["updates"] > 0)[:, None, None, None]
         return torch.where(has, st["vk"], k0[:, 0]), torch.where(has, st["vv"], v0[:, 0])
 
@@ -374,37 +467,55 @@ class TTTCacheMemory(EvictingMemory):
         L = NB * b
         # L slots of blocks, b zero slots (the next open block when all complete), one spill slot
         slot = torch.where(valid, ecount[:, None] + ar - (kq - nvalid)[:, None], L + b)
-        pad = (lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], L + 1, *buf.shape[3:])], 2))
-        lay_k = pad(st["ek"]).scatter(2, slot[:, None, :, None].expand(-1, H, -1, Dh), kn)  # [B, H, L + b + 1, Dh]
+        pad = lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], L + 1, *buf.shape[3:])], 2)
+        # [B, H, L + b + 1, Dh]
+        lay_k = pad(st["ek"]).scatter(2, slot[:, None, :, None].expand(-1, H, -1, Dh), kn)
         lay_v = pad(st["ev"]).scatter(2, slot[:, None, :, None].expand(-1, H, -1, Dh), cv)
-        lay_e = pad(st["eeta"]).scatter(2, slot[:, None, :].expand(-1, H, -1), eta_t)  # [B, H, L + b + 1]
+        # [B, H, L + b + 1]
+        lay_e = pad(st["eeta"]).scatter(2, slot[:, None, :].expand(-1, H, -1), eta_t)
         total = ecount + nvalid  # evicted tokens in the open blocks after this step
         apply = (torch.arange(NB, device=q_raw.device) + 1) * b <= total[:, None]  # [B, NB]
-        tok_ok = (torch.arange(L, device=q_raw.device) < total[:, None]).view(B, NB, b) & apply[..., None]
+        tok_ok = (torch.arange(L, device=q_raw.device) < total[:, None]).view(B, NB, b) & apply[
+            ..., None
+        ]
         G = B * H
-        rows = (lambda x: x[:, :, :L].reshape(G, NB, b, *x.shape[3:]))
-        per_g = (lambda x: x[:, None].expand(B, H, *x.shape[1:]).reshape(G, *x.shape[1:]))
+        rows = lambda x: x[:, :, :L].reshape(G, NB, b, *x.shape[3:])
+        per_g = lambda x: x[:, None].expand(B, H, *x.shape[1:]).reshape(G, *x.shape[1:])
         depth = self.cfg.compressor_depth
-        flat = (lambda p: tuple(st[f"{p}{i}"].flatten(0, 1) for i in range(1, depth + 1)))
+        flat = lambda p: tuple(st[f"{p}{i}"].flatten(0, 1) for i in range(1, depth + 1))
         n_q = (ecount[:, None] + (ar + 1 - (kq - nvalid)[:, None]).clamp_min(0)) // b  # [B, k]
         query = None
         if self.cfg.read_query:  # every query against the states 0..NB, then its own: [G, k, Dh]
             qn = self._query(q_raw).reshape(G, 1, kq, Dh)
             nq = per_g(n_q)[:, None, :, None].expand(G, 1, kq, Dh)
-            query = (lambda states: self._apply_heads(states, qn.expand(G, NB + 1, kq, Dh), B)
-                     .gather(1, nq)[:, 0])
+            query = lambda states: self._apply_heads(
+                states, qn.expand(G, NB + 1, kq, Dh), B
+            ).gather(1, nq)[:, 0]
         (kv, vv, vq), (ds, moms), losses = self._scan(
-            flat("d"), flat("mom") if self.cfg.momentum else None, rows(lay_k), rows(lay_v),
-            rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)), per_g(apply.to(lay_k.dtype)), freqs, B, first=1,
-            query=query)
+            flat("d"),
+            flat("mom") if self.cfg.momentum else None,
+            rows(lay_k),
+            rows(lay_v),
+            rows(lay_e) * per_g(tok_ok.to(lay_e.dtype)),
+            per_g(apply.to(lay_k.dtype)),
+            freqs,
+            B,
+            first=1,
+            query=query,
+        )
         if self.want_aux:  # the blocks completed in this step, each read by the state after it
             self.aux.append(reconstruction_terms(rows(lay_k), rows(lay_v), kv, vv, per_g(tok_ok)))
         k0, v0 = self._current(st, freqs)
         kv = torch.cat([k0.reshape(G, 1, *kv.shape[2:]).to(kv.dtype), kv], 1)  # [G, NB + 1, M, Dh]
         vv = torch.cat([v0.reshape(G, 1, *vv.shape[2:]).to(vv.dtype), vv], 1)
-        sel = (lambda x, n: x.view(B, H, NB + 1, *x.shape[2:]).gather(
-            2, n[:, None, :, None, None].expand(-1, H, -1, *x.shape[2:])))  # [B, H, n, M, Dh]
-        has = (st["updates"][:, None] + n_q > 0) if self.cfg.cold_start == "wait" else torch.ones_like(valid)
+        sel = lambda x, n: x.view(B, H, NB + 1, *x.shape[2:]).gather(
+            2, n[:, None, :, None, None].expand(-1, H, -1, *x.shape[2:])
+        )  # [B, H, n, M, Dh]
+        has = (
+            (st["updates"][:, None] + n_q > 0)
+            if self.cfg.cold_start == "wait"
+            else torch.ones_like(valid)
+        )
         vq = vq.view(B, H, kq, Dh) if vq is not None else None
         read = self._read_dict(q_raw, sel(kv, n_q), sel(vv, n_q), has, losses, vq)
         # store the compressor state and its read, the open block and the counters
@@ -442,9 +553,13 @@ class TTTCacheMemory(EvictingMemory):
         vq = None
         if self.cfg.read_query:  # the state now, read at the query: [B, H, 1, Dh]
             f32 = st["d1"].dtype
-            ws = tuple(w.to(f32).repeat(B, 1, 1) + st[f"d{i}"].flatten(0, 1)
-                       for i, w in enumerate(self.inits(), 1))
-            vq = self._apply_heads(ws, self._query(q_raw).reshape(B * H, 1, Dh), B).view(B, H, 1, Dh)
+            ws = tuple(
+                w.to(f32).repeat(B, 1, 1) + st[f"d{i}"].flatten(0, 1)
+                for i, w in enumerate(self.inits(), 1)
+            )
+            vq = self._apply_heads(ws, self._query(q_raw).reshape(B * H, 1, Dh), B).view(
+                B, H, 1, Dh
+            )
         return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None), vq)
 
     def _append_one(self, cand_k, cand_v, valid, st: ScopedState, freqs) -> None:
@@ -452,7 +567,8 @@ class TTTCacheMemory(EvictingMemory):
         b = self.cfg.block
         kn, eta_t = self._prep(cand_k, B)  # [B, H, 1, Dh], [B, H, 1]
         ecount = st["ecount"]
-        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)  # the first free slot: written whether or not
+        # the first free slot: written whether or not
+        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)
         st["ek"].scatter_(2, idx, kn)  # a token was evicted (a free slot is never read)
         st["ev"].scatter_(2, idx, cand_v.to(kn.dtype))
         st["eeta"].scatter_(2, idx[..., 0], eta_t)
@@ -472,14 +588,29 @@ class TTTCacheMemory(EvictingMemory):
             x, y = x.reshape(B, -1, x.shape[-1]), y.reshape(B, -1, y.shape[-1])
             eta = eta.reshape(B, -1) / H
         ds = tuple(st[f"d{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
-        moms = tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1)) if mc.momentum else None
+        moms = (
+            tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
+            if mc.momentum
+            else None
+        )
         probes, inits = self._probes(), tuple(w.to(x.dtype) for w in self.inits())
-        fast = (not (torch.is_grad_enabled() or mc.forget_gate)
-                and ttt_triton.supports(ds, x, probes))
+        fast = not (torch.is_grad_enabled() or mc.forget_gate) and ttt_triton.supports(
+            ds, x, probes
+        )
         with torch.autocast(x.device.type, enabled=False):
             v = (ttt_triton.complete_block if fast else complete_block)(
-                ds, moms, inits, x, y, eta, done[:, None].expand(B, hc).reshape(-1), probes,
-                decay=self._decay(x, eta, B), momentum=mc.momentum, max_norm=mc.max_state_norm)
+                ds,
+                moms,
+                inits,
+                x,
+                y,
+                eta,
+                done[:, None].expand(B, hc).reshape(-1),
+                probes,
+                decay=self._decay(x, eta, B),
+                momentum=mc.momentum,
+                max_norm=mc.max_state_norm,
+            )
             v = self._per_head(v[:, None], B)  # [B * H, 1, M, Dh]
             k = self._keys(v, freqs)
         m = done.view(B, 1, 1, 1)
@@ -487,15 +618,20 @@ class TTTCacheMemory(EvictingMemory):
         st["vv"].copy_(torch.where(m, v.view_as(st["vv"]).to(st["vv"].dtype), st["vv"]))
         if mc.check_finite and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             if not all(torch.isfinite(d).all() for d in ds):
-                raise FloatingPointError(f"{self.name}: compressor state not finite after an update")
+                raise FloatingPointError(
+                    f"{self.name}: compressor state not finite after an update"
+                )
 
     def extra_stats(self, read, sel) -> dict:
-        """Virtual-key cosine similarity (pairwise, mean) and the inner losses before/after updates."""
+        """Virtual-key cosine similarity (pairwise, mean) and the inner losses before/after
+        updates."""
         kn = F.normalize(read["keys"].float(), dim=-1)  # [B, H, ..., M, Dh]
         cos = kn @ kn.transpose(-1, -2)
         M = cos.shape[-1]
         off = (cos.sum((-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(M * (M - 1), 1)
         before, after = read["losses"]
-        return {"virtual_key_cos": off[sel].mean().item() if sel.any() else float("nan"),
-                "inner_loss_before": before.detach().cpu() if before is not None else None,
-                "inner_loss_after": after.detach().cpu() if after is not None else None}
+        return {
+            "virtual_key_cos": off[sel].mean().item() if sel.any() else float("nan"),
+            "inner_loss_before": before.detach().cpu() if before is not None else None,
+            "inner_loss_after": after.detach().cpu() if after is not None else None,
+        }

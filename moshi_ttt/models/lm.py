@@ -28,7 +28,11 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         ttt = cfg.inplace_ttt
         self.is_ttt = ttt is not None and index in ttt.layers
-        self.gating = InPlaceTTTMLP(cfg.dim, cfg.hidden_dim, ttt) if self.is_ttt else GatedMLP(cfg.dim, cfg.hidden_dim)
+        self.gating = (
+            InPlaceTTTMLP(cfg.dim, cfg.hidden_dim, ttt)
+            if self.is_ttt
+            else GatedMLP(cfg.dim, cfg.hidden_dim)
+        )
 
     def _mlp(self, h, x0, pos, seg, st):
         if not self.is_ttt:
@@ -36,7 +40,9 @@ class Block(nn.Module):
         src = x0 if self.gating.ttt.target == "embed" else h
         if st is not None:
             return self.gating.step(h, src, st.scope("ttt."))
-        return self.gating.forward_ttt(h, src, pos, seg if self.gating.ttt.reset_on_boundary else None)
+        return self.gating.forward_ttt(
+            h, src, pos, seg if self.gating.ttt.reset_on_boundary else None
+        )
 
     def forward(self, x, pos, seg, x0):
         x = x + self.self_attn(self.norm1(x), pos, seg)
@@ -58,7 +64,8 @@ class StreamingLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         for i, layer in enumerate(self.layers):
             if isinstance(layer.self_attn.memory, nn.Module):
-                layer.self_attn.memory.name = f"layers.{i}.self_attn.memory"  # named in error messages
+                # named in error messages
+                layer.self_attn.memory.name = f"layers.{i}.self_attn.memory"
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -88,12 +95,17 @@ class StreamingLM(nn.Module):
         if tokens.shape[1] < 1:
             raise ValueError("tokens must hold at least one time step")
         if tokens.device != self.head.weight.device:
-            raise ValueError(f"tokens are on {tokens.device}, "
-                             f"the model on {self.head.weight.device}")
+            raise ValueError(
+                f"tokens are on {tokens.device}, the model on {self.head.weight.device}"
+            )
         capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
-        lo, hi = (int(tokens.min()), int(tokens.max())) if not capturing and tokens.numel() else (0, 0)
+        lo, hi = (
+            (int(tokens.min()), int(tokens.max())) if not capturing and tokens.numel() else (0, 0)
+        )
         if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo} max {hi}")
+            raise ValueError(
+                f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo} max {hi}"
+            )
         return tokens.long()
 
     def _state_layout(self) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -101,8 +113,10 @@ class StreamingLM(nn.Module):
         floating point."""
         if self._layout is None:
             ref = self.init_state(1, device="meta").tensors
-            self._layout = {k: (tuple(-1 if n == 0 else n for n in t.shape[1:]),
-                                t.is_floating_point()) for k, t in ref.items()}
+            self._layout = {
+                k: (tuple(-1 if n == 0 else n for n in t.shape[1:]), t.is_floating_point())
+                for k, t in ref.items()
+            }
         return self._layout
 
     def _layout_key(self, state: StreamingState) -> tuple:
@@ -111,15 +125,21 @@ class StreamingLM(nn.Module):
 
     def _layout_unchanged(self, state: StreamingState) -> bool:
         seen = state.layout_checked
-        return (seen is not None and seen[0] == self._fingerprint and seen[1] == list(state.tensors)
-                and all(map(operator.is_, seen[2], state.tensors.values())))
+        return (
+            seen is not None
+            and seen[0] == self._fingerprint
+            and seen[1] == list(state.tensors)
+            and all(map(operator.is_, seen[2], state.tensors.values()))
+        )
 
     def _check_state(self, tokens, state) -> None:
         if not isinstance(state, StreamingState):
             raise ValueError(f"state must be a StreamingState, got {type(state).__name__}")
         if state.meta.get("fingerprint") != self._fingerprint:
-            raise ValueError("state belongs to a different model config "
-                             f"({state.meta.get('fingerprint')} != {self._fingerprint})")
+            raise ValueError(
+                "state belongs to a different model config "
+                f"({state.meta.get('fingerprint')} != {self._fingerprint})"
+            )
         B = state.batch_size
         if tokens.shape[0] != B:
             raise ValueError(f"tokens batch size {tokens.shape[0]} does not match the state's {B}")
@@ -133,15 +153,23 @@ class StreamingLM(nn.Module):
         if tensors.keys() != layout.keys():
             missing = sorted(layout.keys() - tensors.keys())
             extra = sorted(tensors.keys() - layout.keys())
-            raise ValueError(f"state does not match the model: missing tensors {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
+            raise ValueError(
+                f"state does not match the model: missing tensors {missing[:5]}, "
+                f"unexpected {extra[:5]}"
+            )
         for name, (shape, floating) in layout.items():
             t = tensors[name]
-            if (t.shape[0] != B or t.dim() != len(shape) + 1 or t.is_floating_point() != floating
-                    or any(n != w and w >= 0 for n, w in zip(t.shape[1:], shape))):
-                raise ValueError(f"state tensor {name} is {t.dtype} {tuple(t.shape)}, the model "
-                                 f"needs {'a float' if floating else 'an integer'} tensor of "
-                                 f"shape {(B, *shape)} (-1: any length)")
+            if (
+                t.shape[0] != B
+                or t.dim() != len(shape) + 1
+                or t.is_floating_point() != floating
+                or any(n != w and w >= 0 for n, w in zip(t.shape[1:], shape))
+            ):
+                raise ValueError(
+                    f"state tensor {name} is {t.dtype} {tuple(t.shape)}, the model "
+                    f"needs {'a float' if floating else 'an integer'} tensor of "
+                    f"shape {(B, *shape)} (-1: any length)"
+                )
         state.layout_checked = self._layout_key(state)
 
     # ---- paths ------------------------------------------------------------------------
@@ -179,8 +207,16 @@ class StreamingLM(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        state = StreamingState({}, {}, {"fingerprint": self._fingerprint, "batch_size": batch_size,
-                                        "memory": self.cfg.memory.kind, "tokens": 0})
+        state = StreamingState(
+            {},
+            {},
+            {
+                "fingerprint": self._fingerprint,
+                "batch_size": batch_size,
+                "memory": self.cfg.memory.kind,
+                "tokens": 0,
+            },
+        )
         state.add("pos", torch.zeros(batch_size, dtype=torch.long, device=device), 0)
         for i, layer in enumerate(self.layers):
             layer.self_attn.init_state(state.scope(f"layers.{i}."), batch_size, device, dtype)
@@ -190,7 +226,8 @@ class StreamingLM(nn.Module):
         return state
 
     def step(self, tokens: torch.Tensor, state: StreamingState):
-        """Streaming path: tokens [B, k] (any k >= 1) -> (logits [B, k, V], state updated in place)."""
+        """Streaming path: tokens [B, k] (any k >= 1) -> (logits [B, k, V], state updated in
+        place)."""
         tokens = self._check_tokens(tokens)
         self._check_state(tokens, state)
         k = tokens.shape[1]

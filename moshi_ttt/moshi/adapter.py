@@ -31,13 +31,19 @@ def _check(lm: LMModel, cfg: AdapterConfig) -> int:
     if any(m.is_streaming for m in lm.modules() if isinstance(m, StreamingModule)):
         raise ValueError("patch the LMModel before it starts streaming")
     n = len(lm.transformer.layers)
-    for what, layers in (("inplace_ttt.layers", cfg.inplace_ttt.layers if cfg.inplace_ttt else ()),
-                         ("memory_layers", cfg.memory_layer_set(n))):
+    for what, layers in (
+        ("inplace_ttt.layers", cfg.inplace_ttt.layers if cfg.inplace_ttt else ()),
+        ("memory_layers", cfg.memory_layer_set(n)),
+    ):
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"AdapterConfig.{what} {bad} out of range for Moshi's {n} layers")
-    if (cfg.yarn_scale is not None or cfg.memory is not None or cfg.base_memory is not None) and lm.transformer.rope is None:
-        raise ValueError("memories and YaRN need a Moshi model with RoPE (positional_embedding='rope')")
+    if (
+        cfg.yarn_scale is not None or cfg.memory is not None or cfg.base_memory is not None
+    ) and lm.transformer.rope is None:
+        raise ValueError(
+            "memories and YaRN need a Moshi model with RoPE (positional_embedding='rope')"
+        )
     if cfg.yarn_scale is not None and lm.context is None:
         raise ValueError("YaRN needs the model's trained context (LMModel.context is None)")
     return n
@@ -47,11 +53,16 @@ def patch_lm(lm: LMModel, cfg: AdapterConfig) -> LMModel:
     """Patch ``lm`` in place (and return it). ``unpatch_lm`` gives the stock modules back."""
     n = _check(lm, cfg)
     tr = lm.transformer
-    originals = {"rope": tr.rope, "layers": [(layer.self_attn, layer.gating, layer.self_attn.context) for layer in tr.layers]}
+    originals = {
+        "rope": tr.rope,
+        "layers": [(layer.self_attn, layer.gating, layer.self_attn.context) for layer in tr.layers],
+    }
     handles = []
     if cfg.yarn_scale is not None:
         dh = lm.dim // tr.layers[0].self_attn.num_heads
-        rope = YarnRope(tr.rope, dh, cfg.yarn_scale, lm.context).to(lm.transformer.layers[0].gating.linear_in.weight.device)
+        rope = YarnRope(tr.rope, dh, cfg.yarn_scale, lm.context).to(
+            lm.transformer.layers[0].gating.linear_in.weight.device
+        )
         tr.rope = rope
         for layer in tr.layers:
             layer.self_attn.rope = rope
@@ -64,8 +75,12 @@ def patch_lm(lm: LMModel, cfg: AdapterConfig) -> LMModel:
         name = f"transformer.layers.{i}.self_attn"
         mem = cfg.memory if i in mem_layers else cfg.base_memory
         if mem is not None:
-            layer.self_attn = MemoryAttention(layer.self_attn, mem, name, cfg.yarn_scale, lm.context, cfg.respect_exec_mask)
-            if isinstance(layer.self_attn.memory, nn.Module) and hasattr(layer.self_attn.memory, "gate"):
+            layer.self_attn = MemoryAttention(
+                layer.self_attn, mem, name, cfg.yarn_scale, lm.context, cfg.respect_exec_mask
+            )
+            if isinstance(layer.self_attn.memory, nn.Module) and hasattr(
+                layer.self_attn.memory, "gate"
+            ):
                 with torch.no_grad():
                     layer.self_attn.memory.gate.fill_(cfg.gate_init)
         elif cfg.context is not None:
@@ -94,7 +109,8 @@ def unpatch_lm(lm: LMModel) -> LMModel:
 
 
 def _forget_children(lm: nn.Module) -> None:
-    """Moshi caches each module's streaming children on first use; swapped modules need a fresh walk."""
+    """Moshi caches each module's streaming children on first use; swapped modules need a fresh
+    walk."""
     for m in lm.modules():
         if isinstance(m, StreamingModule):
             m._cached_children = None
@@ -102,11 +118,17 @@ def _forget_children(lm: nn.Module) -> None:
 
 def added_keys(lm: LMModel) -> list[str]:
     """``state_dict`` keys of the parameters (and persistent buffers) the adapter added."""
-    return [f"{prefix}.{k}" for prefix, m in lm.named_modules() if isinstance(m, PATCHED) for k in m.added_keys()]
+    return [
+        f"{prefix}.{k}"
+        for prefix, m in lm.named_modules()
+        if isinstance(m, PATCHED)
+        for k in m.added_keys()
+    ]
 
 
 def added_state_dict(lm: LMModel, state: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's parameters of ``state`` (a whole state dict of ``lm``) or ``lm.state_dict()``."""
+    """The adapter's parameters of ``state`` (a whole state dict of ``lm``) or
+    ``lm.state_dict()``."""
     sd = lm.state_dict() if state is None else state
     return {k: sd[k] for k in added_keys(lm)}
 

@@ -26,7 +26,9 @@ from ..state import StreamingState
 from .streaming import empty_state, exec_masked
 
 
-def rope_freqs(max_period: float, head_dim: int, yarn_scale: float | None, original_context: int | None):
+def rope_freqs(
+    max_period: float, head_dim: int, yarn_scale: float | None, original_context: int | None
+):
     """Moshi's RoPE frequencies, or YaRN's (ops/rope.py) when ``yarn_scale`` is set. [Dh/2] fp32."""
     if yarn_scale is None:
         return rope_frequencies(head_dim, max_period)
@@ -40,13 +42,26 @@ class YarnRope(nn.Module):
     def __init__(self, stock: RotaryEmbedding, head_dim: int, scale: float, original_context: int):
         super().__init__()
         if not stock.interleave:
-            raise ValueError("YaRN is implemented for Moshi's interleaved RoPE only ('rope', not 'rope_concat')")
+            raise ValueError(
+                "YaRN is implemented for Moshi's interleaved RoPE only ('rope', not 'rope_concat')"
+            )
         self.max_period, self.interleave, self.scale = stock.max_period, True, scale
         self.mscale = yarn_attention_scale(scale)
-        self.register_buffer("freqs", rope_freqs(stock.max_period, head_dim, scale, original_context), persistent=False)
+        self.register_buffer(
+            "freqs",
+            rope_freqs(stock.max_period, head_dim, scale, original_context),
+            persistent=False,
+        )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, time_before_heads: bool = False):
-        """q, k [B, H, T, D] (or [B, T, H, D] with ``time_before_heads``); offset [B] -> rotated, scaled."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        offset: torch.Tensor,
+        time_before_heads: bool = False,
+    ):
+        """q, k [B, H, T, D] (or [B, T, H, D] with ``time_before_heads``); offset [B] -> rotated,
+        scaled."""
         if time_before_heads:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         pos = offset.view(-1, 1) + torch.arange(q.shape[2], device=q.device)  # [B, T]
@@ -67,16 +82,38 @@ class _MemoryState(_MHAState):
 
 
 class MemoryAttention(StreamingMultiheadAttention):
-    def __init__(self, stock: StreamingMultiheadAttention, memory: MemoryConfig, name: str = "",
-                 yarn_scale: float | None = None, original_context: int | None = None,
-                 respect_exec_mask: bool = True):
-        if stock.cross_attention or stock.weights_per_step or stock.kv_repeat != 1 or not stock.causal:
-            raise ValueError(f"{name}: a memory needs causal self-attention without weights_per_step or kv_repeat")
+    def __init__(
+        self,
+        stock: StreamingMultiheadAttention,
+        memory: MemoryConfig,
+        name: str = "",
+        yarn_scale: float | None = None,
+        original_context: int | None = None,
+        respect_exec_mask: bool = True,
+    ):
+        if (
+            stock.cross_attention
+            or stock.weights_per_step
+            or stock.kv_repeat != 1
+            or not stock.causal
+        ):
+            raise ValueError(
+                f"{name}: a memory needs causal self-attention without weights_per_step or "
+                "kv_repeat"
+            )
         if stock.rope is None or not getattr(stock.rope, "interleave", False):
-            raise ValueError(f"{name}: a memory needs Moshi's interleaved RoPE ('rope' positional embedding)")
+            raise ValueError(
+                f"{name}: a memory needs Moshi's interleaved RoPE ('rope' positional embedding)"
+            )
         w = stock.in_projs[0].weight
-        super().__init__(stock.embed_dim, stock.num_heads, causal=True, context=stock.context, rope=stock.rope,
-                         device="meta")  # the projections are the stock ones, set below
+        super().__init__(
+            stock.embed_dim,
+            stock.num_heads,
+            causal=True,
+            context=stock.context,
+            rope=stock.rope,
+            device="meta",
+        )  # the projections are the stock ones, set below
         self.in_projs, self.out_projs = stock.in_projs, stock.out_projs
         H, Dh = stock.num_heads, stock.embed_dim // stock.num_heads
         self.mem_cfg, self.head_dim, self.respect_exec_mask = memory, Dh, respect_exec_mask
@@ -89,14 +126,24 @@ class MemoryAttention(StreamingMultiheadAttention):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def added_keys(self) -> tuple[str, ...]:
-        return tuple("memory." + k for k in self.memory.state_dict()) if isinstance(self.memory, nn.Module) else ()
+        return (
+            tuple("memory." + k for k in self.memory.state_dict())
+            if isinstance(self.memory, nn.Module)
+            else ()
+        )
 
     def _init_streaming_state(self, batch_size: int) -> _MemoryState:
         w = self.in_projs[0].weight
         st = empty_state(batch_size)
         self.memory.init(st.scope(""), batch_size, w.device, w.dtype)
-        return _MemoryState(batch_size, w.device, None, offset=torch.zeros(batch_size, device=w.device, dtype=torch.long),
-                            offset_cpu=0, tensors=st)
+        return _MemoryState(
+            batch_size,
+            w.device,
+            None,
+            offset=torch.zeros(batch_size, device=w.device, dtype=torch.long),
+            offset_cpu=0,
+            tensors=st,
+        )
 
     def _attend(self, q, k, v, qr, kr, pos, state):
         """Pre-RoPE q, k, v and rotated qr, kr [B, H, T, Dh]; pos [B, T] -> [B, H, T, Dh]. A row
@@ -105,22 +152,33 @@ class MemoryAttention(StreamingMultiheadAttention):
         if state is None:
             return self.memory.attend_parallel(q, k, v, qr, kr, pos, None, self.freqs)
         active = state.exec_mask if self.respect_exec_mask else None
-        return self.memory.attend_step(q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active)
+        return self.memory.attend_step(
+            q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active
+        )
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Self-attention of query [B, T, D] (key, value: the same tensor, as Moshi passes them)."""
         state = self._streaming_state
         B, T = query.shape[:2]
-        offset = state.offset if state is not None else torch.zeros(B, device=query.device, dtype=torch.long)
-        q, k, v = rearrange(self.in_projs[0](query), "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
+        offset = (
+            state.offset
+            if state is not None
+            else torch.zeros(B, device=query.device, dtype=torch.long)
+        )
+        q, k, v = rearrange(
+            self.in_projs[0](query), "b t (p h d) -> p b h t d", p=3, h=self.num_heads
+        )
         pos = offset[:, None] + torch.arange(T, device=query.device)  # [B, T] absolute positions
         qr, kr = apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs)
         if state is None:
             o = self._attend(q, k, v, qr, kr, pos, None)
         else:
-            slots = pos[:, -self.mem_cfg.window:] % self.mem_cfg.window  # [B, n] ring slots this step writes
+            # [B, n] ring slots this step writes
+            slots = pos[:, -self.mem_cfg.window :] % self.mem_cfg.window
             own = self.memory.self_masked(T)  # state the memory itself keeps for off rows
-            with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own):
+            with exec_masked(
+                state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own
+            ):
                 o = self._attend(q, k, v, qr, kr, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
         if state is not None:

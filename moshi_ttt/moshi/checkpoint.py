@@ -52,7 +52,9 @@ def _read(path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], AdapterCo
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors {what}: {e}") from e
     if meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a {what} (format {meta.get('format')!r}, expected {fmt!r})")
+        raise ValueError(
+            f"{path} is not a {what} (format {meta.get('format')!r}, expected {fmt!r})"
+        )
     return tensors, AdapterConfig.from_json(meta["adapter"])
 
 
@@ -109,7 +111,11 @@ def load_stock(config_path, moshi_weights, device="cpu", dtype=torch.bfloat16):
     for p in (config_path, moshi_weights):
         if not Path(p).is_file():
             raise ValueError(f"no file at {p}")
-    info = CheckpointInfo.from_hf_repo("local/none", moshi_weights=Path(moshi_weights),
-                                       mimi_weights=Path("mimi-not-used"), tokenizer=Path("tokenizer-not-used"),
-                                       config_path=Path(config_path))
+    info = CheckpointInfo.from_hf_repo(
+        "local/none",
+        moshi_weights=Path(moshi_weights),
+        mimi_weights=Path("mimi-not-used"),
+        tokenizer=Path("tokenizer-not-used"),
+        config_path=Path(config_path),
+    )
     return info.get_moshi(device=device, dtype=dtype)

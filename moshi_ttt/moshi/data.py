@@ -82,12 +82,15 @@ class DataConfig:
     @classmethod
     def from_lm(cls, lm) -> "DataConfig":
         """Special token ids of a ``moshi.models.LMModel``."""
-        return cls(text_padding_id=lm.text_padding_token_id,
-                   end_of_text_padding_id=lm.end_of_text_padding_id,
-                   zero_token_id=lm.zero_token_id)
+        return cls(
+            text_padding_id=lm.text_padding_token_id,
+            end_of_text_padding_id=lm.end_of_text_padding_id,
+            zero_token_id=lm.zero_token_id,
+        )
 
 
 # ----------------------------------------------------------------------------------- steps
+
 
 def seconds_to_steps(seconds: float, frame_rate: float = FRAME_RATE) -> int:
     """Frames covering ``seconds`` of audio (ceil, as Mimi does: 100 s -> 1250, 1 s -> 13)."""
@@ -102,6 +105,7 @@ def steps_to_seconds(steps: int, frame_rate: float = FRAME_RATE) -> float:
 
 
 # ----------------------------------------------------------------------------------- wav io
+
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """Float32 samples [C, N] in [-1, 1] and the sample rate of a RIFF/WAVE file (``soundfile``:
@@ -153,6 +157,7 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- reading
 
+
 @dataclass(frozen=True)
 class Word:
     """One aligned word: ``[text, [start, end], speaker]`` in the alignment json."""
@@ -203,10 +208,15 @@ def read_jsonl(jsonl: str | Path) -> list[DatasetEntry]:
             raise DatasetError(f'{jsonl}:{n}: expected {{"path": str, "duration": number}}')
         duration = item.get("duration")
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
-            raise DatasetError(f"{jsonl}:{n}: 'duration' must be a positive number, got {duration!r}")
+            raise DatasetError(
+                f"{jsonl}:{n}: 'duration' must be a positive number, got {duration!r}"
+            )
         wav = Path(item["path"])
-        entries.append(DatasetEntry(item["path"], wav if wav.is_absolute() else jsonl.parent / wav,
-                                    float(duration)))
+        entries.append(
+            DatasetEntry(
+                item["path"], wav if wav.is_absolute() else jsonl.parent / wav, float(duration)
+            )
+        )
     return entries
 
 
@@ -227,51 +237,73 @@ def read_alignments(path: str | Path) -> tuple[Word, ...]:
         raise DatasetError(f"{path}: expected an object with an 'alignments' list")
     words = []
     for i, a in enumerate(data["alignments"]):
-        ok = (isinstance(a, list) and len(a) == 3 and isinstance(a[0], str)
-              and isinstance(a[1], list) and len(a[1]) == 2 and all(map(_is_number, a[1]))
-              and isinstance(a[2], str))
+        ok = (
+            isinstance(a, list)
+            and len(a) == 3
+            and isinstance(a[0], str)
+            and isinstance(a[1], list)
+            and len(a[1]) == 2
+            and all(map(_is_number, a[1]))
+            and isinstance(a[2], str)
+        )
         if not ok:
-            raise DatasetError(f"{path}: alignments[{i}] = {a!r}; expected [word, [start, end], speaker]")
+            raise DatasetError(
+                f"{path}: alignments[{i}] = {a!r}; expected [word, [start, end], speaker]"
+            )
         words.append(Word(a[0], float(a[1][0]), float(a[1][1]), a[2]))
     return tuple(words)
 
 
-def read_conversation(wav: str | Path, cfg: DataConfig = DataConfig(),
-                      resample_audio: bool = True) -> Conversation:
+def read_conversation(
+    wav: str | Path, cfg: DataConfig = DataConfig(), resample_audio: bool = True
+) -> Conversation:
     """Read a stereo wav and its sibling .json; other sample rates in [MIN_SAMPLE_RATE,
     MAX_SAMPLE_RATE] are resampled to ``cfg.sample_rate`` (or rejected when ``resample_audio`` is
     False); rates outside that range are rejected."""
     wav = Path(wav)
     audio, rate = read_wav(wav)
     if audio.shape[0] != 2:
-        raise DatasetError(f"{wav}: {audio.shape[0]} channel(s); moshi-finetune data is stereo "
-                           "(left = Moshi, right = user)")
+        raise DatasetError(
+            f"{wav}: {audio.shape[0]} channel(s); moshi-finetune data is stereo "
+            "(left = Moshi, right = user)"
+        )
     if rate != cfg.sample_rate:
         if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-            raise DatasetError(f"{wav}: sample rate {rate} Hz, which Mimi cannot take: it encodes "
-                               f"{cfg.sample_rate} Hz audio, resampled from {MIN_SAMPLE_RATE} to "
-                               f"{MAX_SAMPLE_RATE} Hz")
+            raise DatasetError(
+                f"{wav}: sample rate {rate} Hz, which Mimi cannot take: it encodes "
+                f"{cfg.sample_rate} Hz audio, resampled from {MIN_SAMPLE_RATE} to "
+                f"{MAX_SAMPLE_RATE} Hz"
+            )
         if not resample_audio:
             raise DatasetError(f"{wav}: sample rate {rate} Hz, expected {cfg.sample_rate} Hz")
         audio = resample(audio, rate, cfg.sample_rate)
     return Conversation(wav, audio, cfg.sample_rate, read_alignments(wav.with_suffix(".json")))
 
 
-def read_dataset(jsonl: str | Path, cfg: DataConfig = DataConfig(),
-                 resample_audio: bool = True) -> Iterator[tuple[DatasetEntry, Conversation]]:
+def read_dataset(
+    jsonl: str | Path, cfg: DataConfig = DataConfig(), resample_audio: bool = True
+) -> Iterator[tuple[DatasetEntry, Conversation]]:
     """Conversations of a .jsonl in file order; checks each "duration" against its wav."""
     for entry in read_jsonl(jsonl):
         conv = read_conversation(entry.wav, cfg, resample_audio)
         if abs(conv.duration - entry.duration) > cfg.duration_tolerance_s:
-            raise DatasetError(f"{jsonl}: {entry.path} lasts {conv.duration:.3f} s, "
-                               f"the .jsonl says {entry.duration:.3f} s")
+            raise DatasetError(
+                f"{jsonl}: {entry.path} lasts {conv.duration:.3f} s, "
+                f"the .jsonl says {entry.duration:.3f} s"
+            )
         yield entry, conv
 
 
 # ----------------------------------------------------------------------------------- writing
 
-def write_conversation(wav: str | Path, audio: np.ndarray, sample_rate: int,
-                       words: Sequence[Word], extra: dict | None = None) -> float:
+
+def write_conversation(
+    wav: str | Path,
+    audio: np.ndarray,
+    sample_rate: int,
+    words: Sequence[Word],
+    extra: dict | None = None,
+) -> float:
     """Write ``wav`` (16-bit stereo) and its sibling alignment .json; returns the duration.
 
     ``extra`` adds top-level keys to the .json (moshi-finetune reads only "alignments").
@@ -294,12 +326,14 @@ def write_alignments(path: str | Path, words: Sequence[Word], extra: dict | None
 def write_jsonl(jsonl: str | Path, items: Sequence[tuple[str, float]]) -> Path:
     """Write (path relative to the .jsonl's folder, duration) pairs as a moshi-finetune .jsonl."""
     jsonl = Path(jsonl)
-    jsonl.write_text("".join(json.dumps({"path": p, "duration": d}) + "\n" for p, d in items),
-                     encoding="utf-8")
+    jsonl.write_text(
+        "".join(json.dumps({"path": p, "duration": d}) + "\n" for p, d in items), encoding="utf-8"
+    )
     return jsonl
 
 
 # ----------------------------------------------------------------------------------- text
+
 
 def load_tokenizer(tokenizer: "str | Path | sentencepiece.SentencePieceProcessor"):
     """A SentencePieceProcessor from a model path (e.g. Moshi's tokenizer_spm_32k_3.model)."""
@@ -325,8 +359,9 @@ def word_tokens(tokenizer, word: str) -> list[int]:
     return out
 
 
-def interleave_text(words: Sequence[Word], num_steps: int, tokenizer,
-                    cfg: DataConfig = DataConfig()) -> torch.Tensor:
+def interleave_text(
+    words: Sequence[Word], num_steps: int, tokenizer, cfg: DataConfig = DataConfig()
+) -> torch.Tensor:
     """Text stream int64 [num_steps] of a conversation, with moshi-finetune's rules.
 
     Only ``cfg.main_speaker``'s words with end > start count, ordered by start. A word's tokens
@@ -338,8 +373,10 @@ def interleave_text(words: Sequence[Word], num_steps: int, tokenizer,
     """
     pad = cfg.text_padding_id
     in_word = pad if cfg.in_word_padding_id is None else cfg.in_word_padding_id
-    kept = sorted((w for w in words if w.speaker == cfg.main_speaker and w.start < w.end),
-                  key=lambda w: w.start)
+    kept = sorted(
+        (w for w in words if w.speaker == cfg.main_speaker and w.start < w.end),
+        key=lambda w: w.start,
+    )
     out = [pad] * num_steps
     pending: deque[int] = deque()
     last_end, i = -1, 0
@@ -360,8 +397,13 @@ def interleave_text(words: Sequence[Word], num_steps: int, tokenizer,
 
 # ----------------------------------------------------------------------------------- audio
 
-def load_mimi(weights: str | Path | None = None, device: str | torch.device = "cpu",
-              num_codebooks: int = 8, seed: int = 0) -> "MimiModel":
+
+def load_mimi(
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    num_codebooks: int = 8,
+    seed: int = 0,
+) -> "MimiModel":
     """Mimi from moshi's own config: real weights from ``weights``, else random (``seed``).
 
     A random Mimi's codebooks are all zero (every frame gets code 0); here they are replaced by
@@ -389,8 +431,9 @@ def load_mimi(weights: str | Path | None = None, device: str | torch.device = "c
 
 
 @torch.no_grad()
-def encode_stereo(mimi: "MimiModel", audio: np.ndarray | torch.Tensor,
-                  chunk_steps: int = 250) -> torch.Tensor:
+def encode_stereo(
+    mimi: "MimiModel", audio: np.ndarray | torch.Tensor, chunk_steps: int = 250
+) -> torch.Tensor:
     """Mimi codes int64 [2 * n_q, T] of stereo audio [2, N]: Moshi's codebooks, then the user's.
 
     Both channels are encoded as a batch of two, streaming ``chunk_steps`` frames at a time
@@ -406,13 +449,18 @@ def encode_stereo(mimi: "MimiModel", audio: np.ndarray | torch.Tensor,
     chunks = []
     with mimi.streaming(batch_size=2):
         for s in range(0, T * frame, chunk_steps * frame):
-            chunks.append(mimi.encode(x[..., s:s + chunk_steps * frame].to(device)).cpu())
-    codes = torch.cat(chunks, dim=-1) if chunks else torch.zeros(2, mimi.num_codebooks, 0, dtype=torch.long)
+            chunks.append(mimi.encode(x[..., s : s + chunk_steps * frame].to(device)).cpu())
+    codes = (
+        torch.cat(chunks, dim=-1)
+        if chunks
+        else torch.zeros(2, mimi.num_codebooks, 0, dtype=torch.long)
+    )
     return codes.reshape(2 * codes.shape[1], T)  # [2, n_q, T] -> [2 * n_q, T]
 
 
-def conversation_codes(conv: Conversation, mimi: "MimiModel", tokenizer=None,
-                       cfg: DataConfig = DataConfig()) -> torch.Tensor:
+def conversation_codes(
+    conv: Conversation, mimi: "MimiModel", tokenizer=None, cfg: DataConfig = DataConfig()
+) -> torch.Tensor:
     """Raw codes int64 [1 + 2 * n_q, T] of a conversation (layout in the module docstring).
 
     Without a tokenizer the text row is ``cfg.zero_token_id`` (no text input, no text loss).
@@ -438,11 +486,12 @@ def delay_codes(codes: torch.Tensor, delays: Sequence[int], initial: Sequence[in
     for k, d in enumerate(delays):
         d = min(d, T)
         out[k, :d] = initial[k]
-        out[k, d:] = codes[k, :T - d]
+        out[k, d:] = codes[k, : T - d]
     return out
 
 
 # ----------------------------------------------------------------------------------- segments
+
 
 @dataclass(frozen=True, eq=False)
 class Segment:
@@ -454,7 +503,9 @@ class Segment:
     last: bool
 
 
-def conversation_segments(codes: torch.Tensor | np.ndarray, segment_steps: int) -> Iterator[Segment]:
+def conversation_segments(
+    codes: torch.Tensor | np.ndarray, segment_steps: int
+) -> Iterator[Segment]:
     """Consecutive [K, segment_steps] views of one conversation [K, T]; the last may be shorter.
 
     Train them in order, carrying memory from one to the next; reset only where ``first``.
@@ -463,11 +514,13 @@ def conversation_segments(codes: torch.Tensor | np.ndarray, segment_steps: int) 
         raise ValueError(f"segment_steps must be positive, got {segment_steps}")
     T = codes.shape[1]
     for start in range(0, T, segment_steps):
-        yield Segment(codes[:, start:start + segment_steps], start, start == 0,
-                      start + segment_steps >= T)
+        yield Segment(
+            codes[:, start : start + segment_steps], start, start == 0, start + segment_steps >= T
+        )
 
 
 # ----------------------------------------------------------------------------------- prepare
+
 
 def _digest(chunks: Iterator[bytes]) -> str:
     h = hashlib.sha256()
@@ -477,8 +530,11 @@ def _digest(chunks: Iterator[bytes]) -> str:
 
 
 def _mimi_sha256(mimi) -> str:
-    return _digest(name.encode() + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                   for name, t in sorted(mimi.state_dict().items()))
+    return _digest(
+        name.encode()
+        + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        for name, t in sorted(mimi.state_dict().items())
+    )
 
 
 @dataclass(frozen=True)
@@ -493,8 +549,14 @@ class PreparedConversation:
         return np.load(self.path, mmap_mode="r")
 
 
-def prepare_conversations(jsonl: str | Path, out_dir: str | Path, mimi=None, tokenizer=None,
-                          cfg: DataConfig = DataConfig(), progress: bool = True) -> Path:
+def prepare_conversations(
+    jsonl: str | Path,
+    out_dir: str | Path,
+    mimi=None,
+    tokenizer=None,
+    cfg: DataConfig = DataConfig(),
+    progress: bool = True,
+) -> Path:
     """Encode every conversation of ``jsonl`` to ``out_dir``; returns the manifest path.
 
     ``mimi``: a MimiModel, a weights path, or None (random Mimi, seed 0: for tests only).
@@ -503,35 +565,62 @@ def prepare_conversations(jsonl: str | Path, out_dir: str | Path, mimi=None, tok
     timestamps or absolute paths: two runs write byte-identical files).
     """
     out_dir = Path(out_dir)
-    mimi_desc = {"weights": "random seed 0" if mimi is None else
-                 Path(mimi).name if isinstance(mimi, (str, Path)) else "model"}
+    mimi_desc = {
+        "weights": "random seed 0"
+        if mimi is None
+        else Path(mimi).name
+        if isinstance(mimi, (str, Path))
+        else "model"
+    }
     if mimi is None or isinstance(mimi, (str, Path)):
         mimi = load_mimi(mimi)
     mimi_desc["sha256"] = _mimi_sha256(mimi)
     tok_desc = None
     if tokenizer is not None:
         tokenizer = load_tokenizer(tokenizer)
-        tok_desc = {"vocab_size": tokenizer.vocab_size(),
-                    "sha256": hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()}
+        tok_desc = {
+            "vocab_size": tokenizer.vocab_size(),
+            "sha256": hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest(),
+        }
     total = len(read_jsonl(jsonl))
     (out_dir / "codes").mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (entry, conv) in enumerate(tqdm(read_dataset(jsonl, cfg), total=total,
-                                           desc="conversations", disable=not progress,
-                                           dynamic_ncols=True)):
+    for i, (entry, conv) in enumerate(
+        tqdm(
+            read_dataset(jsonl, cfg),
+            total=total,
+            desc="conversations",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+    ):
         codes = conversation_codes(conv, mimi, tokenizer, cfg).numpy().astype(np.int32)  # [K, T]
         rel = f"codes/{i:05d}_{entry.wav.stem}.npy"
         np.save(out_dir / rel, codes)
-        rows.append({"name": f"{i:05d}_{entry.wav.stem}", "source": entry.path, "codes": rel,
-                     "steps": int(codes.shape[1]), "duration": conv.duration,
-                     "main_words": sum(w.speaker == cfg.main_speaker for w in conv.words),
-                     "sha256": _digest(iter([(out_dir / rel).read_bytes()]))})
+        rows.append(
+            {
+                "name": f"{i:05d}_{entry.wav.stem}",
+                "source": entry.path,
+                "codes": rel,
+                "steps": int(codes.shape[1]),
+                "duration": conv.duration,
+                "main_words": sum(w.speaker == cfg.main_speaker for w in conv.words),
+                "sha256": _digest(iter([(out_dir / rel).read_bytes()])),
+            }
+        )
     n_q = mimi.num_codebooks
     manifest = {
         "format": FORMAT,
-        "layout": {"rows": ["text", *[f"moshi_audio_{q}" for q in range(n_q)],
-                            *[f"user_audio_{q}" for q in range(n_q)]],
-                   "delayed": False, "dtype": "int32", "frame_rate": cfg.frame_rate},
+        "layout": {
+            "rows": [
+                "text",
+                *[f"moshi_audio_{q}" for q in range(n_q)],
+                *[f"user_audio_{q}" for q in range(n_q)],
+            ],
+            "delayed": False,
+            "dtype": "int32",
+            "frame_rate": cfg.frame_rate,
+        },
         "config": asdict(cfg),
         "mimi": mimi_desc,
         "tokenizer": tok_desc,
@@ -552,5 +641,7 @@ def load_prepared(out_dir: str | Path) -> list[PreparedConversation]:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return [PreparedConversation(r["name"], out_dir / r["codes"], r["steps"])
-            for r in manifest["conversations"]]
+    return [
+        PreparedConversation(r["name"], out_dir / r["codes"], r["steps"])
+        for r in manifest["conversations"]
+    ]

@@ -35,30 +35,52 @@ class EmbeddingTap:
     def attach(self, transformer: nn.Module):
         def hook(_module, args):
             self.x = args[0]
+
         return transformer.register_forward_pre_hook(hook)
 
     def get(self, like: torch.Tensor) -> torch.Tensor:
         if self.x is None or self.x.shape != like.shape:
-            raise ValueError("In-Place TTT target='embed' needs the transformer input of this very forward "
-                             f"(have {None if self.x is None else tuple(self.x.shape)}, need {tuple(like.shape)})")
+            raise ValueError(
+                "In-Place TTT target='embed' needs the transformer input of this very forward "
+                f"(have {None if self.x is None else tuple(self.x.shape)}, need "
+                f"{tuple(like.shape)})"
+            )
         return self.x
 
 
 class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
-    def __init__(self, stock: ActivationGating, cfg: InPlaceTTTConfig, tap: EmbeddingTap | None = None,
-                 respect_exec_mask: bool = True):
+    def __init__(
+        self,
+        stock: ActivationGating,
+        cfg: InPlaceTTTConfig,
+        tap: EmbeddingTap | None = None,
+        respect_exec_mask: bool = True,
+    ):
         if not isinstance(stock, ActivationGating) or not isinstance(stock.linear_in, nn.Linear):
-            raise ValueError(f"In-Place TTT needs Moshi's ActivationGating with nn.Linear weights, got {type(stock).__name__}")
+            raise ValueError(
+                "In-Place TTT needs Moshi's ActivationGating with nn.Linear weights, got "
+                f"{type(stock).__name__}"
+            )
         if stock.activation is not F.silu:
-            raise ValueError(f"In-Place TTT computes Moshi's silu gating; this layer's activation is {stock.activation}")
+            raise ValueError(
+                "In-Place TTT computes Moshi's silu gating; this layer's activation is "
+                f"{stock.activation}"
+            )
         if cfg.target == "embed" and tap is None:
-            raise ValueError("In-Place TTT target='embed' needs the transformer's EmbeddingTap (patch_lm attaches one)")
+            raise ValueError(
+                "In-Place TTT target='embed' needs the transformer's EmbeddingTap (patch_lm "
+                "attaches one)"
+            )
         w = stock.linear_out.weight  # [D, h]
         with torch.device("meta"):  # no throw-away copy of the big weights
             super().__init__(w.shape[0], w.shape[1], cfg)
         self.linear_in, self.linear_out = stock.linear_in, stock.linear_out
-        self.target_conv = nn.Parameter(torch.zeros(w.shape[0], 1, cfg.conv_kernel, device=w.device, dtype=w.dtype))
-        self.target_proj = nn.Parameter(torch.zeros(w.shape[0], w.shape[0], device=w.device, dtype=w.dtype))
+        self.target_conv = nn.Parameter(
+            torch.zeros(w.shape[0], 1, cfg.conv_kernel, device=w.device, dtype=w.dtype)
+        )
+        self.target_proj = nn.Parameter(
+            torch.zeros(w.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+        )
         if w.device.type != "meta":
             self.reset_ttt_parameters()
         self.tap, self.respect_exec_mask = tap, respect_exec_mask
@@ -67,7 +89,8 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         return ("target_conv", "target_proj")
 
     def reset_ttt_parameters(self) -> None:
-        with torch.no_grad():  # the project's init (conv 0, W_target diagonal), made on the weights' device
+        # the project's init (conv 0, W_target diagonal), made on the weights' device
+        with torch.no_grad():
             self.target_conv.zero_()
             d = torch.randn(self.target_proj.shape[0]) * 0.02
             self.target_proj.copy_(torch.diag(d).to(self.target_proj))
@@ -84,13 +107,21 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         state = self._streaming_state
         if state is None:
             return self.forward_ttt(x, x0, None, None)
-        if x.shape[1] == 1 and not torch.is_grad_enabled():  # inference; masks its own updates (no state copy)
-            return self.step_one(x, x0, state.tensors.scope(""), state.exec_mask if self.respect_exec_mask else None)
+        # inference; masks its own updates (no state copy)
+        if x.shape[1] == 1 and not torch.is_grad_enabled():
+            return self.step_one(
+                x, x0, state.tensors.scope(""), state.exec_mask if self.respect_exec_mask else None
+            )
         with exec_masked(state.tensors, state.exec_mask, self.respect_exec_mask):
             return self.step(x, x0, state.tensors.scope(""))
 
-    def step_one(self, x: torch.Tensor, x0: torch.Tensor, st: ScopedState,
-                 exec_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step_one(
+        self,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        st: ScopedState,
+        exec_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One new token per row, x, x0 [B, 1, D] -> [B, 1, D]: O = z (W0 + s)ᵀ with the weights
         before its chunk's update; the chunk's ΔW = η V̂ᵀZ (V̂ from the whole chunk) is
         computed every step and applied where this token completes the chunk (static shapes).
@@ -98,17 +129,22 @@ class TTTGating(InPlaceTTTMLP, StreamingModule[TensorState]):
         B, _, D = x.shape
         C, lr = self.ttt.chunk_size, self.ttt.lr
         z = self.hidden(x)  # [B, 1, h] in the model dtype, like the plain MLP
-        with torch.autocast(x.device.type, enabled=False), fp32_matmul_precision(self.ttt.matmul_precision):
+        with (
+            torch.autocast(x.device.type, enabled=False),
+            fp32_matmul_precision(self.ttt.matmul_precision),
+        ):
             dt = torch.promote_types(z.dtype, torch.float32)
             z, x0 = z.to(dt), x0.to(dt)
             s, count = st["s"], st["count"]
             out = z @ self.linear_out.weight.to(dt).T + torch.bmm(z, s.transpose(1, 2))  # [B, 1, D]
             slot = count[:, None, None]
-            zb = st["zbuf"].scatter(1, slot.expand(B, 1, z.shape[-1]), z)  # [B, C, h] the chunk so far
+            # [B, C, h] the chunk so far
+            zb = st["zbuf"].scatter(1, slot.expand(B, 1, z.shape[-1]), z)
             xb = st["xbuf"].scatter(1, slot.expand(B, 1, D), x0)  # [B, C, D]
             v = chunk_target(xb, self.target_conv.to(dt), self.target_proj.to(dt), C)  # [B, C, D]
             done = (count + 1 == C).to(dt)  # [B]: this token completes the chunk
-            run = torch.ones_like(count, dtype=torch.bool) if exec_mask is None else exec_mask  # [B]
+            # [B]
+            run = torch.ones_like(count, dtype=torch.bool) if exec_mask is None else exec_mask
             coef = lr * done * run.to(dt)
             if self._clip() is not None:  # eval-only norm clip of the whole ΔW
                 coef = coef * _clip_scale(lr * v.transpose(1, 2) @ zb, self._clip())

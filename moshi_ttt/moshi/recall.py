@@ -17,8 +17,8 @@ import torch
 from moshi.models.lm import LMModel
 
 from .data import FRAME_RATE, word_tokens
-from .train import check_codes, check_contexts, delayed_io
 from .streaming import detach_streaming_state
+from .train import check_codes, check_contexts, delayed_io
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,20 @@ def text_predictions(lm: LMModel, codes: torch.Tensor, segment: int) -> torch.Te
     out = []
     with lm.streaming(1):
         for s in range(0, inputs.shape[2], segment):
-            _, text_logits = lm.forward_text(inputs[:, :, s:s + segment])  # [1, 1, t, text_card]
+            _, text_logits = lm.forward_text(inputs[:, :, s : s + segment])  # [1, 1, t, text_card]
             out.append(text_logits[0, 0].argmax(-1).cpu())
             detach_streaming_state(lm)
     return torch.cat(out)
 
 
-def fact_recall(lm: LMModel, codes: torch.Tensor, facts: list[dict], tokenizer, segment: int,
-                frame_rate: float = FRAME_RATE) -> list[FactScore]:
+def fact_recall(
+    lm: LMModel,
+    codes: torch.Tensor,
+    facts: list[dict],
+    tokenizer,
+    segment: int,
+    frame_rate: float = FRAME_RATE,
+) -> list[FactScore]:
     """Scores of ``facts`` (``{"key", "value", "told_s", "answer_s"}``, as synthetic conversations
     store them) in one conversation. A fact whose answer tokens are not in the text row (the
     word was cut by the next one) is left out."""
@@ -70,9 +76,16 @@ def fact_recall(lm: LMModel, codes: torch.Tensor, facts: list[dict], tokenizer, 
         frames = tuple(range(first, first + len(tokens)))
         if not tokens or frames[-1] >= len(text) or text[list(frames)].tolist() != tokens:
             continue
-        scores.append(FactScore(f["key"], str(f["value"]), frames, tuple(tokens),
-                                tuple(pred[list(frames)].tolist()),
-                                first - math.floor(f["told_s"] * frame_rate)))
+        scores.append(
+            FactScore(
+                f["key"],
+                str(f["value"]),
+                frames,
+                tuple(tokens),
+                tuple(pred[list(frames)].tolist()),
+                first - math.floor(f["told_s"] * frame_rate),
+            )
+        )
     return scores
 
 
@@ -80,5 +93,9 @@ def recall_summary(scores: list[FactScore]) -> dict:
     """Facts scored, facts recalled and their fraction, and the mean told-to-asked distance."""
     n = len(scores)
     hits = sum(s.recalled for s in scores)
-    return {"facts": n, "recalled": hits, "accuracy": hits / n if n else None,
-            "mean_distance_frames": sum(s.distance for s in scores) / n if n else None}
+    return {
+        "facts": n,
+        "recalled": hits,
+        "accuracy": hits / n if n else None,
+        "mean_distance_frames": sum(s.distance for s in scores) / n if n else None,
+    }

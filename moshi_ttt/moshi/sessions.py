@@ -43,16 +43,23 @@ def streaming_tensors(module: StreamingModule) -> tuple[dict[str, torch.Tensor],
     return tensors, ints
 
 
-def load_streaming_tensors(module: StreamingModule, tensors: dict[str, torch.Tensor], ints: dict) -> None:
-    """Copy a saved state into ``module``'s live streaming state, in place (CUDA graphs stay valid)."""
+def load_streaming_tensors(
+    module: StreamingModule, tensors: dict[str, torch.Tensor], ints: dict
+) -> None:
+    """Copy a saved state into ``module``'s live streaming state, in place (CUDA graphs stay
+    valid)."""
     own, own_ints = streaming_tensors(module)
     if set(own) != set(tensors) or set(own_ints) != set(ints):
         diff = sorted(set(own) ^ set(tensors) | set(own_ints) ^ set(ints))
-        raise ValueError(f"stored LMGen state does not match this model's streaming state: {diff[:5]}")
+        raise ValueError(
+            f"stored LMGen state does not match this model's streaming state: {diff[:5]}"
+        )
     for k, t in own.items():
         if t.shape != tensors[k].shape or t.dtype != tensors[k].dtype:
-            raise ValueError(f"stored LMGen state {k}: {tuple(tensors[k].shape)} {tensors[k].dtype}, "
-                             f"expected {tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"stored LMGen state {k}: {tuple(tensors[k].shape)} {tensors[k].dtype}, "
+                f"expected {tuple(t.shape)} {t.dtype}"
+            )
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(tensors[k])
@@ -66,7 +73,9 @@ def save_lmgen(store, cid: str, lm_gen: StreamingModule, identity, tokens: int |
     """Store ``lm_gen``'s whole batch-1 streaming state under ``cid`` (``identity``: from
     ``sessions.module_identity(lm, config, STATE_KIND)``)."""
     tensors, ints = streaming_tensors(lm_gen)
-    return store.put_tensors(cid, {k: t.detach().cpu() for k, t in tensors.items()}, {"ints": ints}, identity, tokens)
+    return store.put_tensors(
+        cid, {k: t.detach().cpu() for k, t in tensors.items()}, {"ints": ints}, identity, tokens
+    )
 
 
 def resume_lmgen(store, cid: str, lm_gen: StreamingModule, identity) -> None:

@@ -43,8 +43,13 @@ def _ring_index(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def exec_masked(tensors: StreamingState, exec_mask: torch.Tensor, enabled: bool = True,
-                ring_slots: torch.Tensor | None = None, skip: tuple = ()):
+def exec_masked(
+    tensors: StreamingState,
+    exec_mask: torch.Tensor,
+    enabled: bool = True,
+    ring_slots: torch.Tensor | None = None,
+    skip: tuple = (),
+):
     """Rows with ``exec_mask`` False get their tensors back as they were before the block.
 
     ``ring_slots`` [B, n]: the only slots the block writes in the ring buffers (``RING_NAMES``), so
@@ -55,8 +60,13 @@ def exec_masked(tensors: StreamingState, exec_mask: torch.Tensor, enabled: bool 
         yield
         return
     rings = {k for k in tensors.tensors if ring_slots is not None and k in RING_NAMES}
-    before = {k: t.gather(1 if t.dim() == 2 else 2, _ring_index(t, ring_slots)) if k in rings else t.clone()
-              for k, t in tensors.tensors.items() if k not in skip}
+    before = {
+        k: t.gather(1 if t.dim() == 2 else 2, _ring_index(t, ring_slots))
+        if k in rings
+        else t.clone()
+        for k, t in tensors.tensors.items()
+        if k not in skip
+    }
     yield
     for k, t in tensors.tensors.items():
         if k in skip:

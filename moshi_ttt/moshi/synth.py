@@ -63,6 +63,7 @@ class SynthConfig:
 
 # ----------------------------------------------------------------------------------- scripts
 
+
 @dataclass(frozen=True)
 class Turn:
     speaker: str  # MOSHI or USER
@@ -86,16 +87,46 @@ class Script:
 
 # key, teller, values, statement, question, answer ("{}" is the value)
 _FACTS = (
-    ("name", USER, ("Clara", "Bruno", "Alice", "Daniel", "Emma", "Felix", "Grace", "Henry"),
-     "Hello, my name is {}.", "Do you remember my name?", "Yes, your name is {}."),
-    ("city", USER, ("Paris", "Lisbon", "Oslo", "Cairo", "Denver", "Kyoto", "Madrid", "Dublin"),
-     "I live in {} these days.", "Where do I live?", "You live in {}."),
-    ("pet", USER, ("cat", "dog", "parrot", "rabbit", "turtle", "goldfish", "hamster"),
-     "At home I have a {}.", "What pet do I have?", "You have a {}."),
-    ("colour", MOSHI, ("green", "blue", "red", "purple", "yellow", "orange"),
-     "My favourite colour is {}.", "What is your favourite colour?", "My favourite colour is {}."),
-    ("number", USER, ("seven", "twelve", "three", "nine", "eleven", "four"),
-     "My lucky number is {}.", "What is my lucky number?", "Your lucky number is {}."),
+    (
+        "name",
+        USER,
+        ("Clara", "Bruno", "Alice", "Daniel", "Emma", "Felix", "Grace", "Henry"),
+        "Hello, my name is {}.",
+        "Do you remember my name?",
+        "Yes, your name is {}.",
+    ),
+    (
+        "city",
+        USER,
+        ("Paris", "Lisbon", "Oslo", "Cairo", "Denver", "Kyoto", "Madrid", "Dublin"),
+        "I live in {} these days.",
+        "Where do I live?",
+        "You live in {}.",
+    ),
+    (
+        "pet",
+        USER,
+        ("cat", "dog", "parrot", "rabbit", "turtle", "goldfish", "hamster"),
+        "At home I have a {}.",
+        "What pet do I have?",
+        "You have a {}.",
+    ),
+    (
+        "colour",
+        MOSHI,
+        ("green", "blue", "red", "purple", "yellow", "orange"),
+        "My favourite colour is {}.",
+        "What is your favourite colour?",
+        "My favourite colour is {}.",
+    ),
+    (
+        "number",
+        USER,
+        ("seven", "twelve", "three", "nine", "eleven", "four"),
+        "My lucky number is {}.",
+        "What is my lucky number?",
+        "Your lucky number is {}.",
+    ),
 )
 _ACKS = ("Nice to meet you.", "That sounds lovely.", "Good to know.", "I see, thank you.")
 _FILLERS = (
@@ -127,8 +158,13 @@ def conversation_script(seed: int, filler_exchanges: int = 6, num_facts: int = 3
     rng = np.random.default_rng(seed)
     if not 1 <= num_facts <= len(_FACTS):
         raise ValueError(f"num_facts must be in 1..{len(_FACTS)}, got {num_facts}")
-    chosen = [_FACTS[0], *(_FACTS[i] for i in sorted(rng.choice(np.arange(1, len(_FACTS)),
-                                                               num_facts - 1, replace=False)))]
+    chosen = [
+        _FACTS[0],
+        *(
+            _FACTS[i]
+            for i in sorted(rng.choice(np.arange(1, len(_FACTS)), num_facts - 1, replace=False))
+        ),
+    ]
     values = {f[0]: f[2][int(rng.integers(len(f[2])))] for f in chosen}
     turns: list[Turn] = []
     told: dict[str, int] = {}
@@ -141,7 +177,9 @@ def conversation_script(seed: int, filler_exchanges: int = 6, num_facts: int = 3
             turns.append(Turn(MOSHI, _ACKS[int(rng.integers(len(_ACKS)))]))
         else:
             turns.append(Turn(USER, "Nice, thank you."))
-    for i in rng.permutation(len(_FILLERS) * (filler_exchanges // len(_FILLERS) + 1))[:filler_exchanges]:
+    for i in rng.permutation(len(_FILLERS) * (filler_exchanges // len(_FILLERS) + 1))[
+        :filler_exchanges
+    ]:
         question, answer = _FILLERS[i % len(_FILLERS)]
         turns += [Turn(USER, question), Turn(MOSHI, answer)]
     facts = []
@@ -156,6 +194,7 @@ def conversation_script(seed: int, filler_exchanges: int = 6, num_facts: int = 3
 
 # ----------------------------------------------------------------------------------- assembly
 
+
 @dataclass(frozen=True, eq=False)
 class Utterance:
     """Mono float32 [N] audio at ``sample_rate`` and each word's (start, end) in seconds."""
@@ -165,8 +204,9 @@ class Utterance:
     spans: tuple[tuple[float, float], ...]
 
 
-def _assemble(script: Script, render: Callable[[Turn], Utterance], cfg: SynthConfig,
-              rng: np.random.Generator) -> tuple[np.ndarray, int, list[Word], list[dict]]:
+def _assemble(
+    script: Script, render: Callable[[Turn], Utterance], cfg: SynthConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, int, list[Word], list[dict]]:
     """Stereo [2, N] (0 = Moshi, 1 = user), rate, words sorted by start, and fact times."""
     utts = [render(t) for t in script.turns]
     rate = utts[0].sample_rate
@@ -181,7 +221,7 @@ def _assemble(script: Script, render: Callable[[Turn], Utterance], cfg: SynthCon
     for i, (turn, u, off) in enumerate(zip(script.turns, utts, offsets)):
         ch = 0 if turn.speaker == MOSHI else 1
         s = round(off * rate)
-        audio[ch, s:s + len(u.audio)] += u.audio
+        audio[ch, s : s + len(u.audio)] += u.audio
         label = MAIN_SPEAKER if turn.speaker == MOSHI else USER_SPEAKER
         off = s / rate  # the sample the utterance really starts at
         for w, (a, b) in zip(turn.text.split(), u.spans):
@@ -189,13 +229,26 @@ def _assemble(script: Script, render: Callable[[Turn], Utterance], cfg: SynthCon
         if turn.value_word is not None:
             starts[i] = round(off + u.spans[turn.value_word][0], 4)
     words.sort(key=lambda w: w.start)
-    facts = [{"key": f.key, "value": f.value, "told_s": starts[f.told_turn],
-              "answer_s": starts[f.answer_turn]} for f in script.facts]
+    facts = [
+        {
+            "key": f.key,
+            "value": f.value,
+            "told_s": starts[f.told_turn],
+            "answer_s": starts[f.answer_turn],
+        }
+        for f in script.facts
+    ]
     return audio, rate, words, facts
 
 
-def _write_dataset(out_dir: Path, n: int, seed: int, filler_exchanges: int, num_facts: int,
-                   write_one: Callable[[Path, Script, np.random.Generator], float]) -> Path:
+def _write_dataset(
+    out_dir: Path,
+    n: int,
+    seed: int,
+    filler_exchanges: int,
+    num_facts: int,
+    write_one: Callable[[Path, Script, np.random.Generator], float],
+) -> Path:
     items = []
     for i, script in enumerate(dataset_scripts(n, seed, filler_exchanges, num_facts)):
         rel = f"audio/conv_{i:05d}.wav"
@@ -205,11 +258,16 @@ def _write_dataset(out_dir: Path, n: int, seed: int, filler_exchanges: int, num_
 
 def dataset_scripts(n: int, seed: int, filler_exchanges: int, num_facts: int) -> list[Script]:
     """The scripts of ``speak_conversations`` / ``tone_conversations`` with the same arguments."""
-    return [conversation_script(int(np.random.default_rng([seed, i]).integers(2**31)),
-                                filler_exchanges, num_facts) for i in range(n)]
+    return [
+        conversation_script(
+            int(np.random.default_rng([seed, i]).integers(2**31)), filler_exchanges, num_facts
+        )
+        for i in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------------- tones
+
 
 def _tone_utterance(turn: Turn, cfg: SynthConfig) -> Utterance:
     rate, pieces, spans, t = cfg.sample_rate, [], [], 0.0
@@ -227,9 +285,16 @@ def _tone_utterance(turn: Turn, cfg: SynthConfig) -> Utterance:
     return Utterance(np.concatenate(pieces).astype(np.float32), rate, tuple(spans))
 
 
-def tone_conversations(out_dir: str | Path, n: int = 2, seed: int = 0, filler_exchanges: int = 2,
-                       num_facts: int = 3, cfg: SynthConfig = SynthConfig()) -> Path:
+def tone_conversations(
+    out_dir: str | Path,
+    n: int = 2,
+    seed: int = 0,
+    filler_exchanges: int = 2,
+    num_facts: int = 3,
+    cfg: SynthConfig = SynthConfig(),
+) -> Path:
     """Tone-burst conversations (no external tools); returns the .jsonl path."""
+
     def write_one(wav: Path, script: Script, rng: np.random.Generator) -> float:
         audio, rate, words, facts = _assemble(script, lambda t: _tone_utterance(t, cfg), cfg, rng)
         return write_conversation(wav, audio, rate, words, {"facts": facts})
@@ -239,20 +304,32 @@ def tone_conversations(out_dir: str | Path, n: int = 2, seed: int = 0, filler_ex
 
 # ----------------------------------------------------------------------------------- espeak-ng
 
+
 class _EspeakEvent(ctypes.Structure):
     """espeak_EVENT of speak_lib.h (espeak-ng 1.49+)."""
 
     class _Id(ctypes.Union):
-        _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+        _fields_ = [
+            ("number", ctypes.c_int),
+            ("name", ctypes.c_char_p),
+            ("string", ctypes.c_char * 8),
+        ]
 
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
-                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
-                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", _Id)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", _Id),
+    ]
 
 
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                             ctypes.POINTER(_EspeakEvent))
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
+)
 _EVENT_LIST_END, _EVENT_WORD = 0, 1
 _OUTPUT_SYNCHRONOUS, _INIT_DONT_EXIT, _RATE, _CHARS_UTF8 = 2, 0x8000, 1, 1
 
@@ -282,8 +359,10 @@ def check_tools() -> None:
     """Raise MissingToolError naming what is missing and how to install it."""
     missing = missing_tools()
     if missing:
-        raise MissingToolError(f"missing {', '.join(missing)}; install the Debian packages: "
-                               "apt-get install espeak-ng sox")
+        raise MissingToolError(
+            f"missing {', '.join(missing)}; install the Debian packages: "
+            "apt-get install espeak-ng sox"
+        )
 
 
 class _Espeak:
@@ -293,8 +372,16 @@ class _Espeak:
 
     def __init__(self):
         lib = ctypes.CDLL(_find_espeak())
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self.rate = lib.espeak_Initialize(_OUTPUT_SYNCHRONOUS, 0, None, _INIT_DONT_EXIT)
         if self.rate <= 0:
@@ -346,8 +433,12 @@ def _espeak_utterance(turn: Turn, cfg: SynthConfig) -> Utterance:
     rate, words = engine.rate, turn.text.split()
     thr = cfg.voiced_threshold * max(float(np.abs(x).max(initial=0.0)), 1e-6)
     if len(marks) != len(words):
-        logger.info("espeak-ng gave %d word events for %d words in %r: proportional timing",
-                    len(marks), len(words), turn.text)
+        logger.info(
+            "espeak-ng gave %d word events for %d words in %r: proportional timing",
+            len(marks),
+            len(words),
+            turn.text,
+        )
         v = _voiced(x, thr)
         a, b = (int(v[0]), int(v[-1]) + 1) if len(v) else (0, len(x))
         cum = np.cumsum([0] + [len(w) + 1 for w in words])
@@ -367,8 +458,14 @@ def _sox(*args: str) -> None:
         raise RuntimeError(f"sox {' '.join(args)} failed: {r.stderr.strip()}")
 
 
-def speak_conversations(out_dir: str | Path, n: int = 2, seed: int = 0, filler_exchanges: int = 6,
-                        num_facts: int = 3, cfg: SynthConfig = SynthConfig()) -> Path:
+def speak_conversations(
+    out_dir: str | Path,
+    n: int = 2,
+    seed: int = 0,
+    filler_exchanges: int = 6,
+    num_facts: int = 3,
+    cfg: SynthConfig = SynthConfig(),
+) -> Path:
     """espeak-ng conversations merged by sox (left Moshi, right user, 16-bit, ``cfg.sample_rate``);
     returns the .jsonl path. Raises MissingToolError without espeak-ng or sox."""
     check_tools()
@@ -380,7 +477,17 @@ def speak_conversations(out_dir: str | Path, n: int = 2, seed: int = 0, filler_e
             left, right = Path(tmp) / "left.wav", Path(tmp) / "right.wav"
             write_wav(left, audio[:1], rate)
             write_wav(right, audio[1:], rate)
-            _sox("-M", str(left), str(right), "-b", "16", str(wav), "rate", "-v", str(cfg.sample_rate))
+            _sox(
+                "-M",
+                str(left),
+                str(right),
+                "-b",
+                "16",
+                str(wav),
+                "rate",
+                "-v",
+                str(cfg.sample_rate),
+            )
         write_alignments(wav.with_suffix(".json"), words, {"facts": facts})
         with wave.open(str(wav)) as f:
             return f.getnframes() / f.getframerate()

@@ -32,13 +32,19 @@ from .streaming import detach_streaming_state
 
 def check_codes(lm: LMModel, codes, segment: int) -> None:
     if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"codes must be an integer tensor [K, T], got {getattr(codes, 'dtype', type(codes))}")
+        raise ValueError(
+            f"codes must be an integer tensor [K, T], got {getattr(codes, 'dtype', type(codes))}"
+        )
     if codes.dim() != 2 or codes.shape[0] != lm.num_codebooks or codes.shape[1] < 1:
-        raise ValueError(f"codes must have shape [K={lm.num_codebooks}, T >= 1] (text + {lm.n_q} audio "
-                         f"codebooks), got {tuple(codes.shape)}")
+        raise ValueError(
+            f"codes must have shape [K={lm.num_codebooks}, T >= 1] (text + {lm.n_q} audio "
+            f"codebooks), got {tuple(codes.shape)}"
+        )
     text, audio = codes[:1], codes[1:]
     if text.min() < -1 or text.max() >= lm.text_card or audio.min() < -1 or audio.max() >= lm.card:
-        raise ValueError(f"codes out of range: text in [-1, {lm.text_card}), audio in [-1, {lm.card})")
+        raise ValueError(
+            f"codes out of range: text in [-1, {lm.text_card}), audio in [-1, {lm.card})"
+        )
     if not isinstance(segment, int) or segment < 1:
         raise ValueError(f"segment must be a positive int (steps), got {segment!r}")
 
@@ -50,9 +56,14 @@ def check_contexts(lm: LMModel, segment: int, T: int) -> None:
         attn = layer.self_attn
         if isinstance(attn, StreamingMultiheadAttention) and not isinstance(attn, MemoryAttention):
             if attn.context is None or (T > attn.context and segment > 1):
-                raise ValueError(f"layer {i} keeps Moshi's ring KV cache of {attn.context} steps, which segments of "
-                                 f"{segment} steps cannot stream exactly past it (conversation of {T} steps): give every "
-                                 "layer a memory (AdapterConfig.base_memory) or keep conversations within the context")
+                raise ValueError(
+                    f"layer {i} keeps Moshi's ring KV cache of {attn.context} steps, which "
+                    "segments of "
+                    f"{segment} steps cannot stream exactly past it (conversation of {T} steps): "
+                    "give every "
+                    "layer a memory (AdapterConfig.base_memory) or keep conversations within the "
+                    "context"
+                )
 
 
 def delayed_io(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +71,8 @@ def delayed_io(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     [B, K, T]: inputs start with the initial token, targets[:, k, j] = codes[:, k, j - delay_k]."""
     B = codes.shape[0]
     initial = lm._get_initial_token().expand(B, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)  # [B, K, T + 1]
+    # [B, K, T + 1]
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
     return delayed[:, :, :-1], delayed[:, :, 1:]
 
 
@@ -79,8 +91,13 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor) -> 
     return F.cross_entropy(logits[ok].float(), targets[ok])
 
 
-def logits_losses(lm: LMModel, text_logits: torch.Tensor, audio_logits: torch.Tensor, targets: torch.Tensor,
-                  start: int) -> dict:
+def logits_losses(
+    lm: LMModel,
+    text_logits: torch.Tensor,
+    audio_logits: torch.Tensor,
+    targets: torch.Tensor,
+    start: int,
+) -> dict:
     """Mean CE of text_logits [B, 1, t, text_card] and audio_logits [B, dep_q, t, card] against
     targets [B, K, t] at global delayed steps start..start+t (``valid_targets``)."""
     valid = valid_targets(lm, targets, start)  # [B, K, t]
@@ -91,7 +108,8 @@ def logits_losses(lm: LMModel, text_logits: torch.Tensor, audio_logits: torch.Te
 
 
 def segment_losses(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int) -> dict:
-    """One (streaming) call over inputs [B, K, t] at global steps start..start+t -> ``logits_losses``."""
+    """One (streaming) call over inputs [B, K, t] at global steps start..start+t ->
+    ``logits_losses``."""
     out, text_logits = lm.forward_text(inputs)  # [B, t, D], [B, 1, t, text_card]
     audio_logits = lm.forward_depformer_training(targets, out)  # [B, dep_q, t, card]
     return logits_losses(lm, text_logits, audio_logits, targets, start)
@@ -102,12 +120,13 @@ def absorbing_segments(lm: LMModel, T: int, segment: int) -> list[bool]:
     a block in it (its window holds W steps, so by step e it has evicted max(e - W, 0) tokens)."""
     mems = reconstruction_memories(lm)
     spans = [(s, min(s + segment, T)) for s in range(0, T, segment)]
-    done = (lambda m, e: max(e - m.cfg.window, 0) // m.cfg.block)
+    done = lambda m, e: max(e - m.cfg.window, 0) // m.cfg.block
     return [any(done(m, e) > done(m, s) for m in mems) for s, e in spans]
 
 
-def reconstruction_segment(lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int,
-                           mems: list) -> dict:
+def reconstruction_segment(
+    lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int, mems: list
+) -> dict:
     """One streaming call with the reconstruction recorded: {"loss": the mean over the memories
     that absorbed a block, "text": the text CE (no gradient), "absorbed": whether any did}. With
     none, the loss is a zero on the call's graph, so a backward still runs (the same collectives
@@ -120,9 +139,15 @@ def reconstruction_segment(lm: LMModel, inputs: torch.Tensor, targets: torch.Ten
     return {"loss": loss, "text": text, "absorbed": bool(terms)}
 
 
-def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: bool = True,
-                        backward: bool = False, loss_scale: float = 1.0,
-                        loss: str = "lm") -> list[dict]:
+def conversation_losses(
+    lm: LMModel,
+    codes: torch.Tensor,
+    segment: int,
+    carry: bool = True,
+    backward: bool = False,
+    loss_scale: float = 1.0,
+    loss: str = "lm",
+) -> list[dict]:
     """Losses of each consecutive segment of one conversation. codes [K, T] (text + n_q audio
     codebooks, Moshi's layout); ``segment`` steps per segment (the last may be shorter).
 
@@ -141,21 +166,30 @@ def conversation_losses(lm: LMModel, codes: torch.Tensor, segment: int, carry: b
         raise ValueError("the reconstruction loss needs the carried state (carry=True)")
     ttt = getattr(lm, "moshi_ttt_config", None) and lm.moshi_ttt_config.inplace_ttt
     if backward and loss == "lm" and ttt and segment <= ttt.chunk_size:
-        raise ValueError(f"segment={segment} <= In-Place TTT chunk_size={ttt.chunk_size}: no update is applied "
-                         "inside a segment, so TTT gets no gradient")
+        raise ValueError(
+            f"segment={segment} <= In-Place TTT chunk_size={ttt.chunk_size}: no update is applied "
+            "inside a segment, so TTT gets no gradient"
+        )
     codes = codes.to(lm.device).long()[None]  # [1, K, T]
     T = codes.shape[2]
     inputs, targets = delayed_io(lm, codes)
     results = []
-    recon = (reconstructing(lm, Stage("reconstruction", 1, loss="reconstruction"))
-             if loss == "reconstruction" else contextlib.nullcontext([]))
+    recon = (
+        reconstructing(lm, Stage("reconstruction", 1, loss="reconstruction"))
+        if loss == "reconstruction"
+        else contextlib.nullcontext([])
+    )
     with lm.streaming(1), recon as mems:
         for s in range(0, T, segment):
             if carry:
-                seg_in, seg_tgt, start = inputs[:, :, s:s + segment], targets[:, :, s:s + segment], s
+                seg_in, seg_tgt, start = (
+                    inputs[:, :, s : s + segment],
+                    targets[:, :, s : s + segment],
+                    s,
+                )
             else:  # a conversation of its own: initial token first, delays from its first step
                 lm.reset_streaming()
-                (seg_in, seg_tgt), start = delayed_io(lm, codes[:, :, s:s + segment]), 0
+                (seg_in, seg_tgt), start = delayed_io(lm, codes[:, :, s : s + segment]), 0
             if loss == "lm":
                 losses = segment_losses(lm, seg_in, seg_tgt, start)
             else:

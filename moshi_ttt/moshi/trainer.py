@@ -14,7 +14,8 @@ The optimizer holds the trainable parameters of the current stage alone and is r
 stage starts. Under torch.distributed the model is sharded with FSDP2 (``shard``): every rank
 holds 1/world of each sharded parameter, its gradient and AdamW moments, trains its own
 conversations of the step, and the gradients are summed across ranks; rank 0 alone writes files.
-The learning rate warms up linearly, then follows a cosine to 10% of its peak over all stages. Checkpoints are written atomically and resume bit-exactly (weights, optimizer, data
+The learning rate warms up linearly, then follows a cosine to 10% of its peak over all stages.
+Checkpoints are written atomically and resume bit-exactly (weights, optimizer, data
 order and random state).
 """
 
@@ -67,20 +68,25 @@ class MoshiTrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s
-                                                 for s in self.stages))
+        object.__setattr__(
+            self, "stages", tuple(Stage(**s) if isinstance(s, dict) else s for s in self.stages)
+        )
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if not self.stages:
             raise ValueError("MoshiTrainConfig.stages must hold at least one stage")
         if self.batch < 1:
             raise ValueError(f"MoshiTrainConfig.batch must be >= 1, got {self.batch}")
         if self.segment < 1 or self.warmup < 0 or self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError(f"MoshiTrainConfig: segment and log_every must be >= 1, warmup and "
-                             f"checkpoint_every >= 0, got {self.segment}, {self.log_every}, "
-                             f"{self.warmup}, {self.checkpoint_every}")
+            raise ValueError(
+                f"MoshiTrainConfig: segment and log_every must be >= 1, warmup and "
+                f"checkpoint_every >= 0, got {self.segment}, {self.log_every}, "
+                f"{self.warmup}, {self.checkpoint_every}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.grad_clip <= 0:
-            raise ValueError(f"MoshiTrainConfig: lr and grad_clip must be positive, got {self.lr}, "
-                             f"{self.grad_clip}")
+            raise ValueError(
+                f"MoshiTrainConfig: lr and grad_clip must be positive, got {self.lr}, "
+                f"{self.grad_clip}"
+            )
 
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
@@ -100,15 +106,27 @@ class MoshiTrainConfig:
         above the lower half of the layers on Moshi's loss (5000), then everything (10000).
         ``tiny``: the same three stages of 1 step each, for smoke runs."""
         half = num_layers // 2
-        spec = (Stage("memory", 1000, (ADDED,), "reconstruction"),
-                Stage("attention", 5000, (ADDED, "transformer.layers.*.self_attn.*"),
-                      frozen_layers_below=half),
-                Stage("all", 10000))
+        spec = (
+            Stage("memory", 1000, (ADDED,), "reconstruction"),
+            Stage(
+                "attention",
+                5000,
+                (ADDED, "transformer.layers.*.self_attn.*"),
+                frozen_layers_below=half,
+            ),
+            Stage("all", 10000),
+        )
         if name == "spec":
             return cls(stages=spec, **overrides)
         if name == "tiny":
-            return cls(stages=tuple(dataclasses.replace(s, steps=1) for s in spec), segment=8,
-                       lr=1e-3, warmup=1, bf16=False, **overrides)
+            return cls(
+                stages=tuple(dataclasses.replace(s, steps=1) for s in spec),
+                segment=8,
+                lr=1e-3,
+                warmup=1,
+                bf16=False,
+                **overrides,
+            )
         raise ValueError(f"unknown Moshi training preset {name!r}: expected 'spec' or 'tiny'")
 
 
@@ -204,19 +222,30 @@ class MoshiTrainer:
     gradients are summed across ranks, and rank 0 alone writes files: N processes compute what
     one does (FSDP2: ``shard``)."""
 
-    def __init__(self, lm: LMModel, cfg: MoshiTrainConfig, conversations, out: Path,
-                 progress: bool = True):
+    def __init__(
+        self, lm: LMModel, cfg: MoshiTrainConfig, conversations, out: Path, progress: bool = True
+    ):
         if not getattr(lm, "moshi_ttt_config", None):
             raise ValueError("MoshiTrainer needs a patched LMModel (moshi_ttt.moshi.patch_lm)")
         if not len(conversations):
             raise ValueError("MoshiTrainer: no conversations to train on")
-        self.lm, self.cfg, self.convs, self.out, self.progress = lm, cfg, conversations, Path(out), progress
+        self.lm, self.cfg, self.convs, self.out, self.progress = (
+            lm,
+            cfg,
+            conversations,
+            Path(out),
+            progress,
+        )
         dist = torch.distributed
-        self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
-                                 if dist.is_available() and dist.is_initialized() else (0, 1))
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size())
+            if dist.is_available() and dist.is_initialized()
+            else (0, 1)
+        )
         if cfg.batch % self.world:
-            raise ValueError(f"MoshiTrainConfig.batch={cfg.batch} is not divisible by the "
-                             f"{self.world} processes")
+            raise ValueError(
+                f"MoshiTrainConfig.batch={cfg.batch} is not divisible by the {self.world} processes"
+            )
         self.sharded = self.world > 1
         if self.sharded:
             shard(lm)
@@ -230,17 +259,23 @@ class MoshiTrainer:
         """Freeze all but the stage's parameters and build AdamW over those alone."""
         names = set(stage_parameters(self.lm, stage))
         if not names:
-            raise ValueError(f"stage {stage.name!r} trains no parameter of this model "
-                             f"(patterns {stage.train})")
+            raise ValueError(
+                f"stage {stage.name!r} trains no parameter of this model (patterns {stage.train})"
+            )
         params = dict(self.lm.named_parameters())
         for n, p in params.items():
             p.requires_grad_(n in names)
         decay = [params[n] for n in sorted(names) if params[n].dim() >= 2]
         rest = [params[n] for n in sorted(names) if params[n].dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}],
-                                     lr=self.cfg.lr, betas=self.cfg.betas,
-                                     foreach=False if self.sharded else None)
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=self.cfg.lr,
+            betas=self.cfg.betas,
+            foreach=False if self.sharded else None,
+        )
         self.opt_stage = index
 
     # ---- data ---------------------------------------------------------------------------------
@@ -248,13 +283,16 @@ class MoshiTrainer:
         """This rank's conversations of the next step (a fresh shuffled order every epoch)."""
         while len(self.order) < self.cfg.batch:
             self.order += list(self.rng.permutation(len(self.convs)))
-        step, self.order = self.order[:self.cfg.batch], self.order[self.cfg.batch:]
+        step, self.order = self.order[: self.cfg.batch], self.order[self.cfg.batch :]
         out = []
-        for i in step[self.rank::self.world]:
+        for i in step[self.rank :: self.world]:
             c = self.convs[int(i)]
             c = c() if callable(c) else c  # a tensor, or an array (a memory map) copied in
-            out.append(c.long().clone() if isinstance(c, torch.Tensor)
-                       else torch.from_numpy(np.array(c, dtype=np.int64)))
+            out.append(
+                c.long().clone()
+                if isinstance(c, torch.Tensor)
+                else torch.from_numpy(np.array(c, dtype=np.int64))
+            )
         return out
 
     # ---- one step ----------------------------------------------------------------------------
@@ -281,15 +319,24 @@ class MoshiTrainer:
             else:
                 n = sum(absorbing_segments(self.lm, codes.shape[1], self.cfg.segment))
                 if not n:
-                    raise ValueError(f"stage {stage.name!r}: a conversation of {codes.shape[1]} steps "
-                                     "evicts no whole block from the TTT cache, so it has no "
-                                     "reconstruction loss; train on longer conversations")
+                    raise ValueError(
+                        f"stage {stage.name!r}: a conversation of {codes.shape[1]} steps "
+                        "evicts no whole block from the TTT cache, so it has no "
+                        "reconstruction loss; train on longer conversations"
+                    )
             with self._autocast():
-                segs = conversation_losses(self.lm, codes, self.cfg.segment, carry=True,
-                                           backward=True, loss_scale=1.0 / (n * self.cfg.batch),
-                                           loss=stage.loss)
-            sums += torch.tensor([[float(s[k]) for k in keys] for s in segs],
-                                 dtype=torch.float64).mean(0)
+                segs = conversation_losses(
+                    self.lm,
+                    codes,
+                    self.cfg.segment,
+                    carry=True,
+                    backward=True,
+                    loss_scale=1.0 / (n * self.cfg.batch),
+                    loss=stage.loss,
+                )
+            sums += torch.tensor(
+                [[float(s[k]) for k in keys] for s in segs], dtype=torch.float64
+            ).mean(0)
             frames += int(codes.shape[1])
         if most > segments:
             self._blank_segments(most - segments, stage)
@@ -300,14 +347,26 @@ class MoshiTrainer:
         losses = {"audio": None, **dict(zip(keys, (sums / self.cfg.batch).tolist()))}
         if not all(math.isfinite(v) for v in losses.values() if v is not None):
             path = self.out / "train_state.pt"
-            last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written"
-            raise FloatingPointError(f"non-finite training loss {losses['loss']} at step {self.step} "
-                                     f"(stage {stage.name}, learning rate {lr:.3g}); {last}")
+            last = (
+                f"the last good checkpoint is {path}"
+                if path.is_file()
+                else "no checkpoint was written"
+            )
+            raise FloatingPointError(
+                f"non-finite training loss {losses['loss']} at step {self.step} "
+                f"(stage {stage.name}, learning rate {lr:.3g}); {last}"
+            )
         clip_gradients(params, self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        return {"step": self.step, "stage": stage.name, "objective": stage.loss, **losses, "lr": lr,
-                "frames": frames}
+        return {
+            "step": self.step,
+            "stage": stage.name,
+            "objective": stage.loss,
+            **losses,
+            "lr": lr,
+            "frames": frames,
+        }
 
     def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
         """``x`` reduced over the ranks (through the model's device: NCCL reduces CUDA tensors)."""
@@ -336,25 +395,42 @@ class MoshiTrainer:
         more on a blank conversation with a zero loss, which changes no gradient."""
         blank = torch.zeros(self.lm.num_codebooks, n * self.cfg.segment, dtype=torch.long)
         with self._autocast():
-            conversation_losses(self.lm, blank, self.cfg.segment, carry=True, backward=True,
-                                loss_scale=0.0, loss=stage.loss)
+            conversation_losses(
+                self.lm,
+                blank,
+                self.cfg.segment,
+                carry=True,
+                backward=True,
+                loss_scale=0.0,
+                loss=stage.loss,
+            )
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
         """The whole training state, weights and AdamW moments gathered whole (every rank calls
         this; under FSDP2 rank 0 alone receives the tensors)."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         opt = None
         if self.opt is not None:
-            opt = get_optimizer_state_dict(self.lm, self.opt, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
-        return {"format": TRAIN_STATE_FORMAT, "step": self.step, "model": full_state(self.lm),
-                "opt": opt, "opt_stage": self.opt_stage,
-                "rng": self.rng.bit_generator.state, "order": list(map(int, self.order)),
-                "torch_rng": torch.get_rng_state(), "log": self.log,
-                "config": dataclasses.asdict(self.cfg)}
+            opt = get_optimizer_state_dict(
+                self.lm, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        return {
+            "format": TRAIN_STATE_FORMAT,
+            "step": self.step,
+            "model": full_state(self.lm),
+            "opt": opt,
+            "opt_stage": self.opt_stage,
+            "rng": self.rng.bit_generator.state,
+            "order": list(map(int, self.order)),
+            "torch_rng": torch.get_rng_state(),
+            "log": self.log,
+            "config": dataclasses.asdict(self.cfg),
+        }
 
     def save(self) -> None:
         st = self.state()
@@ -362,13 +438,18 @@ class MoshiTrainer:
             save_atomic(st, self.out / "train_state.pt")
 
     def load(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         st = load_checked(path, TRAIN_STATE_FORMAT, "Moshi training checkpoint")
         if st["config"] != dataclasses.asdict(self.cfg):
-            raise ValueError(f"{path} was written with another training configuration; resume it "
-                             "with the same options or start in a new folder")
+            raise ValueError(
+                f"{path} was written with another training configuration; resume it "
+                "with the same options or start in a new folder"
+            )
         whole = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.lm, st["model"], options=whole)
         self.step, self.log, self.order = st["step"], st["log"], list(st["order"])
@@ -377,8 +458,12 @@ class MoshiTrainer:
         if st["opt"] is not None:
             self._enter_stage(st["opt_stage"], self.cfg.stages[st["opt_stage"]])
             # a parameter that has had no gradient yet has no AdamW state (as in the saved run)
-            set_optimizer_state_dict(self.lm, self.opt, st["opt"], options=StateDictOptions(
-                full_state_dict=True, strict=False))
+            set_optimizer_state_dict(
+                self.lm,
+                self.opt,
+                st["opt"],
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
@@ -389,8 +474,13 @@ class MoshiTrainer:
                 print(f"resuming from {path} at step {self.step}", file=sys.stderr)
         total = self.cfg.total_steps()
         t0 = time.perf_counter()
-        with tqdm(total=total, initial=self.step, desc="moshi train", dynamic_ncols=True,
-                  disable=not self.progress or self.rank != 0) as bar:
+        with tqdm(
+            total=total,
+            initial=self.step,
+            desc="moshi train",
+            dynamic_ncols=True,
+            disable=not self.progress or self.rank != 0,
+        ) as bar:
             while self.step < total:
                 row = self.train_step()
                 row["frames_per_s"] = row["frames"] / max(time.perf_counter() - t0, 1e-9)
@@ -416,12 +506,23 @@ class MoshiTrainer:
         if self.rank != 0:
             return
         with open(self.out / "train_log.csv", "w", newline="") as f:
-            cols = ["step", "stage", "objective", "loss", "text", "audio", "lr", "frames",
-                    "frames_per_s"]
+            cols = [
+                "step",
+                "stage",
+                "objective",
+                "loss",
+                "text",
+                "audio",
+                "lr",
+                "frames",
+                "frames_per_s",
+            ]
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows({k: r[k] for k in cols} for r in self.log)
         save_added(self.lm, self.out / "added.safetensors", sd)
-        if any(set(stage_parameters(self.lm, s)) == {n for n, _ in self.lm.named_parameters()}
-               for s in self.cfg.stages):
+        if any(
+            set(stage_parameters(self.lm, s)) == {n for n, _ in self.lm.named_parameters()}
+            for s in self.cfg.stages
+        ):
             save_full(self.lm, self.out / "model.safetensors", sd)

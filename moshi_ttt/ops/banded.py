@@ -29,9 +29,12 @@ def chunked(x: torch.Tensor, window: int, fill: float = 0.0) -> torch.Tensor:
 
 def gate_mix(o_r, vmask, gate, scores=None, values=None, out=None):
     """Option A: α·o_r + (1-α)·read, the read normalised on its own. o_r [..., Q, D] the window's
-    attention output; the rest as in ``mix``. Returns (out [..., Q, D], mass on the memory [..., Q])."""
+    attention output; the rest as in ``mix``. Returns (out [..., Q, D], mass on the memory [...,
+    Q])."""
     if out is None:  # rows without a read get harmless finite scores, then weight 0
-        p_v = torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
+        p_v = (
+            torch.softmax(torch.where(vmask[..., None], scores.float(), 0.0), -1) * vmask[..., None]
+        )
         out = torch.einsum("...qm,...qmd->...qd", p_v, values.float())
     alpha = torch.where(vmask, gate, torch.ones_like(gate))  # (lerp at weight 1 gives o_r exactly)
     dt = torch.promote_types(torch.promote_types(o_r.dtype, alpha.dtype), torch.float32)

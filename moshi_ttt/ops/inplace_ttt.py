@@ -3,7 +3,8 @@
 Per chunk i of C tokens, with Z the MLP hidden activations and V̂ the target:
     O_i = Z_i W^(i-1)ᵀ                      (apply with the weights before chunk i)
     ΔW_i = η V̂_iᵀ Z_i,  W^(i) = W^(i-1) + ΔW_i   (then update)
-Equivalently O_i = Z_i W0ᵀ + η Σ_{j<i} (Z_i Z_jᵀ) V̂_j: block-causal linear attention with q = k = Z, v = V̂.
+Equivalently O_i = Z_i W0ᵀ + η Σ_{j<i} (Z_i Z_jᵀ) V̂_j: block-causal linear attention with q = k =
+Z, v = V̂.
 With forgetting λ the sum of updates s = W − W0 decays before each update,
     s_i = (1 − λ) s_(i-1) + ΔW_i,
 so ‖s‖ stays below max‖ΔW‖ / λ however long the stream (a skipped chunk neither decays nor adds).
@@ -22,21 +23,27 @@ import torch
 from torch.nn import functional as F
 
 
-def chunk_target(x0: torch.Tensor, conv_weight: torch.Tensor, w_target: torch.Tensor, chunk: int) -> torch.Tensor:
-    """V̂ = Conv1D(X0) W_target, the depthwise conv run inside each chunk only (zero padding at chunk edges).
+def chunk_target(
+    x0: torch.Tensor, conv_weight: torch.Tensor, w_target: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """V̂ = Conv1D(X0) W_target, the depthwise conv run inside each chunk only (zero padding at
+    chunk edges).
 
-    x0 [B, T, D] with T a multiple of ``chunk``; conv_weight [D, 1, K]; w_target [D, D] -> [B, T, D].
+    x0 [B, T, D] with T a multiple of ``chunk``; conv_weight [D, 1, K]; w_target [D, D] -> [B, T,
+    D].
     """
     B, T, D = x0.shape
     K = conv_weight.shape[-1]
     xc = x0.reshape(B * (T // chunk), chunk, D).transpose(1, 2)  # [B*N, D, C]
-    xc = F.pad(xc, ((K - 1) // 2, K // 2))  # "same" padding inside the chunk: no token of another chunk
+    # "same" padding inside the chunk: no token of another chunk
+    xc = F.pad(xc, ((K - 1) // 2, K // 2))
     y = F.conv1d(xc, conv_weight.to(xc.dtype), groups=D)  # [B*N, D, C]
     return y.transpose(1, 2).reshape(B, T, D) @ w_target.to(y.dtype)
 
 
 def _clip_scale(dw: torch.Tensor, clip_tau: float | None) -> torch.Tensor:
-    """min(1, τ / ‖ΔW‖_F) per row, as a constant (the clip is an inference-only guard). dw [B, d, h] -> [B]."""
+    """min(1, τ / ‖ΔW‖_F) per row, as a constant (the clip is an inference-only guard). dw [B, d, h]
+    -> [B]."""
     if clip_tau is None:
         return dw.new_ones(dw.shape[0])
     norm = torch.linalg.vector_norm(dw.detach(), dim=(1, 2))
@@ -48,7 +55,8 @@ def fp32_matmul_precision(precision: str):
     """``"highest"``: IEEE fp32 products; ``"high"``: TF32 products on CUDA (fp32 accumulation and
     state either way; CPU is always IEEE). Restores the caller's setting on exit."""
     m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9: the per-backend API (mixing it with allow_tf32 raises)
+    # torch >= 2.9: the per-backend API (mixing it with allow_tf32 raises)
+    if hasattr(m, "fp32_precision"):
         old = m.fp32_precision
         m.fp32_precision = "tf32" if precision == "high" else "ieee"
         try:
@@ -64,10 +72,18 @@ def fp32_matmul_precision(precision: str):
             m.allow_tf32 = old
 
 
-def ttt_naive(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
-              s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
-              clip_tau: float | None = None, precision: str = "highest",
-              decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def ttt_naive(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    w0: torch.Tensor,
+    lr: float,
+    chunk: int,
+    s0: torch.Tensor | None = None,
+    apply: torch.Tensor | None = None,
+    clip_tau: float | None = None,
+    precision: str = "highest",
+    decay: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference scan. z [B, T, h], v [B, T, d], w0 [d, h], s0 [B, d, h] (sum of earlier updates),
     apply [B, N] (1 where chunk n's update counts, N = T / chunk), ``decay`` λ in [0, 1)
     -> (O [B, T, d], s_final [B, d, h])."""
@@ -80,7 +96,8 @@ def _naive(z, v, w0, lr, chunk, s0, apply, clip_tau, decay=0.0):
     s = w0.new_zeros(B, *w0.shape) if s0 is None else s0
     outs = []
     for n in range(T // chunk):
-        zn, vn = z[:, n * chunk:(n + 1) * chunk], v[:, n * chunk:(n + 1) * chunk]  # [B, C, h], [B, C, d]
+        # [B, C, h], [B, C, d]
+        zn, vn = z[:, n * chunk : (n + 1) * chunk], v[:, n * chunk : (n + 1) * chunk]
         w = w0 + s  # W^(n-1) per row: [B, d, h]
         outs.append(zn @ w.transpose(1, 2))  # [B, C, d]
         dw = lr * vn.transpose(1, 2) @ zn  # ΔW_n [B, d, h]
@@ -160,10 +177,18 @@ class _ChunkScan(torch.autograd.Function):
         return dz, dv, d_w0, r, None, None, None, None, None, None
 
 
-def ttt_chunk_scan(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk: int,
-                   s0: torch.Tensor | None = None, apply: torch.Tensor | None = None,
-                   clip_tau: float | None = None, precision: str = "highest",
-                   decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def ttt_chunk_scan(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    w0: torch.Tensor,
+    lr: float,
+    chunk: int,
+    s0: torch.Tensor | None = None,
+    apply: torch.Tensor | None = None,
+    clip_tau: float | None = None,
+    precision: str = "highest",
+    decay: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast scan, same signature and results as ``ttt_naive``; memory O(T (d + h) + B d h)
     (plus N B d h during the backward with ``decay``).
 

@@ -23,7 +23,11 @@ triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 def supports(x: torch.Tensor) -> bool:
     """Half or single precision in, a power-of-two width of 16 to 1024; CUDA (CPU under Triton's
     interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
-    if triton is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() < 1:
+    if (
+        triton is None
+        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or x.dim() < 1
+    ):
         return False
     if not (x.is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
@@ -32,6 +36,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+
     @triton.jit
     def _fwd(x, y, r, R, EPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -52,7 +57,11 @@ if triton is not None:
         inv = tl.load(r + rows, mask=ok, other=1.0)
         unclamped = (inv < 1.0 / EPS).to(tl.float32)  # ‖x‖ > ε
         dot = tl.sum(yv * g, 1) * unclamped
-        tl.store(dx + idx, (inv[:, None] * (g - yv * dot[:, None])).to(dx.dtype.element_ty), mask=ok[:, None])
+        tl.store(
+            dx + idx,
+            (inv[:, None] * (g - yv * dot[:, None])).to(dx.dtype.element_ty),
+            mask=ok[:, None],
+        )
 
 
 class _Normalize(torch.autograd.Function):
@@ -72,7 +81,9 @@ class _Normalize(torch.autograd.Function):
         y, r = ctx.saved_tensors
         R, D = y.shape
         dx = torch.empty(R, D, device=y.device, dtype=ctx.dtype)
-        _bwd[(triton.cdiv(R, ROWS),)](dy.contiguous().view(-1, D), y, r, dx, R, EPS=EPS, ROWS=ROWS, D=D, num_warps=4)
+        _bwd[(triton.cdiv(R, ROWS),)](
+            dy.contiguous().view(-1, D), y, r, dx, R, EPS=EPS, ROWS=ROWS, D=D, num_warps=4
+        )
         return dx.view(dy.shape)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, kind: str, window: int, num_sink: int) -> torch.Tensor:
+def visible(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, kind: str, window: int, num_sink: int
+) -> torch.Tensor:
     """Which keys each query may attend to. q_pos [B, Tq], k_pos [B, Tk] -> bool [B, Tq, Tk].
 
     A key with position < 0 is an empty slot. ``full``: every earlier key; ``window``: keys less
@@ -24,8 +26,11 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, kind: str, window: int, nu
     raise ValueError(f"no mask for memory kind {kind!r}")
 
 
-def segment_positions(resets: torch.Tensor | None, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions restarting at 0 after each reset, and segment ids. resets bool [B, T] -> ([B, T], [B, T]).
+def segment_positions(
+    resets: torch.Tensor | None, B: int, T: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions restarting at 0 after each reset, and segment ids. resets bool [B, T] -> ([B, T],
+    [B, T]).
 
     ``resets[b, t]`` True means memory is reset before token t (a new document starts there).
     """

@@ -40,24 +40,40 @@ def yarn_ramp(r: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
 
 
-def yarn_frequencies(head_dim: int, max_period: float, scale: float, original_context: int,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0, device=None) -> torch.Tensor:
+def yarn_frequencies(
+    head_dim: int,
+    max_period: float,
+    scale: float,
+    original_context: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    device=None,
+) -> torch.Tensor:
     """YaRN's NTK-by-parts frequencies h(θ_d) for a context extended ``scale`` times beyond
-    ``original_context`` steps. [head_dim // 2] fp32; ``scale <= 1``: ``rope_frequencies`` exactly."""
+    ``original_context`` steps. [head_dim // 2] fp32; ``scale <= 1``: ``rope_frequencies``
+    exactly."""
     theta = rope_frequencies(head_dim, max_period, device)  # [D/2]
     if scale <= 1:
         return theta
     if original_context < 1 or not beta_fast > beta_slow:
-        raise ValueError(f"YaRN needs original_context >= 1 and beta_fast > beta_slow, got "
-                         f"{original_context}, {beta_fast}, {beta_slow}")
+        raise ValueError(
+            f"YaRN needs original_context >= 1 and beta_fast > beta_slow, got "
+            f"{original_context}, {beta_fast}, {beta_slow}"
+        )
     theta64 = theta.double()
     r = original_context * theta64 / (2 * math.pi)  # L / λ_d: turns over the trained context
     gamma = yarn_ramp(r, beta_slow, beta_fast)
     return ((1 - gamma) * theta64 / scale + gamma * theta64).float()
 
 
-def yarn_frequencies_naive(head_dim: int, max_period: float, scale: float, original_context: int,
-                           beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+def yarn_frequencies_naive(
+    head_dim: int,
+    max_period: float,
+    scale: float,
+    original_context: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> torch.Tensor:
     """Reference: one pair at a time, in Python floats, straight from the equations above."""
     out = []
     for d in range(head_dim // 2):
@@ -93,7 +109,8 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation of ``apply_rope`` by given cos, sin (broadcast to [..., D/2]): x [..., D] -> x's dtype."""
+    """The rotation of ``apply_rope`` by given cos, sin (broadcast to [..., D/2]): x [..., D] -> x's
+    dtype."""
     xp = x.float().unflatten(-1, (-1, 2))
     xr, xi = xp[..., 0], xp[..., 1]  # [..., D/2] each
     return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2).to(x.dtype)

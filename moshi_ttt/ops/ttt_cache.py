@@ -26,7 +26,8 @@ from . import ttt_scan_triton
 
 
 def compressor(ws, x: torch.Tensor) -> torch.Tensor:
-    """f_θ(x). ws (W1 [G, Dh, m], ..., W_L [G, m, Dh]) (extra batch dims broadcast), x [G, n, Dh]."""
+    """f_θ(x). ws (W1 [G, Dh, m], ..., W_L [G, m, Dh]) (extra batch dims broadcast), x [G, n,
+    Dh]."""
     for w in ws[:-1]:
         x = F.gelu(x @ w)
     return x @ ws[-1]
@@ -66,7 +67,8 @@ def block_step(ws, x, y, eta):
 
 
 def block_step_naive(ws, x, y, eta):
-    """Reference: per-token gradients by autograd, summed over the block at the block-start state."""
+    """Reference: per-token gradients by autograd, summed over the block at the block-start
+    state."""
     with torch.enable_grad():
         if not all(w.requires_grad for w in ws):
             ws = tuple(w.detach().requires_grad_() for w in ws)
@@ -76,7 +78,7 @@ def block_step_naive(ws, x, y, eta):
 def _naive(ws, x, y, eta):
     deltas, losses = [torch.zeros_like(w) for w in ws], []
     for t in range(x.shape[1]):
-        xt, yt = x[:, t:t + 1], y[:, t:t + 1]
+        xt, yt = x[:, t : t + 1], y[:, t : t + 1]
         a = xt
         for w in ws[:-1]:
             a = F.gelu(a @ w)
@@ -105,10 +107,22 @@ def apply_update(w, delta, mom, w_init, decay, momentum: float, max_norm: float)
     return w, mom
 
 
-def scan_step(ws, moms, inits, x, y, eta, apply_n, decay, momentum: float, max_norm: float,
-              naive: bool = False):
+def scan_step(
+    ws,
+    moms,
+    inits,
+    x,
+    y,
+    eta,
+    apply_n,
+    decay,
+    momentum: float,
+    max_norm: float,
+    naive: bool = False,
+):
     """One block: gradient step, momentum, forgetting (λ a float or [G]) and norm cap; rows with
-    ``apply_n`` [G] false keep their state. ws, inits tuples of [G, ...]; moms a tuple or None. Returns (ws, moms, loss
+    ``apply_n`` [G] false keep their state. ws, inits tuples of [G, ...]; moms a tuple or None.
+    Returns (ws, moms, loss
     before the step [G, b])."""
     a = apply_n[:, None, None] > 0
     deltas, loss = (block_step_naive if naive else block_step)(ws, x, y, eta)
@@ -121,11 +135,26 @@ def scan_step(ws, moms, inits, x, y, eta, apply_n, decay, momentum: float, max_n
     return tuple(new_ws), (tuple(new_moms) if moms is not None else None), loss
 
 
-def scan_states(ds, moms, inits, keys, vals, eta, apply, decay, momentum: float, max_norm: float,
-                bptt: int, naive: bool = False, step=scan_step):
+def scan_states(
+    ds,
+    moms,
+    inits,
+    keys,
+    vals,
+    eta,
+    apply,
+    decay,
+    momentum: float,
+    max_norm: float,
+    bptt: int,
+    naive: bool = False,
+    step=scan_step,
+):
     """The sequential part of ``compress_scan``: N block steps (``step``: ``scan_step`` or its
-    compiled form) from θ = inits + ds; ``decay`` a float or [G, N]. Returns (every state, a tuple of [G, N + 1, ...] (index n:
-    after n blocks), the final momenta, the loss of each token before its block's step [G, N, b])."""
+    compiled form) from θ = inits + ds; ``decay`` a float or [G, N]. Returns (every state, a tuple
+    of [G, N + 1, ...] (index n:
+    after n blocks), the final momenta, the loss of each token before its block's step [G, N,
+    b])."""
     ws = tuple(w0 + d for w0, d in zip(inits, ds))
     hist, losses = [ws], []
     for n in range(keys.shape[1]):
@@ -133,8 +162,19 @@ def scan_states(ds, moms, inits, keys, vals, eta, apply, decay, momentum: float,
             ws = tuple(w.detach() for w in ws)
             moms = tuple(m.detach() for m in moms) if moms is not None else None
         lam = decay[:, n] if torch.is_tensor(decay) else decay
-        ws, moms, loss = step(ws, moms, inits, keys[:, n], vals[:, n], eta[:, n], apply[:, n],
-                              lam, momentum, max_norm, naive)
+        ws, moms, loss = step(
+            ws,
+            moms,
+            inits,
+            keys[:, n],
+            vals[:, n],
+            eta[:, n],
+            apply[:, n],
+            lam,
+            momentum,
+            max_norm,
+            naive,
+        )
         hist.append(ws)
         losses.append(loss)
     states = tuple(torch.stack([h[i] for h in hist], 1) for i in range(len(ws)))
@@ -142,20 +182,35 @@ def scan_states(ds, moms, inits, keys, vals, eta, apply, decay, momentum: float,
     return states, moms, loss
 
 
-def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay=0.0, momentum: float = 0.0,
-                   max_norm: float = 100.0) -> torch.Tensor:
+def complete_block(
+    ds,
+    moms,
+    inits,
+    x,
+    y,
+    eta,
+    done,
+    probes,
+    *,
+    decay=0.0,
+    momentum: float = 0.0,
+    max_norm: float = 100.0,
+) -> torch.Tensor:
     """A streaming step's block update: the rows with ``done`` [G] take one ``scan_step`` on their
     completed block and read their new state; the others keep theirs. In place.
 
     ds, moms (or None): tuples of [G, d_in, d_out] state offsets and momenta, G = B·HC rows in
     (row, compressor) order; inits [HC, d_in, d_out] each; x (normalised keys), y [G, b, Dh]; eta
-    [G, b]; ``decay`` a float or [G]; probes [HC, M, Dh] (normalised). Returns the read f_θ(p̂_m) [G, M, Dh] of the done rows
+    [G, b]; ``decay`` a float or [G]; probes [HC, M, Dh] (normalised). Returns the read f_θ(p̂_m)
+    [G, M, Dh] of the done rows
     (the others' rows are unspecified). ``ops.ttt_cache_triton.complete_block`` is the fast form.
     """
     reps = x.shape[0] // inits[0].shape[0]
     w0 = tuple(w.to(x.dtype).repeat(reps, 1, 1) for w in inits)
     ws = tuple(a + d for a, d in zip(w0, ds))
-    new, new_moms, _ = scan_step(ws, moms, w0, x, y, eta, done.to(x.dtype), decay, momentum, max_norm)
+    new, new_moms, _ = scan_step(
+        ws, moms, w0, x, y, eta, done.to(x.dtype), decay, momentum, max_norm
+    )
     for d, w, a in zip(ds, new, w0):
         d.copy_(w - a)
     if moms is not None:
@@ -176,16 +231,34 @@ def compiled_scan_step():
     return _compiled
 
 
-def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay=0.0, momentum: float = 0.0,
-                  max_norm: float = 100.0, bptt: int = 0, naive: bool = False, record: bool = False,
-                  check: str | None = None, compiled: bool = False, grad_precision: str = "fp32"):
+def compress_scan(
+    ds,
+    moms,
+    inits,
+    keys,
+    vals,
+    eta,
+    apply,
+    read,
+    *,
+    decay=0.0,
+    momentum: float = 0.0,
+    max_norm: float = 100.0,
+    bptt: int = 0,
+    naive: bool = False,
+    record: bool = False,
+    check: str | None = None,
+    compiled: bool = False,
+    grad_precision: str = "fp32",
+):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
 
     ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a reset
     sets the offsets to zero); moms the momenta (a tuple, or None); keys (normalised), vals
     [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
     skipped block leaves the state as it is); ``decay`` λ a float or per block [G, N] (learned
-    forgetting: the fused kernels take floats only); read(states) -> (K, V): states [G, S, d_in, d_out]
+    forgetting: the fused kernels take floats only); read(states) -> (K, V): states [G, S, d_in,
+    d_out]
     each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most
     ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
     blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
@@ -195,14 +268,42 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay=0.0, m
     """
     fused = not (naive or compiled or torch.is_tensor(decay))
     if fused and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
-        states, moms, loss = ttt_scan_triton.scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply,
-                                                         decay, momentum, max_norm, bptt, grad_precision)
+        states, moms, loss = ttt_scan_triton.scan_states(
+            tuple(ds),
+            moms,
+            tuple(inits),
+            keys,
+            vals,
+            eta,
+            apply,
+            decay,
+            momentum,
+            max_norm,
+            bptt,
+            grad_precision,
+        )
     else:
         step = compiled_scan_step() if compiled and not naive else scan_step
-        states, moms, loss = scan_states(tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum,
-                                         max_norm, bptt, naive, step)
+        states, moms, loss = scan_states(
+            tuple(ds),
+            moms,
+            tuple(inits),
+            keys,
+            vals,
+            eta,
+            apply,
+            decay,
+            momentum,
+            max_norm,
+            bptt,
+            naive,
+            step,
+        )
     if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
-        finite = torch.stack([torch.isfinite(s[:, 1:]).flatten(2).all(-1).all(0) for s in states]).all(0)  # [N]
+        # [N]
+        finite = torch.stack(
+            [torch.isfinite(s[:, 1:]).flatten(2).all(-1).all(0) for s in states]
+        ).all(0)
         if not finite.all():
             bad = int((~finite).nonzero()[0, 0])
             raise FloatingPointError(f"{check}: compressor state not finite after update {bad}")
@@ -211,15 +312,21 @@ def compress_scan(ds, moms, inits, keys, vals, eta, apply, read, *, decay=0.0, m
         with torch.no_grad():
             valid = (eta > 0).float()  # [G, N, b]
             denom = valid.sum(-1).clamp_min(1.0)
-            err = compressor(tuple(s[:, 1:] for s in states), keys) - vals  # θ after block n on its tokens
+            # θ after block n on its tokens
+            err = compressor(tuple(s[:, 1:] for s in states), keys) - vals
             before = (loss * valid).sum(-1) / denom
             after = (0.5 * err.pow(2).sum(-1) * valid).sum(-1) / denom
     final = tuple(s[:, -1] - w0 for s, w0 in zip(states, inits))
     return read(states), (final, moms), (before, after)
 
 
-def reconstruction_terms(keys: torch.Tensor, vals: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor,
-                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def reconstruction_terms(
+    keys: torch.Tensor,
+    vals: torch.Tensor,
+    kv: torch.Tensor,
+    vv: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
     """Training stage 1's reconstruction: after absorbing block n, its keys, as queries into the
     virtual tokens (K_n, V_n) of the state after it, should recover its values:
         v̂_t = softmax(√Dh k̂_t K_nᵀ) V_n,   terms = (Σ_t ‖v̂_t - v_t‖², number of tokens t).

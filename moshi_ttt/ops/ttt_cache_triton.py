@@ -22,7 +22,8 @@ except ImportError:  # CPU installs: the reference runs
 
 
 CPU_INTERPRET = False  # tests: run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)
-MAX_WEIGHTS = 16384  # Dh x hidden: IEEE products stage their operands in shared memory (~8 Dh m bytes)
+# Dh x hidden: IEEE products stage their operands in shared memory (~8 Dh m bytes)
+MAX_WEIGHTS = 16384
 
 
 def available() -> bool:
@@ -30,7 +31,8 @@ def available() -> bool:
 
 
 def supports(ds, x, probes) -> bool:
-    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16 probes,
+    """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16
+    probes,
     at most ``MAX_WEIGHTS`` entries per weight (the per-block shared memory of an H100);
     CUDA tensors (CPU ones under Triton's interpreter with ``CPU_INTERPRET``, for tests)."""
     if triton is None or len(ds) != 2 or x.dtype != torch.float32 or probes.shape[1] > 16:
@@ -42,20 +44,49 @@ def supports(ds, x, probes) -> bool:
 
 
 if triton is not None:
+
     @triton.jit
     def _gelu(h):
         return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
 
     @triton.jit
     def _gelu_grad(h):
-        return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+        return (
+            0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+            + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+        )
 
     @triton.jit
-    def _update_read(d1, d2, m1, m2, w1i, w2i, x, y, eta, probes, g, h, decay, momentum, max_norm,
-                     BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr, MH: tl.constexpr, M: tl.constexpr,
-                     MP: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DECAY: tl.constexpr, NORM_P: tl.constexpr):
-        """Compressor g (initial state h): one step on its block x, y [BLK, DH], eta [BLK] (state and
-        momenta updated in place), then the read f_θ(p̂_m) of the new state: [MP, DH] (rows >= M zero
+    def _update_read(
+        d1,
+        d2,
+        m1,
+        m2,
+        w1i,
+        w2i,
+        x,
+        y,
+        eta,
+        probes,
+        g,
+        h,
+        decay,
+        momentum,
+        max_norm,
+        BLK: tl.constexpr,
+        CH: tl.constexpr,
+        DH: tl.constexpr,
+        MH: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        HAS_MOM: tl.constexpr,
+        HAS_DECAY: tl.constexpr,
+        NORM_P: tl.constexpr,
+    ):
+        """Compressor g (initial state h): one step on its block x, y [BLK, DH], eta [BLK] (state
+        and
+        momenta updated in place), then the read f_θ(p̂_m) of the new state: [MP, DH] (rows >= M
+        zero
         probes). ``NORM_P``: normalise the probes here."""
         rd, rm = tl.arange(0, DH), tl.arange(0, MH)
         i1 = rd[:, None] * MH + rm[None, :]  # [DH, MH]
@@ -95,29 +126,89 @@ if triton is not None:
         tl.store(d1 + g * DH * MH + i1, w1 - w10)
         tl.store(d2 + g * MH * DH + i2, w2 - w20)
         rp = tl.arange(0, MP)
-        p = tl.load(probes + h * M * DH + rp[:, None] * DH + rd[None, :], mask=rp[:, None] < M, other=0.0)
+        p = tl.load(
+            probes + h * M * DH + rp[:, None] * DH + rd[None, :], mask=rp[:, None] < M, other=0.0
+        )
         p = p.to(tl.float32)
         if NORM_P:  # F.normalize: p / max(‖p‖, 1e-12)
             p = p / tl.maximum(tl.sqrt(tl.sum(p * p, 1)), 1e-12)[:, None]
-        return tl.dot(_gelu(tl.dot(p, w1, input_precision="ieee")), w2, input_precision="ieee")  # [MP, DH]
+        # [MP, DH]
+        return tl.dot(_gelu(tl.dot(p, w1, input_precision="ieee")), w2, input_precision="ieee")
 
     @triton.jit
-    def _complete_kernel(d1, d2, m1, m2, w1i, w2i, x, y, eta, done, probes, vout,
-                         decay, momentum, max_norm,
-                         HC: tl.constexpr, BLK: tl.constexpr, CH: tl.constexpr, DH: tl.constexpr,
-                         MH: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, HAS_MOM: tl.constexpr,
-                         HAS_DECAY: tl.constexpr):
+    def _complete_kernel(
+        d1,
+        d2,
+        m1,
+        m2,
+        w1i,
+        w2i,
+        x,
+        y,
+        eta,
+        done,
+        probes,
+        vout,
+        decay,
+        momentum,
+        max_norm,
+        HC: tl.constexpr,
+        BLK: tl.constexpr,
+        CH: tl.constexpr,
+        DH: tl.constexpr,
+        MH: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        HAS_MOM: tl.constexpr,
+        HAS_DECAY: tl.constexpr,
+    ):
         g = tl.program_id(0)
         if tl.load(done + g) == 0:
             return
-        v = _update_read(d1, d2, m1, m2, w1i, w2i, x, y, eta, probes, g, g % HC, decay, momentum, max_norm,
-                         BLK, CH, DH, MH, M, MP, HAS_MOM, HAS_DECAY, False)
+        v = _update_read(
+            d1,
+            d2,
+            m1,
+            m2,
+            w1i,
+            w2i,
+            x,
+            y,
+            eta,
+            probes,
+            g,
+            g % HC,
+            decay,
+            momentum,
+            max_norm,
+            BLK,
+            CH,
+            DH,
+            MH,
+            M,
+            MP,
+            HAS_MOM,
+            HAS_DECAY,
+            False,
+        )
         rd, rp = tl.arange(0, DH), tl.arange(0, MP)
         tl.store(vout + g * M * DH + rp[:, None] * DH + rd[None, :], v, mask=rp[:, None] < M)
 
 
-def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay: float = 0.0, momentum: float = 0.0,
-                   max_norm: float = 100.0) -> torch.Tensor:
+def complete_block(
+    ds,
+    moms,
+    inits,
+    x,
+    y,
+    eta,
+    done,
+    probes,
+    *,
+    decay: float = 0.0,
+    momentum: float = 0.0,
+    max_norm: float = 100.0,
+) -> torch.Tensor:
     """Triton form of ``ops.ttt_cache.complete_block`` (same arguments; ``supports`` must hold).
     Rows without ``done`` keep their state and get an unspecified read (select it away)."""
     G, b, Dh = x.shape
@@ -125,14 +216,37 @@ def complete_block(ds, moms, inits, x, y, eta, done, probes, *, decay: float = 0
     d1, d2 = ds
     for t in (d1, d2, x, y, eta, *(moms or ())):
         if not t.is_contiguous():
-            raise ValueError("complete_block (Triton) updates its state in place: pass contiguous tensors")
+            raise ValueError(
+                "complete_block (Triton) updates its state in place: pass contiguous tensors"
+            )
     m1, m2 = moms if moms is not None else (d1, d2)  # unread without momentum
     vout = torch.empty(G, M, Dh, device=x.device, dtype=torch.float32)
     ch = min(b, 32)
-    _complete_kernel[(G,)](d1, d2, m1, m2, inits[0].float().contiguous(), inits[1].float().contiguous(),
-                           x, y, eta.contiguous(), done.to(torch.int32).contiguous(),
-                           probes.float().contiguous(), vout, float(decay), float(momentum), float(max_norm),
-                           HC=HC, BLK=b, CH=ch, DH=Dh, MH=m, M=M, MP=max(16, 1 << math.ceil(math.log2(M))),
-                           HAS_MOM=moms is not None and bool(momentum), HAS_DECAY=bool(decay),
-                           num_warps=4 if Dh * m <= 4096 else 8)
+    _complete_kernel[(G,)](
+        d1,
+        d2,
+        m1,
+        m2,
+        inits[0].float().contiguous(),
+        inits[1].float().contiguous(),
+        x,
+        y,
+        eta.contiguous(),
+        done.to(torch.int32).contiguous(),
+        probes.float().contiguous(),
+        vout,
+        float(decay),
+        float(momentum),
+        float(max_norm),
+        HC=HC,
+        BLK=b,
+        CH=ch,
+        DH=Dh,
+        MH=m,
+        M=M,
+        MP=max(16, 1 << math.ceil(math.log2(M))),
+        HAS_MOM=moms is not None and bool(momentum),
+        HAS_DECAY=bool(decay),
+        num_warps=4 if Dh * m <= 4096 else 8,
+    )
     return vout

@@ -33,14 +33,26 @@ def _check(q, k, v, pos, seg, kind: str, window: int, num_sink: int) -> None:
         raise ValueError(f"window_attention: num_sink must be >= 0, got {num_sink}")
     B, H, T, Dh = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or pos.shape != (B, T):
-        raise ValueError(f"window_attention: q, k, v [B, H, T, Dh] and pos [B, T] expected, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(pos.shape)}")
+        raise ValueError(
+            f"window_attention: q, k, v [B, H, T, Dh] and pos [B, T] expected, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(pos.shape)}"
+        )
     if seg is not None and seg.shape != (B, T):
         raise ValueError(f"window_attention: seg must be [B, T] = {(B, T)}, got {tuple(seg.shape)}")
 
 
-def window_attention_dense(q, k, v, pos, seg, kind: str, window: int, num_sink: int = 0,
-                           scale: float | None = None, return_lse: bool = False):
+def window_attention_dense(
+    q,
+    k,
+    v,
+    pos,
+    seg,
+    kind: str,
+    window: int,
+    num_sink: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
     """The reference: a [B, T, T] mask from positions (``masks.visible``) and segments, SDPA (or,
     with ``return_lse``, the softmax spelt out in fp32 with its log-sum-exp [B, H, T])."""
     mask = visible(pos, pos, kind, window, num_sink)  # [B, T, T]
@@ -71,8 +83,15 @@ def flex_block_mask(pos, seg, kind: str, window: int, num_sink: int, T: int, com
     layer of one forward; the cache holds them, so their identity cannot pass to new tensors)."""
     if seg is None and kind != "sink":
         return _static_block_mask(kind, window, T, pos.device, compiled)
-    rule = (pos._version, None if seg is None else seg._version, kind, window, num_sink, T,
-            compiled)
+    rule = (
+        pos._version,
+        None if seg is None else seg._version,
+        kind,
+        window,
+        num_sink,
+        T,
+        compiled,
+    )
     if _LAST_MASK and _LAST_MASK[0] is pos and _LAST_MASK[1] is seg and _LAST_MASK[2] == rule:
         return _LAST_MASK[3]
     bm = _block_mask(pos, seg, kind, window, num_sink, T, compiled)
@@ -85,8 +104,9 @@ def _static_block_mask(kind: str, window: int, T: int, device, compiled: bool):
     return _block_mask(None, None, kind, window, 0, T, compiled, device)
 
 
-def _block_mask(pos, seg, kind: str, window: int, num_sink: int, T: int, compiled: bool,
-                device=None):
+def _block_mask(
+    pos, seg, kind: str, window: int, num_sink: int, T: int, compiled: bool, device=None
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def rule(b, h, qi, kj):
@@ -100,13 +120,24 @@ def _block_mask(pos, seg, kind: str, window: int, num_sink: int, T: int, compile
         return ok
 
     B = None if seg is None and kind != "sink" else pos.shape[0]
-    return create_block_mask(rule, B, None, T, T, device=device if pos is None else pos.device,
-                             _compile=compiled)
+    return create_block_mask(
+        rule, B, None, T, T, device=device if pos is None else pos.device, _compile=compiled
+    )
 
 
-def window_attention_flex(q, k, v, pos, seg, kind: str, window: int, num_sink: int = 0,
-                          scale: float | None = None, return_lse: bool = False,
-                          compiled: bool = True):
+def window_attention_flex(
+    q,
+    k,
+    v,
+    pos,
+    seg,
+    kind: str,
+    window: int,
+    num_sink: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    compiled: bool = True,
+):
     """FlexAttention with the block-sparse mask (``compiled``: torch.compile'd kernels, CUDA;
     eager: PyTorch's reference of FlexAttention, for tests). Positions within a document are
     consecutive, so i - j stands for pos_i - pos_j inside one."""
@@ -127,9 +158,19 @@ def flex_supported(q: torch.Tensor) -> bool:
     return q.is_cuda and Dh >= 16 and Dh & (Dh - 1) == 0
 
 
-def window_attention(q, k, v, pos, seg, kind: str, window: int, num_sink: int = 0,
-                     scale: float | None = None, return_lse: bool = False,
-                     impl: str = "auto"):
+def window_attention(
+    q,
+    k,
+    v,
+    pos,
+    seg,
+    kind: str,
+    window: int,
+    num_sink: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
     """Attention of q over k, v (all [B, H, T, Dh], RoPE applied) under the rule above. pos
     [B, T] positions within each document; seg [B, T] document ids (None: one per row, pos =
     0..T-1). -> o [B, H, T, Dh] (and the log-sum-exp [B, H, T], fp32, with ``return_lse``).

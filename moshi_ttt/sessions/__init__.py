@@ -19,16 +19,31 @@ its own row, so ``rebuild_index(root)`` recovers a lost or unreadable index from
 
 from .format import SESSION_FORMAT, SessionInfo, check_id
 from .identity import (
-           STREAMING_LM,
-           ModelIdentity,
-           identity_of,
-           module_identity,
-           weights_hash,
+    STREAMING_LM,
+    ModelIdentity,
+    identity_of,
+    module_identity,
+    weights_hash,
 )
 from .rebuild import RebuildReport, rebuild_index
 from .states import load_into, load_state, save_state, session_bytes, state_tensors
 from .store import SessionStore
 
-__all__ = ["SESSION_FORMAT", "STREAMING_LM", "ModelIdentity", "RebuildReport", "SessionInfo",
-           "SessionStore", "check_id", "identity_of", "load_into", "load_state", "module_identity",
-           "rebuild_index", "save_state", "session_bytes", "state_tensors", "weights_hash"]
+__all__ = [
+    "SESSION_FORMAT",
+    "STREAMING_LM",
+    "ModelIdentity",
+    "RebuildReport",
+    "SessionInfo",
+    "SessionStore",
+    "check_id",
+    "identity_of",
+    "load_into",
+    "load_state",
+    "module_identity",
+    "rebuild_index",
+    "save_state",
+    "session_bytes",
+    "state_tensors",
+    "weights_hash",
+]

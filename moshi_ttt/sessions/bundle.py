@@ -42,7 +42,9 @@ def read_bundle(path: str | os.PathLike) -> tuple[SessionInfo, bytes]:
         raise ValueError(f"{path} is not an exported session: {e}") from e
     fmt = head.get("format") if isinstance(head, dict) else None
     if fmt != BUNDLE_TAG:
-        raise ValueError(f"{path} is an exported session of format {fmt!r}; this moshi_ttt reads {BUNDLE_TAG!r}")
+        raise ValueError(
+            f"{path} is an exported session of format {fmt!r}; this moshi_ttt reads {BUNDLE_TAG!r}"
+        )
     info = SessionInfo.checked(head.get("session"), f"exported session {path}")
     check_blob(data, info.blob_sha256, f"exported session {path}")
     return info, data

@@ -21,8 +21,11 @@ def cmd_list(a) -> None:
     rows = SessionStore(a.store, create=False).list()
     print(f"{'id':<32} {'memory':<28} {'tokens':>9} {'bytes':>13} {'updated':<19} config / weights")
     for r in rows:
-        print(f"{r.id:<32} {r.memory:<28} {r.tokens if r.tokens is not None else '-':>9} {r.bytes:>13,} "
-              f"{_when(r.updated):<19} {r.config_hash} / {r.weights_hash[:16]}")
+        print(
+            f"{r.id:<32} {r.memory:<28} {r.tokens if r.tokens is not None else '-':>9} "
+            f"{r.bytes:>13,} "
+            f"{_when(r.updated):<19} {r.config_hash} / {r.weights_hash[:16]}"
+        )
     print(f"{len(rows)} sessions, {sum(r.bytes for r in rows):,} bytes in {a.store}")
 
 
@@ -55,8 +58,10 @@ def cmd_delete(a) -> None:
         print(f"deleted {cid}")
     if missing:
         deleted = len(dict.fromkeys(a.ids)) - len(missing)
-        raise ValueError(f"no session {', '.join(map(repr, missing))} in store {a.store}"
-                         + (f"; deleted the other {deleted}" if deleted else ""))
+        raise ValueError(
+            f"no session {', '.join(map(repr, missing))} in store {a.store}"
+            + (f"; deleted the other {deleted}" if deleted else "")
+        )
 
 
 def cmd_export(a) -> None:
@@ -71,8 +76,13 @@ def cmd_import(a) -> None:
         from .identity import identity_of
 
         identity = identity_of(load_checkpoint(a.checkpoint)[0])
-    info = SessionStore(a.store).import_file(a.file, cid=a.id, identity=identity, overwrite=a.overwrite)
-    print(f"imported {a.file} as {info.id} ({info.bytes:,} bytes, {info.memory}, {info.tokens} tokens)")
+    info = SessionStore(a.store).import_file(
+        a.file, cid=a.id, identity=identity, overwrite=a.overwrite
+    )
+    print(
+        f"imported {a.file} as {info.id} ({info.bytes:,} bytes, {info.memory}, {info.tokens} "
+        "tokens)"
+    )
 
 
 def cmd_gc(a) -> None:
@@ -83,9 +93,11 @@ def cmd_gc(a) -> None:
     print(f"removed {len(gone)} unreferenced blobs" + "".join(f"\n  {name}" for name in gone))
     kept = store.strays()
     if kept:
-        print(f"kept {len(kept)} files in {store.blobs} that no session names "
-              "(`moshi-ttt sessions rebuild` indexes the session blobs among them, "
-              "`gc --orphans` deletes them):")
+        print(
+            f"kept {len(kept)} files in {store.blobs} that no session names "
+            "(`moshi-ttt sessions rebuild` indexes the session blobs among them, "
+            "`gc --orphans` deletes them):"
+        )
         for name, why in kept:
             print(f"  {name}: {why}")
 
@@ -103,13 +115,20 @@ def cmd_rebuild(a) -> None:
 def add_sessions_parser(sub) -> None:
     """Register ``sessions`` and its commands on the top-level subparsers."""
     sp = sub.add_parser(
-        "sessions", description="Stored conversation states (a session store folder).",
-        help="stored conversation states: list, show, delete, export, import, gc, rebuild")
+        "sessions",
+        description="Stored conversation states (a session store folder).",
+        help="stored conversation states: list, show, delete, export, import, gc, rebuild",
+    )
     cmds = sp.add_subparsers(dest="sessions_command", required=True)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help)
-        p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="session store folder (default: %(default)s)")
+        p.add_argument(
+            "--store",
+            type=Path,
+            default=DEFAULT_STORE,
+            help="session store folder (default: %(default)s)",
+        )
         p.set_defaults(func=func)
         return p
 
@@ -122,13 +141,30 @@ def add_sessions_parser(sub) -> None:
     p = add("import", cmd_import, "store an exported file (format, hash and values checked)")
     p.add_argument("file", type=Path)
     p.add_argument("--id", default=None, help="store under this id (default: the exported id)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="also check it belongs to this model checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing conversation of that id")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="also check it belongs to this model checkpoint",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing conversation of that id"
+    )
     p = add("gc", cmd_gc, "delete blobs left by interrupted saves; report other unindexed files")
-    p.add_argument("--min-age", type=float, default=3600.0,
-                   help="only files older than this many seconds (>= 0)")
-    p.add_argument("--orphans", action="store_true",
-                   help="also delete the unindexed files gc cannot account for (blobs of ids the "
-                        "index does not hold, blobs without an embedded row, other files)")
-    add("rebuild", cmd_rebuild,
-        "rebuild the index from the rows the blobs carry (an unreadable index is moved aside)")
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=3600.0,
+        help="only files older than this many seconds (>= 0)",
+    )
+    p.add_argument(
+        "--orphans",
+        action="store_true",
+        help="also delete the unindexed files gc cannot account for (blobs of ids the "
+        "index does not hold, blobs without an embedded row, other files)",
+    )
+    add(
+        "rebuild",
+        cmd_rebuild,
+        "rebuild the index from the rows the blobs carry (an unreadable index is moved aside)",
+    )

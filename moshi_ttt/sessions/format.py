@@ -27,18 +27,36 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, format INTEGER NOT NULL, state_kind TEXT NOT NULL,
     config_hash TEXT NOT NULL, weights_hash TEXT NOT NULL, memory TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, tokens INTEGER, bytes INTEGER NOT NULL,
-    blob TEXT NOT NULL UNIQUE, blob_sha256 TEXT NOT NULL, meta TEXT NOT NULL, config TEXT NOT NULL)"""
-COLUMNS = ("id", "format", "state_kind", "config_hash", "weights_hash", "memory", "created", "updated",
-           "tokens", "bytes", "blob", "blob_sha256", "meta", "config")
-INSERT = (f"INSERT OR REPLACE INTO sessions ({', '.join(COLUMNS)}) "
-          f"VALUES ({', '.join('?' * len(COLUMNS))})")
+    blob TEXT NOT NULL UNIQUE, blob_sha256 TEXT NOT NULL, meta TEXT NOT NULL, config TEXT NOT NULL)"""  # noqa: E501 (kept verbatim)
+COLUMNS = (
+    "id",
+    "format",
+    "state_kind",
+    "config_hash",
+    "weights_hash",
+    "memory",
+    "created",
+    "updated",
+    "tokens",
+    "bytes",
+    "blob",
+    "blob_sha256",
+    "meta",
+    "config",
+)
+INSERT = (
+    f"INSERT OR REPLACE INTO sessions ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(COLUMNS))})"
+)
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
 
 def check_id(cid) -> str:
     if not isinstance(cid, str) or not ID_RE.fullmatch(cid):
-        raise ValueError(f"bad conversation id {cid!r}: ids are 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"bad conversation id {cid!r}: ids are 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
+            "starting with a letter or digit"
+        )
     return cid
 
 
@@ -48,30 +66,39 @@ def serialize(tensors: dict[str, torch.Tensor]) -> bytes:
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad or not isinstance(tensors, dict):
         raise ValueError(f"tensors must be a dict of torch.Tensor; not tensors: {bad}")
-    return st_save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
-                   metadata={"format": BLOB_TAG})
+    return st_save(
+        {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+        metadata={"format": BLOB_TAG},
+    )
 
 
 def read_header(data: bytes | memoryview, what: str) -> tuple[dict, int]:
     """(header, offset of the tensor data) of a safetensors blob; ValueError naming ``what`` if it
     is not one (too short, a bad length, not JSON, not an object, metadata not strings)."""
     if len(data) < 8:
-        raise ValueError(f"{what} is not a safetensors blob: {len(data)} bytes, shorter than "
-                         "its 8-byte header length")
+        raise ValueError(
+            f"{what} is not a safetensors blob: {len(data)} bytes, shorter than "
+            "its 8-byte header length"
+        )
     n = struct.unpack("<Q", bytes(data[:8]))[0]
     if n > len(data) - 8:
-        raise ValueError(f"{what} is not a safetensors blob: header of {n} bytes, "
-                         f"but {len(data) - 8} bytes follow")
+        raise ValueError(
+            f"{what} is not a safetensors blob: header of {n} bytes, "
+            f"but {len(data) - 8} bytes follow"
+        )
     try:
-        head = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+        head = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
     except ValueError as e:
-        raise ValueError(f"{what} is not a safetensors blob: its header is not JSON ({e})") \
-            from None
+        raise ValueError(
+            f"{what} is not a safetensors blob: its header is not JSON ({e})"
+        ) from None
     if not isinstance(head, dict):
         kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-            type(head), "number")
-        raise ValueError(f"{what} is not a safetensors blob: its header is a JSON {kind}, "
-                         "not an object")
+            type(head), "number"
+        )
+        raise ValueError(
+            f"{what} is not a safetensors blob: its header is a JSON {kind}, not an object"
+        )
     meta = head.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError(f"{what} is not a safetensors blob: its metadata is not a map of strings")
@@ -182,18 +209,33 @@ class SessionInfo:
 
     def row(self) -> tuple:
         """The values of ``INSERT`` (meta and config as JSON)."""
-        return tuple(json.dumps(v, sort_keys=True) if k in ("meta", "config") else v
-                     for k, v in self.to_dict().items())
+        return tuple(
+            json.dumps(v, sort_keys=True) if k in ("meta", "config") else v
+            for k, v in self.to_dict().items()
+        )
 
 
-_FIELD_TYPES = {"id": str, "format": int, "state_kind": str, "config_hash": str,
-                "weights_hash": str, "memory": str, "created": (int, float),
-                "updated": (int, float), "tokens": (int, type(None)), "bytes": int, "blob": str,
-                "blob_sha256": str, "meta": dict, "config": dict}
+_FIELD_TYPES = {
+    "id": str,
+    "format": int,
+    "state_kind": str,
+    "config_hash": str,
+    "weights_hash": str,
+    "memory": str,
+    "created": (int, float),
+    "updated": (int, float),
+    "tokens": (int, type(None)),
+    "bytes": int,
+    "blob": str,
+    "blob_sha256": str,
+    "meta": dict,
+    "config": dict,
+}
 
 
 def check_blob(data: bytes, sha256: str, what: str) -> None:
-    """ValueError naming ``what`` unless ``data`` hashes to ``sha256`` and is a blob of this format."""
+    """ValueError naming ``what`` unless ``data`` hashes to ``sha256`` and is a blob of this
+    format."""
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise ValueError(f"{what} is corrupt (sha256 {digest[:16]}... != stored {sha256[:16]}...)")
@@ -205,13 +247,20 @@ def check_blob(data: bytes, sha256: str, what: str) -> None:
 def check_identity(info: SessionInfo, identity: ModelIdentity) -> None:
     """ValueError unless the stored state belongs to the model named by ``identity``."""
     if info.state_kind != identity.state_kind:
-        raise ValueError(f"session {info.id!r} holds a {info.state_kind} state, not a {identity.state_kind}")
+        raise ValueError(
+            f"session {info.id!r} holds a {info.state_kind} state, not a {identity.state_kind}"
+        )
     if info.config_hash != identity.config_hash:
-        raise ValueError(f"session {info.id!r} belongs to a different model config "
-                         f"(stored {info.config_hash}, model {identity.config_hash})")
+        raise ValueError(
+            f"session {info.id!r} belongs to a different model config "
+            f"(stored {info.config_hash}, model {identity.config_hash})"
+        )
     if info.weights_hash != identity.weights_hash:
-        raise ValueError(f"session {info.id!r} belongs to different model weights "
-                         f"(stored weights hash {info.weights_hash[:16]}..., model {identity.weights_hash[:16]}...)")
+        raise ValueError(
+            f"session {info.id!r} belongs to different model weights "
+            f"(stored weights hash {info.weights_hash[:16]}..., model "
+            f"{identity.weights_hash[:16]}...)"
+        )
 
 
 def stray_reason(path: Path, ids: set[str]) -> str | None:
@@ -233,8 +282,10 @@ def stray_reason(path: Path, ids: set[str]) -> str | None:
         return NO_ENTRY
     if entry.get("id") in ids:
         return None
-    return (f"a version of session {entry.get('id')!r}, which the index does not hold "
-            "(`moshi-ttt sessions rebuild` indexes it)")
+    return (
+        f"a version of session {entry.get('id')!r}, which the index does not hold "
+        "(`moshi-ttt sessions rebuild` indexes it)"
+    )
 
 
 NO_ENTRY = "no embedded identity (saved by an older moshi_ttt): which session it holds is unknown"
@@ -254,8 +305,10 @@ def index_problem(db: Path) -> str | None:
         try:
             version = con.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SESSION_FORMAT):
-                raise ValueError(f"session store {db.parent} has format version {version}; "
-                                 f"this moshi_ttt reads format {SESSION_FORMAT}")
+                raise ValueError(
+                    f"session store {db.parent} has format version {version}; "
+                    f"this moshi_ttt reads format {SESSION_FORMAT}"
+                )
             check = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
             if check != ["ok"]:
                 return "; ".join(check[:3])
@@ -272,8 +325,10 @@ def index_problem(db: Path) -> str | None:
 
 
 def unreadable_index(db: Path, root: Path, why: str) -> str:
-    return (f"session index {db} is unreadable ({why}): run `moshi-ttt sessions rebuild "
-            f"--store {root}` to move it aside and rebuild the index from the blobs")
+    return (
+        f"session index {db} is unreadable ({why}): run `moshi-ttt sessions rebuild "
+        f"--store {root}` to move it aside and rebuild the index from the blobs"
+    )
 
 
 def _uri(db: Path, mode: str) -> str:
@@ -283,8 +338,10 @@ def _uri(db: Path, mode: str) -> str:
 def index_error(db: Path, root: Path, e: sqlite3.Error) -> str:
     """The message of a failed index operation."""
     if not db.exists():
-        return (f"session index {db} is missing: open the store again or run "
-                f"`moshi-ttt sessions rebuild --store {root}` to rebuild it from the blobs")
+        return (
+            f"session index {db} is missing: open the store again or run "
+            f"`moshi-ttt sessions rebuild --store {root}` to rebuild it from the blobs"
+        )
     if isinstance(e, sqlite3.OperationalError):  # locked, busy, I/O, permissions: not the content
         return f"session index {db}: {e}"
     return unreadable_index(db, root, str(e))

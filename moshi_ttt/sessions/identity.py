@@ -22,7 +22,8 @@ def weights_hash(module: nn.Module) -> str:
         t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().data)  # raw bytes, any dtype
+            # raw bytes, any dtype
+            h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
     return h.hexdigest()
 
 
@@ -46,12 +47,21 @@ class ModelIdentity:
 def identity_of(model) -> ModelIdentity:
     """The identity of a StreamingLM: its config fingerprint and the hash of its weights."""
     cfg = model.cfg
-    memory = cfg.memory.kind + (f"+inplace_ttt{list(cfg.inplace_ttt.layers)}" if cfg.inplace_ttt else "")
-    return ModelIdentity(STREAMING_LM, cfg.fingerprint(), weights_hash(model), memory, cfg.to_dict())
+    memory = cfg.memory.kind + (
+        f"+inplace_ttt{list(cfg.inplace_ttt.layers)}" if cfg.inplace_ttt else ""
+    )
+    return ModelIdentity(
+        STREAMING_LM, cfg.fingerprint(), weights_hash(model), memory, cfg.to_dict()
+    )
 
 
-def module_identity(module: nn.Module, config: dict, state_kind: str, memory: str = "") -> ModelIdentity:
-    """The identity of any module whose streaming state is stored through ``SessionStore.put_tensors``
+def module_identity(
+    module: nn.Module, config: dict, state_kind: str, memory: str = ""
+) -> ModelIdentity:
+    """The identity of any module whose streaming state is stored through
+    ``SessionStore.put_tensors``
     (e.g. the Moshi adapter's LMGen): ``config`` must be JSON-able and name everything that shapes
     the state."""
-    return ModelIdentity(state_kind, config_hash(config), weights_hash(module), memory, dict(config))
+    return ModelIdentity(
+        state_kind, config_hash(config), weights_hash(module), memory, dict(config)
+    )

@@ -61,8 +61,10 @@ class RebuildReport:
     moved: Path | None = None
 
     def lines(self) -> list[str]:
-        out = [f"rebuilt it from the blobs: {self.sessions} sessions "
-               f"({len(self.recovered)} from the rows their blobs carry)"]
+        out = [
+            f"rebuilt it from the blobs: {self.sessions} sessions "
+            f"({len(self.recovered)} from the rows their blobs carry)"
+        ]
         if self.moved is not None:
             out.append(f"the unreadable index was moved to {self.moved}")
         out += [f"session {cid!r}: {why}" for cid, why in self.problems]
@@ -84,8 +86,10 @@ def rebuild_index(root: str | os.PathLike, only_if_missing: bool = False) -> Reb
     root = Path(root)
     db, blobs = root / "sessions.sqlite", root / "blobs"
     if not db.exists() and not blobs.is_dir():
-        raise ValueError(f"no session store at {root}" + (
-            " (no sessions.sqlite or blobs/ in it)" if root.is_dir() else ""))
+        raise ValueError(
+            f"no session store at {root}"
+            + (" (no sessions.sqlite or blobs/ in it)" if root.is_dir() else "")
+        )
     with _locked(root):
         report = RebuildReport(root)
         if db.exists():
@@ -131,8 +135,12 @@ def _scan(blobs: Path) -> dict[str, _Scanned]:
     return out
 
 
-def _decide(current: dict[str, SessionInfo], scanned: dict[str, _Scanned], blobs: Path,
-            report: RebuildReport) -> dict[str, SessionInfo]:
+def _decide(
+    current: dict[str, SessionInfo],
+    scanned: dict[str, _Scanned],
+    blobs: Path,
+    report: RebuildReport,
+) -> dict[str, SessionInfo]:
     """The rows of the rebuilt index, from the ``current`` rows and the ``scanned`` blobs."""
     versions: dict[str, list[SessionInfo]] = {}
     for s in scanned.values():
@@ -150,12 +158,16 @@ def _decide(current: dict[str, SessionInfo], scanned: dict[str, _Scanned], blobs
         state = "missing" if s is None else "corrupt (its sha256 differs from the index's)"
         if cid in versions:
             rows[cid] = versions[cid][0]
-            why = (f"its blob {row.blob} is {state}: indexed {rows[cid].blob}, its newest "
-                   "intact version")
+            why = (
+                f"its blob {row.blob} is {state}: indexed {rows[cid].blob}, its newest "
+                "intact version"
+            )
         else:
             rows[cid] = row
-            why = (f"its blob {row.blob} is {state} and no other version of it was found "
-                   f"(`moshi-ttt sessions delete {cid}` removes it)")
+            why = (
+                f"its blob {row.blob} is {state} and no other version of it was found "
+                f"(`moshi-ttt sessions delete {cid}` removes it)"
+            )
         report.problems.append((cid, why))
     for cid, v in versions.items():
         if cid not in rows:
@@ -164,8 +176,10 @@ def _decide(current: dict[str, SessionInfo], scanned: dict[str, _Scanned], blobs
     used = {r.blob for r in rows.values()}
     for name, s in scanned.items():
         if name not in used:
-            why = s.why or (f"superseded: session {s.info.id!r} is indexed with blob "
-                            f"{rows[s.info.id].blob} (`moshi-ttt sessions gc` removes it)")
+            why = s.why or (
+                f"superseded: session {s.info.id!r} is indexed with blob "
+                f"{rows[s.info.id].blob} (`moshi-ttt sessions gc` removes it)"
+            )
             report.kept.append((name, why))
     report.sessions = len(rows)
     return rows

@@ -38,16 +38,28 @@ def split_sample(s: TaskSample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @torch.no_grad()
 def stream(model, tokens: torch.Tensor, state, step: int) -> torch.Tensor:
     """Stream tokens [1, T] into ``state`` ``step`` at a time. -> logits [1, T, V]."""
-    return torch.cat([model.step(tokens[:, t:t + step], state)[0] for t in range(0, tokens.shape[1], step)], 1)
+    return torch.cat(
+        [model.step(tokens[:, t : t + step], state)[0] for t in range(0, tokens.shape[1], step)], 1
+    )
 
 
 def _accuracy(logits: torch.Tensor, ask: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     pred = logits.argmax(-1).cpu().numpy()[:, :-1]  # [1, T-1]: pred[:, t] predicts ask[t + 1]
-    return float(answer_accuracy(pred, ask[None], mask[None])[0]), float(answer_token_accuracy(pred, ask[None], mask[None])[0])
+    return float(answer_accuracy(pred, ask[None], mask[None])[0]), float(
+        answer_token_accuracy(pred, ask[None], mask[None])[0]
+    )
 
 
-def cross_session_recall(ckpts: list, tasks=("passkey",), distance: int = 1, num: int = 16, seed: int = 0,
-                         step: int = 256, device: str = "cpu", keep_logits: bool = False) -> list[dict]:
+def cross_session_recall(
+    ckpts: list,
+    tasks=("passkey",),
+    distance: int = 1,
+    num: int = 16,
+    seed: int = 0,
+    step: int = 256,
+    device: str = "cpu",
+    keep_logits: bool = False,
+) -> list[dict]:
     """One dict per checkpoint: {task: row}; ``distance`` x each model's window tokens separate the
     fact from the end of session 1. Held-out seeds ``seed * 1_000_003 + i`` (as ``task_accuracy``).
     With ``keep_logits`` each row also holds ``logits``: {run: list of ask logits [1, T, V]}."""
@@ -80,11 +92,25 @@ def cross_session_recall(ckpts: list, tasks=("passkey",), distance: int = 1, num
             rows = {}
             for task, runs in per.items():
                 res = [resumed[f"m{j}-{task}-{i}"] for i in range(num)]
-                row = {"distance": runs["distance"], "n": num,
-                       "identical_logits": all(torch.equal(a, b) for a, b in zip(res, runs["one_process"]))}
-                for name, logits in (("one_process", runs["one_process"]), ("resumed", res), ("fresh", runs["fresh"])):
-                    acc = np.array([_accuracy(lg, a, m) for lg, (a, m) in zip(logits, runs["samples"])])
-                    row[name], row[f"{name}_token"] = float(acc[:, 0].mean()), float(acc[:, 1].mean())
+                row = {
+                    "distance": runs["distance"],
+                    "n": num,
+                    "identical_logits": all(
+                        torch.equal(a, b) for a, b in zip(res, runs["one_process"])
+                    ),
+                }
+                for name, logits in (
+                    ("one_process", runs["one_process"]),
+                    ("resumed", res),
+                    ("fresh", runs["fresh"]),
+                ):
+                    acc = np.array(
+                        [_accuracy(lg, a, m) for lg, (a, m) in zip(logits, runs["samples"])]
+                    )
+                    row[name], row[f"{name}_token"] = (
+                        float(acc[:, 0].mean()),
+                        float(acc[:, 1].mean()),
+                    )
                     if keep_logits:
                         row.setdefault("logits", {})[name] = logits
                 rows[task] = row
@@ -92,13 +118,27 @@ def cross_session_recall(ckpts: list, tasks=("passkey",), distance: int = 1, num
         return out
 
 
-def _resume_in_new_process(store: SessionStore, plan: list[dict], step: int, device: str, tmp: Path) -> dict:
+def _resume_in_new_process(
+    store: SessionStore, plan: list[dict], step: int, device: str, tmp: Path
+) -> dict:
     """Run session 2 in a fresh interpreter (same thread count); -> {conversation id: logits}."""
     job, out = tmp / "plan.pt", tmp / "resumed.pt"
-    torch.save({"store": str(store.root), "plan": plan, "step": step, "device": device,
-                "threads": torch.get_num_threads()}, job)
-    r = subprocess.run([sys.executable, "-m", "moshi_ttt.sessions.recall", str(job), str(out)],
-                       capture_output=True, text=True, env=dict(os.environ))
+    torch.save(
+        {
+            "store": str(store.root),
+            "plan": plan,
+            "step": step,
+            "device": device,
+            "threads": torch.get_num_threads(),
+        },
+        job,
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "moshi_ttt.sessions.recall", str(job), str(out)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     if r.returncode:
         raise RuntimeError(f"session-2 process failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return torch.load(out, weights_only=True)

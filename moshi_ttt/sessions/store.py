@@ -65,8 +65,10 @@ class SessionStore:
         self.db, self.blobs = self.root / "sessions.sqlite", self.root / "blobs"
         if not self.db.exists():
             if not create and not self.blobs.is_dir():
-                raise ValueError(f"no session store at {self.root}" + (
-                    " (no sessions.sqlite or blobs/ in it)" if self.root.is_dir() else ""))
+                raise ValueError(
+                    f"no session store at {self.root}"
+                    + (" (no sessions.sqlite or blobs/ in it)" if self.root.is_dir() else "")
+                )
             try:
                 self.blobs.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -85,17 +87,25 @@ class SessionStore:
 
     def _connect(self) -> "_Closing":
         try:  # mode=rw: never creates an empty index in place of a missing one
-            con = sqlite3.connect(_uri(self.db, "rw"), uri=True, timeout=60,
-                                  isolation_level=None)  # transactions are explicit
+            con = sqlite3.connect(
+                _uri(self.db, "rw"), uri=True, timeout=60, isolation_level=None
+            )  # transactions are explicit
             con.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as e:
             raise ValueError(index_error(self.db, self.root, e)) from e
         return _Closing(con, self)
 
     # ---- generic interface: named tensors + JSON meta ---------------------------------------
-    def put_tensors(self, cid: str, tensors: dict[str, torch.Tensor], meta: dict, identity: ModelIdentity,
-                    tokens: int | None = None) -> SessionInfo:
-        """Store ``tensors`` (any names, shapes, dtypes) and ``meta`` (JSON-able) under ``cid`` for the
+    def put_tensors(
+        self,
+        cid: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict,
+        identity: ModelIdentity,
+        tokens: int | None = None,
+    ) -> SessionInfo:
+        """Store ``tensors`` (any names, shapes, dtypes) and ``meta`` (JSON-able) under ``cid`` for
+        the
         model named by ``identity``, replacing the previous version atomically. Non-finite floats
         (and, for StreamingLM states, positions or counters out of range) are a ValueError."""
         check_id(cid)
@@ -109,7 +119,9 @@ class SessionStore:
         check_values(tensors, meta, identity.state_kind, f"session {cid!r}")
         return self._put_blob(cid, data, meta, identity, tokens)
 
-    def get_tensors(self, cid: str, identity: ModelIdentity) -> tuple[dict[str, torch.Tensor], dict]:
+    def get_tensors(
+        self, cid: str, identity: ModelIdentity
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors on CPU, meta) of ``cid``, after checking format, model identity, blob hash and
         values."""
         info, data = self._read(cid, identity)
@@ -118,8 +130,11 @@ class SessionStore:
         return tensors, info.meta
 
     # ---- StreamingLM states (sessions/states.py) ----------------------------------------------
-    def save(self, cid: str, state, model, row: int | None = None, identity: ModelIdentity | None = None) -> SessionInfo:
-        """Store row ``row`` of ``state`` (or the whole batch-1 state) of ``model`` under ``cid``."""
+    def save(
+        self, cid: str, state, model, row: int | None = None, identity: ModelIdentity | None = None
+    ) -> SessionInfo:
+        """Store row ``row`` of ``state`` (or the whole batch-1 state) of ``model`` under
+        ``cid``."""
         return save_state(self, cid, state, model, row, identity)
 
     def load(self, cid: str, model, device=None, identity: ModelIdentity | None = None):
@@ -130,7 +145,9 @@ class SessionStore:
     def info(self, cid: str) -> SessionInfo:
         check_id(cid)
         with self._connect() as con:
-            row = con.execute(f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = ?", (cid,)).fetchone()
+            row = con.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = ?", (cid,)
+            ).fetchone()
         if row is None:
             raise ValueError(f"no session {cid!r} in store {self.root}")
         return SessionInfo.from_row(row)
@@ -166,8 +183,12 @@ class SessionStore:
         (younger ones may belong to a save in progress), those accounted for: temporary files of
         interrupted writes and superseded versions of indexed sessions. The others (``strays``)
         are deleted only with ``orphans``. Returns the names deleted."""
-        if isinstance(min_age_s, bool) or not isinstance(min_age_s, (int, float)) \
-                or not math.isfinite(min_age_s) or min_age_s < 0:
+        if (
+            isinstance(min_age_s, bool)
+            or not isinstance(min_age_s, (int, float))
+            or not math.isfinite(min_age_s)
+            or min_age_s < 0
+        ):
             raise ValueError(f"min_age_s must be a number >= 0 (seconds), got {min_age_s!r}")
         used, ids = self._indexed()
         now, gone = time.time(), []
@@ -202,12 +223,18 @@ class SessionStore:
 
     # ---- export / import: one self-contained file --------------------------------------------
     def export(self, cid: str, path: str | os.PathLike) -> Path:
-        """Write ``cid`` (row + blob, hash-checked) to one file (a zip: session.json, state.safetensors)."""
+        """Write ``cid`` (row + blob, hash-checked) to one file (a zip: session.json,
+        state.safetensors)."""
         info, data = self._read(cid)
         return write_bundle(path, info, data)
 
-    def import_file(self, path: str | os.PathLike, cid: str | None = None, identity: ModelIdentity | None = None,
-                    overwrite: bool = False) -> SessionInfo:
+    def import_file(
+        self,
+        path: str | os.PathLike,
+        cid: str | None = None,
+        identity: ModelIdentity | None = None,
+        overwrite: bool = False,
+    ) -> SessionInfo:
         """Store an exported file under ``cid`` (default: its own id) after checking its format,
         hash and values (a StreamingLM state: also its layout against its config) and, with
         ``identity``, that it belongs to that model; keeps its meta and times."""
@@ -220,13 +247,25 @@ class SessionStore:
         check_values(tensors, info.meta, info.state_kind, what)
         check_config_layout(what, tensors, info)
         if not overwrite and cid in self:
-            raise ValueError(f"session {cid!r} already exists in store {self.root} (pass overwrite to replace it)")
-        ident = ModelIdentity(info.state_kind, info.config_hash, info.weights_hash, info.memory, info.config)
+            raise ValueError(
+                f"session {cid!r} already exists in store {self.root} (pass overwrite to replace "
+                "it)"
+            )
+        ident = ModelIdentity(
+            info.state_kind, info.config_hash, info.weights_hash, info.memory, info.config
+        )
         return self._put_blob(cid, data, info.meta, ident, info.tokens, info.created)
 
     # ---- internals ---------------------------------------------------------------------------
-    def _put_blob(self, cid: str, data: bytes, meta: dict, ident: ModelIdentity, tokens: int | None,
-                  created: float | None = None) -> SessionInfo:
+    def _put_blob(
+        self,
+        cid: str,
+        data: bytes,
+        meta: dict,
+        ident: ModelIdentity,
+        tokens: int | None,
+        created: float | None = None,
+    ) -> SessionInfo:
         """Write ``data`` (a blob of this format) with the session's row in its header, then
         the row."""
         now = time.time()
@@ -234,16 +273,34 @@ class SessionStore:
             with self._connect() as con:
                 prev = con.execute("SELECT created FROM sessions WHERE id = ?", (cid,)).fetchone()
             created = prev[0] if prev else now
-        info = SessionInfo(cid, SESSION_FORMAT, ident.state_kind, ident.config_hash,
-                           ident.weights_hash, ident.memory, created, now,
-                           None if tokens is None else int(tokens), 0, "", "", meta,
-                           json.loads(json.dumps(ident.config, sort_keys=True)))
+        info = SessionInfo(
+            cid,
+            SESSION_FORMAT,
+            ident.state_kind,
+            ident.config_hash,
+            ident.weights_hash,
+            ident.memory,
+            created,
+            now,
+            None if tokens is None else int(tokens),
+            0,
+            "",
+            "",
+            meta,
+            json.loads(json.dumps(ident.config, sort_keys=True)),
+        )
         head, body = stamp(data, info.entry(), f"session {cid!r}")
         digest = hashlib.sha256(head)
         digest.update(body)
         name = f"{uuid.uuid4().hex}.safetensors"
-        info = SessionInfo(**dict(info.to_dict(), bytes=len(head) + len(body), blob=name,
-                                  blob_sha256=digest.hexdigest()))
+        info = SessionInfo(
+            **dict(
+                info.to_dict(),
+                bytes=len(head) + len(body),
+                blob=name,
+                blob_sha256=digest.hexdigest(),
+            )
+        )
         final, tmp = self.blobs / name, self.blobs / f".tmp-{name}"
         committed = False
         try:
@@ -269,13 +326,16 @@ class SessionStore:
         return info
 
     def _read(self, cid: str, identity: ModelIdentity | None = None) -> tuple[SessionInfo, bytes]:
-        """The row and its blob bytes, checked (format, ``identity`` if given, sha256). A blob replaced
+        """The row and its blob bytes, checked (format, ``identity`` if given, sha256). A blob
+        replaced
         by a concurrent writer between reading the row and the file is retried with the new row."""
         for _ in range(20):
             info = self.info(cid)
             if info.format != SESSION_FORMAT:
-                raise ValueError(f"session {cid!r} was saved with session format {info.format}; "
-                                 f"this moshi_ttt reads format {SESSION_FORMAT}")
+                raise ValueError(
+                    f"session {cid!r} was saved with session format {info.format}; "
+                    f"this moshi_ttt reads format {SESSION_FORMAT}"
+                )
             if identity is not None:
                 check_identity(info, identity)
             try:
@@ -283,7 +343,9 @@ class SessionStore:
             except FileNotFoundError:
                 if self.info(cid).blob != info.blob:
                     continue  # replaced meanwhile: read the new version
-                raise ValueError(f"session {cid!r}: its blob {self.blobs / info.blob} is missing") from None
+                raise ValueError(
+                    f"session {cid!r}: its blob {self.blobs / info.blob} is missing"
+                ) from None
             check_blob(data, info.blob_sha256, f"session {cid!r}: blob {self.blobs / info.blob}")
             return info, data
         raise ValueError(f"session {cid!r} kept changing while being read")

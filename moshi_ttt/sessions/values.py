@@ -18,15 +18,19 @@ def check_values(tensors: dict[str, torch.Tensor], meta, state_kind: str, what: 
         if t.is_floating_point() or t.is_complex():
             bad = int((~torch.isfinite(t)).sum())
             if bad:
-                raise ValueError(f"{what}: state tensor {name} has {bad} non-finite values "
-                                 "(NaN or inf)")
+                raise ValueError(
+                    f"{what}: state tensor {name} has {bad} non-finite values (NaN or inf)"
+                )
     if state_kind == STREAMING_LM:
         _check_streaming(tensors, meta, what)
 
 
 def _check_streaming(tensors: dict[str, torch.Tensor], meta, what: str) -> None:
-    if not (isinstance(meta, dict) and isinstance(meta.get("fills"), dict)
-            and isinstance(meta.get("state_meta"), dict)):
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("fills"), dict)
+        and isinstance(meta.get("state_meta"), dict)
+    ):
         raise ValueError(f"{what}: its meta must hold the state's 'fills' and 'state_meta' dicts")
     tokens = meta["state_meta"].get("tokens", 0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
@@ -34,8 +38,10 @@ def _check_streaming(tensors: dict[str, torch.Tensor], meta, what: str) -> None:
     pos = tensors.get("pos")
     if pos is not None:
         if pos.is_floating_point() or pos.dim() != 1:
-            raise ValueError(f"{what}: state tensor pos is {pos.dtype} {tuple(pos.shape)}, "
-                             "expected integers [batch]")
+            raise ValueError(
+                f"{what}: state tensor pos is {pos.dtype} {tuple(pos.shape)}, "
+                "expected integers [batch]"
+            )
         _at_least(what, "pos", pos, 0)
     for name, t in tensors.items():
         prefix, _, leaf = name.rpartition(".")
@@ -46,9 +52,11 @@ def _check_streaming(tensors: dict[str, torch.Tensor], meta, what: str) -> None:
             sibling, dim = BOUNDED.get(leaf, (None, 0))
             buf = tensors.get(f"{prefix}.{sibling}" if prefix else sibling) if sibling else None
             if buf is not None and buf.dim() > dim and (t >= buf.shape[dim]).any():
-                raise ValueError(f"{what}: state tensor {name} holds "
-                                 f"{_first(t, t >= buf.shape[dim])}: expected 0 <= {leaf} < "
-                                 f"{buf.shape[dim]}")
+                raise ValueError(
+                    f"{what}: state tensor {name} holds "
+                    f"{_first(t, t >= buf.shape[dim])}: expected 0 <= {leaf} < "
+                    f"{buf.shape[dim]}"
+                )
 
 
 def _first(t: torch.Tensor, bad: torch.Tensor):
@@ -57,8 +65,9 @@ def _first(t: torch.Tensor, bad: torch.Tensor):
 
 def _at_least(what: str, name: str, t: torch.Tensor, low: int) -> None:
     if (t < low).any():
-        raise ValueError(f"{what}: state tensor {name} holds {_first(t, t < low)}: "
-                         f"expected >= {low}")
+        raise ValueError(
+            f"{what}: state tensor {name} holds {_first(t, t < low)}: expected >= {low}"
+        )
 
 
 def _positions(what: str, name: str, t: torch.Tensor, pos: torch.Tensor | None) -> None:
@@ -71,5 +80,7 @@ def _positions(what: str, name: str, t: torch.Tensor, pos: torch.Tensor | None) 
     if bad.any():
         i = tuple(bad.nonzero()[0].tolist())
         limit = f" ({int(pos[i[0]])})" if rowwise else ""
-        raise ValueError(f"{what}: state tensor {name} holds position {t[i].item()}: expected "
-                         f"-1 (empty) or 0 <= position < the row's pos{limit}")
+        raise ValueError(
+            f"{what}: state tensor {name} holds position {t[i].item()}: expected "
+            f"-1 (empty) or 0 <= position < the row's pos{limit}"
+        )
