@@ -22,7 +22,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
-from moshi_ttt.ops import ttt_step_triton as ttt_step
+from moshi_ttt.ops.impl import implementation
 
 
 def sync(device):
@@ -161,42 +161,51 @@ def main(argv=None):
         "ops/ttt_step_triton.py)",
     )
     a = p.parse_args(argv)
-    ttt_step.ON_CUDA = not a.reference_step
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []
-    for rep in range(a.repeats):
-        for kind in a.kinds:
-            cfg = variant_config(base, kind, a.ttt_chunk)
-            if a.block or a.compile_scan:
-                cfg = dataclasses.replace(
-                    cfg,
-                    memory=dataclasses.replace(
-                        cfg.memory, block=a.block or cfg.memory.block, compile_scan=a.compile_scan
-                    ),
-                )
-            torch.manual_seed(0)
-            model = mt.StreamingLM(cfg).to(device)
-            evicting = cfg.memory.kind in ("ttt_cache", "pooled", "infini")
-            row = {
-                "kind": kind,
-                "window": cfg.memory.window,
-                "repeat": rep,
-                "block": cfg.memory.block if evicting else None,
-                "params": sum(p.numel() for p in model.parameters()),
-            }
-            row.update(bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps))
-            if not a.no_stream:
-                row.update(bench_stream(model.eval(), device, a.dtype, a.prefill, a.stream_tokens))
-            if a.graph and not kind.startswith("full"):
+    # --reference-step: the one-token TTT-cache step in PyTorch
+    with implementation(reference={"step"} if a.reference_step else ()):
+        for rep in range(a.repeats):
+            for kind in a.kinds:
+                cfg = variant_config(base, kind, a.ttt_chunk)
+                if a.block or a.compile_scan:
+                    cfg = dataclasses.replace(
+                        cfg,
+                        memory=dataclasses.replace(
+                            cfg.memory,
+                            block=a.block or cfg.memory.block,
+                            compile_scan=a.compile_scan,
+                        ),
+                    )
+                torch.manual_seed(0)
+                model = mt.StreamingLM(cfg).to(device)
+                evicting = cfg.memory.kind in ("ttt_cache", "pooled", "infini")
+                row = {
+                    "kind": kind,
+                    "window": cfg.memory.window,
+                    "repeat": rep,
+                    "block": cfg.memory.block if evicting else None,
+                    "params": sum(p.numel() for p in model.parameters()),
+                }
                 row.update(
-                    bench_stream_graph(model.eval(), device, a.dtype, a.prefill, a.stream_tokens)
+                    bench_train(model.train(), device, a.dtype, a.batch, a.seq, a.train_steps)
                 )
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                if not a.no_stream:
+                    row.update(
+                        bench_stream(model.eval(), device, a.dtype, a.prefill, a.stream_tokens)
+                    )
+                if a.graph and not kind.startswith("full"):
+                    row.update(
+                        bench_stream_graph(
+                            model.eval(), device, a.dtype, a.prefill, a.stream_tokens
+                        )
+                    )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     info = {
         "command": "python bench/bench.py "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),

@@ -38,7 +38,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi_ttt.moshi import AdapterConfig, patch_lm, unpatch_lm
 from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.streaming import state_nbytes
-from moshi_ttt.ops import ttt_step_triton as ttt_step
+from moshi_ttt.ops.impl import implementation
 
 TINY_LM = tiny_lm_kwargs()
 
@@ -275,14 +275,12 @@ def run(args) -> dict:
         cfg, fused, context = variant_config(name, n_layers)
         contexts = set_context(lm, context)
         patch_lm(lm, cfg)
-        default, ttt_step.ON_CUDA = ttt_step.ON_CUDA, fused
         t0 = time.monotonic()
-        try:
+        # +unfused: the one-token TTT-cache step in PyTorch
+        with implementation(reference=() if fused else {"step"}):
             series = batch1_series(lm, args, device)
             deadline = t_start + built_s + per_variant * (i + 1)
             search = concurrency(lm, args, device, deadline)
-        finally:
-            ttt_step.ON_CUDA = default
         unpatch_lm(lm)
         for layer, c in zip(lm.transformer.layers, contexts):
             layer.self_attn.context = c

@@ -57,7 +57,7 @@ def main():
 
     def virtual():
         r = mem.memory.virtual_parallel(q, q, q, pos, torch.zeros_like(pos), mem.freqs)
-        (r["out"].sum() if "out" in r else r["scores"].sum() + r["values"].sum()).backward()
+        (r.out.sum() if r.out is not None else r.scores.sum() + r.values.sum()).backward()
 
     res["virtual_parallel_ms"] = timed(virtual)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .layers import records
 from .layers.evicting import EvictingMemory
 from .models.lm import StreamingLM
 
@@ -29,15 +30,10 @@ def memory_diagnostics(model: StreamingLM, tokens: torch.Tensor) -> dict:
     finite."""
     mems = evicting_memories(model)
     out = {}
-    for mem in mems.values():
-        mem.record = True
-    try:
+    with records.recording() as stats:
         model.eval()(tokens)
-    finally:
-        for mem in mems.values():
-            mem.record = False
     for i, mem in mems.items():
-        st = dict(mem.stats)
+        st = stats[mem]
         row = {"alpha": st["alpha"].tolist(), "virtual_mass": st["virtual_mass"]}
         if "virtual_key_cos" in st:
             row["virtual_key_cos"] = st["virtual_key_cos"]
@@ -62,12 +58,9 @@ def memory_features(model: StreamingLM, tokens: torch.Tensor, layer: int) -> tor
     mem = model.layers[layer].self_attn.memory
     if not isinstance(mem, EvictingMemory):
         raise ValueError(f"layer {layer} has no memory of evicted tokens ({model.cfg.memory.kind})")
-    mem.record = True
-    try:
+    with records.recording() as stats:
         model.eval()(tokens)
-    finally:
-        mem.record = False
-    read = mem.stats["read"]
+    read = stats[mem]["read"]
     x = read["values"] if "values" in read else read["out"]  # [B, H, T, (M,) Dh]
     return x.transpose(1, 2).flatten(2).float()
 

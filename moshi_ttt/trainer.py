@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from .data.batches import doc_starts, sample_windows
 from .io import load_checked, save_atomic
+from .layers import records
+from .layers.ttt_cache import TTTCacheMemory
 from .models.lm import StreamingLM
 from .training import Stage, TaskRows, TrainConfig, at_step, lr_at, write_csv
 
@@ -38,26 +40,21 @@ ADDED = "@added"  # a stage pattern: every name in ``stage_parameters``' ``added
 
 def reconstruction_memories(model: nn.Module) -> list[nn.Module]:
     """The memories of ``model`` that have a reconstruction loss (the TTT cache)."""
-    return [m for m in model.modules() if hasattr(m, "want_aux")]
+    return [m for m in model.modules() if isinstance(m, TTTCacheMemory)]
 
 
 @contextlib.contextmanager
 def reconstructing(model: nn.Module, stage: Stage):
-    """``reconstruction_memories(model)``, recording their reconstruction loss while the block
-    runs (``m.reconstruction_loss()`` reads it); a clear error when there is none."""
-    mems = reconstruction_memories(model)
-    if not mems:
+    """The reconstruction terms of ``model``'s TTT caches while the block runs
+    (``records.reconstruction``: memory -> terms; ``records.reconstruction_loss`` averages them);
+    a clear error when the model has no TTT cache."""
+    if not reconstruction_memories(model):
         raise ValueError(
             f"stage {stage.name!r} uses the reconstruction loss, but no memory of this "
             "model has one (use a ttt_cache memory)"
         )
-    for m in mems:
-        m.want_aux, m.aux = True, []
-    try:
-        yield mems
-    finally:
-        for m in mems:
-            m.want_aux, m.aux = False, []
+    with records.reconstruction() as terms:
+        yield terms
 
 
 def stage_parameters(
@@ -170,9 +167,9 @@ class Trainer:
         """This micro-batch's share of the global loss (so DDP's mean of gradients is exact)."""
         with self.autocast():
             if stage.loss == "reconstruction":
-                with reconstructing(self.model, stage) as mems:
+                with reconstructing(self.model, stage) as terms:
                     self.net(x, resets=resets)
-                    loss = torch.stack([m.reconstruction_loss() for m in mems]).mean()
+                    loss = records.reconstruction_loss(terms)
                 return loss * self.world / self.cfg.grad_accum
             logits = self.net(x, resets=resets)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")

@@ -100,11 +100,10 @@ TRITON_DEVICES = [
 
 
 @pytest.fixture
-def on(monkeypatch):
-    """Lets Triton kernels take CPU tensors (under the interpreter); ``on(name)`` -> the device."""
-    from moshi_ttt.ops import ttt_cache_triton
-
-    monkeypatch.setattr(ttt_cache_triton, "CPU_INTERPRET", True)
+def on():
+    """Lets Triton kernels take CPU tensors (under the interpreter) for the test;
+    ``on(name)`` -> the device."""
+    from moshi_ttt.ops.impl import implementation
 
     def device(name):
         if (
@@ -115,7 +114,8 @@ def on(monkeypatch):
             pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
         return torch.device(name)
 
-    return device
+    with implementation(kernels="interpret"):
+        yield device
 
 
 def tiny_config(

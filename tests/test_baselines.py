@@ -67,18 +67,18 @@ def test_pooled_read_equals_token_loop():
     for b in range(2):
         for t in range(23):
             ps = evicted(pos, seg, b, t, W)
-            assert read["has"][b, t] == bool(ps)
+            assert read.has[b, t] == bool(ps)
             for m in range(M):
                 members = [p for p in ps if pos[b, p] % M == m]
                 if not members:
-                    assert torch.isinf(read["scores"][b, :, t, m]).all()
+                    assert torch.isinf(read.scores[b, :, t, m]).all()
                     continue
                 mk, mv = k[b, :, members].mean(1), v[b, :, members].mean(1)  # [H, Dh]
                 score = (q[b, :, t] * mk).sum(-1) / 8**0.5 + torch.log(
                     torch.tensor(float(len(members)))
                 )
-                assert_close(read["scores"][b, :, t, m], score.to(read["scores"].dtype), 1e-6)
-                assert_close(read["values"][b, :, t, m], mv, 1e-9)
+                assert_close(read.scores[b, :, t, m], score.to(read.scores.dtype), 1e-6)
+                assert_close(read.values[b, :, t, m], mv, 1e-9)
 
 
 def test_infini_read_equals_token_loop():
@@ -88,7 +88,7 @@ def test_infini_read_equals_token_loop():
     for b in range(2):
         for t in range(23):
             ps = evicted(pos, seg, b, t, 5)
-            assert read["has"][b, t] == bool(ps)
+            assert read.has[b, t] == bool(ps)
             if not ps:
                 continue
             # [H, Dh, Dh]
@@ -96,4 +96,4 @@ def test_infini_read_equals_token_loop():
             z = sum(sigma(k[b, :, p]) for p in ps)
             sq = sigma(q[b, :, t])
             ref = (sq[:, None, :] @ S)[:, 0] / (sq * z).sum(-1, keepdim=True)
-            assert_close(read["out"][b, :, t], ref, 1e-9)
+            assert_close(read.out[b, :, t], ref, 1e-9)

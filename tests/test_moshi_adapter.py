@@ -36,6 +36,7 @@ from moshi_ttt.moshi.streaming import state_nbytes
 from moshi_ttt.moshi.train import conversation_losses, delayed_io, logits_losses
 from moshi_ttt.ops import ttt_cache_triton as tct
 from moshi_ttt.ops import ttt_step_triton as step
+from moshi_ttt.ops.impl import implementation
 from moshi_ttt.ops.inplace_ttt import chunk_target
 
 TINY = tiny_lm_kwargs()
@@ -374,8 +375,6 @@ def test_exec_mask_with_fused_step_kernels(monkeypatch):
     tokens (window 6, block 16: from step 20), so the junk steps must not complete it."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (set TRITON_INTERPRET=1 before import)")
-    monkeypatch.setattr(tct, "CPU_INTERPRET", True)
-    monkeypatch.setattr(step, "ON_CUDA", True)
     calls = []
     for name in ("evict_step", "attend_one"):
         fn = getattr(step, name)
@@ -387,13 +386,13 @@ def test_exec_mask_with_fused_step_kernels(monkeypatch):
         memory_layers=(0,),
     )
     lm = lively(patch_lm(stock(num_heads=2), cfg))  # head width 16
-    masked, ref = exec_mask_run(lm, T=40, off_at=20)
+    with implementation(kernels="interpret"):
+        masked, ref = exec_mask_run(lm, T=40, off_at=20)
     # both kernels, every step of the masked run (40 + 5) and the reference
     assert len(calls) == 2 * (45 + 40)
     assert_close(masked, ref, 1e-5, "masked vs row 1 alone")
-    monkeypatch.setattr(step, "ON_CUDA", False)
-    monkeypatch.setattr(tct, "CPU_INTERPRET", False)
-    plain, _ = exec_mask_run(lm, T=40, off_at=20)
+    with implementation(kernels="off"):
+        plain, _ = exec_mask_run(lm, T=40, off_at=20)
     assert_close(masked, plain, 1e-5, "kernels vs reference step")
 
 

@@ -14,6 +14,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from moshi_ttt import InPlaceTTTConfig, MemoryConfig
+from moshi_ttt.layers.records import reconstruction_loss
 from moshi_ttt.moshi import AdapterConfig, added_keys, load_added, patch_lm
 from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.trainer import MoshiTrainConfig, MoshiTrainer, full_state, stage_parameters
@@ -147,9 +148,9 @@ def reconstruction_and_grads(lm, codes, segment):
         )
         loss = torch.stack([s["loss"] for s in segs]).mean()
     else:
-        with reconstructing(lm, Stage("memory", 1, loss="reconstruction")) as mems:
+        with reconstructing(lm, Stage("memory", 1, loss="reconstruction")) as terms:
             lm.forward_text(delayed_io(lm, codes[None])[0])
-            loss = torch.stack([m.reconstruction_loss() for m in mems]).mean()
+            loss = reconstruction_loss(terms)
         loss.backward()
     params = dict(lm.named_parameters())
     return loss.detach(), {n: params[n].grad.clone() for n in names if params[n].grad is not None}

@@ -9,6 +9,8 @@ import torch
 from conftest import assert_close, reset_parity, stream
 
 import moshi_ttt as mt
+from moshi_ttt.layers.records import recording
+from moshi_ttt.ops.impl import implementation
 from moshi_ttt.ops.ttt_cache import block_step, block_step_naive, compress_scan, compressor
 
 OPTIONS = list(
@@ -100,10 +102,9 @@ def test_fused_window_attention_equals_banded_reference(extra):
     resets = torch.zeros(2, 70, dtype=torch.bool)
     resets[0, 33] = True
     results = []
-    for banded in (True, False):
-        for mem in memories(model):
-            mem.banded = banded
-        results.append(logits_and_grads(model, tokens, resets=resets))
+    for parts in ({"window"}, ()):  # the banded reference, then window_attention
+        with implementation(reference=parts):
+            results.append(logits_and_grads(model, tokens, resets=resets))
     assert len(results[0]) == len(results[1]) > 10
     for ref, fast in zip(*results):
         assert_close(fast, ref, 1e-6)  # banded is fp32
@@ -128,10 +129,9 @@ def test_read_without_per_query_copies_equals_reference(position, cold, reset, m
         type(memories(model)[0]), "_read_runs", lambda *a: calls.append(1) or read_runs(*a)
     )
     results = []
-    for fast in (False, True):
-        for mem in memories(model):
-            mem.fast_read = fast
-        results.append(logits_and_grads(model, tokens, resets=resets))
+    for parts in ({"read"}, ()):  # the per-query reference, then _read_runs
+        with implementation(reference=parts):
+            results.append(logits_and_grads(model, tokens, resets=resets))
     assert len(calls) == 2  # the fast read ran in both layers, only when on
     for ref, fast in zip(*results):
         assert_close(fast, ref, 1e-6)  # reads are fp32
@@ -189,16 +189,14 @@ def test_model_naive_equals_fast_float64(extra):
     model = lively(mt.StreamingLM(cache_config(**extra))).double()
     tokens = torch.randint(0, 50, (2, 41))
     results = []
-    for naive in (True, False):
-        for mem in memories(model):
-            mem.naive = naive
+    for parts in ({"update"}, ()):  # per-token autograd, then the blockwise step
         model.zero_grad()
-        logits = model(tokens)
-        (
-            logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)
-        ).sum().backward()
-        with torch.no_grad():
-            _, st = stream(model, tokens, 5)
+        with implementation(reference=parts):
+            logits = model(tokens)
+            weight = torch.linspace(-1, 1, logits.numel(), dtype=torch.float64)
+            (logits * weight.view_as(logits)).sum().backward()
+            with torch.no_grad():
+                _, st = stream(model, tokens, 5)
         results.append(
             {
                 "logits": logits.detach(),
@@ -264,11 +262,10 @@ def test_forget_gate_needs_a_ttt_cache_and_a_starting_decay():
 def test_inner_loss_falls_as_updates_accumulate():
     model = mt.StreamingLM(cache_config(window=8, block=4)).eval()
     mem = memories(model)[0]
-    mem.record = True
     motif = torch.randint(0, 50, (1, 12))
-    with torch.no_grad():
+    with torch.no_grad(), recording() as stats:
         model(motif.repeat(2, 30))  # 360 tokens of a repeated phrase: evicted pairs recur
-    before, after = mem.stats["inner_loss_before"], mem.stats["inner_loss_after"]  # [G, N]
+    before, after = stats[mem]["inner_loss_before"], stats[mem]["inner_loss_after"]  # [G, N]
     assert (after < before).float().mean().item() > 0.95  # each update lowers its own block's loss
     # a block's loss *before* it is learned (held out so far) falls as earlier updates accumulate
     assert before[:, -10:].mean().item() < 0.5 * before[:, :3].mean().item()
@@ -339,17 +336,16 @@ def test_truncated_bptt_stops_gradients():
 def test_diagnostics(combine):
     model = lively(mt.StreamingLM(cache_config(combine=combine, window=8, block=4))).eval()
     mem = memories(model)[0]
-    mem.record = True
-    with torch.no_grad():
+    with torch.no_grad(), recording() as stats:
         model(torch.randint(0, 50, (2, 120)))
-        par = dict(mem.stats)
+        par = dict(stats[mem])
         stream(model, torch.randint(0, 50, (2, 120)), 120)
     assert_close(par["alpha"], torch.sigmoid(mem.gate), 1e-5)
     # with virtual tokens, the mass on them is exactly 1 - α averaged over heads
     if combine == "gate":
         assert_close(par["virtual_mass"], (1 - par["alpha"]).mean().item(), 1e-6)
     assert 0 < par["virtual_mass"] < 1 and -1 <= par["virtual_key_cos"] <= 1
-    assert 0 < mem.stats["virtual_mass"] < 1
+    assert 0 < stats[mem]["virtual_mass"] < 1  # the streamed step's
 
 
 def test_check_finite_names_layer_and_update():

@@ -11,6 +11,7 @@ import moshi_ttt as mt
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
 from moshi_ttt.ops import ttt_step_triton as step
+from moshi_ttt.ops.impl import implementation
 
 pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
 DEVICES = TRITON_DEVICES
@@ -103,21 +104,17 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
             name,
             lambda *a, _f=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k),
         )
-    monkeypatch.setattr(step, "ON_CUDA", True)
-    if kernel == "complete":
-        monkeypatch.setattr(step, "supports", lambda *a: False)
-        monkeypatch.setattr(step, "attend_supports", lambda *a: False)
     with torch.no_grad():
-        fast, st_fast = stream(model, tokens, 1, resets_at=reset)
+        # "complete": the one-token step in PyTorch around the block-update kernel
+        with implementation(reference={"step"} if kernel == "complete" else ()):
+            fast, st_fast = stream(model, tokens, 1, resets_at=reset)
         # every step of both layers went through the kernels
         n = T  # steps
         assert calls == (
             {"complete_block": n} if kernel == "complete" else {"evict_step": n, "attend_one": n}
         )
-        for name in ("supports", "attend_supports"):
-            monkeypatch.setattr(step, name, lambda *a: False)
-        monkeypatch.setattr(tri, "supports", lambda *a: False)
-        ref, st_ref = stream(model, tokens, 1, resets_at=reset)
+        with implementation(kernels="off"):
+            ref, st_ref = stream(model, tokens, 1, resets_at=reset)
     assert st_fast["layers.0.updates"].tolist() == [(T - 8) // 16, (T - r - 8) // 16]
     assert_close(fast, ref, 1e-4, "logits")
     assert st_fast.tensors.keys() == st_ref.tensors.keys()
@@ -148,9 +145,6 @@ def test_wide_compressors_take_the_reference(on):
         )
         model = mt.StreamingLM(cfg).eval()
         with torch.no_grad():
-            assert (
-                step.supports(
-                    model.layers[0].self_attn.memory, model.init_state(1).scope("layers.0.")
-                )
-                == fits
-            )
+            mem = model.layers[0].self_attn.memory
+            view = mem._step_view(model.init_state(1).scope("layers.0."))
+            assert step.evict_supports(view, mem._step_weights()) == fits

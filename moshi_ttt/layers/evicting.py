@@ -12,6 +12,7 @@ a streaming step, given the step's evicted candidates). A read is either softmax
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,12 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MemoryConfig
-from ..ops import ttt_step_triton as ttt_step
+from ..ops import impl
 from ..ops.banded import band, chunked, gate_mix, mix
 from ..ops.masks import visible
 from ..ops.rope import yarn_attention_scale
 from ..ops.window_attention import window_attention
 from ..state import ScopedState
+from . import records
 from .memory import ring_write
 
 
@@ -35,14 +37,38 @@ def chunked_q(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.unflatten(2, (-1, window))
 
 
+@dataclasses.dataclass
+class VirtualRead:
+    """What a memory of evicted tokens offers its queries: softmax keys (``scores`` [.., Q, M]
+    and ``values`` [.., Q, M, Dh], mixed with the window by ``combine``) or a direct output
+    (``out`` [.., Q, Dh], mixed by the learned gate); ``has`` [B, Q] the queries with a read;
+    for diagnostics the virtual keys ``keys`` [.., Q, M, Dh] and the compressor's inner
+    ``losses`` (before, after) each update."""
+
+    has: torch.Tensor
+    scores: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    losses: tuple = (None, None)
+
+    def parts(self) -> dict:
+        """The keyword arguments of ``ops.banded.mix`` / ``gate_mix``."""
+        if self.out is not None:
+            return {"out": self.out}
+        return {"scores": self.scores, "values": self.values}
+
+    def chunked(self, window: int) -> dict:
+        """``parts`` in query chunks of ``window`` (the banded reference)."""
+        return {n: chunked_q(x, window) for n, x in self.parts().items()}
+
+
 class EvictingMemory(nn.Module):
     def __init__(self, cfg: MemoryConfig, heads: int, head_dim: int, rope_scale: float = 1.0):
         super().__init__()
         self.cfg = cfg
         self.num_heads, self.head_dim = heads, head_dim
-        self.naive, self.record, self.stats, self.name = False, False, {}, type(self).__name__
-        # gate-mixed reads: window attention by explicit banded scores (the reference)
-        self.banded = False
+        self.name = type(self).__name__  # in error messages (the Moshi adapter: the layer's name)
         # α = σ(gate): weight of the window
         self.gate = nn.Parameter(torch.full((heads,), float(cfg.gate_init)))
         if self.cfg.gate_per_token:  # α_t = σ(gate + w·q_t), per head (starts as the constant gate)
@@ -52,10 +78,12 @@ class EvictingMemory(nn.Module):
         self.inv_t = yarn_attention_scale(rope_scale) ** 2
 
     # ---- subclass hooks -----------------------------------------------------------------
-    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
+    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> VirtualRead:
         raise NotImplementedError
 
-    def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
+    def virtual_step(
+        self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs
+    ) -> VirtualRead:
         raise NotImplementedError
 
     def init_memory(self, st: ScopedState, B: int, device) -> None:
@@ -78,12 +106,12 @@ class EvictingMemory(nn.Module):
         B, H, T, Dh = q.shape
         W = self.cfg.window
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
-        reads = {n: x for n, x in read.items() if n in ("scores", "values", "out")}
-        if (self.cfg.combine == "gate" or "out" in read) and not self.banded:
+        # gate-mixed reads: the window by ``window_attention``, or its reference, banded scores
+        if (self.cfg.combine == "gate" or read.out is not None) and not impl.reference("window"):
             # "gate" normalises the window on its own: the window memory's attention
             o_r = window_attention(q, k, v, pos, seg, "window", W, 0, self.inv_t / math.sqrt(Dh))
-            vmask = read["has"][:, None].expand(B, H, T)
-            out, mass = gate_mix(o_r, vmask, self.alpha(q_raw), **reads)
+            vmask = read.has[:, None].expand(B, H, T)
+            out, mass = gate_mix(o_r, vmask, self.alpha(q_raw), **read.parts())
             self._record(mass, read)
             return out.to(q.dtype)
         # the window: chunks of W queries against the 2W keys around them, masked by positions
@@ -102,7 +130,7 @@ class EvictingMemory(nn.Module):
         # pad rows finite
         s_r = torch.where(ok.any(-1, keepdim=True), s_r.masked_fill(~ok, float("-inf")), 0.0)
         # [B, H, NC, W]
-        vmask = chunked(read["has"].float(), W)[:, None].bool().expand(B, H, -1, -1)
+        vmask = chunked(read.has.float(), W)[:, None].bool().expand(B, H, -1, -1)
         gate = chunked(self.alpha(q_raw)[..., None], W)[..., 0]  # [B, H, NC, W]
         out, mass = mix(
             s_r,
@@ -110,7 +138,7 @@ class EvictingMemory(nn.Module):
             vmask,
             gate,
             self.cfg.combine,
-            **{n: chunked_q(x, W) for n, x in reads.items()},
+            **read.chunked(W),
         )
         self._record(mass.flatten(2)[..., :T], read)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)
@@ -158,29 +186,9 @@ class EvictingMemory(nn.Module):
         if active is not None:
             valid = valid & active[:, None]
         read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
-        write = lambda: ring_write(
-            st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),)
-        )
         # the new token takes the slot of one no query here sees: attend to the ring itself
         if kq == 1:
-            if active is None:
-                write()
-            else:  # an inactive row records an empty slot and keeps the token it would evict
-                on = active.view(B, 1, 1, 1)
-                ring_write(
-                    st["k"],
-                    st["v"],
-                    st["kpos"],
-                    k,
-                    torch.where(on, v.to(cand_v.dtype), cand_v),
-                    pos,
-                    extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
-                    stored=pos.masked_fill(~active[:, None], -1),
-                )
-            if "fused" in read:  # a subclass's virtual tokens [B, H, M, Dh], for the fused kernel
-                return ttt_step.attend_one(self, st, q, q_raw, *read["fused"], read["has"]).to(
-                    q.dtype
-                )
+            self.write_one(st, k_raw, v, k, pos, active, cand_k, cand_v)
             keys, vals, kpos = st["k"], st["v"], st["kpos"]
         else:
             keys, vals = (
@@ -197,38 +205,58 @@ class EvictingMemory(nn.Module):
         # [B, H, k, K]
         s_r = q.float() @ keys.float().transpose(-1, -2) / math.sqrt(Dh) * self.inv_t
         s_r = s_r.masked_fill(~ok, float("-inf"))
-        vmask = read["has"][:, None].expand(B, H, kq)
+        vmask = read.has[:, None].expand(B, H, kq)
         out, mass = mix(
             s_r,
             vals,
             vmask,
             self.alpha(q_raw),
             self.cfg.combine,
-            **{n: x for n, x in read.items() if n in ("scores", "values", "out")},
+            **read.parts(),
         )
         self._record(mass, read)
         if kq > 1:
-            write()
+            ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),))
         return out.to(q.dtype)
+
+    def write_one(self, st: ScopedState, k_raw, v, k, pos, active, cand_k, cand_v) -> None:
+        """A one-token step's write into the ring (k_raw, v, k [B, H, 1, Dh] at pos [B, 1]); a row
+        with ``active`` [B] False records an empty slot and keeps the token it would evict
+        (cand_k, cand_v)."""
+        if active is None:
+            ring_write(st["k"], st["v"], st["kpos"], k, v, pos, extra=((st["kraw"], k_raw),))
+            return
+        on = active.view(-1, 1, 1, 1)
+        ring_write(
+            st["k"],
+            st["v"],
+            st["kpos"],
+            k,
+            torch.where(on, v.to(cand_v.dtype), cand_v),
+            pos,
+            extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
+            stored=pos.masked_fill(~active[:, None], -1),
+        )
 
     # ---- diagnostics ----------------------------------------------------------------------
     def _record(self, mass, read):
-        """With ``record`` on: α per head, attention mass on the memory, and what the subclass
-        adds."""
-        if not self.record:
+        """Inside ``records.recording``: α per head, attention mass on the memory, and what the
+        subclass adds, stored under this memory."""
+        stats = records.recorder()
+        if stats is None:
             return
         with torch.no_grad():
-            sel = read["has"][:, None].expand_as(mass)
+            sel = read.has[:, None].expand_as(mass)
             alpha = torch.sigmoid(self.gate).detach().cpu()
             if self.cfg.gate_per_token:  # the mean α per head over queries with a read
                 on = sel.flatten(2).float()
                 alpha = (
                     1 - (mass.flatten(2) * on).sum(-1).sum(0) / on.sum(-1).sum(0).clamp_min(1)
                 ).cpu()
-            self.stats = {
+            stats[self] = {
                 "alpha": alpha,
                 "virtual_mass": mass[sel].mean().item() if sel.any() else float("nan"),
-                "read": {n: read[n].detach() for n in ("values", "out") if n in read},
+                "read": {n: x.detach() for n, x in read.parts().items() if n != "scores"},
                 **self.extra_stats(read, sel),
             }
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from ..ops.banded import band
 from ..ops.segments import pack, segment_rows, unpack
 from ..state import ScopedState
-from .evicting import EvictingMemory
+from .evicting import EvictingMemory, VirtualRead
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
@@ -27,9 +27,9 @@ def sigma(x: torch.Tensor) -> torch.Tensor:
 
 class InfiniMemory(EvictingMemory):
     def _read(self, num, den, has):
-        return {"out": num / den.clamp_min(1e-6)[..., None], "has": has}
+        return VirtualRead(has=has, out=num / den.clamp_min(1e-6)[..., None])
 
-    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
+    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> VirtualRead:
         B, H, T, Dh = q_raw.shape
         W = self.cfg.window
         r, rows, L = segment_rows(pos, seg, W)
@@ -64,7 +64,9 @@ class InfiniMemory(EvictingMemory):
         st.add("mem_s", torch.zeros(B, H, Dh, Dh, device=device, dtype=f), 0.0)
         st.add("mem_z", torch.zeros(B, H, Dh, device=device, dtype=f), 0.0)
 
-    def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
+    def virtual_step(
+        self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs
+    ) -> VirtualRead:
         f = st["mem_s"].dtype
         sq = sigma(q_raw.to(f))
         sk = sigma(cand_k.to(f)) * valid[:, None, :, None]  # [B, H, k, Dh]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import InPlaceTTTConfig
+from ..ops import impl
 from ..ops.inplace_ttt import (
     chunk_target,
     fp32_matmul_precision,
@@ -36,10 +37,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 class InPlaceTTTMLP(GatedMLP):
-    def __init__(self, dim: int, hidden: int, cfg: InPlaceTTTConfig, naive: bool = False):
+    def __init__(self, dim: int, hidden: int, cfg: InPlaceTTTConfig):
         super().__init__(dim, hidden)
         self.ttt = cfg
-        self.naive = naive  # use the reference scan (tests)
         self.target_conv = nn.Parameter(torch.zeros(dim, 1, cfg.conv_kernel))
         self.target_proj = nn.Parameter(torch.zeros(dim, dim))
         self.reset_ttt_parameters()
@@ -61,7 +61,8 @@ class InPlaceTTTMLP(GatedMLP):
         with fp32_matmul_precision(precision):
             # [R, L, D]
             v = chunk_target(x0, self.target_conv.to(z.dtype), self.target_proj.to(z.dtype), C)
-        scan = ttt_naive if self.naive else ttt_chunk_scan
+        # the "update" part on its reference (ops.impl): fast weights materialised chunk by chunk
+        scan = ttt_naive if impl.reference("update") else ttt_chunk_scan
         return scan(
             z,
             v,

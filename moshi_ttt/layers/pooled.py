@@ -15,28 +15,26 @@ from torch.nn import functional as F
 
 from ..ops.segments import pack, row_of, segment_rows
 from ..state import ScopedState
-from .evicting import EvictingMemory
+from .evicting import EvictingMemory, VirtualRead
 
 
 class PooledMemory(EvictingMemory):
     def _read(self, q_raw, sum_k, sum_v, count):
-        """q_raw [B, H, Q, Dh]; sums [B, H, Q, M, Dh]; count [B, Q, M] -> read dict."""
+        """q_raw [B, H, Q, Dh]; sums [B, H, Q, M, Dh]; count [B, Q, M] -> the read."""
         n = count[:, None, ..., None].to(sum_k.dtype)  # [B, 1, Q, M, 1]
         mean_k, mean_v = sum_k / n.clamp_min(1), sum_v / n.clamp_min(1)
         s = torch.einsum("bhqd,bhqmd->bhqm", q_raw.float(), mean_k.float())  # [B, H, Q, M]
         s = s / math.sqrt(q_raw.shape[-1]) * self.inv_t
         s = s + torch.log(n[..., 0].float().clamp_min(1)).expand_as(s)
         empty = (count == 0)[:, None].expand_as(s)
-        return {
-            "scores": s.masked_fill(empty, float("-inf")),
-            "values": mean_v,
-            "has": (count > 0).any(-1),
-        }
+        return VirtualRead(
+            has=(count > 0).any(-1), scores=s.masked_fill(empty, float("-inf")), values=mean_v
+        )
 
     def _slots(self, pos, M):
         return F.one_hot(pos % M, M)  # [.., T, M]
 
-    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
+    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> VirtualRead:
         """Prefix sums per document and slot; query t reads the prefix up to t - W."""
         B, H, T, Dh = q_raw.shape
         W, M = self.cfg.window, self.cfg.num_virtual
@@ -67,7 +65,9 @@ class PooledMemory(EvictingMemory):
         st.add("sum_v", torch.zeros(B, H, M, Dh, device=device, dtype=f), 0.0)
         st.add("count", torch.zeros(B, M, device=device, dtype=f), 0.0)
 
-    def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
+    def virtual_step(
+        self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs
+    ) -> VirtualRead:
         M = self.cfg.num_virtual
         W = self.cfg.window
         # [B, k, M]

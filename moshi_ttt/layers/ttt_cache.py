@@ -21,14 +21,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MemoryConfig
+from ..ops import impl
 from ..ops import l2norm_triton as l2norm
-from ..ops import ttt_cache_triton as ttt_triton
+from ..ops import ttt_cache_step as step_ops
 from ..ops import ttt_step_triton as ttt_step
-from ..ops.rope import rotate
 from ..ops.segments import pack, row_of, segment_rows, unpack
-from ..ops.ttt_cache import complete_block, compress_scan, compressor, reconstruction_terms
+from ..ops.ttt_cache import compress_scan, compressor, reconstruction_terms
 from ..state import ScopedState
-from .evicting import EvictingMemory
+from . import records
+from .evicting import EvictingMemory, VirtualRead
 
 
 class TTTCacheMemory(EvictingMemory):
@@ -63,9 +64,6 @@ class TTTCacheMemory(EvictingMemory):
         if mc.compressor_proj:  # [k; v] of all heads -> the compressor's keys and values (identity)
             self.kv_proj = nn.Parameter(torch.eye(2 * H * Dh))
             self.q_proj = nn.Parameter(torch.eye(H * Dh))
-        self.want_aux, self.aux = False, []  # the reconstruction terms of training stage 1
-        # training reads without per-query copies (``_read_runs``; False: the reference)
-        self.fast_read = True
 
     # ---- compressor ---------------------------------------------------------------------
     def inits(self) -> tuple:
@@ -73,26 +71,13 @@ class TTTCacheMemory(EvictingMemory):
         return tuple(getattr(self, f"w{i}_init") for i in range(1, self.cfg.compressor_depth + 1))
 
     def _per_head(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """Shared compressor: [rows, S, H * M, Dh] -> [rows * H, S, M, Dh] (per head: unchanged)."""
-        if self.hc == self.num_heads:
-            return x
-        S, Dh = x.shape[1], x.shape[-1]
-        return (
-            x.view(rows, S, self.num_heads, -1, Dh)
-            .transpose(1, 2)
-            .reshape(rows * self.num_heads, S, -1, Dh)
-        )
+        """Shared compressor: [rows, S, H * M, Dh] -> [rows * H, S, M, Dh] (``per_head``)."""
+        return step_ops.per_head(x, rows, self.num_heads)
 
     def _keys(self, v: torch.Tensor, freqs) -> torch.Tensor:
-        """Virtual keys K_m = key_m + V_m A (at their relative RoPE offsets). v [rows * H, S, M,
-        Dh]."""
-        G, S, M, Dh = v.shape
-        vh = v.view(-1, self.num_heads, S, M, Dh)
-        k = self.vkeys.to(v.dtype)[None, :, None] + torch.einsum(
-            "rhsmd,hde->rhsme", vh, self.vkey_proj.to(v.dtype)
-        )
-        k = k.reshape(G, S, M, Dh)
-        return rotate(k, *self._rotation(freqs)) if self.cfg.virtual_position == "relative" else k
+        """Virtual keys K_m = key_m + V_m A (``virtual_keys``). v [rows * H, S, M, Dh]."""
+        rot = self._rotation(freqs) if self.cfg.virtual_position == "relative" else None
+        return step_ops.virtual_keys(v, self.vkeys, self.vkey_proj, rot)
 
     def _rotation(self, freqs):
         """(cos, sin) [M, Dh/2] of the relative RoPE offsets: virtual key m sits offsets[m] tokens
@@ -185,38 +170,25 @@ class TTTCacheMemory(EvictingMemory):
         return read
 
     def _prep(self, keys: torch.Tensor, rows: int, fused: bool = False):
-        """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or float64)
-        and
-        their step sizes η_t [..] (``fused``: the normalisation as a Triton kernel where it
-        runs)."""
+        """Raw keys [rows * H, ..., Dh] (or [rows, H, ..., Dh]) -> normalised keys (fp32 or
+        float64) and their step sizes η_t [..] (``fused``: the normalisation as a Triton kernel
+        where it runs, ``l2norm.normalize``)."""
         with torch.autocast(keys.device.type, enabled=False):
-            kn = l2norm.normalize(keys, naive=not fused)
+            kn = (l2norm.normalize if fused else l2norm.reference)(keys)
             shape = kn.shape
             return kn, self._eta(kn.reshape(rows * self.num_heads, -1, 1, shape[-1]), rows).view(
                 shape[:-1]
             )
 
     def _eta(self, keys: torch.Tensor, rows: int) -> torch.Tensor:
-        """Per-token step size, bounded by inner_lr / b. keys [G, N, b, Dh] normalised -> [G, N,
-        b]."""
-        w, b = self.lr_w.repeat(rows, 1).to(keys.dtype), self.lr_b.repeat(rows).to(keys.dtype)
-        logits = torch.einsum("gnbd,gd->gnb", keys, w) + b[:, None, None]
-        return self.cfg.inner_lr * torch.sigmoid(logits) / self.cfg.block
+        """Per-token step sizes (``step_sizes``): keys [G, N, b, Dh] normalised -> [G, N, b]."""
+        return step_ops.step_sizes(keys, self.lr_w, self.lr_b, self.cfg.inner_lr, self.cfg.block)
 
     def _decay(self, keys: torch.Tensor, eta: torch.Tensor, rows: int):
-        """λ per block and compressor: the configured constant, or with ``forget_gate``
-        σ(k̄·w + c) of the mean k̄ of the block's tokens (those with η > 0). keys [rows * hc, ...,
-        b,
-        Dh], eta [rows * hc, ..., b] -> a float or [rows * hc, ...]."""
-        if not self.cfg.forget_gate:
-            return self.cfg.decay
-        on = (eta > 0).to(keys.dtype)
-        count = on.sum(-1, keepdim=True).clamp_min(1.0)
-        mean = (keys * on[..., None]).sum(-2) / count  # [G, ..., Dh]
-        w = self.forget_w.to(keys.dtype).repeat(rows, 1)  # [G, Dh]
-        w = w.view(w.shape[0], *([1] * (mean.dim() - 2)), w.shape[1])
-        b = self.forget_b.to(keys.dtype).repeat(rows).view(-1, *([1] * (mean.dim() - 2)))
-        return torch.sigmoid((mean * w).sum(-1) + b)
+        """λ per block and compressor (``forget_decay``): keys [rows * hc, ..., b, Dh], eta
+        [rows * hc, ..., b] -> a float or [rows * hc, ...]."""
+        fw, fb = (self.forget_w, self.forget_b) if self.cfg.forget_gate else (None, None)
+        return step_ops.forget_decay(keys, eta, fw, fb, self.cfg.decay)
 
     def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0, query=None):
         """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
@@ -252,8 +224,7 @@ class TTTCacheMemory(EvictingMemory):
                 momentum=mc.momentum,
                 max_norm=mc.max_state_norm,
                 bptt=mc.bptt,
-                naive=self.naive,
-                record=self.record,
+                record=records.recorder() is not None,
                 check=self.name if mc.check_finite else None,
                 compiled=mc.compile_scan,
                 grad_precision=mc.grad_precision,
@@ -283,10 +254,10 @@ class TTTCacheMemory(EvictingMemory):
                 torch.cat([scores, s_q], -1),
                 torch.cat([vv, vq[..., None, :].to(vv.dtype)], -2),
             )
-        return {"scores": scores, "values": vv, "has": has, "keys": kv, "losses": losses}
+        return VirtualRead(has=has, scores=scores, values=vv, keys=kv, losses=losses)
 
     # ---- parallel ---------------------------------------------------------------------------
-    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> dict:
+    def virtual_parallel(self, q_raw, k_raw, v, pos, seg, freqs) -> VirtualRead:
         """The evicted tokens of each document, in blocks of b from its position 0; a query at
         position t reads the state after floor(max(t - W + 1, 0) / b) updates."""
         B, H, T, Dh = q_raw.shape
@@ -301,7 +272,7 @@ class TTTCacheMemory(EvictingMemory):
         dt = torch.promote_types(q_raw.dtype, torch.float32)
         d = tuple(q_raw.new_zeros(rows * self.hc, *w.shape[1:], dtype=dt) for w in self.inits())
         kc, vc = self._kv(k_raw, v)
-        keys, eta = self._prep(blocks(kc), rows, fused=not self.naive)
+        keys, eta = self._prep(blocks(kc), rows, fused=True)
         query = None
         if self.cfg.read_query:  # queries at their document positions: [rows * H, L, Dh]
             qp = pack(self._query(q_raw).transpose(1, 2), r, pos, rows, L)
@@ -319,22 +290,22 @@ class TTTCacheMemory(EvictingMemory):
             query=query,
         )
         vqd = vq.view(rows, H, L, Dh) if vq is not None else None  # at document positions
-        if self.want_aux:
+        sink = records.reconstruction_sink()
+        if sink is not None:
             if N == 0:
                 raise ValueError(
                     "the reconstruction loss needs sequences longer than window + block"
                 )
-            self.aux.append(reconstruction_terms(keys, blocks(vc), kv[:, 1:], vv[:, 1:]))
+            terms = reconstruction_terms(keys, blocks(vc), kv[:, 1:], vv[:, 1:])
+            sink.setdefault(self, []).append(terms)
         n_q = (pos - W + 1).clamp_min(0) // b  # [B, T]
         has = n_q > 0 if self.cfg.cold_start == "wait" else torch.ones_like(n_q, dtype=torch.bool)
-        if self.fast_read and self.cfg.combine == "gate" and not self.record:
+        fast = not (impl.reference("read") or records.recorder() is not None)
+        if fast and self.cfg.combine == "gate":
             qd = pack(q_raw.transpose(1, 2), r, pos, rows, L).transpose(1, 2)  # [rows, H, L, Dh]
             out = self._read_runs(qd, kv, vv, vqd)
-            return {
-                "out": unpack(out.transpose(1, 2), r, pos).transpose(1, 2),
-                "has": has,
-                "losses": losses,
-            }
+            out = unpack(out.transpose(1, 2), r, pos).transpose(1, 2)
+            return VirtualRead(has=has, out=out, losses=losses)
 
         def per_query(x):  # [rows * H, N + 1, M, Dh] -> [B, H, T, M, Dh]
             return (
@@ -383,19 +354,6 @@ class TTTCacheMemory(EvictingMemory):
             head = read(parts[0][0], k[:, :, 0], v[:, :, 0], parts[1][0], parts[2][0])
             body = read(parts[0][1], k, v, parts[1][1], parts[2][1])
             return self._unruns(head, body, L)
-
-    def reconstruction_loss(self) -> torch.Tensor:
-        """The mean of ``reconstruction_terms`` over every block absorbed since the last call (with
-        ``want_aux`` on; the parallel path and streaming calls alike), and the record cleared."""
-        if not self.aux:
-            raise ValueError(
-                f"{self.name}: no block was absorbed with want_aux on, so there is no "
-                "reconstruction loss (sequences must be longer than window + block)"
-            )
-        total = torch.stack([t for t, _ in self.aux]).sum()
-        count = sum(c for _, c in self.aux)
-        self.aux = []
-        return total / max(count, 1)
 
     # ---- streaming ----------------------------------------------------------------------------
     def state_names(self) -> tuple:
@@ -449,14 +407,16 @@ class TTTCacheMemory(EvictingMemory):
         has = (st["updates"] > 0)[:, None, None, None]
         return torch.where(has, st["vk"], k0[:, 0]), torch.where(has, st["vv"], v0[:, 0])
 
-    def virtual_step(self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs) -> dict:
+    def virtual_step(
+        self, q_raw, cand_k, cand_v, valid, pos, st: ScopedState, freqs
+    ) -> VirtualRead:
         """Lay the open block and the step's evicted tokens out from the block start, scan the
         blocks that complete (the others are masked), and give each query the state after the
         blocks completed by its own eviction. One-token steps take ``_step_one``."""
         B, H, kq, Dh = q_raw.shape
         b = self.cfg.block
         cand_k, cand_v = self._kv(cand_k, cand_v)
-        if kq == 1 and not (self.record or self.naive or self.want_aux):
+        if kq == 1 and self._one_token_steps():
             return self._step_one(q_raw, cand_k, cand_v, valid[:, 0], st, freqs)
         kn, eta_t = self._prep(cand_k, B)  # [B, H, k, Dh], [B, H, k]
         cv = cand_v.to(kn.dtype)
@@ -503,8 +463,10 @@ class TTTCacheMemory(EvictingMemory):
             first=1,
             query=query,
         )
-        if self.want_aux:  # the blocks completed in this step, each read by the state after it
-            self.aux.append(reconstruction_terms(rows(lay_k), rows(lay_v), kv, vv, per_g(tok_ok)))
+        sink = records.reconstruction_sink()
+        if sink is not None:  # the blocks completed in this step, each read by the state after it
+            terms = reconstruction_terms(rows(lay_k), rows(lay_v), kv, vv, per_g(tok_ok))
+            sink.setdefault(self, []).append(terms)
         k0, v0 = self._current(st, freqs)
         kv = torch.cat([k0.reshape(G, 1, *kv.shape[2:]).to(kv.dtype), kv], 1)  # [G, NB + 1, M, Dh]
         vv = torch.cat([v0.reshape(G, 1, *vv.shape[2:]).to(vv.dtype), vv], 1)
@@ -536,20 +498,90 @@ class TTTCacheMemory(EvictingMemory):
         ecount.copy_(total % b)
         return read
 
-    def _step_one(self, q_raw, cand_k, cand_v, valid, st: ScopedState, freqs) -> dict:
-        """A one-token step: append the evicted token (if any; ``valid`` [B]) to the open block and,
-        for the rows whose block completes, update the compressor and cache its read. One Triton
-        kernel where it applies (``ops.ttt_step_triton``), else the steps below (its reference)."""
-        B, H, _, Dh = q_raw.shape
-        if ttt_step.supports(self, st):
-            rot = self._rotation(freqs) if self.cfg.virtual_position == "relative" else None
-            ttt_step.evict_step(self, st, cand_k, cand_v, valid, rot)
-        else:
-            self._append_one(cand_k, cand_v, valid, st, freqs)
+    def _step_view(self, st: ScopedState) -> step_ops.StepState:
+        depth, mom = self.cfg.compressor_depth, self.cfg.momentum
+        return step_ops.StepState(
+            *(st[n] for n in ("ek", "ev", "eeta", "ecount", "updates")),
+            tuple(st[f"d{i}"] for i in range(1, depth + 1)),
+            tuple(st[f"mom{i}"] for i in range(1, depth + 1)) if mom else None,
+            st["vk"],
+            st["vv"],
+        )
+
+    def _step_weights(self) -> step_ops.StepWeights:
+        forget = (self.forget_w, self.forget_b) if self.cfg.forget_gate else (None, None)
+        return step_ops.StepWeights(
+            self.inits(), self.probes, self.lr_w, self.lr_b, self.vkeys, self.vkey_proj, *forget
+        )
+
+    def _evict_one(self, cand_k, cand_v, valid, st: ScopedState, freqs):
+        """``ops.ttt_cache_step.evict_one`` on this layer's state and weights (the evicted token,
+        if any, ``valid`` [B], joins the open block; completed blocks update the compressor).
+        Returns the virtual tokens now (K, V) [B, H, M, Dh] and the rows that have them, has
+        [B]."""
+        mc = self.cfg
+        rot = self._rotation(freqs) if mc.virtual_position == "relative" else None
+        step_ops.evict_one(
+            cand_k,
+            cand_v,
+            valid,
+            self._step_view(st),
+            self._step_weights(),
+            rot,
+            inner_lr=mc.inner_lr,
+            decay=mc.decay,
+            momentum=mc.momentum,
+            max_norm=mc.max_state_norm,
+            check=self.name if mc.check_finite else None,
+        )
         k, v = self._current(st, freqs)
-        has = st["updates"] > 0 if self.cfg.cold_start == "wait" else torch.ones_like(valid)
-        if ttt_step.attend_supports(self, st):  # attention and mix in one kernel (attend_step)
-            return {"fused": (k, v), "has": has}
+        has = st["updates"] > 0 if mc.cold_start == "wait" else torch.ones_like(valid)
+        return k, v, has
+
+    def _one_token_steps(self) -> bool:
+        """One-token steps take ``_step_one`` (not the general block layout of ``virtual_step``)."""
+        recording = records.recorder() is not None or records.reconstruction_sink() is not None
+        return not (recording or impl.reference("update"))
+
+    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+        """``EvictingMemory.attend_step``; a one-token step with a constant gate and no query read
+        evicts, writes the ring and attends in two kernels where they apply
+        (``ops.ttt_step_triton``)."""
+        mc = self.cfg
+        fused = (
+            q.shape[2] == 1
+            and self._one_token_steps()
+            and not (mc.gate_per_token or mc.read_query)
+            and ttt_step.attend_supports(st["k"], mc.num_virtual)
+        )
+        if not fused:
+            return super().attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active)
+        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
+        if active is not None:
+            valid = valid & active[:, None]
+        vk, vv, has = self._evict_one(*self._kv(cand_k, cand_v), valid[:, 0], st, freqs)
+        self.write_one(st, k_raw, v, k, pos, active, cand_k, cand_v)
+        out = ttt_step.attend_one(
+            q,
+            q_raw,
+            st["k"],
+            st["v"],
+            st["kpos"],
+            vk,
+            vv,
+            has,
+            self.gate,
+            self.recency,
+            scale=self.inv_t / math.sqrt(q.shape[-1]),
+            gated=mc.combine == "gate",
+            recency_bias=mc.virtual_position == "decay",
+        )
+        return out.to(q.dtype)
+
+    def _step_one(self, q_raw, cand_k, cand_v, valid, st: ScopedState, freqs) -> VirtualRead:
+        """A one-token step's read (``_evict_one``, then the softmax keys of the virtual tokens)."""
+        B, H, _, Dh = q_raw.shape
+        k, v, has = self._evict_one(cand_k, cand_v, valid, st, freqs)
         vq = None
         if self.cfg.read_query:  # the state now, read at the query: [B, H, 1, Dh]
             f32 = st["d1"].dtype
@@ -562,74 +594,14 @@ class TTTCacheMemory(EvictingMemory):
             )
         return self._read_dict(q_raw, k[:, :, None], v[:, :, None], has[:, None], (None, None), vq)
 
-    def _append_one(self, cand_k, cand_v, valid, st: ScopedState, freqs) -> None:
-        B, H, _, Dh = cand_k.shape
-        b = self.cfg.block
-        kn, eta_t = self._prep(cand_k, B)  # [B, H, 1, Dh], [B, H, 1]
-        ecount = st["ecount"]
-        # the first free slot: written whether or not
-        idx = ecount.view(B, 1, 1, 1).expand(B, H, 1, Dh)
-        st["ek"].scatter_(2, idx, kn)  # a token was evicted (a free slot is never read)
-        st["ev"].scatter_(2, idx, cand_v.to(kn.dtype))
-        st["eeta"].scatter_(2, idx[..., 0], eta_t)
-        done = valid & (ecount + 1 >= b)  # [B]
-        self._complete(st, done, freqs, B)
-        ecount.copy_(torch.where(valid, (ecount + 1) % b, ecount))
-        st["updates"].add_(done.long())
-
-    def _complete(self, st: ScopedState, done: torch.Tensor, freqs, B: int) -> None:
-        """The rows with ``done`` [B] take one step on their full open block; their read is cached.
-        Through the Triton kernel where it applies (no gradients, CUDA), else the reference."""
-        mc, H, hc = self.cfg, self.num_heads, self.hc
-        x, y, eta = st["ek"], st["ev"], st["eeta"]  # [B, H, b, Dh], [B, H, b]
-        if hc == H:
-            x, y, eta = x.flatten(0, 1), y.flatten(0, 1), eta.flatten(0, 1)
-        else:  # one block of b H tokens per row, η / H
-            x, y = x.reshape(B, -1, x.shape[-1]), y.reshape(B, -1, y.shape[-1])
-            eta = eta.reshape(B, -1) / H
-        ds = tuple(st[f"d{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
-        moms = (
-            tuple(st[f"mom{i}"].flatten(0, 1) for i in range(1, mc.compressor_depth + 1))
-            if mc.momentum
-            else None
-        )
-        probes, inits = self._probes(), tuple(w.to(x.dtype) for w in self.inits())
-        fast = not (torch.is_grad_enabled() or mc.forget_gate) and ttt_triton.supports(
-            ds, x, probes
-        )
-        with torch.autocast(x.device.type, enabled=False):
-            v = (ttt_triton.complete_block if fast else complete_block)(
-                ds,
-                moms,
-                inits,
-                x,
-                y,
-                eta,
-                done[:, None].expand(B, hc).reshape(-1),
-                probes,
-                decay=self._decay(x, eta, B),
-                momentum=mc.momentum,
-                max_norm=mc.max_state_norm,
-            )
-            v = self._per_head(v[:, None], B)  # [B * H, 1, M, Dh]
-            k = self._keys(v, freqs)
-        m = done.view(B, 1, 1, 1)
-        st["vk"].copy_(torch.where(m, k.view_as(st["vk"]).to(st["vk"].dtype), st["vk"]))
-        st["vv"].copy_(torch.where(m, v.view_as(st["vv"]).to(st["vv"].dtype), st["vv"]))
-        if mc.check_finite and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if not all(torch.isfinite(d).all() for d in ds):
-                raise FloatingPointError(
-                    f"{self.name}: compressor state not finite after an update"
-                )
-
     def extra_stats(self, read, sel) -> dict:
         """Virtual-key cosine similarity (pairwise, mean) and the inner losses before/after
         updates."""
-        kn = F.normalize(read["keys"].float(), dim=-1)  # [B, H, ..., M, Dh]
+        kn = F.normalize(read.keys.float(), dim=-1)  # [B, H, ..., M, Dh]
         cos = kn @ kn.transpose(-1, -2)
         M = cos.shape[-1]
         off = (cos.sum((-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(M * (M - 1), 1)
-        before, after = read["losses"]
+        before, after = read.losses
         return {
             "virtual_key_cos": off[sel].mean().item() if sel.any() else float("nan"),
             "inner_loss_before": before.detach().cpu() if before is not None else None,

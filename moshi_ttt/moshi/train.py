@@ -24,6 +24,7 @@ from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch.nn import functional as F
 
+from ..layers.records import reconstruction_loss
 from ..trainer import reconstructing, reconstruction_memories
 from ..training import Stage
 from .attention import MemoryAttention
@@ -125,7 +126,7 @@ def absorbing_segments(lm: LMModel, T: int, segment: int) -> list[bool]:
 
 
 def reconstruction_segment(
-    lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int, mems: list
+    lm: LMModel, inputs: torch.Tensor, targets: torch.Tensor, start: int, terms: dict
 ) -> dict:
     """One streaming call with the reconstruction recorded: {"loss": the mean over the memories
     that absorbed a block, "text": the text CE (no gradient), "absorbed": whether any did}. With
@@ -134,9 +135,10 @@ def reconstruction_segment(
     _, text_logits = lm.forward_text(inputs)
     with torch.no_grad():
         text = masked_ce(text_logits, targets[:, :1], valid_targets(lm, targets, start)[:, :1])
-    terms = [m.reconstruction_loss() for m in mems if m.aux]
-    loss = torch.stack(terms).mean() if terms else text_logits.float().sum() * 0.0
-    return {"loss": loss, "text": text, "absorbed": bool(terms)}
+    absorbed = bool(terms)
+    loss = reconstruction_loss(terms) if absorbed else text_logits.float().sum() * 0.0
+    terms.clear()  # the next segment's terms start afresh
+    return {"loss": loss, "text": text, "absorbed": absorbed}
 
 
 def conversation_losses(
@@ -177,9 +179,9 @@ def conversation_losses(
     recon = (
         reconstructing(lm, Stage("reconstruction", 1, loss="reconstruction"))
         if loss == "reconstruction"
-        else contextlib.nullcontext([])
+        else contextlib.nullcontext({})
     )
-    with lm.streaming(1), recon as mems:
+    with lm.streaming(1), recon as terms:
         for s in range(0, T, segment):
             if carry:
                 seg_in, seg_tgt, start = (
@@ -193,7 +195,7 @@ def conversation_losses(
             if loss == "lm":
                 losses = segment_losses(lm, seg_in, seg_tgt, start)
             else:
-                losses = reconstruction_segment(lm, seg_in, seg_tgt, start, mems)
+                losses = reconstruction_segment(lm, seg_in, seg_tgt, start, terms)
             absorbed = losses.pop("absorbed", True)
             if backward:
                 (losses["loss"] * loss_scale).backward()

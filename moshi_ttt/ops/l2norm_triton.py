@@ -8,11 +8,10 @@ clamped (y = x / ε is linear there).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.nn import functional as F
 
+from . import impl
 from . import ttt_cache_triton as tct
 
 EPS = 1e-12  # F.normalize's default
@@ -21,18 +20,18 @@ triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Half or single precision in, a power-of-two width of 16 to 1024; CUDA (CPU under Triton's
-    interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
+    """Half or single precision in, a power-of-two width of 16 to 1024, a tensor a kernel may
+    take (``impl.kernel_runs``)."""
     if (
         triton is None
         or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
         or x.dim() < 1
     ):
         return False
-    if not (x.is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not impl.kernel_runs(x):
         return False
     D = x.shape[-1]
-    return 16 <= D <= 1024 and D & (D - 1) == 0
+    return D <= 1024 and impl.powers_of_two(D)
 
 
 if triton is not None:
@@ -87,8 +86,14 @@ class _Normalize(torch.autograd.Function):
         return dx.view(dy.shape)
 
 
-def normalize(x: torch.Tensor, naive: bool = False) -> torch.Tensor:
+def reference(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] -> x / max(‖x‖, ε) over the last dimension, in promote(x.dtype, fp32)."""
-    if naive or not supports(x):
-        return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=EPS)
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=EPS)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """``reference`` as a Triton kernel where ``supports`` holds (and the "update" part is not on
+    its reference, ``ops.impl``)."""
+    if impl.reference("update") or not supports(x):
+        return reference(x)
     return _Normalize.apply(x)

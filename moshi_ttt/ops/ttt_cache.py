@@ -22,7 +22,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from . import ttt_scan_triton
+from . import impl, ttt_scan_triton
 
 
 def compressor(ws, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,6 @@ def compress_scan(
     momentum: float = 0.0,
     max_norm: float = 100.0,
     bptt: int = 0,
-    naive: bool = False,
     record: bool = False,
     check: str | None = None,
     compiled: bool = False,
@@ -253,19 +252,20 @@ def compress_scan(
 ):
     """Mini-batch TTT over N blocks of evicted tokens, reading the virtual tokens after each update.
 
-    ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a reset
-    sets the offsets to zero); moms the momenta (a tuple, or None); keys (normalised), vals
-    [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts (a
-    skipped block leaves the state as it is); ``decay`` λ a float or per block [G, N] (learned
-    forgetting: the fused kernels take floats only); read(states) -> (K, V): states [G, S, d_in,
-    d_out]
-    each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow through at most
-    ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M, Dh] (index n: after n
-    blocks), the final (ds, moms) and, when ``record``, the inner losses before and after each
-    update [G, N] (mean over the block's tokens). Depth-2 fp32 scans on CUDA run as the fused
-    kernels of ``ops.ttt_scan_triton`` (unless ``naive`` or ``compiled``), their backward's products
-    in ``grad_precision`` ("fp32" or "tf32").
+    ds: the state as offsets from the initial state ``inits`` (tuples of [G, d_in, d_out]; a
+    reset sets the offsets to zero); moms the momenta (a tuple, or None); keys (normalised),
+    vals [G, N, b, Dh]; eta [G, N, b] per-token step sizes; apply [G, N] 1 where a block counts
+    (a skipped block leaves the state as it is); ``decay`` λ a float or per block [G, N]
+    (learned forgetting: the fused kernels take floats only); read(states) -> (K, V): states [G,
+    S, d_in, d_out] each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow
+    through at most ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M,
+    Dh] (index n: after n blocks), the final (ds, moms) and, when ``record``, the inner losses
+    before and after each update [G, N] (mean over the block's tokens). Depth-2 fp32 scans on
+    CUDA run as the fused kernels of ``ops.ttt_scan_triton`` (unless ``compiled``), their
+    backward's products in ``grad_precision`` ("fp32" or "tf32"); with the "update" part on its
+    reference (``ops.impl``), per-token gradients by autograd (``block_step_naive``).
     """
+    naive = impl.reference("update")
     fused = not (naive or compiled or torch.is_tensor(decay))
     if fused and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
         states, moms, loss = ttt_scan_triton.scan_states(

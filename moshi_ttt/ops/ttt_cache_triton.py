@@ -10,18 +10,12 @@ says which shapes run here.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs: the reference runs
-    triton = None
+from . import impl
 
-
-CPU_INTERPRET = False  # tests: run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)
+triton, tl = impl.triton, impl.tl
 # Dh x hidden: IEEE products stage their operands in shared memory (~8 Dh m bytes)
 MAX_WEIGHTS = 16384
 
@@ -34,13 +28,13 @@ def supports(ds, x, probes) -> bool:
     """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16
     probes,
     at most ``MAX_WEIGHTS`` entries per weight (the per-block shared memory of an H100);
-    CUDA tensors (CPU ones under Triton's interpreter with ``CPU_INTERPRET``, for tests)."""
+    tensors a kernel may take (``impl.kernel_runs``)."""
     if triton is None or len(ds) != 2 or x.dtype != torch.float32 or probes.shape[1] > 16:
         return False
-    if not (x.is_cuda or (CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not impl.kernel_runs(x):
         return False
     Dh, m, b = ds[0].shape[1], ds[0].shape[2], x.shape[1]
-    return Dh * m <= MAX_WEIGHTS and all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
+    return Dh * m <= MAX_WEIGHTS and impl.powers_of_two(Dh, m, b)
 
 
 if triton is not None:

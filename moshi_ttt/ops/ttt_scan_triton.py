@@ -18,10 +18,9 @@ likewise or in TF32 (``grad_precision``); ``supports`` says which shapes run her
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import impl
 from . import ttt_cache_triton as tct
 
 NUM_WARPS, CHUNK = 8, 32  # the forward's (compressor, chunk) programs: warps, tokens
@@ -70,15 +69,13 @@ def launched(key, args: tuple, loop):
 
 def supports(ds, keys) -> bool:
     """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, weights of
-    at
-    most ``MAX_WEIGHTS`` entries; CUDA tensors (CPU ones under Triton's interpreter with
-    ``ttt_cache_triton.CPU_INTERPRET``)."""
+    at most ``MAX_WEIGHTS`` entries, tensors a kernel may take (``impl.kernel_runs``)."""
     if triton is None or len(ds) != 2 or keys.dtype != torch.float32 or keys.dim() != 4:
         return False
-    if not (keys.is_cuda or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not impl.kernel_runs(keys):
         return False
     Dh, m, b = ds[0].shape[-2], ds[0].shape[-1], keys.shape[2]
-    return Dh * m <= MAX_WEIGHTS and all(n >= 16 and n & (n - 1) == 0 for n in (Dh, m, b))
+    return Dh * m <= MAX_WEIGHTS and impl.powers_of_two(Dh, m, b)
 
 
 if triton is not None:

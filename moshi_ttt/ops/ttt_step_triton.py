@@ -8,49 +8,78 @@ counters. Per-head compressors of depth 2 only (``supports``).
 ``attend_one`` (``EvictingMemory.attend_step``'s scores and ``mix``): the query against the ring
 and the virtual tokens, combined by ``combine`` "gate" or "concat" (``attend_supports``).
 
-``ON_CUDA`` (on) sends CUDA tensors here; off, they take the reference step
-(``bench/moshi_bench.py``'s
-``+unfused`` variants time that). Tests compare both paths, on CPU under Triton's interpreter and on
-the GPU.
+The functions take tensors (``StepState``, ``StepWeights``) and scalars, never a layer;
+``evict_supports`` / ``attend_supports`` say where the kernels run (``ops.impl``: Triton kernels
+on CUDA tensors unless the "step" part runs its reference). Tests compare both paths, on CPU under
+Triton's interpreter and on the GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 
 import torch
 
+from . import impl
 from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
-ON_CUDA = True  # CUDA tensors take these kernels (else the reference step)
+_arrive: dict = {}  # (device, stream, rows) -> the evict kernel's arrival counters (zero between
+# launches, so launches in stream order share them)
 
 
-def supports(mem, st) -> bool:
-    """A per-head depth-2 compressor, fp32 state, no gradients, no per-update finiteness check, a
-    constant decay;
-    powers of two >= 16 for the head and hidden widths and the block, <= 16 virtual tokens, weights
-    of at most ``ttt_cache_triton.MAX_WEIGHTS`` entries; CUDA
-    with ``ON_CUDA`` (CPU under Triton's interpreter with ``ttt_cache_triton.CPU_INTERPRET``)."""
-    mc = mem.cfg
-    if (
-        triton is None
-        or torch.is_grad_enabled()
-        or mc.compressor_depth != 2
-        or mem.hc != mem.num_heads
-    ):
+@dataclasses.dataclass(frozen=True)
+class StepState:
+    """A TTT-cache layer's streaming tensors a one-token step reads and writes in place: the open
+    block ek, ev [B, H, b, Dh], eeta [B, H, b] and its count ecount [B], the update count updates
+    [B], the compressor's offsets ds (d1 [B, hc, Dh, m], ..., dL) and momenta moms (the same, or
+    None without momentum), the read of the current state vk, vv [B, H, M, Dh]."""
+
+    ek: torch.Tensor
+    ev: torch.Tensor
+    eeta: torch.Tensor
+    ecount: torch.Tensor
+    updates: torch.Tensor
+    ds: tuple
+    moms: tuple | None
+    vk: torch.Tensor
+    vv: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWeights:
+    """A TTT-cache layer's parameters a step reads: the compressor's initial state inits (W1
+    [hc, Dh, m], ..., WL [hc, m, Dh]); probes [H, M, Dh] (not normalised); the step-size gate lr_w
+    [H, Dh], lr_b [H]; the virtual keys vkeys [H, M, Dh] and their projection vkey_proj
+    [H, Dh, Dh]; the learned forgetting forget_w [hc, Dh], forget_b [hc] (None: a constant)."""
+
+    inits: tuple
+    probes: torch.Tensor
+    lr_w: torch.Tensor
+    lr_b: torch.Tensor
+    vkeys: torch.Tensor
+    vkey_proj: torch.Tensor
+    forget_w: torch.Tensor | None = None
+    forget_b: torch.Tensor | None = None
+
+
+def evict_supports(state: StepState, weights: StepWeights) -> bool:
+    """Where ``evict_step`` runs: no gradients, a per-head depth-2 compressor with a constant
+    decay, fp32 state, powers of two >= 16 for the head and hidden widths and the block, <= 16
+    virtual tokens, weights of at most ``ttt_cache_triton.MAX_WEIGHTS`` entries, tensors a kernel
+    may take (``impl.kernel_runs``)."""
+    if torch.is_grad_enabled() or impl.reference("step") or not impl.kernel_runs(state.ek):
         return False
-    if mc.check_finite or mc.forget_gate or mc.num_virtual > 16 or st["ek"].dtype != torch.float32:
+    if len(state.ds) != 2 or weights.forget_w is not None:
         return False
-    if not (
-        (st["ek"].is_cuda and ON_CUDA)
-        or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")
-    ):
-        return False
-    Dh, m = st["d1"].shape[-2:]
-    return Dh * m <= tct.MAX_WEIGHTS and all(
-        n >= 16 and n & (n - 1) == 0 for n in (Dh, m, mc.block)
+    (_, hc, Dh, m), (H, block) = state.ds[0].shape, state.ek.shape[1:3]
+    return (
+        hc == H
+        and state.ek.dtype == torch.float32
+        and state.vk.shape[2] <= 16
+        and Dh * m <= tct.MAX_WEIGHTS
+        and impl.powers_of_two(Dh, m, block)
     )
 
 
@@ -177,58 +206,71 @@ if triton is not None:
             tl.store(updates + bi, tl.load(updates + bi) + done.to(tl.int64))
 
 
-def evict_step(mem, st, cand_k, cand_v, valid, rot) -> None:
-    """In place on ``st``: cand_k (before RoPE), cand_v [B, H, 1, Dh] the evicted tokens, valid [B];
-    rot the (cos, sin) [M, Dh/2] of the virtual keys' offsets (None: no rotation)."""
-    mc = mem.cfg
+def evict_step(
+    cand_k: torch.Tensor,
+    cand_v: torch.Tensor,
+    valid: torch.Tensor,
+    state: StepState,
+    weights: StepWeights,
+    rot,
+    *,
+    eta_scale: float,
+    decay: float,
+    momentum: float,
+    max_norm: float,
+) -> None:
+    """One evicted token per row into the open block, in place on ``state``: cand_k (before RoPE),
+    cand_v [B, H, 1, Dh], valid [B]; rot the (cos, sin) [M, Dh/2] of the virtual keys' offsets
+    (None: no rotation); η_t = eta_scale σ(k̂·lr_w + lr_b). ``evict_supports`` must hold."""
     B, H, _, Dh = cand_k.shape
-    M, m = mc.num_virtual, st["d1"].shape[-1]
-    # per layer, device and rows: the kernel's arrival
-    arrive = mem.__dict__.setdefault("_arrive", {})
-    key = (cand_k.device, B)  # counters (zero between steps)
-    if key not in arrive:
-        arrive[key] = torch.zeros(B, dtype=torch.int32, device=cand_k.device)
+    block, M, m = state.ek.shape[2], state.vk.shape[2], state.ds[0].shape[-1]
+    dev = cand_k.device
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if cand_k.is_cuda else 0, B)
+    if key not in _arrive:
+        _arrive[key] = torch.zeros(B, dtype=torch.int32, device=dev)
     flat = lambda t: t.flatten(0, 1)
-    moms = (flat(st["mom1"]), flat(st["mom2"])) if mc.momentum else (flat(st["d1"]), flat(st["d2"]))
-    cos, sin = rot if rot is not None else (st["ek"], st["ek"])  # unread without rotation
+    moms = state.moms if momentum else state.ds
+    cos, sin = rot if rot is not None else (state.ek, state.ek)  # unread without rotation
     c = lambda t: t if t.is_contiguous() else t.contiguous()
+    w = weights
     _evict_kernel[(B, H)](
         c(cand_k),
         c(cand_v),
         c(valid),
-        st["ek"],
-        st["ev"],
-        st["eeta"],
-        st["ecount"],
-        st["updates"],
-        arrive[key],
-        flat(st["d1"]),
-        flat(st["d2"]),
-        *moms,
-        mem.w1_init,
-        mem.w2_init,
-        mem.probes,
-        mem.lr_w,
-        mem.lr_b,
-        mem.vkeys,
-        mem.vkey_proj,
+        state.ek,
+        state.ev,
+        state.eeta,
+        state.ecount,
+        state.updates,
+        _arrive[key],
+        flat(state.ds[0]),
+        flat(state.ds[1]),
+        flat(moms[0]),
+        flat(moms[1]),
+        w.inits[0],
+        w.inits[1],
+        w.probes,
+        w.lr_w,
+        w.lr_b,
+        w.vkeys,
+        w.vkey_proj,
         cos,
         sin,
-        st["vk"],
-        st["vv"],
-        mc.inner_lr / mc.block,
-        float(mc.decay),
-        float(mc.momentum),
-        float(mc.max_state_norm),
+        state.vk,
+        state.vv,
+        eta_scale,
+        float(decay),
+        float(momentum),
+        float(max_norm),
         H=H,
-        BLK=mc.block,
-        CH=min(mc.block, 32),
+        BLK=block,
+        CH=min(block, 32),
         DH=Dh,
         MH=m,
         M=M,
         MP=max(16, 1 << math.ceil(math.log2(M))),
-        HAS_MOM=bool(mc.momentum),
-        HAS_DECAY=bool(mc.decay),
+        HAS_MOM=bool(momentum),
+        HAS_DECAY=bool(decay),
         ROTATE=rot is not None,
         num_warps=4 if Dh * m <= 4096 else 8,
     )
@@ -305,53 +347,64 @@ if triton is not None:
         tl.store(out + g * DH + rd, o)
 
 
-def attend_supports(mem, st) -> bool:
-    """The fused attention of a one-token step: the conditions of ``supports``' device, a
-    power-of-two
-    head width, at most 16 virtual tokens, and a ring of at most 32768 entries (window x head width)
-    that a program holds in registers; a constant gate per head and no query read."""
-    if triton is None or torch.is_grad_enabled() or mem.record or mem.cfg.num_virtual > 16:
+def attend_supports(ring_k: torch.Tensor, num_virtual: int) -> bool:
+    """Where ``attend_one`` runs: no gradients, tensors a kernel may take, a power-of-two head
+    width, at most 16 virtual tokens and a ring of at most 32768 entries (window x head width)
+    that a program holds in registers. (A constant gate per head and no query read: the
+    caller's.)"""
+    if torch.is_grad_enabled() or impl.reference("step") or not impl.kernel_runs(ring_k):
         return False
-    if mem.cfg.gate_per_token or mem.cfg.read_query:
-        return False
-    if not (
-        (st["k"].is_cuda and ON_CUDA)
-        or (tct.CPU_INTERPRET and os.environ.get("TRITON_INTERPRET") == "1")
-    ):
-        return False
-    Dh = st["k"].shape[-1]
-    return Dh >= 16 and Dh & (Dh - 1) == 0 and mem.cfg.window * Dh <= 32768
+    W, Dh = ring_k.shape[-2:]
+    return num_virtual <= 16 and impl.powers_of_two(Dh) and W * Dh <= 32768
 
 
-def attend_one(mem, st, q, q_raw, vk, vv, has) -> torch.Tensor:
-    """A one-token step's attention output [B, H, 1, Dh] (fp32) from the ring (after the write),
-    the virtual tokens vk, vv [B, H, M, Dh] and has [B]: ``EvictingMemory.attend_step``'s
-    ``mix``."""
+def attend_one(
+    q: torch.Tensor,
+    q_raw: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    kpos: torch.Tensor,
+    vk: torch.Tensor,
+    vv: torch.Tensor,
+    has: torch.Tensor,
+    gate: torch.Tensor,
+    recency: torch.Tensor,
+    *,
+    scale: float,
+    gated: bool,
+    recency_bias: bool,
+) -> torch.Tensor:
+    """A one-token step's attention output [B, H, 1, Dh] (fp32): q (after RoPE), q_raw [B, H, 1,
+    Dh] against the ring ring_k, ring_v [B, H, W, Dh] at kpos [B, W] (-1: empty) and the virtual
+    tokens vk, vv [B, H, M, Dh] of the rows with has [B]; logits times ``scale``. ``gated``:
+    α softmax(window) + (1 - α) softmax(virtual), α = σ(gate) [H]; else one softmax over both.
+    ``recency_bias``: virtual token m's logit minus softplus(recency) m. ``attend_supports`` must
+    hold."""
     B, H, _, Dh = q.shape
-    W, M = mem.cfg.window, vk.shape[2]
+    W, M = ring_k.shape[2], vk.shape[2]
     out = torch.empty(B, H, 1, Dh, device=q.device, dtype=torch.float32)
     c = lambda t: t if t.is_contiguous() else t.contiguous()
     _attend_kernel[(B, H)](
         c(q),
         c(q_raw),
-        st["k"],
-        st["v"],
-        st["kpos"],
+        ring_k,
+        ring_v,
+        kpos,
         c(vk),
         c(vv),
         c(has),
-        mem.gate,
-        mem.recency,
+        gate,
+        recency,
         out,
-        mem.inv_t / math.sqrt(Dh),
+        scale,
         H=H,
         W=W,
         WP=max(16, 1 << math.ceil(math.log2(W))),
         DH=Dh,
         M=M,
         MP=max(16, 1 << math.ceil(math.log2(M))),
-        GATE=mem.cfg.combine == "gate",
-        DECAY=mem.cfg.virtual_position == "decay",
+        GATE=gated,
+        DECAY=recency_bias,
         num_warps=4 if W * Dh < 8192 else 8,
     )
     return out

@@ -19,6 +19,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
+from . import impl
 from .masks import visible
 
 KINDS = ("full", "window", "sink")
@@ -153,9 +154,9 @@ def window_attention_flex(
 
 
 def flex_supported(q: torch.Tensor) -> bool:
-    """The compiled FlexAttention path: CUDA tensors, a head size of at least 16 (power of two)."""
-    Dh = q.shape[-1]
-    return q.is_cuda and Dh >= 16 and Dh & (Dh - 1) == 0
+    """The compiled FlexAttention path: CUDA tensors, a head size of at least 16 (power of two),
+    kernels not turned off (``ops.impl``)."""
+    return q.is_cuda and impl.current().kernels != "off" and impl.powers_of_two(q.shape[-1])
 
 
 def window_attention(
