@@ -224,21 +224,12 @@ def test_yarn_temperature_reaches_every_logit(kind):
     cfg = cache_config(combine="concat") if kind == "ttt_cache" else tiny_config(kind, window=6)
     temp, plain = twin(yarn(cfg), yarn(cfg, 1.0))
     inv_t = yarn_attention_scale(S) ** 2
+    scaled = lambda h: h._replace(  # 1/t on the queries the softmax logits use
+        q=h.q * inv_t, q_raw=h.q_raw if kind == "infini" else h.q_raw * inv_t
+    )
     for att in (mod for mod in plain.modules() if isinstance(mod, StreamingAttention)):
         att.freqs = yarn_frequencies(8, 10_000.0, S, L0)
-        att._qkv = (
-            lambda f: (
-                lambda x, pos: (
-                    lambda q, k, v, qr, kr: (
-                        q * inv_t,
-                        k,
-                        v,
-                        qr if kind == "infini" else qr * inv_t,
-                        kr,
-                    )
-                )(*f(x, pos))
-            )
-        )(att._qkv)
+        att._qkv = (lambda f: lambda x, pos: scaled(f(x, pos)))(att._qkv)
     tokens = torch.randint(0, 50, (2, 90))
     with torch.no_grad():
         ref, out = plain(tokens), temp(tokens)

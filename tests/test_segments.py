@@ -6,6 +6,7 @@ import torch
 from conftest import assert_close
 
 import moshi_ttt as mt
+from moshi_ttt.layers.memory import Heads
 from moshi_ttt.ops.segments import pack, row_of, segment_rows, unpack
 
 
@@ -43,7 +44,7 @@ def test_unpacked_rows_equal_packed_reference(kind, extra):
             ).requires_grad_()
             for i in range(3)
         )
-        out = mem.attend_parallel(q, k, v, q, k, pos, seg, attn.freqs)
+        out = mem.attend_parallel(Heads(v=v, q=q, k=k, q_raw=q, k_raw=k), pos, seg, attn.freqs)
         grads = torch.autograd.grad(
             (out * torch.linspace(-1, 1, Dh, dtype=out.dtype)).sum(),
             [q, k, v] + [p for p in mem.parameters() if p.requires_grad],

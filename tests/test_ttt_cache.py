@@ -333,7 +333,7 @@ def test_truncated_bptt_stops_gradients():
 
 # ---- diagnostics and stability ------------------------------------------------------
 @pytest.mark.parametrize("combine", ["gate", "concat"])
-def test_diagnostics(combine):
+def test_recorded_alpha_and_virtual_mass_match_the_gate(combine):
     model = lively(mt.StreamingLM(cache_config(combine=combine, window=8, block=4))).eval()
     mem = memories(model)[0]
     with torch.no_grad(), recording() as stats:

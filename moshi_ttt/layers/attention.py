@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..ops.rope import apply_rope, yarn_frequencies
 from ..state import ScopedState
 from .memories import make_memory
+from .memory import Heads
 
 
 class StreamingAttention(nn.Module):
@@ -30,13 +31,14 @@ class StreamingAttention(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
         self.memory = make_memory(cfg.memory, cfg.num_heads, cfg.head_dim, cfg.rope_scale)
 
-    def _qkv(self, x: torch.Tensor, pos: torch.Tensor):
-        """x [B, T, D], pos [B, T] -> q, k (RoPE at pos), v, and q, k before RoPE: [B, H, T, Dh]
-        each."""
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor) -> Heads:
+        """x [B, T, D], pos [B, T] -> the ``Heads``: v, q and k with RoPE at pos, and before it,
+        [B, H, T, Dh] each."""
         B, T, _ = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
-        return apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs), v, q, k
+        q_rot, k_rot = apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs)
+        return Heads(v=v, q=q_rot, k=k_rot, q_raw=q, k_raw=k)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, H, T, Dh = o.shape
@@ -45,13 +47,11 @@ class StreamingAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
         """Parallel path. x [B, T, D]; pos [B, T] positions within each segment; seg [B, T] ids or
         None."""
-        q, k, v, q_raw, k_raw = self._qkv(x, pos)
-        return self._out(self.memory.attend_parallel(q_raw, k_raw, v, q, k, pos, seg, self.freqs))
+        return self._out(self.memory.attend_parallel(self._qkv(x, pos), pos, seg, self.freqs))
 
     def init_state(self, st: ScopedState, B: int, device, dtype) -> None:
         self.memory.init(st, B, device, dtype)
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, st: ScopedState) -> torch.Tensor:
         """Streaming path: x [B, k, D] at positions pos [B, k]; reads then updates the memory."""
-        q, k, v, q_raw, k_raw = self._qkv(x, pos)
-        return self._out(self.memory.attend_step(q_raw, k_raw, v, q, k, pos, st, self.freqs))
+        return self._out(self.memory.attend_step(self._qkv(x, pos), pos, st, self.freqs))

@@ -27,7 +27,7 @@ from ..ops.rope import yarn_attention_scale
 from ..ops.window_attention import window_attention
 from ..state import ScopedState
 from . import records
-from .memory import ring_write
+from .memory import Heads, ring_write
 
 
 def chunked_q(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -100,9 +100,10 @@ class EvictingMemory(nn.Module):
         return torch.sigmoid(g).expand(B, H, Q)
 
     # ---- parallel path --------------------------------------------------------------------
-    def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
+    def attend_parallel(self, x: Heads, pos, seg, freqs):
         """All [B, H, T, Dh]; pos/seg [B, T] (seg None: one document per row, pos 0..T-1) -> out [B,
         H, T, Dh]."""
+        q_raw, k_raw, v, q, k = x.q_raw, x.k_raw, x.v, x.q, x.k
         B, H, T, Dh = q.shape
         W = self.cfg.window
         read = self.virtual_parallel(q_raw, k_raw, v, pos, seg, freqs)
@@ -177,10 +178,11 @@ class EvictingMemory(nn.Module):
         by itself for inactive rows (one-token steps: the ring)."""
         return ("k", "v", "kraw", "kpos") if kq == 1 else ()
 
-    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+    def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):
         """k new tokens at positions pos [B, k]: evict, read the memory, attend to window + memory,
         then store the tokens in the window. ``active`` [B]: rows that evict nothing when False (the
         caller restores their ring slots). Static shapes only (CUDA-graph safe)."""
+        q_raw, k_raw, v, q, k = x.q_raw, x.k_raw, x.v, x.q, x.k
         B, H, kq, Dh = q.shape
         cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
         if active is not None:

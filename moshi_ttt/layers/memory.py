@@ -3,10 +3,11 @@
 Every memory of an attention layer (these and the evicting ones, layers/evicting.py) is built
 from ``(MemoryConfig, heads, head_dim, rope_scale)`` and implements:
     init(st, B, device, dtype)                 its streaming state, in a ScopedState
-    attend_parallel(q_raw, k_raw, v, q, k, pos, seg, freqs) -> [B, H, T, Dh]   a training sequence
-    attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active=None) -> [B, H, k, Dh]   k new tokens
+    attend_parallel(x, pos, seg, freqs) -> [B, H, T, Dh]              a training sequence
+    attend_step(x, pos, st, freqs, active=None) -> [B, H, k, Dh]      k new tokens of a stream
     self_masked(k) -> names of state a k-token step keeps unchanged by itself for inactive rows
-q, k are after RoPE, q_raw, k_raw before; pos [B, T] positions, seg [B, T] document ids (or None).
+x: the layer's ``Heads`` (values, queries and keys after RoPE and before it, built by name); pos
+[B, T] positions, seg [B, T] document ids (or None).
 The exact memories keep keys (after RoPE), values and their absolute positions (-1 = empty slot):
 ``context`` gives what was stored before the current step, ``write`` stores the step's tokens.
 Masks always come from positions (``ops.masks.visible``), never from slots.
@@ -15,6 +16,7 @@ Masks always come from positions (``ops.masks.visible``), never from slots.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -24,6 +26,18 @@ from ..ops.masks import visible
 from ..ops.rope import yarn_attention_scale
 from ..ops.window_attention import window_attention
 from ..state import ScopedState
+
+
+class Heads(NamedTuple):
+    """A layer's projections of a step's tokens, each [B, H, T, Dh]: values v, queries and keys
+    after RoPE at the tokens' positions (q, k) and before it (q_raw, k_raw: what the memories of
+    evicted tokens learn and read). Built by name, so the two kinds cannot be swapped."""
+
+    v: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    q_raw: torch.Tensor
+    k_raw: torch.Tensor
 
 
 class ExactMemory:
@@ -38,17 +52,19 @@ class ExactMemory:
     def self_masked(self, kq: int) -> tuple:
         return ()
 
-    def attend_parallel(self, q_raw, k_raw, v, q, k, pos, seg, freqs):
+    def attend_parallel(self, x: Heads, pos, seg, freqs):
         """All queries of a sequence: causal SDPA for one full-attention document per row, else
         block-sparse FlexAttention on CUDA (a dense mask elsewhere). [B, H, T, Dh] -> same."""
+        v, q, k = x.v, x.q, x.k
         m = self.cfg
         if seg is None and m.kind == "full":
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return window_attention(q, k, v, pos, seg, m.kind, m.window, m.num_sink, self.scale)
 
-    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+    def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):
         """k new tokens at pos [B, k]: attend to what was stored and to each other, then store them.
         (``active``: the caller restores inactive rows.)"""
+        v, q, k = x.v, x.q, x.k
         k0, v0, p0 = self.context(st)  # [B, H, L, Dh], [B, L]
         keys, vals = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
         mask = visible(
@@ -131,12 +147,13 @@ class WindowMemory(ExactMemory):
         """A one-token step of an inactive row writes an empty slot itself (``attend_step``)."""
         return ("k", "v", "kpos") if kq == 1 else ()
 
-    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+    def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):
         """One token takes the slot of one no query sees (W back): write first, then attend to the
         ring, which holds only this row's last W positions (or -1). A row with ``active`` [B] False
         writes an empty slot (position -1), so it continues as if the step never happened."""
+        v, q, k = x.v, x.q, x.k
         if k.shape[2] != 1:
-            return super().attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active)
+            return super().attend_step(x, pos, st, freqs, active)
         stored = pos if active is None else pos.masked_fill(~active[:, None], -1)
         self.write(st, k, v, pos, stored=stored)
         k0, v0, p0 = self.context(st)

@@ -30,6 +30,7 @@ from ..ops.ttt_cache import compress_scan, compressor, reconstruction_terms
 from ..state import ScopedState
 from . import records
 from .evicting import EvictingMemory, VirtualRead
+from .memory import Heads
 
 
 class TTTCacheMemory(EvictingMemory):
@@ -543,10 +544,11 @@ class TTTCacheMemory(EvictingMemory):
         recording = records.recorder() is not None or records.reconstruction_sink() is not None
         return not (recording or impl.reference("update"))
 
-    def attend_step(self, q_raw, k_raw, v, q, k, pos, st: ScopedState, freqs, active=None):
+    def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):
         """``EvictingMemory.attend_step``; a one-token step with a constant gate and no query read
         evicts, writes the ring and attends in two kernels where they apply
         (``ops.ttt_step_triton``)."""
+        q_raw, k_raw, v, q, k = x.q_raw, x.k_raw, x.v, x.q, x.k
         mc = self.cfg
         fused = (
             q.shape[2] == 1
@@ -555,7 +557,7 @@ class TTTCacheMemory(EvictingMemory):
             and ttt_step.attend_supports(st["k"], mc.num_virtual)
         )
         if not fused:
-            return super().attend_step(q_raw, k_raw, v, q, k, pos, st, freqs, active)
+            return super().attend_step(x, pos, st, freqs, active)
         cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
         if active is not None:
             valid = valid & active[:, None]

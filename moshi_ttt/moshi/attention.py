@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import MemoryConfig
 from ..layers.memories import make_memory
+from ..layers.memory import Heads
 from ..ops.rope import apply_rope, rope_frequencies, yarn_attention_scale, yarn_frequencies
 from ..state import StreamingState
 from .streaming import empty_state, exec_masked
@@ -145,16 +146,14 @@ class MemoryAttention(StreamingMultiheadAttention):
             tensors=st,
         )
 
-    def _attend(self, q, k, v, qr, kr, pos, state):
-        """Pre-RoPE q, k, v and rotated qr, kr [B, H, T, Dh]; pos [B, T] -> [B, H, T, Dh]. A row
-        off Moshi's exec mask evicts and stores nothing (the memory's ``self_masked`` state, the
-        rest restored by ``exec_masked``)."""
+    def _attend(self, x: Heads, pos, state):
+        """The layer's ``Heads`` [B, H, T, Dh] at pos [B, T] -> [B, H, T, Dh]. A row off Moshi's
+        exec mask evicts and stores nothing (the memory's ``self_masked`` state, the rest
+        restored by ``exec_masked``)."""
         if state is None:
-            return self.memory.attend_parallel(q, k, v, qr, kr, pos, None, self.freqs)
+            return self.memory.attend_parallel(x, pos, None, self.freqs)
         active = state.exec_mask if self.respect_exec_mask else None
-        return self.memory.attend_step(
-            q, k, v, qr, kr, pos, state.tensors.scope(""), self.freqs, active
-        )
+        return self.memory.attend_step(x, pos, state.tensors.scope(""), self.freqs, active)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Self-attention of query [B, T, D] (key, value: the same tensor, as Moshi passes them)."""
@@ -170,8 +169,9 @@ class MemoryAttention(StreamingMultiheadAttention):
         )
         pos = offset[:, None] + torch.arange(T, device=query.device)  # [B, T] absolute positions
         qr, kr = apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs)
+        x = Heads(v=v, q=qr, k=kr, q_raw=q, k_raw=k)
         if state is None:
-            o = self._attend(q, k, v, qr, kr, pos, None)
+            o = self._attend(x, pos, None)
         else:
             # [B, n] ring slots this step writes
             slots = pos[:, -self.mem_cfg.window :] % self.mem_cfg.window
@@ -179,7 +179,7 @@ class MemoryAttention(StreamingMultiheadAttention):
             with exec_masked(
                 state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own
             ):
-                o = self._attend(q, k, v, qr, kr, pos, state)
+                o = self._attend(x, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
         if state is not None:
             state.offset[:] = torch.where(state.exec_mask, state.offset + T, state.offset)
