@@ -27,7 +27,7 @@ from moshi_ttt.data.prepare import load_split
 from moshi_ttt.models.lm import StreamingLM
 from moshi_ttt.pipeline import STUDY_PRESETS, evaluate, run_training
 from moshi_ttt.trainer import train
-from moshi_ttt.training import SPEC_RECIPE, config_dict
+from moshi_ttt.training import STAGED_RECIPE, config_dict
 
 SP = STUDY_PRESETS["small"]
 
@@ -85,7 +85,7 @@ def run_recipe(data: Path, out: Path, device: str) -> Path:
         dataclasses.replace(
             s, steps=n, frozen_layers_below=cfg.num_layers // 2 if s.frozen_layers_below else 0
         )
-        for s, n in zip(SPEC_RECIPE, split)
+        for s, n in zip(STAGED_RECIPE, split)
     )
     tcfg = dataclasses.replace(SP.train, stages=stages, seq_schedule=())
     stream, bounds, manifest = load_split(data, "train")

@@ -21,7 +21,7 @@ from .moshi_cli import add_moshi_parser
 from .pipeline import STUDY_PRESETS, EvalConfig, evaluate, run_study, run_training
 from .report import git_commit, plot_train_loss, write_json
 from .sessions.cli import add_sessions_parser
-from .training import SPEC_RECIPE, TRAIN_PRESETS, TrainConfig, config_dict
+from .training import STAGED_RECIPE, TRAIN_PRESETS, TrainConfig, config_dict, recipe_name
 
 DEFAULT_DATA = Path("data/corpus")
 
@@ -107,24 +107,24 @@ def train_config(a) -> TrainConfig:
         over["seq_schedule"] = parse_schedule(a.seq_schedule)
     if a.bf16:
         over["bf16"] = True
-    if a.stage_steps is not None and a.recipe != "spec":
-        raise ValueError("--stage-steps sets the stages of --recipe spec: add --recipe spec")
-    if a.recipe == "spec":
+    if a.stage_steps is not None and a.recipe != "staged":
+        raise ValueError("--stage-steps sets the stages of --recipe staged: add --recipe staged")
+    if a.recipe == "staged":
         if a.steps is not None:
-            raise ValueError("--steps has no effect with --recipe spec: use --stage-steps")
+            raise ValueError("--steps has no effect with --recipe staged: use --stage-steps")
         half = ModelConfig.preset(a.preset).num_layers // 2
         lengths = (
             parse_ints(a.stage_steps, "--stage-steps")
             if a.stage_steps is not None
-            else [s.steps for s in SPEC_RECIPE]
+            else [s.steps for s in STAGED_RECIPE]
         )
-        if len(lengths) != len(SPEC_RECIPE):
-            raise ValueError(f"--stage-steps needs {len(SPEC_RECIPE)} comma-separated values")
+        if len(lengths) != len(STAGED_RECIPE):
+            raise ValueError(f"--stage-steps needs {len(STAGED_RECIPE)} comma-separated values")
         over["stages"] = tuple(
             dataclasses.replace(
                 s, steps=n, frozen_layers_below=half if s.frozen_layers_below else 0
             )
-            for s, n in zip(SPEC_RECIPE, lengths)
+            for s, n in zip(STAGED_RECIPE, lengths)
         )
     return dataclasses.replace(base, **over)
 
@@ -476,15 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--recipe",
         default="scratch",
-        choices=["scratch", "spec", "recall"],
-        help="scratch: one stage; spec: memory alone (reconstruction), then attention above "
-        "the lower half, then everything; recall: key-value binding rows only, facts "
-        "inside the window first, answers only in the loss (TRAIN_PRESETS['recall'])",
+        choices=["scratch", "staged", "recall"],
+        type=recipe_name,
+        help="scratch: one stage; staged: memory alone (reconstruction), then attention above "
+        "the lower half, then everything (its former name, spec, is accepted); recall: "
+        "key-value binding rows only, facts inside the window first, answers only in the loss "
+        "(TRAIN_PRESETS['recall'])",
     )
     tp.add_argument(
         "--stage-steps",
         default=None,
-        help="with --recipe spec: steps of the 3 stages, e.g. 100,300,600",
+        help="with --recipe staged: steps of the 3 stages, e.g. 100,300,600",
     )
     tp.add_argument(
         "--init", type=Path, default=None, help="start from this checkpoint's weights (a backbone)"

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from .training import recipe_name
+
 MIMI_CARD = 2048  # codes per Mimi codebook
 ADAPTER_HELP = (
     "the memory: an AdapterConfig preset (off, inplace_ttt, ttt_cache, both) or a JSON "
@@ -58,9 +60,11 @@ def add_moshi_parser(sub) -> None:
     )
     tp.add_argument(
         "--recipe",
-        default="spec",
-        choices=["spec", "tiny"],
-        help="spec: the memory alone, then attention above the lower half, then all",
+        default="staged",
+        choices=["staged", "tiny"],
+        type=recipe_name,
+        help="staged: the memory alone, then attention above the lower half, then all (its "
+        "former name, spec, is accepted)",
     )
     tp.add_argument(
         "--steps",

@@ -43,7 +43,12 @@ class Stage:
 
 # the staged recipe on a pretrained backbone: memory alone, then attention above the lower half,
 # then all
-SPEC_RECIPE = (
+def recipe_name(text: str) -> str:
+    """A training recipe's name; ``spec``, the staged recipe's former name, is ``staged``."""
+    return "staged" if text == "spec" else text
+
+
+STAGED_RECIPE = (
     Stage("memory", 1000, ("*.memory.*",), "reconstruction"),
     Stage("attention", 5000, ("*.memory.*", "*.self_attn.*"), "lm", frozen_layers_below=4),
     Stage("all", 10000),

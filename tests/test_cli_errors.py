@@ -83,9 +83,17 @@ def test_a_process_prints_what_main_prints(nowhere, tmp_path):
         (["train", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
         (["train", "--log-every", "0"], "log_every must be >= 1"),
         (["train", "--lr", "nan"], "lr must be a finite number > 0"),
-        (["train", "--stage-steps", "1,1,1"], "--stage-steps .* --recipe spec"),
-        (["train", "--recipe", "spec", "--steps", "5"], "--steps has no effect with --recipe spec"),
-        (["train", "--recipe", "spec", "--stage-steps", "1,x,1"], "--stage-steps '1,x,1'"),
+        (["train", "--stage-steps", "1,1,1"], "--stage-steps .* --recipe staged"),
+        (
+            ["train", "--recipe", "staged", "--steps", "5"],
+            "--steps has no effect with --recipe staged",
+        ),
+        # the former name of the staged recipe is accepted as it
+        (
+            ["train", "--recipe", "spec", "--steps", "5"],
+            "--steps has no effect with --recipe staged",
+        ),
+        (["train", "--recipe", "staged", "--stage-steps", "1,x,1"], "--stage-steps '1,x,1'"),
         (["train", "--name", ""], "argument --name"),
         (["train", "--init", "missing.pt"], "--init missing.pt: no such checkpoint"),
         (["eval", "x.pt", "--docs", "0"], "docs must be >= 1, got 0"),

@@ -102,11 +102,12 @@ class MoshiTrainConfig:
 
     @classmethod
     def preset(cls, name: str, num_layers: int = 32, **overrides) -> "MoshiTrainConfig":
-        """``spec``: the memory alone on the reconstruction loss (1000 steps), then attention
+        """``staged``: the memory alone on the reconstruction loss (1000 steps), then attention
         above the lower half of the layers on Moshi's loss (5000), then everything (10000).
-        ``tiny``: the same three stages of 1 step each, for smoke runs."""
+        ``tiny``: the same three stages of 1 step each, for smoke runs. (``spec``, the staged
+        preset's former name, is ``staged``.)"""
         half = num_layers // 2
-        spec = (
+        staged = (
             Stage("memory", 1000, (ADDED,), "reconstruction"),
             Stage(
                 "attention",
@@ -116,18 +117,18 @@ class MoshiTrainConfig:
             ),
             Stage("all", 10000),
         )
-        if name == "spec":
-            return cls(stages=spec, **overrides)
+        if name in ("staged", "spec"):
+            return cls(stages=staged, **overrides)
         if name == "tiny":
             return cls(
-                stages=tuple(dataclasses.replace(s, steps=1) for s in spec),
+                stages=tuple(dataclasses.replace(s, steps=1) for s in staged),
                 segment=8,
                 lr=1e-3,
                 warmup=1,
                 bf16=False,
                 **overrides,
             )
-        raise ValueError(f"unknown Moshi training preset {name!r}: expected 'spec' or 'tiny'")
+        raise ValueError(f"unknown Moshi training preset {name!r}: expected 'staged' or 'tiny'")
 
 
 def stage_parameters(lm: LMModel, stage: Stage) -> list[str]:
