@@ -24,7 +24,6 @@ from ..config import MemoryConfig
 from ..ops import impl
 from ..ops import l2norm_triton as l2norm
 from ..ops import ttt_cache_step as step_ops
-from ..ops import ttt_step_triton as ttt_step
 from ..ops.segments import pack, row_of, segment_rows, unpack
 from ..ops.ttt_cache import compress_scan, compressor, reconstruction_terms
 from ..state import ScopedState
@@ -546,24 +545,19 @@ class TTTCacheMemory(EvictingMemory):
 
     def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):
         """``EvictingMemory.attend_step``; a one-token step with a constant gate and no query read
-        evicts, writes the ring and attends in two kernels where they apply
-        (``ops.ttt_step_triton``)."""
+        goes top-down through two ops, ``ops.ttt_cache_step.evict_one`` and ``attend_one`` (each
+        a Triton kernel where it applies, else its PyTorch reference), and the ring write."""
         q_raw, k_raw, v, q, k = x.q_raw, x.k_raw, x.v, x.q, x.k
         mc = self.cfg
-        fused = (
-            q.shape[2] == 1
-            and self._one_token_steps()
-            and not (mc.gate_per_token or mc.read_query)
-            and ttt_step.attend_supports(st["k"], mc.num_virtual)
-        )
-        if not fused:
+        one = q.shape[2] == 1 and self._one_token_steps()
+        if not one or mc.gate_per_token or mc.read_query:
             return super().attend_step(x, pos, st, freqs, active)
         cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
         if active is not None:
             valid = valid & active[:, None]
         vk, vv, has = self._evict_one(*self._kv(cand_k, cand_v), valid[:, 0], st, freqs)
         self.write_one(st, k_raw, v, k, pos, active, cand_k, cand_v)
-        out = ttt_step.attend_one(
+        out = step_ops.attend_one(
             q,
             q_raw,
             st["k"],
@@ -574,7 +568,7 @@ class TTTCacheMemory(EvictingMemory):
             has,
             self.gate,
             self.recency,
-            scale=self.inv_t / math.sqrt(q.shape[-1]),
+            inv_t=self.inv_t,
             gated=mc.combine == "gate",
             recency_bias=mc.virtual_position == "decay",
         )

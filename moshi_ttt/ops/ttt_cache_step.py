@@ -1,6 +1,8 @@
-"""The TTT cache's streaming step as one op: ``evict_one`` takes a layer's state and weights as
-tensors and runs the Triton kernel where it applies (``ops.ttt_step_triton.evict_step``) or its
-PyTorch reference here; plus the pure pieces every path of the layer shares.
+"""The TTT cache's one-token streaming step as two ops that take tensors, never the layer, and
+run a Triton kernel where it applies (``ops.ttt_step_triton``) or their PyTorch reference here:
+``evict_one`` (the evicted token joins the open block; a completed block updates the compressor)
+and ``attend_one`` (the query against the ring and the virtual tokens); plus the pure pieces
+every path of the layer shares.
 
     η_t = inner_lr σ(k̂_t·w + c) / b                         (``step_sizes``)
     λ_n = σ(k̄_n·w_f + c_f), k̄_n the mean of block n's keys  (``forget_decay``; else a constant)
@@ -9,12 +11,15 @@ PyTorch reference here; plus the pure pieces every path of the layer shares.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
 from . import l2norm_triton as l2norm
 from . import ttt_cache_triton as ttt_triton
 from . import ttt_step_triton as ttt_step
+from .banded import mix
 from .rope import rotate
 from .ttt_cache import complete_block
 
@@ -159,3 +164,62 @@ def _complete(state: StepState, weights: StepWeights, done, rot, decay, momentum
     if check is not None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         if not all(torch.isfinite(d).all() for d in ds):
             raise FloatingPointError(f"{check}: compressor state not finite after an update")
+
+
+def attend_one(
+    q: torch.Tensor,
+    q_raw: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    kpos: torch.Tensor,
+    vk: torch.Tensor,
+    vv: torch.Tensor,
+    has: torch.Tensor,
+    gate: torch.Tensor,
+    recency: torch.Tensor,
+    *,
+    inv_t: float,
+    gated: bool,
+    recency_bias: bool,
+) -> torch.Tensor:
+    """A one-token step's attention output [B, H, 1, Dh] (fp32): q (after RoPE) against the ring
+    ring_k, ring_v [B, H, W, Dh] at kpos [B, W] (-1: empty), q_raw [B, H, 1, Dh] against the
+    virtual tokens vk, vv [B, H, M, Dh] of the rows with has [B]; logits qᵀk inv_t / √Dh, the
+    virtual ones minus softplus(recency_h) m with ``recency_bias``. ``gated``: α softmax(window)
+    + (1 - α) softmax(virtual), α = σ(gate) [H]; else one softmax (``ops.banded.mix``).
+    ``ttt_step_triton.attend_one`` where ``attend_supports`` holds, else the same in PyTorch."""
+    B, H, _, Dh = q.shape
+    if ttt_step.attend_supports(ring_k, vk.shape[2]):
+        return ttt_step.attend_one(
+            q,
+            q_raw,
+            ring_k,
+            ring_v,
+            kpos,
+            vk,
+            vv,
+            has,
+            gate,
+            recency,
+            scale=inv_t / math.sqrt(Dh),
+            gated=gated,
+            recency_bias=recency_bias,
+        )
+    s_r = q.float() @ ring_k.float().transpose(-1, -2) / math.sqrt(Dh) * inv_t  # [B, H, 1, W]
+    s_r = s_r.masked_fill(~(kpos >= 0)[:, None, None, :], float("-inf"))
+    s_v = torch.einsum("bhqd,bhmd->bhqm", q_raw.float(), vk.float()) / math.sqrt(Dh) * inv_t
+    if recency_bias:  # virtual token m weighted by exp(-γ m)
+        gamma = F.softplus(recency).view(1, H, 1, 1)
+        s_v = s_v - gamma * torch.arange(s_v.shape[-1], device=s_v.device, dtype=s_v.dtype)
+    f = torch.promote_types(gate.dtype, torch.float32)
+    alpha = torch.sigmoid(gate.to(f)).view(1, H, 1).expand(B, H, 1)
+    out, _ = mix(
+        s_r,
+        ring_v,
+        has[:, None, None].expand(B, H, 1),
+        alpha,
+        "gate" if gated else "concat",
+        scores=s_v,
+        values=vv[:, :, None],
+    )
+    return out
