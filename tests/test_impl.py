@@ -3,6 +3,7 @@ each selects, that contexts nest and restore, and that bad choices are refused."
 
 import pytest
 import torch
+from conftest import assert_close
 
 import moshi_ttt as mt
 from moshi_ttt.layers import records
@@ -69,7 +70,7 @@ def test_update_part_selects_the_per_token_reference(monkeypatch):
         assert calls["naive"] > 0 and calls["fast"] == 0
         out = model(tokens)
     assert calls["fast"] > 0
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_close(out, ref, 1e-5, "logits")
 
 
 def test_records_gather_per_memory_and_leave_nothing_behind():
@@ -79,7 +80,7 @@ def test_records_gather_per_memory_and_leave_nothing_behind():
         model(tokens)
     assert set(terms) == set(mems) and all(len(t) == 1 for t in terms.values())
     per = [t[0][0] / t[0][1] for t in terms.values()]  # one call: Σ errors / tokens per memory
-    torch.testing.assert_close(records.reconstruction_loss(terms), torch.stack(per).mean())
+    assert_close(records.reconstruction_loss(terms), torch.stack(per).mean(), 1e-6, "loss")
     assert records.reconstruction_sink() is None and records.recorder() is None
     with records.recording() as stats, torch.no_grad():
         model(tokens)

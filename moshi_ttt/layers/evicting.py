@@ -152,10 +152,14 @@ class EvictingMemory(nn.Module):
         st.add("kpos", torch.full((B, W), -1, dtype=torch.long, device=device), -1)
         self.init_memory(st, B, device)
 
-    def candidates(self, st: ScopedState, k_raw, v, pos):
+    def candidates(self, st: ScopedState, k_raw, v, pos, active=None):
         """Tokens leaving the window in this step: positions P - W + j for j < k, valid when >= 0
-        (a suffix). Only those ring slots are read. -> keys before RoPE, values [B, H, k, Dh], valid
-        [B, k]."""
+        (a suffix) and the row is ``active`` [B] (None: all). Only those ring slots are read.
+        -> keys before RoPE, values [B, H, k, Dh], valid [B, k]."""
+        cand_k, cand_v, valid = self._leaving(st, k_raw, v, pos)
+        return cand_k, cand_v, valid if active is None else valid & active[:, None]
+
+    def _leaving(self, st: ScopedState, k_raw, v, pos):
         B, H, kq, Dh = k_raw.shape
         W = self.cfg.window
         if kq == 1:  # position P - W sits in the slot P takes
@@ -184,9 +188,7 @@ class EvictingMemory(nn.Module):
         caller restores their ring slots). Static shapes only (CUDA-graph safe)."""
         q_raw, k_raw, v, q, k = x.q_raw, x.k_raw, x.v, x.q, x.k
         B, H, kq, Dh = q.shape
-        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
-        if active is not None:
-            valid = valid & active[:, None]
+        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos, active)
         read = self.virtual_step(q_raw, cand_k, cand_v, valid, pos, st, freqs)
         # the new token takes the slot of one no query here sees: attend to the ring itself
         if kq == 1:

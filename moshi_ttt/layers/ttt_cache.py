@@ -237,8 +237,7 @@ class TTTCacheMemory(EvictingMemory):
         )
         s = s * self.inv_t  # YaRN temperature, as on the window logits
         if self.cfg.virtual_position == "decay":  # token m is weighted by exp(-γ m)
-            gamma = F.softplus(self.recency).view(1, -1, *([1] * (s.dim() - 2)))
-            s = s - gamma * torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
+            s = step_ops.with_recency(s, self.recency)
         return s
 
     def _read_dict(self, q_raw, kv, vv, has, losses, vq=None):
@@ -334,17 +333,12 @@ class TTTCacheMemory(EvictingMemory):
             if vqd is not None:  # K_q = key_q + V_q A, one more token per query
                 vqd = vqd.float()
                 sq = (q * self._query_keys(vqd).float()).sum(-1, keepdim=True) * c  # [R, H, L, 1]
-            gamma = (
-                F.softplus(self.recency).float() if self.cfg.virtual_position == "decay" else None
-            )
+            decay = self.cfg.virtual_position == "decay"
 
             def read(q, k, v, sq, vq):  # q [..., n, Dh], k, v [..., M, Dh] -> [..., n, Dh]
                 s = q @ k.transpose(-1, -2) * c  # [..., n, M]
-                if gamma is not None:  # token m weighted by exp(-γ m)
-                    bias = gamma.view(1, H, *([1] * (s.dim() - 2))) * torch.arange(
-                        M, device=s.device
-                    )
-                    s = s - bias
+                if decay:  # token m weighted by exp(-γ m)
+                    s = step_ops.with_recency(s, self.recency)
                 if sq is None:
                     return torch.softmax(s, -1) @ v
                 p = torch.softmax(torch.cat([s, sq], -1), -1)
@@ -552,9 +546,7 @@ class TTTCacheMemory(EvictingMemory):
         one = q.shape[2] == 1 and self._one_token_steps()
         if not one or mc.gate_per_token or mc.read_query:
             return super().attend_step(x, pos, st, freqs, active)
-        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos)
-        if active is not None:
-            valid = valid & active[:, None]
+        cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos, active)
         vk, vv, has = self._evict_one(*self._kv(cand_k, cand_v), valid[:, 0], st, freqs)
         self.write_one(st, k_raw, v, k, pos, active, cand_k, cand_v)
         out = step_ops.attend_one(

@@ -267,38 +267,12 @@ def compress_scan(
     """
     naive = impl.reference("update")
     fused = not (naive or compiled or torch.is_tensor(decay))
+    args = (tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum, max_norm, bptt)
     if fused and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
-        states, moms, loss = ttt_scan_triton.scan_states(
-            tuple(ds),
-            moms,
-            tuple(inits),
-            keys,
-            vals,
-            eta,
-            apply,
-            decay,
-            momentum,
-            max_norm,
-            bptt,
-            grad_precision,
-        )
+        states, moms, loss = ttt_scan_triton.scan_states(*args, grad_precision)
     else:
         step = compiled_scan_step() if compiled and not naive else scan_step
-        states, moms, loss = scan_states(
-            tuple(ds),
-            moms,
-            tuple(inits),
-            keys,
-            vals,
-            eta,
-            apply,
-            decay,
-            momentum,
-            max_norm,
-            bptt,
-            naive,
-            step,
-        )
+        states, moms, loss = scan_states(*args, naive, step)
     if check is not None and not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):
         # [N]
         finite = torch.stack(

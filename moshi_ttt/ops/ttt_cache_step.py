@@ -59,6 +59,12 @@ def per_head(x: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
     return x.view(rows, S, heads, -1, Dh).transpose(1, 2).reshape(rows * heads, S, -1, Dh)
 
 
+def with_recency(s: torch.Tensor, recency: torch.Tensor) -> torch.Tensor:
+    """Virtual token m's logit minus softplus(recency_h) m: s [B, H, ..., M], recency [H]."""
+    gamma = F.softplus(recency).to(s.dtype).view(1, -1, *([1] * (s.dim() - 2)))
+    return s - gamma * torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
+
+
 def virtual_keys(v: torch.Tensor, vkeys: torch.Tensor, vkey_proj: torch.Tensor, rot=None):
     """K_m = key_m + V_m A: v [rows * H, S, M, Dh], vkeys [H, M, Dh], vkey_proj [H, Dh, Dh]; rot
     the (cos, sin) [M, Dh/2] of the relative offsets (None: no rotation)."""
@@ -209,8 +215,7 @@ def attend_one(
     s_r = s_r.masked_fill(~(kpos >= 0)[:, None, None, :], float("-inf"))
     s_v = torch.einsum("bhqd,bhmd->bhqm", q_raw.float(), vk.float()) / math.sqrt(Dh) * inv_t
     if recency_bias:  # virtual token m weighted by exp(-γ m)
-        gamma = F.softplus(recency).view(1, H, 1, 1)
-        s_v = s_v - gamma * torch.arange(s_v.shape[-1], device=s_v.device, dtype=s_v.dtype)
+        s_v = with_recency(s_v, recency)
     f = torch.promote_types(gate.dtype, torch.float32)
     alpha = torch.sigmoid(gate.to(f)).view(1, H, 1).expand(B, H, 1)
     out, _ = mix(
