@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -152,7 +153,8 @@ def fits(goods: list[dict], B: int, free_bytes: float) -> bool:
 
 
 def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> dict:
-    """Largest batch with ms per frame <= threshold: doubling, then bisection to within ~6%."""
+    """Largest batch with ms per frame <= threshold: doubling, then bisection until the first
+    failing batch is within ``args.resolution`` of it (at least one batch)."""
     free = (
         torch.cuda.get_device_properties(device).total_memory * 0.92 - allocated(device)
         if device.type == "cuda"
@@ -180,7 +182,11 @@ def concurrency(lm: LMModel, args, device, deadline: float, measure=measure) -> 
             bad = B
             break
         ok, B = r, 2 * B
-    while ok is not None and bad is not None and bad - ok["batch"] > max(1, ok["batch"] // 16):
+    while (
+        ok is not None
+        and bad is not None
+        and bad - ok["batch"] > max(1, int(ok["batch"] * args.resolution))
+    ):
         if time.monotonic() > deadline:
             cut = True
             break
@@ -235,6 +241,24 @@ def variant_config(name: str, num_layers: int) -> tuple[AdapterConfig, bool, int
     return cfg, "unfused" not in opts, None
 
 
+@contextlib.contextmanager
+def variant(lm: LMModel, name: str):
+    """``lm`` as the variant ``name`` inside the block (``variant_config``: the preset patched in,
+    stock attention's context set, the one-token TTT-cache step fused or not), stock after it.
+    Yields (config, fused, context)."""
+    cfg, fused, context = variant_config(name, len(lm.transformer.layers))
+    contexts = set_context(lm, context)
+    patch_lm(lm, cfg)
+    try:
+        # +unfused: the one-token TTT-cache step in PyTorch
+        with implementation(reference=() if fused else {"step"}):
+            yield cfg, fused, context
+    finally:
+        unpatch_lm(lm)
+        for layer, c in zip(lm.transformer.layers, contexts):
+            layer.self_attn.context = c
+
+
 def set_context(lm: LMModel, context: int | None) -> list:
     """Set the ring-cache context of every attention of the main transformer (None: unchanged);
     returns the previous ones."""
@@ -254,7 +278,6 @@ def run(args) -> dict:
     torch.manual_seed(0)
     lm = LMModel(device=device, dtype=dtype, **kwargs).eval()
     built_s = time.monotonic() - t_start
-    n_layers = len(lm.transformer.layers)
     out = {
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -272,18 +295,11 @@ def run(args) -> dict:
     }
     per_variant = (args.budget_s - built_s) / len(args.variants)
     for i, name in enumerate(args.variants):
-        cfg, fused, context = variant_config(name, n_layers)
-        contexts = set_context(lm, context)
-        patch_lm(lm, cfg)
         t0 = time.monotonic()
-        # +unfused: the one-token TTT-cache step in PyTorch
-        with implementation(reference=() if fused else {"step"}):
+        with variant(lm, name) as (cfg, fused, context):
             series = batch1_series(lm, args, device)
             deadline = t_start + built_s + per_variant * (i + 1)
             search = concurrency(lm, args, device, deadline)
-        unpatch_lm(lm)
-        for layer, c in zip(lm.transformer.layers, contexts):
-            layer.self_attn.context = c
         out["variants"][name] = {
             "adapter": cfg.to_dict(),
             "fused_step": fused,
@@ -322,8 +338,21 @@ def ratios(out: dict, base: str = "off") -> dict:
             "state_vs_stock": r["series"][-1]["state_bytes"] / s["series"][-1]["state_bytes"],
             "concurrency_vs_stock": r["search"]["max_concurrent"]
             / max(s["search"]["max_concurrent"], 1),
+            **same_batch(r["search"]["tried"], s["search"]["tried"]),
         }
     return res
+
+
+def same_batch(tried: list[dict], base: list[dict]) -> dict:
+    """ms per frame against ``base``'s at the largest batch both searches measured (without OOM):
+    a throughput ratio finer than the searches' resolution. {} when they share none."""
+    ms = lambda ts: {t["batch"]: t["ms_per_frame"] for t in ts if not t.get("oom")}
+    a, b = ms(tried), ms(base)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {}
+    B = common[-1]
+    return {"same_batch": B, "ms_vs_base_same_batch": a[B] / b[B]}
 
 
 def markdown(out: dict) -> str:
@@ -382,13 +411,19 @@ def markdown(out: dict) -> str:
             "",
             "Against `window64` (stock Moshi, a 64-step context in every layer):",
             "",
-            "| variant | latency at batch 1 | state / window64 | concurrency / window64 |",
-            "|---|---:|---:|---:|",
+            "| variant | latency at batch 1 | state / window64 | concurrency / window64 | "
+            "ms/frame / window64's at one batch |",
+            "|---|---:|---:|---:|---:|",
         ]
         for name, r in out["ratios_window64"].items():
+            same = (
+                f"{r['ms_vs_base_same_batch']:.3f}x at {r['same_batch']}"
+                if "same_batch" in r
+                else "-"
+            )
             lines.append(
                 f"| {name} | {r['latency_b1']:.3f}x | {r['state_vs_stock']:.3f} | "
-                f"{r['concurrency_vs_stock']:.3f}x |"
+                f"{r['concurrency_vs_stock']:.3f}x | {same} |"
             )
     lines += ["", f"Total {out['total_s']:.0f} s (model built in {out['model_build_s']:.0f} s)."]
     return "\n".join(lines) + "\n"
@@ -455,6 +490,12 @@ def parse(argv=None):
         "--max-batch", type=int, default=None, help="largest batch tried (default 4096; tiny 8)"
     )
     p.add_argument(
+        "--resolution",
+        type=float,
+        default=1 / 128,
+        help="the search stops when the first failing batch is within this fraction of the best",
+    )
+    p.add_argument(
         "--budget-s", type=float, default=None, help="wall-clock budget (default 420; tiny 60)"
     )
     p.add_argument(
@@ -474,6 +515,8 @@ def parse(argv=None):
     a.max_batch = a.max_batch or (8 if a.tiny else 4096)
     a.budget_s = a.budget_s or (60.0 if a.tiny else 420.0)
     a.threads = a.threads or (1 if a.tiny else None)
+    if not 0 < a.resolution < 1:
+        raise ValueError(f"--resolution must be in (0, 1), got {a.resolution}")
     if sorted(a.checkpoints) != a.checkpoints or a.checkpoints[0] < a.warmup:
         raise ValueError(
             f"--checkpoints must increase and start at >= --warmup ({a.warmup}), got "

@@ -3,9 +3,10 @@
     NO_TORCH_COMPILE=1 python bench/profile_moshi.py --out prof-moshi.json            # one H100
     python bench/profile_moshi.py --tiny --device cpu --batches 1,2 --out /tmp/p.json  # seconds
 
-Per variant and batch: ms per frame with CUDA graphs (replays), then a few eager steps under the
-profiler: kernels per step, GPU time per step and in the main transformer (``forward_text``), and
-the kernels that take the most GPU time.
+Variants are moshi_bench.py's (presets, ``window64``). Per variant and batch: ms per frame with
+CUDA graphs (replays), then a few eager steps under the profiler: kernels per step, GPU time per
+step, in the main transformer (``forward_text``) and in each kind of attention layer (stock, or
+the project's ``MemoryAttention``; CPU time off CUDA), and the kernels that take the most GPU time.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi.utils.compile import no_cuda_graph
 
 # bench/ is the script's folder
-from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant_config
-
-from moshi_ttt.moshi import patch_lm, unpatch_lm
+from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant
 
 
 def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
@@ -40,12 +39,18 @@ def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
         sync(device)
     ev = prof.key_averages()
     main = next((e for e in ev if e.key == "forward_text"), None)
+    # GPU time on CUDA, CPU time elsewhere
+    total = (
+        (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.cpu_time_total)
+    )
+    labels = {e.key: total(e) / n for e in ev if e.key.startswith("attention ")}
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(ev, key=lambda e: e.self_device_time_total, reverse=True)[:25]
     return {
         "kernels_per_step": len(kernels) / n,
         "gpu_us_per_step": sum(k.device_time for k in kernels) / n,
         "main_gpu_us_per_step": (main.device_time_total / n) if main else None,
+        "attention_us_per_step": labels,
         "top": [
             {
                 "name": e.key[:90],
@@ -56,6 +61,24 @@ def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
             if e.self_device_time_total > 0
         ],
     }
+
+
+def profile_batch(lm: LMModel, B: int, a, device) -> dict:
+    """ms per frame at batch B with CUDA graphs, then ``profile_steps`` on the same state."""
+    gen = LMGen(lm, use_sampling=True)
+    attns = [layer.self_attn for layer in lm.transformer.layers]
+    for m in attns:  # GPU time per kind of attention layer (stock, or the project's memory)
+        m.forward = labelled(m.forward, f"attention ({type(m).__name__})")
+    try:
+        with gen.streaming(B):
+            time_steps(gen, lm, B, 3, device)
+            ms = time_steps(gen, lm, B, a.frames, device)
+            return {"graph_ms_per_frame": ms, **profile_steps(gen, lm, B, a.profiled, device)}
+    finally:
+        for m in attns:
+            del m.forward
+        del gen
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
 def labelled(fn, name):
@@ -71,7 +94,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--variants", default="off,ttt_cache")
+    p.add_argument(
+        "--variants", default="off,ttt_cache", help="moshi_bench.py's variants, e.g. window64"
+    )
     p.add_argument("--batches", default="1,32")
     p.add_argument(
         "--extra-batches",
@@ -95,30 +120,26 @@ def main():
     }
     print(json.dumps({k: res[k] for k in ("device", "torch", "cuda_graph_if_nodes")}), flush=True)
     for name in a.variants.split(","):
-        patch_lm(lm, variant_config(name, len(lm.transformer.layers)))
         batches = a.batches + ("," + a.extra_batches if name != "off" and a.extra_batches else "")
-        for B in (int(s) for s in batches.split(",")):
-            gen = LMGen(lm, use_sampling=True)
-            with gen.streaming(B):
-                time_steps(gen, lm, B, 3, device)
-                ms = time_steps(gen, lm, B, a.frames, device)
-                prof = profile_steps(gen, lm, B, a.profiled, device)
-            run = {"variant": name, "batch": B, "graph_ms_per_frame": ms, **prof}
-            res["runs"].append(run)
-            print(
-                f"{name} B={B}: {ms:.2f} ms/frame (graphs); eager profile: "
-                f"{prof['kernels_per_step']:.0f} kernels, "
-                f"{prof['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main "
-                f"{(prof['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms",
-                flush=True,
-            )
-            for t in prof["top"][:12]:
+        with variant(lm, name):
+            for B in (int(s) for s in batches.split(",")):
+                run = {"variant": name, "batch": B, **profile_batch(lm, B, a, device)}
+                res["runs"].append(run)
                 print(
-                    f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  {t['name']}"
+                    f"{name} B={B}: {run['graph_ms_per_frame']:.2f} ms/frame (graphs); eager "
+                    f"profile: {run['kernels_per_step']:.0f} kernels, "
+                    f"{run['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main "
+                    f"{(run['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms; "
+                    + ", ".join(
+                        f"{k} {v / 1e3:.2f} ms" for k, v in run["attention_us_per_step"].items()
+                    ),
+                    flush=True,
                 )
-            del gen
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-        unpatch_lm(lm)
+                for t in run["top"][:12]:
+                    print(
+                        f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  "
+                        f"{t['name']}"
+                    )
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -15,6 +15,7 @@ import torch
 from conftest import assert_close
 from moshi.models.lm import LMGen, LMModel
 from moshi.models.loaders import CheckpointInfo
+from moshi.modules.transformer import StreamingMultiheadAttention
 from safetensors.torch import load_file, save_file
 
 from moshi_ttt import InPlaceTTTConfig, MemoryConfig
@@ -30,6 +31,7 @@ from moshi_ttt.moshi import (
     save_full,
     unpatch_lm,
 )
+from moshi_ttt.moshi.attention import MemoryAttention
 from moshi_ttt.moshi.config import tiny_lm_kwargs
 from moshi_ttt.moshi.gating import TTTGating
 from moshi_ttt.moshi.streaming import state_nbytes
@@ -714,6 +716,27 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
     )
 
 
+def test_bench_variant_leaves_stock_moshi_as_it_was():
+    """``variant`` patches a preset (or sets window64's context) inside its block only: the model's
+    parameters, attention modules and contexts afterwards equal those before."""
+    bench = load_bench()
+    lm = stock()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    attns = [(layer.self_attn, layer.self_attn.context) for layer in lm.transformer.layers]
+    for name, kind in (("window64", StreamingMultiheadAttention), ("ttt_cache", MemoryAttention)):
+        with bench.variant(lm, name) as (cfg, fused, context):
+            inside = [type(layer.self_attn) for layer in lm.transformer.layers]
+            assert kind in inside
+            if context is not None:
+                assert all(layer.self_attn.context == context for layer in lm.transformer.layers)
+        assert [(layer.self_attn, layer.self_attn.context) for layer in lm.transformer.layers] == (
+            attns
+        )
+        after = lm.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_bench_variant_names():
     """PRESET[+tf32][+unfused]: the options apply to presets that have what they change, else a
     clear error."""
@@ -754,24 +777,43 @@ def test_bench_search_matches_a_linear_scan():
             if B >= oom_at
             else {"batch": B, "ms_per_frame": 3 + 0.7 * B, "peak_bytes": 0}
         )
-        args = argparse.Namespace(threshold_ms=threshold, max_batch=max_batch)
-        res = bench.concurrency(None, args, torch.device("cpu"), float("inf"), measure=fake)
-        truth = max(
-            [B for B in range(1, max_batch + 1) if B < oom_at and 3 + 0.7 * B <= threshold],
-            default=0,
+        for resolution in (1 / 16, 1 / 128):
+            args = argparse.Namespace(
+                threshold_ms=threshold, max_batch=max_batch, resolution=resolution
+            )
+            res = bench.concurrency(None, args, torch.device("cpu"), float("inf"), measure=fake)
+            truth = max(
+                [B for B in range(1, max_batch + 1) if B < oom_at and 3 + 0.7 * B <= threshold],
+                default=0,
+            )
+            assert (
+                res["max_concurrent"]
+                <= truth
+                <= res["max_concurrent"] + max(1, int(res["max_concurrent"] * resolution))
+            )
+            assert res["stopped_by"] == (
+                "max batch"
+                if truth == max_batch
+                else "out of memory"
+                if truth == oom_at - 1
+                else f"> {threshold} ms"
+            )
+    # two searches compared at the largest batch both measured without OOM
+    args = argparse.Namespace(threshold_ms=80, max_batch=4096, resolution=1 / 128)
+    cost = lambda a, oom_at: (
+        lambda lm, B, args, device: (
+            {"batch": B, "oom": True} if B >= oom_at else {"batch": B, "ms_per_frame": 3 + a * B}
         )
-        assert (
-            res["max_concurrent"]
-            <= truth
-            <= res["max_concurrent"] + max(1, res["max_concurrent"] // 16)
-        )
-        assert res["stopped_by"] == (
-            "max batch"
-            if truth == max_batch
-            else "out of memory"
-            if truth == oom_at - 1
-            else f"> {threshold} ms"
-        )
+    )
+    slow, fast = (
+        bench.concurrency(None, args, torch.device("cpu"), float("inf"), measure=cost(a, 4000))
+        for a in (0.75, 0.7)
+    )
+    common = {t["batch"] for t in slow["tried"]} & {t["batch"] for t in fast["tried"]}
+    got = bench.same_batch(slow["tried"], fast["tried"])
+    B = max(common)
+    assert got == {"same_batch": B, "ms_vs_base_same_batch": (3 + 0.75 * B) / (3 + 0.7 * B)}
+    assert bench.same_batch(slow["tried"], [{"batch": 5, "oom": True}]) == {}
     # 5 GB fixed, 1 GB/conv
     goods = [{"batch": 8, "peak_bytes": 5e9 + 8e9}, {"batch": 16, "peak_bytes": 5e9 + 16e9}]
     assert bench.fits(goods, 60, 66e9) and not bench.fits(goods, 62, 66e9)
