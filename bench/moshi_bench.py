@@ -12,8 +12,13 @@ the presets, whose memories keep a 64-step window):
   weights are random, so only positions and buffer fill matter; Moshi's own ring is exact for
   one step a call only, so its content after a multi-step call is approximate (not its cost).
 - the most concurrent conversations under ``--threshold-ms`` per frame: batch doubled until too
-  slow or out of memory, then bisected. Every step has static shapes (a CUDA graph), so its cost
-  does not depend on the step count: the batch-1 series shows it, and the search runs fresh states.
+  slow or out of memory, then bisected to ``--resolution``. Every step has static shapes (a CUDA
+  graph), but the work inside a kernel can depend on the state: a TTT-cache row evicts a token
+  every step once its window is full and updates its compressor once per block. So each batch
+  streams ``--fill`` steps before it is timed (past the 64-step window), its rows staggered over
+  the first ``--stagger`` of them (row r skips r mod stagger steps through Moshi's exec mask), so
+  that the rows' blocks complete on different steps, as conversations that started at different
+  times do.
 Writes results.json, results.md and results.png under ``--out``.
 """
 
@@ -103,6 +108,16 @@ def batch1_series(lm: LMModel, args, device) -> list[dict]:
     return rows
 
 
+def stagger_rows(gen: LMGen, lm: LMModel, B: int, n: int, device) -> None:
+    """n steps in which row r sits out its first r mod n (Moshi's exec mask): afterwards row r has
+    streamed n - r mod n steps. The mask is all on again at the end."""
+    rows = torch.arange(B, device=device) % n
+    for j in range(n):
+        gen.set_exec_mask(rows <= j)
+        gen.step(user_tokens(lm, B, device))
+    gen.set_exec_mask(torch.ones(B, dtype=torch.bool, device=device))
+
+
 def is_oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
 
@@ -117,7 +132,8 @@ def measure(lm: LMModel, B: int, args, device) -> dict:
         base = allocated(device)
         gen = LMGen(lm, use_sampling=True)
         with gen.streaming(B):
-            time_steps(gen, lm, B, args.warmup, device)
+            stagger_rows(gen, lm, B, args.stagger, device)
+            time_steps(gen, lm, B, args.fill - args.stagger, device)
             ms = time_steps(gen, lm, B, args.frames, device)
             state, alloc = state_nbytes(lm), allocated(device) - base
         peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
@@ -288,6 +304,9 @@ def run(args) -> dict:
         "threshold_ms": args.threshold_ms,
         "cuda_graphs": device.type == "cuda",
         "frames_timed": args.frames,
+        "fill": args.fill,
+        "stagger": args.stagger,
+        "resolution": args.resolution,
         "ff_chunk": args.ff_chunk,
         "checkpoints": args.checkpoints,
         "model_build_s": built_s,
@@ -338,17 +357,18 @@ def ratios(out: dict, base: str = "off") -> dict:
             "state_vs_stock": r["series"][-1]["state_bytes"] / s["series"][-1]["state_bytes"],
             "concurrency_vs_stock": r["search"]["max_concurrent"]
             / max(s["search"]["max_concurrent"], 1),
-            **same_batch(r["search"]["tried"], s["search"]["tried"]),
+            **same_batch(r["search"]["tried"], s["search"]["tried"], s["search"]["max_concurrent"]),
         }
     return res
 
 
-def same_batch(tried: list[dict], base: list[dict]) -> dict:
-    """ms per frame against ``base``'s at the largest batch both searches measured (without OOM):
-    a throughput ratio finer than the searches' resolution. {} when they share none."""
+def same_batch(tried: list[dict], base: list[dict], limit: int) -> dict:
+    """ms per frame against ``base``'s at the largest batch up to ``limit`` (the base's most
+    concurrent) both searches measured without OOM: a throughput ratio finer than the searches'
+    resolution. {} when they share none."""
     ms = lambda ts: {t["batch"]: t["ms_per_frame"] for t in ts if not t.get("oom")}
     a, b = ms(tried), ms(base)
-    common = sorted(set(a) & set(b))
+    common = sorted(B for B in set(a) & set(b) if B <= limit)
     if not common:
         return {}
     B = common[-1]
@@ -474,7 +494,19 @@ def parse(argv=None):
         "--checkpoints", default=None, help="steps, comma separated (default 1000,3000,10000,20000)"
     )
     p.add_argument(
-        "--frames", type=int, default=None, help="timed steps per measurement (default 20; tiny 3)"
+        "--frames", type=int, default=None, help="timed steps per measurement (default 32; tiny 3)"
+    )
+    p.add_argument(
+        "--fill",
+        type=int,
+        default=None,
+        help="steps each batch of the search streams before it is timed (default 96; tiny 8)",
+    )
+    p.add_argument(
+        "--stagger",
+        type=int,
+        default=None,
+        help="the search's rows start over this many steps (default 16; tiny 4)",
     )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
@@ -510,7 +542,14 @@ def parse(argv=None):
             ","
         )
     ]
-    a.frames = a.frames or (3 if a.tiny else 20)
+    a.frames = a.frames or (3 if a.tiny else 32)
+    a.fill = a.fill if a.fill is not None else (8 if a.tiny else 96)
+    a.stagger = a.stagger if a.stagger is not None else (4 if a.tiny else 16)
+    if a.stagger < 1 or a.fill < a.stagger + a.warmup:
+        raise ValueError(
+            f"--stagger must be >= 1 and --fill >= --stagger + --warmup ({a.warmup}), got "
+            f"--fill {a.fill} --stagger {a.stagger}"
+        )
     a.ff_chunk = a.ff_chunk or (50 if a.tiny else 500)
     a.max_batch = a.max_batch or (8 if a.tiny else 4096)
     a.budget_s = a.budget_s or (60.0 if a.tiny else 420.0)

@@ -27,7 +27,9 @@ class MemoryConfig:
     ``pooled``: the window plus the evicted tokens averaged into ``num_virtual`` slots.
     ``infini``: the window plus Infini-attention's linear memory of evicted tokens, gated.
     ``ttt_cache``: the window plus a compressor (per head, fast weights) that learns every evicted
-    (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens:
+    (key, value) pair in mini-batches of ``block`` tokens and offers ``num_virtual`` virtual tokens
+    (an evicted token is readable once its block completes; recall held up to ``block`` =
+    ``window`` / 2 and fell beyond, docs/results/block-sweep-cpu):
     ``compressor_hidden`` its width (0: 2 x head dim), ``compressor_depth`` its layers (2 or 3),
     ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr``
     the bound on its per-token
