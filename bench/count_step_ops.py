@@ -4,9 +4,8 @@ PyTorch operators that launch a kernel (views excluded), with each Triton kernel
     python bench/count_step_ops.py --out docs/results/ttt-cache-step-ops/counts.json
 
 Variants: ``window`` (the plain window memory: the whole model step only), ``reference`` (the
-PyTorch step), ``block kernel`` (the Triton block update of
-ops/ttt_cache_triton.py alone), ``fused step`` (both kernels of ops/ttt_step_triton.py, the default
-on CUDA).
+PyTorch step), ``block kernel`` (the Triton block update of ops/ttt_cache_triton.py alone), ``fused
+step`` (both kernels of ops/ttt_step_triton.py, the default on CUDA).
 """
 
 from __future__ import annotations

@@ -32,21 +32,19 @@ class MemoryConfig:
     ``window`` / 2 and fell beyond, docs/results/block-sweep-cpu):
     ``compressor_hidden`` its width (0: 2 x head dim), ``compressor_depth`` its layers (2 or 3),
     ``compressor_shared`` one compressor for all heads of a layer (else one per head), ``inner_lr``
-    the bound on its per-token
-    step size, ``decay`` forgetting towards the initial state, ``forget_gate`` learns it per block
-    and
-    compressor from the block's keys, λ_n = σ(w·k̄_n + c) with c starting at logit(decay) (Titans'
-    data-dependent forgetting; needs decay > 0), ``momentum`` (Titans), ``max_state_norm``
-    a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate softmaxes mixed by a learned gate per head) or
-    ``"concat"`` (one softmax), ``virtual_position`` ``"relative"`` (RoPE offsets), ``"decay"``
-    (learned recency bias) or ``"none"``, ``cold_start`` ``"zero"`` (output layer starts at zero),
-    ``"learned"`` (learned initial state) or ``"wait"`` (no virtual tokens before the first
-    update), ``bptt`` how many compressor updates gradients flow through (0: all),
-    ``check_finite`` a per-update check that names the layer and update on NaN/Inf,
-    ``compile_scan`` runs the compressor's update loop through torch.compile (fused kernels),
-    ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"`` (gradients to
-    about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state, is fp32 either
-    way.
+    the bound on its per-token step size, ``decay`` forgetting towards the initial state,
+    ``forget_gate`` learns it per block and compressor from the block's keys, λ_n = σ(w·k̄_n + c)
+    with c starting at logit(decay) (Titans' data-dependent forgetting; needs decay > 0),
+    ``momentum`` (Titans), ``max_state_norm`` a cap on ‖W‖_F, ``combine`` ``"gate"`` (separate
+    softmaxes mixed by a learned gate per head) or ``"concat"`` (one softmax), ``virtual_position``
+    ``"relative"`` (RoPE offsets), ``"decay"`` (learned recency bias) or ``"none"``, ``cold_start``
+    ``"zero"`` (output layer starts at zero), ``"learned"`` (learned initial state) or ``"wait"``
+    (no virtual tokens before the first update), ``bptt`` how many compressor updates gradients flow
+    through (0: all), ``check_finite`` a per-update check that names the layer and update on
+    NaN/Inf, ``compile_scan`` runs the compressor's update loop through torch.compile (fused
+    kernels), ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"``
+    (gradients to about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state,
+    is fp32 either way.
 
     Readers (how attention reads what left the window): ``read_query`` adds one virtual token per
     query read from the state at the query itself, ``V_q = f_θ(q̂_t)``, ``K_q = key_q + V_q A``

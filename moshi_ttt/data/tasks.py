@@ -328,10 +328,8 @@ def make_conversation(
     fact_speaker: str = "A",
 ) -> TaskSample:
     """Dialogue 'A: ...\\nB: ...\\n': ``fact_speaker`` states 'my <fact> is <value>' after
-    ``lead_turns``
-    small-talk turns; whole filler turns fill ~``distance`` tokens; then A asks for it and B
-    answers.
-    With ``filler``, turn contents are random 16-48-token slices of it."""
+    ``lead_turns`` small-talk turns; whole filler turns fill ~``distance`` tokens; then A asks for
+    it and B answers. With ``filler``, turn contents are random 16-48-token slices of it."""
     if fact is not None and fact not in _FACTS:
         raise ValueError(f"unknown fact {fact!r}: expected one of {sorted(_FACTS)}")
     if fact_speaker not in ("A", "B"):

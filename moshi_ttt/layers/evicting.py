@@ -178,8 +178,7 @@ class EvictingMemory(nn.Module):
 
     def self_masked(self, kq: int) -> tuple:
         """Names of state tensors that a ``kq``-token ``attend_step`` given ``active`` keeps
-        unchanged
-        by itself for inactive rows (one-token steps: the ring)."""
+        unchanged by itself for inactive rows (one-token steps: the ring)."""
         return ("k", "v", "kraw", "kpos") if kq == 1 else ()
 
     def attend_step(self, x: Heads, pos, st: ScopedState, freqs, active=None):

@@ -193,10 +193,8 @@ class TTTCacheMemory(EvictingMemory):
     def _scan(self, ds, moms, keys, vals, eta, apply, freqs, rows, first: int = 0, query=None):
         """Per head: normalised keys, vals [rows * H, N, b, Dh], eta [rows * H, N, b] (0: no token),
         apply [rows * H, N]; ds/moms per compressor [rows * hc, ...] -> compress_scan outputs (reads
-        of
-        the states from index ``first``). A shared compressor learns the block's tokens of all heads
-        in
-        one step (b H tokens, η / H each)."""
+        of the states from index ``first``). A shared compressor learns the block's tokens of all
+        heads in one step (b H tokens, η / H each)."""
         vals = vals.to(keys.dtype)
         if self.hc != self.num_heads:
             H = self.num_heads

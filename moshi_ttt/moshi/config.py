@@ -24,11 +24,11 @@ class AdapterConfig:
     ``base_memory``: a ``window`` or ``sink`` memory for the other layers (None: Moshi's own ring
     KV cache, of ``context`` steps when given, else the checkpoint's; it is exact for one step a
     call, or while a conversation fits in it: our memories are exact for any step count).
-    ``gate_init``: initial gate
-    logit of evicting memories (σ(6) = 0.9975 of the weight on the exact window, so a fresh model
-    is close to stock and the gate still learns). ``yarn_scale``: YaRN factor s on Moshi's RoPE
-    (original context = the checkpoint's context). ``respect_exec_mask``: rows that Moshi's
-    ``set_exec_mask`` turns off keep their memory unchanged (costs one copy of the state per step).
+    ``gate_init``: initial gate logit of evicting memories (σ(6) = 0.9975 of the weight on the exact
+    window, so a fresh model is close to stock and the gate still learns). ``yarn_scale``: YaRN
+    factor s on Moshi's RoPE (original context = the checkpoint's context). ``respect_exec_mask``:
+    rows that Moshi's ``set_exec_mask`` turns off keep their memory unchanged (costs one copy of the
+    state per step).
     """
 
     inplace_ttt: InPlaceTTTConfig | None = None

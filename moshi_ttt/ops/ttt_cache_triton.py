@@ -26,8 +26,7 @@ def available() -> bool:
 
 def supports(ds, x, probes) -> bool:
     """Depth 2, fp32, powers of two >= 16 for the head and hidden widths and the block, <= 16
-    probes,
-    at most ``MAX_WEIGHTS`` entries per weight (the per-block shared memory of an H100);
+    probes, at most ``MAX_WEIGHTS`` entries per weight (the per-block shared memory of an H100);
     tensors a kernel may take (``impl.kernel_runs``)."""
     if triton is None or len(ds) != 2 or x.dtype != torch.float32 or probes.shape[1] > 16:
         return False
@@ -78,10 +77,8 @@ if triton is not None:
         NORM_P: tl.constexpr,
     ):
         """Compressor g (initial state h): one step on its block x, y [BLK, DH], eta [BLK] (state
-        and
-        momenta updated in place), then the read f_θ(p̂_m) of the new state: [MP, DH] (rows >= M
-        zero
-        probes). ``NORM_P``: normalise the probes here."""
+        and momenta updated in place), then the read f_θ(p̂_m) of the new state: [MP, DH] (rows
+        >= M zero probes). ``NORM_P``: normalise the probes here."""
         rd, rm = tl.arange(0, DH), tl.arange(0, MH)
         i1 = rd[:, None] * MH + rm[None, :]  # [DH, MH]
         i2 = rm[:, None] * DH + rd[None, :]  # [MH, DH]

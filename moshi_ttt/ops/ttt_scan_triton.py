@@ -3,8 +3,7 @@ hand-written backward: a launch per block, of a program per (compressor, token c
 
 Forward, per block n (``scan_step``), one launch (``_fwd_block``): each chunk's share of the NLMS
 gradient step Δ_n at θ_n; the compressor's last chunk program to arrive (an atomic counter) then
-adds
-the shares up: momentum S_{n+1} = β S_n + Δ_n, U_n = θ_n + S_{n+1} (or + Δ_n), forgetting
+adds the shares up: momentum S_{n+1} = β S_n + Δ_n, U_n = θ_n + S_{n+1} (or + Δ_n), forgetting
 U ← A + (1 − λ)(U − A) and the cap θ_{n+1} = c_n U_n, c_n = min(1, R / ‖U_n‖). Every θ_n and c_n is
 kept for the backward, which walks the blocks in reverse with dθ, the gradient of θ_{n+1}
 (``_states``: for k = N in a launch of its own, for k = n in the last chunk program of block n's):
@@ -295,9 +294,8 @@ if triton is not None:
     ):
         """One weight matrix [R, C] of compressor g. dθ_k = (block k's direct part and its chunks'
         parts) cut by truncated BPTT, plus the read's gradient dst[k] (written back there); then,
-        for
-        k > 0, block k - 1's cap, forgetting and momentum backward: dΔ into dd, the direct part into
-        acc."""
+        for k > 0, block k - 1's cap, forgetting and momentum backward: dΔ into dd, the direct part
+        into acc."""
         SZ = R * C
         acc = tl.zeros((R, C), dtype=tl.float32)
         if k < N:
@@ -512,8 +510,7 @@ if triton is not None:
         HAS_DECAY: tl.constexpr,
     ):
         """The block step's VJP on one chunk, given dΔ_n (dd): its tokens' dX, dY, dη and its part
-        of
-        dθ_n; then (the compressor's last chunk program) ``_states`` at k = n, which writes
+        of dθ_n; then (the compressor's last chunk program) ``_states`` at k = n, which writes
         dΔ_{n-1}."""
         g, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
         _chunk_vjp(
@@ -836,8 +833,7 @@ def scan_states(
 ):
     """Triton form of ``ops.ttt_cache.scan_states`` (same arguments and results; ``supports`` must
     hold): ds, inits (W1 [G, Dh, m], W2 [G, m, Dh]), moms the same or None; keys, vals [G, N, b,
-    Dh];
-    eta [G, N, b]; apply [G, N]; ``grad_precision`` "fp32" or "tf32" (the backward's products).
+    Dh]; eta [G, N, b]; apply [G, N]; ``grad_precision`` "fp32" or "tf32" (the backward's products).
     Returns ((W1, W2) [G, N + 1, ...], final momenta, loss [G, N, b])."""
     w1, w2 = (w0 + d for w0, d in zip(inits, ds))
     s1, s2 = moms if moms is not None else (None, None)

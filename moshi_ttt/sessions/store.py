@@ -105,9 +105,9 @@ class SessionStore:
         tokens: int | None = None,
     ) -> SessionInfo:
         """Store ``tensors`` (any names, shapes, dtypes) and ``meta`` (JSON-able) under ``cid`` for
-        the
-        model named by ``identity``, replacing the previous version atomically. Non-finite floats
-        (and, for StreamingLM states, positions or counters out of range) are a ValueError."""
+        the model named by ``identity``, replacing the previous version atomically. Non-finite
+        floats (and, for StreamingLM states, positions or counters out of range) are a
+        ValueError."""
         check_id(cid)
         if not isinstance(identity, ModelIdentity):
             raise ValueError(f"identity must be a ModelIdentity, got {type(identity).__name__}")
