@@ -55,22 +55,35 @@ def kernels() -> list:
                 nw,
             )
         )
+        counters = {"arrive": "*i32", "rows": "*i32", "nrows": "*i32", "finished": "*i32"}
         out.append(
             (
-                "evict_step",
+                "evict_step: append",
                 label,
                 source(
-                    step_k._evict_kernel,
+                    step_k._append_kernel,
                     {
                         **f32s,
+                        **counters,
                         "kraw": "*bf16",
                         "cv": "*bf16",
                         "valid": "*i1",
                         "ecount": "*i64",
                         "updates": "*i64",
-                        "arrive": "*i32",
                     },
-                    {**common, "H": 8, "ROTATE": True},
+                    dict(H=8, BLK=b, DH=Dh),
+                ),
+                1 if Dh <= 128 else 2,
+            )
+        )
+        out.append(
+            (
+                "evict_step: complete rows",
+                label,
+                source(
+                    step_k._complete_rows_kernel,
+                    {**f32s, **counters},
+                    {**common, "P": 4, "H": 8, "ROTATE": True},
                 ),
                 nw,
             )

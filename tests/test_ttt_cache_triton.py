@@ -12,6 +12,7 @@ from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_cache_triton as tri
 from moshi_ttt.ops import ttt_step_triton as step
 from moshi_ttt.ops.impl import implementation
+from moshi_ttt.state import StreamingState
 
 pytestmark = pytest.mark.skipif(not tri.available(), reason="needs Triton")
 DEVICES = TRITON_DEVICES
@@ -120,6 +121,72 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
     assert st_fast.tensors.keys() == st_ref.tensors.keys()
     for name, t in st_ref.tensors.items():
         assert_close(st_fast[name], t, 1e-4, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [2, 16])
+def test_evict_step_equals_reference_when_many_rows_complete(on, device, programs, monkeypatch):
+    """evict_step (the append kernel, then the completion kernel over the listed rows) against
+    the reference evict_one, on random states of 7 rows: five complete their block in the same
+    step, one would but evicts nothing, one does not; then a second step on the result (the row
+    list and counters must be empty again). With 2 programs per head each walks several rows."""
+    from moshi_ttt.ops import ttt_cache_step as step_ops
+
+    dev = on(device)
+    monkeypatch.setattr(step, "complete_programs", lambda device, heads, rows: programs)
+    cfg = mt.ModelConfig(
+        vocab_size=50,
+        dim=32,
+        num_layers=1,
+        num_heads=2,
+        memory=mt.MemoryConfig(
+            kind="ttt_cache", window=8, block=16, num_virtual=3, compressor_hidden=16, momentum=0.5
+        ),
+    )
+    model = mt.StreamingLM(cfg).to(dev).eval()
+    attn = model.layers[0].self_attn
+    mem = attn.memory
+    B, H, b, Dh = 7, 2, 16, 16
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=g).to(dev)
+    full = model.init_state(B)
+    st = full.scope("layers.0.")
+    for name in ("ek", "ev"):
+        st[name].copy_(F.normalize(rand(B, H, b, Dh), dim=-1))
+    st["eeta"].copy_(torch.rand(B, H, b, generator=g).to(dev) / b)
+    for name in ("d1", "d2", "mom1", "mom2"):
+        st[name].copy_(0.1 * rand(*st[name].shape))
+    st["ecount"].copy_(torch.tensor([b - 1, 3, b - 1, b - 1, b - 1, b - 1, b - 1], device=dev))
+    st["updates"].copy_(torch.tensor([2, 0, 1, 5, 3, 1, 0], device=dev))
+    valid = torch.tensor([True, True, True, True, False, True, True], device=dev)
+    views = {}
+    for path in ("kernel", "reference"):
+        state = StreamingState({n: t.clone() for n, t in full.tensors.items()}, {}, {})
+        views[path] = (state, mem._step_view(state.scope("layers.0.")))
+    with torch.no_grad():
+        for k in range(2):
+            cand_k, cand_v = rand(B, H, 1, Dh), rand(B, H, 1, Dh)
+            for path, (_, view) in views.items():
+                with implementation(reference={"step"} if path == "reference" else ()):
+                    assert step.evict_supports(view, mem._step_weights()) == (path == "kernel")
+                    step_ops.evict_one(
+                        cand_k,
+                        cand_v,
+                        valid if k == 0 else ~valid,
+                        view,
+                        mem._step_weights(),
+                        mem._rotation(attn.freqs),
+                        inner_lr=1.0,
+                        decay=0.0,
+                        momentum=0.5,
+                        max_norm=100.0,
+                    )
+    fast, ref = views["kernel"][0].tensors, views["reference"][0].tensors
+    assert fast["layers.0.updates"].tolist() == [3, 0, 2, 6, 4, 2, 1]
+    for name, t in ref.items():
+        assert_close(fast[name], t, 1e-5, name)
+    arrive, rows, nrows, finished = step._buffers(dev, B)
+    assert int(nrows) == 0 and int(finished) == 0 and not arrive.any()
 
 
 def test_wide_compressors_take_the_reference(on):

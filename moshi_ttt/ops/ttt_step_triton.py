@@ -1,10 +1,12 @@
-"""The TTT cache's one-token streaming step as two Triton kernels, a program per (row, head) each.
+"""The TTT cache's one-token streaming step as Triton kernels: ``evict_step`` (two launches) and
+``attend_one`` (one, a program per row and head).
 
-``evict_step`` (``TTTCacheMemory._append_one``): normalise the evicted key, take its step size
-η = inner_lr σ(k̂·w + c) / b, append the token to the open block and, when the row's block
-completes, update the compressor and write its read (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE at
-the relative offsets) into the cached virtual tokens; the last program of a row moves the row's
-counters. Per-head compressors of depth 2 only (``supports``).
+``evict_step`` (``ops.ttt_cache_step.evict_one``): normalise the evicted key, take its step size
+η = inner_lr σ(k̂·w + c) / b, append the token to the open block (a light program per row and
+head; the last program of a row moves the row's counters and lists the row when its block
+completes), then, for the listed rows only, update the compressor and write its read
+(V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE at the relative offsets) into the cached virtual
+tokens. Per-head compressors of depth 2 only (``evict_supports``).
 ``attend_one`` (``EvictingMemory.attend_step``'s scores and ``mix``): the query against the ring
 and the virtual tokens, combined by ``combine`` "gate" or "concat" (``attend_supports``).
 
@@ -17,6 +19,7 @@ Triton's interpreter and on the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -25,8 +28,7 @@ from . import impl
 from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
-_arrive: dict = {}  # (device, stream, rows) -> the evict kernel's arrival counters (zero between
-# launches, so launches in stream order share them)
+_arrive: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,7 @@ def evict_supports(state: StepState, weights: StepWeights) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _evict_kernel(
+    def _append_kernel(
         kraw,
         cv,
         valid,
@@ -96,36 +98,18 @@ if triton is not None:
         ecount,
         updates,
         arrive,
-        d1,
-        d2,
-        m1,
-        m2,
-        w1i,
-        w2i,
-        probes,
         lr_w,
         lr_b,
-        vkeys,
-        vproj,
-        cos,
-        sin,
-        vk,
-        vv,
+        rows,
+        nrows,
         eta_scale,
-        decay,
-        momentum,
-        max_norm,
         H: tl.constexpr,
         BLK: tl.constexpr,
-        CH: tl.constexpr,
         DH: tl.constexpr,
-        MH: tl.constexpr,
-        M: tl.constexpr,
-        MP: tl.constexpr,
-        HAS_MOM: tl.constexpr,
-        HAS_DECAY: tl.constexpr,
-        ROTATE: tl.constexpr,
     ):
+        """Program (row, head): the evicted key normalised, its step size, both written to the
+        open block's first free slot; the row's last program moves its counters and, when the
+        block completes, appends the row to ``rows`` (``nrows`` of them)."""
         bi, h = tl.program_id(0), tl.program_id(1)
         g = bi * H + h
         rd = tl.arange(0, DH)
@@ -142,8 +126,60 @@ if triton is not None:
         tl.store(ev + (g * BLK + e) * DH + rd, tl.load(cv + g * DH + rd).to(tl.float32))
         tl.store(eeta + g * BLK + e, eta_scale / (1.0 + tl.exp(-logit)))
         done = ok & (e + 1 >= BLK)
-        if done:
-            tl.debug_barrier()  # the block (this program's own stores included) is read back below
+        tl.debug_barrier()  # every thread's reads of ecount and valid come before the release below
+        if tl.atomic_add(arrive + bi, 1) == H - 1:  # the row's last program (all have read ecount)
+            tl.store(arrive + bi, 0)
+            tl.store(ecount + bi, tl.where(ok, (e + 1) % BLK, e))
+            tl.store(updates + bi, tl.load(updates + bi) + done.to(tl.int64))
+            if done:
+                tl.store(rows + tl.atomic_add(nrows, 1), bi)
+
+    @triton.jit
+    def _complete_rows_kernel(
+        rows,
+        nrows,
+        finished,
+        ek,
+        ev,
+        eeta,
+        d1,
+        d2,
+        m1,
+        m2,
+        w1i,
+        w2i,
+        probes,
+        vkeys,
+        vproj,
+        cos,
+        sin,
+        vk,
+        vv,
+        decay,
+        momentum,
+        max_norm,
+        P: tl.constexpr,
+        H: tl.constexpr,
+        BLK: tl.constexpr,
+        CH: tl.constexpr,
+        DH: tl.constexpr,
+        MH: tl.constexpr,
+        M: tl.constexpr,
+        MP: tl.constexpr,
+        HAS_MOM: tl.constexpr,
+        HAS_DECAY: tl.constexpr,
+        ROTATE: tl.constexpr,
+    ):
+        """Program (p, head) for p < P: for the rows p, p + P, ... of the ``nrows`` listed in
+        ``rows`` (those whose block completed), one compressor step on the block and its read
+        cached as virtual tokens (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE at the relative
+        offsets). The last program to finish empties the list."""
+        p, h = tl.program_id(0), tl.program_id(1)
+        rd, rp = tl.arange(0, DH), tl.arange(0, MP)
+        sel = rp[:, None] < M
+        n = tl.load(nrows)
+        for i in tl.range(p, n, P, num_stages=1):  # not pipelined: one row at a time
+            g = tl.load(rows + i) * H + h
             v = tct._update_read(
                 d1,
                 d2,
@@ -170,22 +206,20 @@ if triton is not None:
                 HAS_DECAY,
                 True,
             )  # [MP, DH]
-            rp = tl.arange(0, MP)
-            rows = rp[:, None] < M
             k = tl.load(
-                vkeys + h * M * DH + rp[:, None] * DH + rd[None, :], mask=rows, other=0.0
+                vkeys + h * M * DH + rp[:, None] * DH + rd[None, :], mask=sel, other=0.0
             ).to(tl.float32)
             k += tl.dot(
                 v,
                 tl.load(vproj + h * DH * DH + rd[:, None] * DH + rd[None, :]).to(tl.float32),
                 input_precision="ieee",
             )  # K = key + V A: [MP, DH]
-            # interleaved pairs: out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i + x[2i+1]
-            # c_i
+            # interleaved pairs: out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i
+            # + x[2i+1] c_i
             if ROTATE:
                 sw = rd ^ 1  # each column's pair partner
                 kp = tl.load(
-                    vkeys + h * M * DH + rp[:, None] * DH + sw[None, :], mask=rows, other=0.0
+                    vkeys + h * M * DH + rp[:, None] * DH + sw[None, :], mask=sel, other=0.0
                 ).to(tl.float32)
                 kp += tl.dot(
                     v,
@@ -193,17 +227,40 @@ if triton is not None:
                     input_precision="ieee",
                 )  # K[:, d ^ 1]
                 ci = rp[:, None] * (DH // 2) + (rd // 2)[None, :]
-                c = tl.load(cos + ci, mask=rows, other=1.0).to(tl.float32)
-                s = tl.load(sin + ci, mask=rows, other=0.0).to(tl.float32)
+                c = tl.load(cos + ci, mask=sel, other=1.0).to(tl.float32)
+                s = tl.load(sin + ci, mask=sel, other=0.0).to(tl.float32)
                 k = k * c + kp * s * tl.where(rd % 2 == 0, -1.0, 1.0)[None, :]
             out = g * M * DH + rp[:, None] * DH + rd[None, :]
-            tl.store(vk + out, k, mask=rows)
-            tl.store(vv + out, v, mask=rows)
-        tl.debug_barrier()  # every thread's reads of ecount and valid come before the release below
-        if tl.atomic_add(arrive + bi, 1) == H - 1:  # the row's last program (all have read ecount)
-            tl.store(arrive + bi, 0)
-            tl.store(ecount + bi, tl.where(ok, (e + 1) % BLK, e))
-            tl.store(updates + bi, tl.load(updates + bi) + done.to(tl.int64))
+            tl.store(vk + out, k, mask=sel)
+            tl.store(vv + out, v, mask=sel)
+        tl.debug_barrier()  # every thread has read nrows before the release below
+        if tl.atomic_add(finished, 1) == P * H - 1:  # the last program: every other one is done
+            tl.store(nrows, 0)
+            tl.store(finished, 0)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def complete_programs(device: torch.device, heads: int, rows: int) -> int:
+    """Programs per head of the block-completion kernel: about four per streaming multiprocessor
+    over all heads (the interpreter: 2), never more than the rows."""
+    if device.type != "cuda":
+        return max(1, min(rows, 2))
+    return max(1, min(rows, -(-4 * _multiprocessors(device) // heads)))
+
+
+def _buffers(dev: torch.device, B: int) -> tuple:
+    """The step's counters for B rows on this device and stream (zero between launches, so
+    launches in stream order share them): per-row arrivals, the list of rows whose block completed
+    and its length, and the completion kernel's finished programs."""
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0, B)
+    if key not in _arrive:
+        z = lambda n: torch.zeros(n, dtype=torch.int32, device=dev)
+        _arrive[key] = (z(B), z(B), z(1), z(1))
+    return _arrive[key]
 
 
 def evict_step(
@@ -221,19 +278,22 @@ def evict_step(
 ) -> None:
     """One evicted token per row into the open block, in place on ``state``: cand_k (before RoPE),
     cand_v [B, H, 1, Dh], valid [B]; rot the (cos, sin) [M, Dh/2] of the virtual keys' offsets
-    (None: no rotation); η_t = eta_scale σ(k̂·lr_w + lr_b). ``evict_supports`` must hold."""
+    (None: no rotation); η_t = eta_scale σ(k̂·lr_w + lr_b). ``evict_supports`` must hold.
+
+    Two launches: ``_append_kernel``, a light program per (row, head) every step, lists the rows
+    whose block completes; ``_complete_rows_kernel``, a fixed grid (``complete_programs``), updates
+    the listed rows' compressors. The heavy update's registers and shared memory then bound the
+    occupancy of that kernel only, and its work follows the rows that complete, not the batch."""
     B, H, _, Dh = cand_k.shape
     block, M, m = state.ek.shape[2], state.vk.shape[2], state.ds[0].shape[-1]
     dev = cand_k.device
-    key = (dev, torch.cuda.current_stream(dev).cuda_stream if cand_k.is_cuda else 0, B)
-    if key not in _arrive:
-        _arrive[key] = torch.zeros(B, dtype=torch.int32, device=dev)
+    arrive, rows, nrows, finished = _buffers(dev, B)
     flat = lambda t: t.flatten(0, 1)
     moms = state.moms if momentum else state.ds
     cos, sin = rot if rot is not None else (state.ek, state.ek)  # unread without rotation
     c = lambda t: t if t.is_contiguous() else t.contiguous()
     w = weights
-    _evict_kernel[(B, H)](
+    _append_kernel[(B, H)](
         c(cand_k),
         c(cand_v),
         c(valid),
@@ -242,7 +302,25 @@ def evict_step(
         state.eeta,
         state.ecount,
         state.updates,
-        _arrive[key],
+        arrive,
+        w.lr_w,
+        w.lr_b,
+        rows,
+        nrows,
+        eta_scale,
+        H=H,
+        BLK=block,
+        DH=Dh,
+        num_warps=1 if Dh <= 128 else 2,
+    )
+    P = complete_programs(dev, H, B)
+    _complete_rows_kernel[(P, H)](
+        rows,
+        nrows,
+        finished,
+        state.ek,
+        state.ev,
+        state.eeta,
         flat(state.ds[0]),
         flat(state.ds[1]),
         flat(moms[0]),
@@ -250,18 +328,16 @@ def evict_step(
         w.inits[0],
         w.inits[1],
         w.probes,
-        w.lr_w,
-        w.lr_b,
         w.vkeys,
         w.vkey_proj,
         cos,
         sin,
         state.vk,
         state.vv,
-        eta_scale,
         float(decay),
         float(momentum),
         float(max_norm),
+        P=P,
         H=H,
         BLK=block,
         CH=min(block, 32),
