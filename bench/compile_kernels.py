@@ -107,7 +107,7 @@ def kernels() -> list:
                     dict(
                         H=8,
                         W=W,
-                        WP=max(16, 1 << (W - 1).bit_length()),
+                        WC=step_k.ATTEND_CHUNK,
                         DH=Dh,
                         M=M,
                         MP=max(16, 1 << (M - 1).bit_length()),
@@ -115,7 +115,7 @@ def kernels() -> list:
                         DECAY=True,
                     ),
                 ),
-                4 if W * Dh < 8192 else 8,
+                step_k.ATTEND_WARPS,
             )
         )
     ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32", "apply": "*i32", "count": "*i32"}

@@ -189,6 +189,47 @@ def test_evict_step_equals_reference_when_many_rows_complete(on, device, program
     assert int(nrows) == 0 and int(finished) == 0 and not arrive.any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gated, recency_bias", [(True, True), (False, False), (False, True)])
+def test_attend_one_equals_reference(on, device, gated, recency_bias):
+    """attend_one's kernel (the window in chunks of ``ATTEND_CHUNK`` slots with a running
+    softmax) against its PyTorch reference: a ring of 40 slots (chunks of 16, 16 and 8), rows
+    with empty slots, one whose first chunk is all empty and one with a single filled slot, rows
+    with and without virtual tokens, bf16 keys and values."""
+    from moshi_ttt.ops import ttt_cache_step as step_ops
+
+    dev = on(device)
+    g = torch.Generator().manual_seed(5)
+    B, H, W, Dh, M = 5, 3, 40, 16, 6
+    rand = lambda *s, dt=torch.float32: (2 * torch.randn(*s, generator=g)).to(dev, dt)
+    q, q_raw = rand(B, H, 1, Dh, dt=torch.bfloat16), rand(B, H, 1, Dh, dt=torch.bfloat16)
+    ring_k, ring_v = rand(B, H, W, Dh, dt=torch.bfloat16), rand(B, H, W, Dh, dt=torch.bfloat16)
+    vk, vv = rand(B, H, M, Dh), rand(B, H, M, Dh)
+    kpos = torch.arange(100, 100 + W).repeat(B, 1)
+    kpos[1, ::3] = -1  # empty slots
+    kpos[2, :16] = -1  # an empty first chunk
+    kpos[3, :] = -1
+    kpos[3, 37] = 7  # one filled slot
+    has = torch.tensor([True, False, True, True, False], device=dev)
+    gate, recency = rand(H), rand(H)
+    args = (q, q_raw, ring_k, ring_v, kpos.to(dev), vk, vv, has, gate, recency)
+    opts = dict(inv_t=1.3, gated=gated, recency_bias=recency_bias)
+    with torch.no_grad():
+        assert step.attend_supports(ring_k, M) and step.ATTEND_CHUNK < W
+        # any ring length; head widths up to 256; at most 16 virtual tokens
+        wide = lambda W, Dh: torch.empty(1, 1, W, Dh, device=dev)
+        assert step.attend_supports(wide(4096, 128), 16) and step.attend_supports(wide(8, 256), 1)
+        assert not step.attend_supports(wide(8, 512), 1) and not step.attend_supports(
+            wide(8, 48), 1
+        )
+        assert not step.attend_supports(ring_k, 17)
+        fast = step_ops.attend_one(*args, **opts)
+        with implementation(reference={"step"}):
+            assert not step.attend_supports(ring_k, M)
+            ref = step_ops.attend_one(*args, **opts)
+    assert_close(fast, ref, 1e-5, "output")
+
+
 def test_wide_compressors_take_the_reference(on):
     """Weights past the kernels' shared-memory bound (Dh 128 x hidden 256) are left to the
     reference."""

@@ -29,6 +29,9 @@ from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 _arrive: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
+# attend_one: the window slots a program holds at a time, and its warps
+# (docs/results/kernel-compile-sm90)
+ATTEND_CHUNK, ATTEND_WARPS = 16, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,34 +373,49 @@ if triton is not None:
         scale,
         H: tl.constexpr,
         W: tl.constexpr,
-        WP: tl.constexpr,
+        WC: tl.constexpr,
         DH: tl.constexpr,
         M: tl.constexpr,
         MP: tl.constexpr,
         GATE: tl.constexpr,
         DECAY: tl.constexpr,
     ):
+        """Program (row, head). The window in chunks of WC slots with a running softmax (max m,
+        sum l, output acc rescaled by e^(m_old - m_new)), so a program holds one chunk of keys
+        and values at a time; then the virtual tokens, and the two mixed."""
         bi, h = tl.program_id(0), tl.program_id(1)
         g = bi * H + h
-        rd, rw, rm = tl.arange(0, DH), tl.arange(0, WP), tl.arange(0, MP)
-        inw, inm = rw < W, rm < M
-        # the window: the ring after this step's write, its empty slots (position -1) masked
-        k = tl.load(rk + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0).to(
-            tl.float32
-        )
-        s = tl.sum(k * tl.load(q + g * DH + rd).to(tl.float32)[None, :], 1) * scale  # [WP]
-        s = tl.where(inw & (tl.load(kpos + bi * W + rw, mask=inw, other=-1) >= 0), s, float("-inf"))
-        v = tl.load(rv + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0).to(
-            tl.float32
-        )
+        rd, rc, rm = tl.arange(0, DH), tl.arange(0, WC), tl.arange(0, MP)
+        qv = tl.load(q + g * DH + rd).to(tl.float32)
+        m_r = tl.max(tl.full((WC,), float("-inf"), tl.float32), 0)
+        l_r = tl.sum(tl.zeros((WC,), tl.float32), 0)
+        acc = tl.zeros((DH,), tl.float32)
+        for c in tl.range(0, W, WC, num_stages=1):
+            rw = c + rc
+            inw = rw < W
+            k = tl.load(rk + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0)
+            s = tl.sum(k.to(tl.float32) * qv[None, :], 1) * scale  # [WC]
+            # the ring after this step's write: empty slots (position -1) masked
+            s = tl.where(
+                inw & (tl.load(kpos + bi * W + rw, mask=inw, other=-1) >= 0), s, -float("inf")
+            )
+            m_new = tl.maximum(m_r, tl.max(s, 0))
+            base = tl.where(m_new == -float("inf"), 0.0, m_new)  # a chunk of empty slots only
+            p = tl.exp(s - base)
+            r = tl.exp(m_r - base)
+            v = tl.load(rv + (g * W + rw[:, None]) * DH + rd[None, :], mask=inw[:, None], other=0.0)
+            acc = acc * r + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            l_r = l_r * r + tl.sum(p, 0)
+            m_r = m_new
         # the virtual tokens, scored by the query before RoPE
+        inm = rm < M
         kv = tl.load(
             vk + (g * M + rm[:, None]) * DH + rd[None, :], mask=inm[:, None], other=0.0
         ).to(tl.float32)
         sv = tl.sum(kv * tl.load(qr + g * DH + rd).to(tl.float32)[None, :], 1) * scale  # [MP]
         if DECAY:  # token m weighted by exp(-γ m), γ = softplus(recency)
-            r = tl.load(recency + h).to(tl.float32)
-            gamma = tl.maximum(r, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(r)))
+            rec = tl.load(recency + h).to(tl.float32)
+            gamma = tl.maximum(rec, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(rec)))
             sv -= gamma * rm.to(tl.float32)
         sv = tl.where(inm, sv, float("-inf"))
         vv_ = tl.load(
@@ -405,33 +423,29 @@ if triton is not None:
         ).to(tl.float32)
         on = tl.load(has + bi) != 0
         if GATE:  # "gate": α softmax(window) + (1 - α) softmax(virtual); α = 1 without a read
-            er = tl.exp(s - tl.max(s, 0))
             ev = tl.exp(sv - tl.max(sv, 0))
-            o_r = tl.sum(er[:, None] * v, 0) / tl.sum(er, 0)
             o_v = tl.sum(ev[:, None] * vv_, 0) / tl.sum(ev, 0)
             a = 1.0 / (1.0 + tl.exp(-tl.load(gate + h).to(tl.float32)))
             a = tl.where(on, a, 1.0)
-            o = a * o_r + (1.0 - a) * o_v
+            o = a * (acc / l_r) + (1.0 - a) * o_v
         else:  # "concat": one softmax over window and virtual keys
             sv = tl.where(on, sv, float("-inf"))
-            mx = tl.maximum(tl.max(s, 0), tl.max(sv, 0))
-            er = tl.exp(s - mx)
+            mx = tl.maximum(m_r, tl.max(sv, 0))
             ev = tl.exp(sv - mx)
-            o = (tl.sum(er[:, None] * v, 0) + tl.sum(ev[:, None] * vv_, 0)) / (
-                tl.sum(er, 0) + tl.sum(ev, 0)
-            )
+            r = tl.exp(m_r - mx)
+            o = (acc * r + tl.sum(ev[:, None] * vv_, 0)) / (l_r * r + tl.sum(ev, 0))
         tl.store(out + g * DH + rd, o)
 
 
 def attend_supports(ring_k: torch.Tensor, num_virtual: int) -> bool:
     """Where ``attend_one`` runs: no gradients, tensors a kernel may take, a power-of-two head
-    width, at most 16 virtual tokens and a ring of at most 32768 entries (window x head width)
-    that a program holds in registers. (A constant gate per head and no query read: the
-    caller's.)"""
+    width of at most 256 and at most 16 virtual tokens (a program holds [16, head width] tiles;
+    the ring, of any length, passes through in chunks). (A constant gate per head and no query
+    read: the caller's.)"""
     if torch.is_grad_enabled() or impl.reference("step") or not impl.kernel_runs(ring_k):
         return False
-    W, Dh = ring_k.shape[-2:]
-    return num_virtual <= 16 and impl.powers_of_two(Dh) and W * Dh <= 32768
+    Dh = ring_k.shape[-1]
+    return num_virtual <= 16 and impl.powers_of_two(Dh) and Dh <= 256
 
 
 def attend_one(
@@ -475,12 +489,12 @@ def attend_one(
         scale,
         H=H,
         W=W,
-        WP=max(16, 1 << math.ceil(math.log2(W))),
+        WC=ATTEND_CHUNK,
         DH=Dh,
         M=M,
         MP=max(16, 1 << math.ceil(math.log2(M))),
         GATE=gated,
         DECAY=recency_bias,
-        num_warps=4 if W * Dh < 8192 else 8,
+        num_warps=ATTEND_WARPS,
     )
     return out
