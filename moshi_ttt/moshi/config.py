@@ -27,8 +27,9 @@ class AdapterConfig:
     ``gate_init``: initial gate logit of evicting memories (σ(6) = 0.9975 of the weight on the exact
     window, so a fresh model is close to stock and the gate still learns). ``yarn_scale``: YaRN
     factor s on Moshi's RoPE (original context = the checkpoint's context). ``respect_exec_mask``:
-    rows that Moshi's ``set_exec_mask`` turns off keep their memory unchanged (costs one copy of the
-    state per step).
+    rows that Moshi's ``set_exec_mask`` turns off keep their memory unchanged (one-token steps of
+    the window, the TTT cache and In-Place TTT mask their own writes; other steps copy the state
+    they change, once per step).
     """
 
     inplace_ttt: InPlaceTTTConfig | None = None
