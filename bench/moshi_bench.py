@@ -6,7 +6,8 @@
 Per variant (an ``AdapterConfig`` preset; ``off`` is stock Moshi; ``window64`` is stock Moshi with
 its own ring cache cut to 64 steps in every layer of the main transformer, the fair baseline of
 the presets, whose memories keep a 64-step window):
-- batch 1: ms per frame (one ``LMGen.step``: main transformer + depformer + sampling) and the
+- batch 1: ms per frame (one ``LMGen.step``: main transformer + depformer + sampling; the mean
+  of the timed frames and the slowest, each timed by CUDA events around it) and the
   streaming state per conversation after 1k, 3k, 10k and 20k steps. The state is advanced between
   checkpoints by multi-step ``forward_text`` calls (eager), then timed with graph replays. The
   weights are random, so only positions and buffer fill matter; Moshi's own ring is exact for
@@ -63,15 +64,30 @@ def user_tokens(lm: LMModel, B: int, device) -> torch.Tensor:
     return torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, 1), device=device)
 
 
-def time_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> float:
-    """Mean ms per LMGen step over n steps."""
+def frame_times(gen: LMGen, lm: LMModel, B: int, n: int, device) -> list[float]:
+    """ms of each of n LMGen steps: CUDA events around every step, read after the last (the steps
+    run back to back, as in streaming), or the wall clock per step off CUDA."""
     inputs = [user_tokens(lm, B, device) for _ in range(n)]
     sync(device)
-    t0 = time.perf_counter()
-    for x in inputs:
+    if device.type != "cuda":
+        out = []
+        for x in inputs:
+            t0 = time.perf_counter()
+            gen.step(x)
+            out.append((time.perf_counter() - t0) * 1000)
+        return out
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    events[0].record()
+    for x, e in zip(inputs, events[1:]):
         gen.step(x)
+        e.record()
     sync(device)
-    return (time.perf_counter() - t0) * 1000 / n
+    return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+
+
+def time_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> float:
+    """Mean ms per LMGen step over n steps."""
+    return sum(frame_times(gen, lm, B, n, device)) / max(n, 1)
 
 
 @torch.no_grad()
@@ -95,12 +111,13 @@ def batch1_series(lm: LMModel, args, device) -> list[dict]:
         done += args.warmup
         for n in args.checkpoints:
             fast_forward(lm, 1, n - done, args.ff_chunk, device)
-            ms = time_steps(gen, lm, 1, args.frames, device)
+            times = frame_times(gen, lm, 1, args.frames, device)
             done = n + args.frames
             rows.append(
                 {
                     "steps": n,
-                    "ms_per_frame": ms,
+                    "ms_per_frame": sum(times) / len(times),
+                    "ms_per_frame_max": max(times),
                     "state_bytes": state_nbytes(lm),
                     "allocated_bytes": allocated(device) - base,
                 }
@@ -134,12 +151,13 @@ def measure(lm: LMModel, B: int, args, device) -> dict:
         with gen.streaming(B):
             stagger_rows(gen, lm, B, args.stagger, device)
             time_steps(gen, lm, B, args.fill - args.stagger, device)
-            ms = time_steps(gen, lm, B, args.frames, device)
+            times = frame_times(gen, lm, B, args.frames, device)
             state, alloc = state_nbytes(lm), allocated(device) - base
         peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
         return {
             "batch": B,
-            "ms_per_frame": ms,
+            "ms_per_frame": sum(times) / len(times),
+            "ms_per_frame_max": max(times),
             "state_bytes": state,
             "allocated_bytes": alloc,
             "peak_bytes": peak,
@@ -386,28 +404,31 @@ def markdown(out: dict) -> str:
         "",
         "Batch 1: ms per frame and streaming state per conversation after N steps.",
         "",
-        "| variant | steps | ms/frame | state MB/conv | allocated MB |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | steps | ms/frame | slowest frame (ms) | state MB/conv | allocated MB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    slowest = lambda row: f"{row['ms_per_frame_max']:.2f}" if "ms_per_frame_max" in row else "-"
     for name, r in out["variants"].items():
         for row in r["series"]:
             lines.append(
-                f"| {name} | {row['steps']} | {row['ms_per_frame']:.2f} | "
+                f"| {name} | {row['steps']} | {row['ms_per_frame']:.2f} | {slowest(row)} | "
                 f"{row['state_bytes'] / 1e6:.2f} | "
                 f"{row['allocated_bytes'] / 1e6:.1f} |"
             )
     lines += [
         "",
-        f"Most concurrent conversations under {out['threshold_ms']} ms per frame.",
+        f"Most concurrent conversations under {out['threshold_ms']} ms per frame (the mean of the "
+        "timed frames; the slowest one beside it).",
         "",
-        "| variant | max concurrent | ms/frame there | state MB/conv | allocated GB there | "
-        "stopped by |",
-        "|---|---:|---:|---:|---:|---|",
+        "| variant | max concurrent | ms/frame there | slowest frame (ms) | state MB/conv | "
+        "allocated GB there | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in out["variants"].items():
         s, at = r["search"], r["search"]["at_max"] or {}
         lines.append(
             f"| {name} | {s['max_concurrent']} | {at.get('ms_per_frame', float('nan')):.2f} | "
+            f"{slowest(at)} | "
             f"{at.get('state_bytes', 0) / max(at.get('batch', 1), 1) / 1e6:.2f} | "
             f"{at.get('allocated_bytes', 0) / 1e9:.2f} | {s['stopped_by']} |"
         )
