@@ -82,8 +82,8 @@ def kernels() -> list:
                 label,
                 source(
                     step_k._complete_rows_kernel,
-                    {**f32s, **counters},
-                    {**common, "P": 4, "H": 8, "ROTATE": True},
+                    {**f32s, **counters, "P": "i32"},
+                    {**common, "H": 8, "ROTATE": True},
                 ),
                 nw,
             )

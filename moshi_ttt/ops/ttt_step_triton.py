@@ -161,7 +161,7 @@ if triton is not None:
         decay,
         momentum,
         max_norm,
-        P: tl.constexpr,
+        P,
         H: tl.constexpr,
         BLK: tl.constexpr,
         CH: tl.constexpr,
@@ -173,10 +173,11 @@ if triton is not None:
         HAS_DECAY: tl.constexpr,
         ROTATE: tl.constexpr,
     ):
-        """Program (p, head) for p < P: for the rows p, p + P, ... of the ``nrows`` listed in
-        ``rows`` (those whose block completed), one compressor step on the block and its read
-        cached as virtual tokens (V_m = f_θ(p̂_m), K_m = key_m + V_m A, RoPE at the relative
-        offsets). The last program to finish empties the list."""
+        """Program (p, head) for p < P (a runtime value: one compilation for every batch): for
+        the rows p, p + P, ... of the ``nrows`` listed in ``rows`` (those whose block completed),
+        one compressor step on the block and its read cached as virtual tokens (V_m = f_θ(p̂_m),
+        K_m = key_m + V_m A, RoPE at the relative offsets). The last program to finish empties
+        the list."""
         p, h = tl.program_id(0), tl.program_id(1)
         rd, rp = tl.arange(0, DH), tl.arange(0, MP)
         sel = rp[:, None] < M
@@ -340,7 +341,7 @@ def evict_step(
         float(decay),
         float(momentum),
         float(max_norm),
-        P=P,
+        P,
         H=H,
         BLK=block,
         CH=min(block, 32),
