@@ -70,7 +70,7 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
     saved = (
         block_kernel.supports,
         block_kernel.complete_block,
-        step_kernels.supports,
+        step_kernels.evict_supports,
         step_kernels.evict_step,
         step_kernels.attend_supports,
         step_kernels.attend_one,
@@ -85,9 +85,12 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
             .new_empty(0)
             .new_empty(x.shape[0], probes.shape[1], x.shape[-1], dtype=x.dtype)
         )
-        step_kernels.supports = step_kernels.attend_supports = lambda *a: variant == "fused step"
-        step_kernels.evict_step = lambda *a: kernels.update(["triton"])
-        step_kernels.attend_one = lambda mem, st, q, *a: (
+        step_kernels.evict_supports = step_kernels.attend_supports = lambda *a: (
+            variant == "fused step"
+        )
+        # two launches: the append kernel and the completion kernel
+        step_kernels.evict_step = lambda *a, **k: kernels.update(["triton", "triton"])
+        step_kernels.attend_one = lambda q, *a, **k: (
             kernels.update(["triton"]) or q.new_empty(q.shape, dtype=torch.float32)
         )
         tokens = torch.randint(0, cfg.vocab_size, (1, prefill + 2))
@@ -114,7 +117,7 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
         (
             block_kernel.supports,
             block_kernel.complete_block,
-            step_kernels.supports,
+            step_kernels.evict_supports,
             step_kernels.evict_step,
             step_kernels.attend_supports,
             step_kernels.attend_one,
