@@ -28,7 +28,7 @@ from . import impl
 from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
-_arrive: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
+_counters: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
 # attend_one: the window slots a program holds at a time, and its warps
 # (docs/results/kernel-compile-sm90)
 ATTEND_CHUNK, ATTEND_WARPS = 16, 2
@@ -261,10 +261,10 @@ def _buffers(dev: torch.device, B: int) -> tuple:
     launches in stream order share them): per-row arrivals, the list of rows whose block completed
     and its length, and the completion kernel's finished programs."""
     key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0, B)
-    if key not in _arrive:
+    if key not in _counters:
         z = lambda n: torch.zeros(n, dtype=torch.int32, device=dev)
-        _arrive[key] = (z(B), z(B), z(1), z(1))
-    return _arrive[key]
+        _counters[key] = (z(B), z(B), z(1), z(1))
+    return _counters[key]
 
 
 def evict_step(
