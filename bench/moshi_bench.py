@@ -85,6 +85,11 @@ def frame_times(gen: LMGen, lm: LMModel, B: int, n: int, device) -> list[float]:
     return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
 
 
+def frame_stats(times: list[float]) -> dict:
+    """The mean and the slowest of a run's frame times (ms)."""
+    return {"ms_per_frame": sum(times) / len(times), "ms_per_frame_max": max(times)}
+
+
 def time_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> float:
     """Mean ms per LMGen step over n steps."""
     return sum(frame_times(gen, lm, B, n, device)) / max(n, 1)
@@ -116,8 +121,7 @@ def batch1_series(lm: LMModel, args, device) -> list[dict]:
             rows.append(
                 {
                     "steps": n,
-                    "ms_per_frame": sum(times) / len(times),
-                    "ms_per_frame_max": max(times),
+                    **frame_stats(times),
                     "state_bytes": state_nbytes(lm),
                     "allocated_bytes": allocated(device) - base,
                 }
@@ -156,8 +160,7 @@ def measure(lm: LMModel, B: int, args, device) -> dict:
         peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
         return {
             "batch": B,
-            "ms_per_frame": sum(times) / len(times),
-            "ms_per_frame_max": max(times),
+            **frame_stats(times),
             "state_bytes": state,
             "allocated_bytes": alloc,
             "peak_bytes": peak,
