@@ -7,7 +7,7 @@ from conftest import assert_close
 
 import moshi_ttt as mt
 from moshi_ttt.layers import records
-from moshi_ttt.ops import impl
+from moshi_ttt.ops import impl, ttt_scan_torch
 from moshi_ttt.ops import ttt_cache as ops
 
 
@@ -54,14 +54,14 @@ def cache_model():
 
 def test_update_part_selects_the_per_token_reference(monkeypatch):
     """With "update" on its reference, the compressor's blocks go through ``block_step_naive``;
-    otherwise through ``block_step``."""
+    otherwise through the hand-written scan (``ops.ttt_scan_torch``, on the CPU)."""
     calls = {"naive": 0, "fast": 0}
-    naive, fast = ops.block_step_naive, ops.block_step
+    naive, fast = ops.block_step_naive, ttt_scan_torch.scan_states
     monkeypatch.setattr(
         ops, "block_step_naive", lambda *a: calls.update(naive=calls["naive"] + 1) or naive(*a)
     )
     monkeypatch.setattr(
-        ops, "block_step", lambda *a: calls.update(fast=calls["fast"] + 1) or fast(*a)
+        ttt_scan_torch, "scan_states", lambda *a: calls.update(fast=calls["fast"] + 1) or fast(*a)
     )
     model, tokens = cache_model(), torch.randint(0, 50, (1, 30))
     with torch.no_grad():

@@ -10,6 +10,7 @@ from conftest import assert_close
 from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
+from moshi_ttt.ops import ttt_scan_torch
 from moshi_ttt.ops import ttt_scan_triton as tri
 
 pytestmark = pytest.mark.skipif(not tri.triton, reason="needs Triton")
@@ -126,8 +127,9 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
 
     def run(fused):
         with monkeypatch.context() as mp:
-            if not fused:
+            if not fused:  # autograd through scan_step
                 mp.setattr(tri, "supports", lambda *a: False)
+                mp.setattr(ttt_scan_torch, "supports", lambda *a: False)
             model.zero_grad()
             logits = model(tokens, resets)
             (logits.float().logsumexp(-1).mean() - logits[..., 0].float().mean()).backward()

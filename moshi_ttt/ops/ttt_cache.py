@@ -22,7 +22,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from . import impl, ttt_scan_triton
+from . import impl, ttt_scan_torch, ttt_scan_triton
 
 
 def compressor(ws, x: torch.Tensor) -> torch.Tensor:
@@ -260,16 +260,20 @@ def compress_scan(
     S, d_in, d_out] each -> [G, S, M, Dh], called once on all N + 1 states. Gradients flow
     through at most ``bptt`` consecutive updates (0: all). Returns (K, V) reads [G, N + 1, M,
     Dh] (index n: after n blocks), the final (ds, moms) and, when ``record``, the inner losses
-    before and after each update [G, N] (mean over the block's tokens). Depth-2 fp32 scans on
-    CUDA run as the fused kernels of ``ops.ttt_scan_triton`` (unless ``compiled``), their
-    backward's products in ``grad_precision`` ("fp32" or "tf32"); with the "update" part on its
-    reference (``ops.impl``), per-token gradients by autograd (``block_step_naive``).
+    before and after each update [G, N] (mean over the block's tokens). Depth-2 scans with a
+    float ``decay`` (unless ``compiled``) run as the fused kernels of ``ops.ttt_scan_triton``
+    (fp32 on CUDA; the backward's products in ``grad_precision``, "fp32" or "tf32") or else with
+    the hand-written backward of ``ops.ttt_scan_torch``; the others by autograd through
+    ``scan_step``; with the "update" part on its reference (``ops.impl``), per-token gradients by
+    autograd (``block_step_naive``).
     """
     naive = impl.reference("update")
     fused = not (naive or compiled or torch.is_tensor(decay))
     args = (tuple(ds), moms, tuple(inits), keys, vals, eta, apply, decay, momentum, max_norm, bptt)
     if fused and keys.shape[1] and ttt_scan_triton.supports(ds, keys):
         states, moms, loss = ttt_scan_triton.scan_states(*args, grad_precision)
+    elif fused and ttt_scan_torch.supports(ds, keys):
+        states, moms, loss = ttt_scan_torch.scan_states(*args)
     else:
         step = compiled_scan_step() if compiled and not naive else scan_step
         states, moms, loss = scan_states(*args, naive, step)
