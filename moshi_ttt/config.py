@@ -41,10 +41,11 @@ class MemoryConfig:
     ``"zero"`` (output layer starts at zero), ``"learned"`` (learned initial state) or ``"wait"``
     (no virtual tokens before the first update), ``bptt`` how many compressor updates gradients flow
     through (0: all), ``check_finite`` a per-update check that names the layer and update on
-    NaN/Inf, ``compile_scan`` runs the compressor's update loop through torch.compile (fused
-    kernels), ``grad_precision`` the products in the backward of the fused GPU scan: ``"tf32"``
-    (gradients to about 1e-3 relative) or ``"fp32"`` (three TF32 products); its forward, the state,
-    is fp32 either way.
+    NaN/Inf, ``compile_scan`` runs the compressor's update loop through torch.compile (autograd
+    through compiled steps instead of the hand-written scans of ``ops.ttt_scan_triton`` and
+    ``ops.ttt_scan_torch``), ``grad_precision`` the products in the backward of the fused GPU
+    scan: ``"tf32"`` (gradients to about 1e-3 relative) or ``"fp32"`` (three TF32 products); its
+    forward, the state, is fp32 either way.
 
     Readers (how attention reads what left the window): ``read_query`` adds one virtual token per
     query read from the state at the query itself, ``V_q = f_θ(q̂_t)``, ``K_q = key_q + V_q A``
