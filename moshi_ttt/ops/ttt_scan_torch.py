@@ -77,7 +77,9 @@ class _Scan(torch.autograd.Function):
             mom = torch.stack([s1.detach().reshape(G, S), s2.detach().reshape(G, S)])
         cap, loss = x.new_ones(N, 2, G), x.new_empty(G, N, b)
         on = apply > 0  # [G, N]
-        all_on = bool(on.all())
+        # every block applies (no masking); asked on the CPU only: no host sync on a GPU stream,
+        # which may be capturing a CUDA graph (a multi-token streaming step)
+        all_on = not on.is_cuda and bool(on.all())
         u, acts = x.new_empty(2, G, S), []  # acts: each block's activations, for the backward
         for n in range(N):
             w = st[n]
