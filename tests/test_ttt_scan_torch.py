@@ -34,8 +34,9 @@ def problem(G, N, b, Dh, m, moms, skip, dtype=torch.float32):
         ((2, 4, 8, 16, 16), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2), True, True),
         ((2, 6, 4, 8, 12), dict(decay=0.1, momentum=0.9, max_norm=2.5, bptt=2), True, False),
         ((2, 3, 32, 32, 16), dict(decay=0.0, momentum=0.5, max_norm=100.0, bptt=1), True, True),
-        # momenta given, no momentum: they pass through
+        # momenta given, no momentum: they pass through, and truncated BPTT cuts them
         ((2, 3, 4, 8, 16), dict(decay=0.05, momentum=0.0, max_norm=1.5, bptt=0), True, True),
+        ((2, 5, 4, 8, 16), dict(decay=0.05, momentum=0.0, max_norm=1.5, bptt=2), True, True),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -132,3 +133,22 @@ def test_backward_twice_equals_once():
     first = torch.autograd.grad(total, [*ds, keys, eta], retain_graph=True)
     for a, b in zip(first, torch.autograd.grad(total, [*ds, keys, eta])):
         assert torch.equal(a, b)
+
+
+def test_without_gradients_equals_reference_and_refuses_misuse():
+    """Under no_grad (no activations kept) the states, momenta and losses equal the reference's;
+    second-order gradients and momentum without momenta are refused."""
+    torch.manual_seed(0)
+    ds, mo, inits, keys, vals, eta, apply = problem(2, 4, 8, 16, 16, True, True)
+    args = (ds, mo, inits, keys, vals, eta, apply, 0.1, 0.9, 2.5, 2)
+    with torch.no_grad():
+        ref, fast = ops.scan_states(*args), scan.scan_states(*args)
+    for a, b in zip([*ref[0], *ref[1], ref[2]], [*fast[0], *fast[1], fast[2]]):
+        assert not b.requires_grad
+        assert_close(b, a, 1e-5, "states, momenta, losses without gradients")
+    (s1, s2), _, _ = scan.scan_states(*args)
+    (gk,) = torch.autograd.grad(s1.pow(2).sum() + s2.pow(2).sum(), [keys], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gk.sum().backward()
+    with pytest.raises(ValueError, match="momentum needs momenta"):
+        scan.scan_states(ds, None, inits, keys, vals, eta, apply, 0.1, 0.9, 2.5, 2)

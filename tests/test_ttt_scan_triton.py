@@ -88,6 +88,25 @@ def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts, gr
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_triton_scan_momenta_without_momentum_follow_the_reference(on, device):
+    """Momenta given with momentum 0 pass through unchanged; truncated BPTT cuts their gradient
+    (as the reference detaches them)."""
+    dev = on(device)
+    torch.manual_seed(0)
+    ds, moms, inits, keys, vals, eta, apply = problem(2, 5, 16, 16, 16, 0.5, dev)
+    for bptt in (0, 2):
+        args = (ds, moms, inits, keys, vals, eta, apply, 0.05, 0.0, 100.0, bptt)
+        ref, fast = ops.scan_states(*args), tri.scan_states(*args, "fp32")
+        for a, b in zip(ref[1], fast[1]):
+            assert_close(b, a, 0.0, "momenta")
+        total = lambda out: sum((s * s).sum() for s in [*out[0], *out[1]])
+        ref_g = torch.autograd.grad(total(ref), moms, allow_unused=True)
+        fast_g = torch.autograd.grad(total(fast), moms)
+        for a, b in zip(ref_g, fast_g):
+            assert_close(b, torch.zeros_like(b) if a is None else a, 1e-5, f"bptt {bptt}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [False, True])
 def test_model_training_with_triton_scan_equals_reference(on, device, shared, monkeypatch):
     """A TTT-cache model's logits and every parameter's gradient (batch 2 with a reset, momentum,

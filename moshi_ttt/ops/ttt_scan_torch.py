@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 _SQRT1_2, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
@@ -41,10 +42,10 @@ def _gelu_parts(h: torch.Tensor):
     return torch.erf(h * _SQRT1_2).add_(1.0).mul_(0.5).addcmul_(h, pdf), pdf
 
 
-def _block(w1, w2, x, y, eta):
+def _block(w1, w2, x, y, eta, grads: bool):
     """Block step at θ = (w1 [G, Dh, m], w2 [G, m, Dh]) on x, y [G, b, Dh], eta [G, b]: what the
     step and its VJP use, (a, e, g, gh = (g W2ᵀ) ⊙ gelu'(h), gelu'(h), (g W2ᵀ) ⊙ gelu''(h), 1 / (1
-    + ‖a‖²), s)."""
+    + ‖a‖²), s); without ``grads`` the VJP's own term (gelu'') is None."""
     h = torch.bmm(x, w1)  # [G, b, m]
     a = F.gelu(h)
     err = torch.baddbmm(y, a, w2, beta=-1.0)  # a W2 − Y: [G, b, Dh]
@@ -53,7 +54,9 @@ def _block(w1, w2, x, y, eta):
     gg = err * sv[..., None]
     gp, pdf = _gelu_parts(h)
     q = torch.bmm(gg, w2.transpose(1, 2))  # [G, b, m]
-    return a, err, gg, q * gp, gp, q.mul_(pdf.mul_(h.mul_(h).neg_().add_(2.0))), rr, sv
+    gh = q * gp
+    gpp = q.mul_(pdf.mul_(h.mul_(h).neg_().add_(2.0))) if grads else None  # in place: q, pdf, h
+    return a, err, gg, gh, gp, gpp, rr, sv
 
 
 def _flat(d, like, G: int, S: int) -> torch.Tensor:
@@ -68,6 +71,7 @@ class _Scan(torch.autograd.Function):
         m = w1.shape[2]
         S = Dh * m
         has_mom = s1 is not None and bool(momentum)
+        grads = any(ctx.needs_input_grad)
         x, y, eta = x.detach(), y.detach(), eta.detach()
         st = x.new_empty(N + 1, 2, G, S)  # θ_n, both matrices flattened
         st[0, 0], st[0, 1] = w1.detach().reshape(G, S), w2.detach().reshape(G, S)
@@ -85,7 +89,7 @@ class _Scan(torch.autograd.Function):
             w = st[n]
             wa, wb = w[0].view(G, Dh, m), w[1].view(G, m, Dh)
             xn = x[:, n]
-            acts.append(_block(wa, wb, xn, y[:, n], eta[:, n]))
+            acts.append(_block(wa, wb, xn, y[:, n], eta[:, n], grads))
             a, err, gg, gh = acts[-1][:4]
             loss[:, n] = 0.5 * err.pow(2).sum(-1)
             u1, u2 = u[0].view(G, Dh, m), u[1].view(G, m, Dh)
@@ -108,7 +112,8 @@ class _Scan(torch.autograd.Function):
             torch.mul(u, c[..., None], out=st[n + 1])
             if not all_on:
                 st[n + 1] = torch.where(on[None, :, n, None], st[n + 1], w)
-        ctx.save_for_backward(st, cap, x, y, eta, on, init, *(t for act in acts for t in act))
+        if grads:
+            ctx.save_for_backward(st, cap, x, y, eta, on, init, *(t for act in acts for t in act))
         ctx.opts = (decay, momentum, bptt, has_mom, s1 is not None, all_on, Dh, m)
         ctx.mark_non_differentiable(loss)
         st1 = st[:, 0].view(N + 1, G, Dh, m).transpose(0, 1)
@@ -117,6 +122,7 @@ class _Scan(torch.autograd.Function):
         return st1, st2, *moms, loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dst1, dst2, dm1, dm2, _dloss):
         st, cap, x, y, eta, on, init, *acts = ctx.saved_tensors
         decay, momentum, bptt, has_mom, moms_in, all_on, Dh, m = ctx.opts
@@ -176,8 +182,12 @@ class _Scan(torch.autograd.Function):
                     ds.zero_()
             acc = p.add_(dst[n])
         grads = [acc[0].view(G, Dh, m), acc[1].view(G, m, Dh), None, None, None, None]
-        if moms_in:  # without momentum the momenta pass through unchanged
-            dm = ds if has_mom else torch.stack([_flat(dm1, x, G, S), _flat(dm2, x, G, S)])
+        if moms_in:  # without momentum the momenta pass through, cut by truncated BPTT
+            dm = ds
+            if not has_mom:
+                dm = x.new_zeros(2, G, S)
+                if not (bptt and N > bptt):
+                    dm = torch.stack([_flat(dm1, x, G, S), _flat(dm2, x, G, S)])
             grads[2:4] = dm[0].view(G, Dh, m), dm[1].view(G, m, Dh)
         if decay:
             grads[4:6] = da[0].view(G, Dh, m), da[1].view(G, m, Dh)
@@ -200,7 +210,9 @@ def scan_states(
     """``ops.ttt_cache.scan_states`` for depth 2 and a float ``decay`` (same arguments and
     results): ds, inits (W1 [G, Dh, m], W2 [G, m, Dh]), moms the same or None; keys, vals [G, N,
     b, Dh]; eta [G, N, b]; apply [G, N]. Returns ((W1, W2) [G, N + 1, ...], final momenta, loss
-    [G, N, b])."""
+    [G, N, b], which carries no gradient)."""
+    if momentum and moms is None:
+        raise ValueError("momentum needs momenta (moms), got None")
     w1, w2 = (w0 + d for w0, d in zip(inits, ds))
     s1, s2 = moms if moms is not None else (None, None)
     st1, st2, m1, m2, loss = _Scan.apply(

@@ -712,6 +712,7 @@ class _Scan(torch.autograd.Function):
         return st1, st2, (s1 if has_mom else None), (s2 if has_mom else None), loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dst1, dst2, dsn1, dsn2, _dloss):
         st1, st2, cap, x, y, eta, ap = ctx.saved_tensors
         decay, momentum, bptt, has_mom, flags, grad_prec = ctx.opts
@@ -798,6 +799,8 @@ class _Scan(torch.autograd.Function):
         out = launched(key, args, loop) if N >= GRAPH_MIN_BLOCKS else loop(*args)
         dst1, dst2, da1, da2, dx, dy, deta = out[:7]
         ds1, ds2 = out[7:] if has_mom else (None, None)
+        if has_mom and not flags["HAS_MOM"] and bptt and N > bptt:  # cut momenta pass nothing back
+            ds1, ds2 = torch.zeros_like(ds1), torch.zeros_like(ds2)
         return (
             dst1[:, 0],
             dst2[:, 0],
