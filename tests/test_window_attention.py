@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import assert_close
 
+from moshi_ttt.ops import window_attention as wa
 from moshi_ttt.ops.masks import segment_positions
 from moshi_ttt.ops.window_attention import (
     window_attention,
+    window_attention_banded,
     window_attention_dense,
     window_attention_flex,
 )
@@ -46,6 +48,47 @@ def test_flex_equals_the_dense_reference(kind, W, S, resets):
     assert_close(l1, l0, 1e-5, "log-sum-exp")
 
 
+@pytest.mark.parametrize("W", [24, 1, 160, 7])
+@pytest.mark.parametrize("resets", [False, True])
+def test_banded_equals_the_dense_reference_with_gradients(W, resets):
+    """Chunks of W queries against 2W keys: outputs, log-sum-exp and the gradients of q, k, v
+    equal the dense reference (T = 160 is no multiple of 24 or 7; W = T is one chunk)."""
+    q, k, v, pos, seg = inputs(resets=resets)
+    g = torch.randn_like(q)
+    o0, l0 = window_attention_dense(q, k, v, pos, seg, "window", W, scale=0.3, return_lse=True)
+    o1, l1 = window_attention_banded(q, k, v, pos, seg, W, scale=0.3, return_lse=True)
+    o2 = window_attention(q, k, v, pos, seg, "window", W, scale=0.3, impl="banded")
+    assert_close(o1, o0, 1e-5, "output, softmax spelt out")
+    assert_close(l1, l0, 1e-5, "log-sum-exp")
+    assert_close(o2, o0, 1e-5, "output, SDPA")
+    ref = torch.autograd.grad((o0 * g).sum(), (q, k, v))
+    for out in (o1, o2):
+        for name, a, b in zip("qkv", torch.autograd.grad((out * g).sum(), (q, k, v)), ref):
+            assert_close(a, b, 1e-5, f"d{name}")
+
+
+def test_auto_takes_the_banded_form_from_a_length_of_banded_min_windows(monkeypatch):
+    """On the CPU "auto" runs the window kind banded from T >= BANDED_MIN x W and densely below
+    (and every other kind densely), with the same result."""
+    calls = []
+    for name in ("window_attention_banded", "window_attention_dense"):
+        fn = getattr(wa, name)
+        monkeypatch.setattr(
+            wa, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a)
+        )
+    q, k, v, pos, seg = (x.detach() for x in inputs())  # T = 160
+    for kind, W, want in (
+        ("window", 160 // wa.BANDED_MIN, "banded"),
+        ("window", 160 // wa.BANDED_MIN + 1, "dense"),
+        ("sink", 4, "dense"),
+        ("full", 0, "dense"),
+    ):
+        calls.clear()
+        out = window_attention(q, k, v, pos, seg, kind, W, 2)
+        assert calls == [f"window_attention_{want}"], (kind, W, calls)
+        assert_close(out, window_attention(q, k, v, pos, seg, kind, W, 2, impl="dense"), 1e-5)
+
+
 def test_the_dense_log_sum_exp_path_equals_sdpa_and_bad_arguments_fail_clearly():
     q, k, v, pos, seg = inputs()
     o, _ = window_attention_dense(q, k, v, pos, seg, "window", 24, scale=0.3, return_lse=True)
@@ -59,6 +102,7 @@ def test_the_dense_log_sum_exp_path_equals_sdpa_and_bad_arguments_fail_clearly()
         (dict(kind="ring"), "kind must be"),
         (dict(window=0), "window must be"),
         (dict(impl="fast"), "impl must be"),
+        (dict(kind="sink", impl="banded"), "is for kind='window'"),
     ):
         args = dict(kind="window", window=4, impl="dense") | kw
         with pytest.raises(ValueError, match=msg):

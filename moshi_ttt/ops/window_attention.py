@@ -1,6 +1,6 @@
 """Causal attention within documents, over a sliding window (and sink tokens), without a [B, T, T]
-mask: FlexAttention with a block-sparse mask on CUDA, a dense boolean mask and SDPA as the
-reference.
+mask: FlexAttention with a block-sparse mask on CUDA, banded chunks elsewhere (the window kind),
+a dense boolean mask and SDPA as the reference.
 
 Query i sees key j of its row when both lie in one document (seg_i = seg_j), j <= i, and
 
@@ -8,8 +8,9 @@ Query i sees key j of its row when both lie in one document (seg_i = seg_j), j <
     window   i - j < W
     sink     i - j < W or pos_j < S   (pos: the position within the document)
 
-so a window of W costs O(T W) instead of O(T²) on the fast path: FlexAttention skips the blocks of
-128 x 128 (query, key) pairs the mask rules out and computes the rest.
+so a window of W costs O(T W) instead of O(T²) on the fast paths: FlexAttention skips the blocks
+of 128 x 128 (query, key) pairs the mask rules out and computes the rest; the banded form splits
+the queries into chunks of W, each against the 2W keys that can hold its window.
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ import torch
 from torch.nn import functional as F
 
 from . import impl
+from .banded import band, chunked
 from .masks import visible
 
 KINDS = ("full", "window", "sink")
+# "auto" takes the banded form (where FlexAttention does not run) from T >= BANDED_MIN x W: on
+# 2 CPU cores it was slower than the dense mask at T = 4 W and 6 W, faster at 8 W (1.6x) and
+# 24 W (3.6x), forward and backward (docs/results/bench-tiny-cpu)
+BANDED_MIN = 8
+IMPLS = ("auto", "flex", "banded", "dense")
 
 
 def _check(q, k, v, pos, seg, kind: str, window: int, num_sink: int) -> None:
@@ -65,6 +72,46 @@ def window_attention_dense(
     s = s.masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(s, -1)  # [B, H, T]
     return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def window_attention_banded(
+    q,
+    k,
+    v,
+    pos,
+    seg,
+    window: int,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """The window kind in chunks: queries [cW, (c+1)W) against keys [(c-1)W, (c+1)W), masked by
+    positions and documents (``masks.visible`` on the chunk); SDPA on [B, H·NC, W, 2W] (or, with
+    ``return_lse``, the softmax spelt out in fp32 with its log-sum-exp [B, H, T])."""
+    B, H, T, Dh = q.shape
+    W = window
+    qc, kb, vb = chunked(q, W), band(k, W), band(v, W)  # [B, H, NC, W | 2W, Dh]
+    NC = qc.shape[2]
+    pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
+    ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(B, NC, W, 2 * W)
+    if seg is not None:  # distinct fills: padding never matches a document
+        ok = ok & (chunked(seg, W, -2)[..., None] == band(seg, W, -3)[..., None, :])
+    ok = ok | ~ok.any(-1, keepdim=True)  # padded queries (never read) see every slot
+    unchunk = lambda x: x.flatten(2, 3)[:, :, :T]
+    if return_lse:
+        s = (qc.float() @ kb.float().transpose(-1, -2)) * (scale or Dh**-0.5)
+        s = s.masked_fill(~ok[:, None], float("-inf"))  # [B, H, NC, W, 2W]
+        lse = torch.logsumexp(s, -1)
+        o = torch.exp(s - lse[..., None]) @ vb.float()
+        return unchunk(o).to(q.dtype), lse.flatten(2)[:, :, :T]
+    mask = ok[:, None].expand(B, H, NC, W, 2 * W).reshape(B, H * NC, W, 2 * W)
+    o = F.scaled_dot_product_attention(
+        qc.reshape(B, H * NC, W, Dh),
+        kb.reshape(B, H * NC, 2 * W, Dh),
+        vb.reshape(B, H * NC, 2 * W, -1),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return unchunk(o.view(B, H, NC, W, -1))
 
 
 @functools.cache
@@ -175,11 +222,22 @@ def window_attention(
     """Attention of q over k, v (all [B, H, T, Dh], RoPE applied) under the rule above. pos
     [B, T] positions within each document; seg [B, T] document ids (None: one per row, pos =
     0..T-1). -> o [B, H, T, Dh] (and the log-sum-exp [B, H, T], fp32, with ``return_lse``).
-    ``impl``: "flex" (block-sparse FlexAttention, compiled), "dense" (the reference), or "auto"
-    (flex where ``flex_supported``)."""
+    ``impl``: "flex" (block-sparse FlexAttention, compiled), "banded" (chunks of the window; the
+    window kind only), "dense" (the reference), or "auto" (flex where ``flex_supported``, else
+    banded for the window kind from T >= ``BANDED_MIN`` x window, else dense)."""
     _check(q, k, v, pos, seg, kind, window, num_sink)
-    if impl not in ("auto", "flex", "dense"):
-        raise ValueError(f"window_attention: impl must be 'auto', 'flex' or 'dense', got {impl!r}")
-    if impl == "flex" or (impl == "auto" and flex_supported(q)):
+    if impl not in IMPLS:
+        raise ValueError(f"window_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "banded" and kind != "window":
+        raise ValueError(f"window_attention: impl='banded' is for kind='window', got {kind!r}")
+    if impl == "auto":
+        impl = "dense"
+        if flex_supported(q):
+            impl = "flex"
+        elif kind == "window" and q.shape[2] >= BANDED_MIN * window:
+            impl = "banded"
+    if impl == "flex":
         return window_attention_flex(q, k, v, pos, seg, kind, window, num_sink, scale, return_lse)
+    if impl == "banded":
+        return window_attention_banded(q, k, v, pos, seg, window, scale, return_lse)
     return window_attention_dense(q, k, v, pos, seg, kind, window, num_sink, scale, return_lse)
