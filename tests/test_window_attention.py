@@ -1,7 +1,8 @@
 """Windowed attention without a [B, T, T] mask: FlexAttention's block-sparse path equals the dense
 reference for every kind, with and without documents packed in rows: outputs and log-sum-exp on
 the CPU (FlexAttention has no CPU backward), outputs and gradients of the compiled kernels on
-CUDA."""
+CUDA; the banded form (the window kind) equals it with gradients, and "auto" picks it by
+length."""
 
 import pytest
 import torch
