@@ -130,6 +130,49 @@ def tiny_config(
     )
 
 
+def scan_model(shared: bool, device="cpu", grad_precision: str = "tf32"):
+    """A two-layer TTT-cache model whose compressor scan exercises every option (momentum, decay,
+    an active cap, truncated BPTT), and a batch of 2 with a reset in row 1: (model, tokens,
+    resets), for comparing scan implementations at model level."""
+    cfg = mt.ModelConfig(
+        vocab_size=50,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        memory=mt.MemoryConfig(
+            kind="ttt_cache",
+            window=8,
+            block=16,
+            num_virtual=4,
+            momentum=0.5,
+            decay=0.05,
+            max_state_norm=4.0,
+            bptt=2,
+            compressor_shared=shared,
+            cold_start="zero",
+            grad_precision=grad_precision,
+        ),
+    )
+    model = mt.StreamingLM(cfg).to(device)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
+    tokens = torch.randint(0, 50, (2, 120), device=device)
+    resets = torch.zeros(2, 120, dtype=torch.bool, device=device)
+    resets[1, 40] = True
+    return model, tokens, resets
+
+
+def logits_and_grads(model, tokens, resets):
+    """One forward and backward of a cross-entropy-like loss: (logits, every parameter's gradient
+    by name)."""
+    model.zero_grad()
+    logits = model(tokens, resets)
+    (logits.float().logsumexp(-1).mean() - logits[..., 0].float().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
 def stream(model, tokens, k, state=None, resets_at=None):
     """Feed ``tokens`` [B, T] k at a time (a list: step sizes in turn); ``resets_at`` {t: mask}
     resets

@@ -3,7 +3,7 @@ autograd through ops/ttt_cache.scan_states: states, final momenta, losses and ev
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, logits_and_grads, scan_model
 from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
@@ -71,52 +71,16 @@ def test_model_training_with_torch_scan_equals_reference(shared, monkeypatch):
     """A TTT-cache model's logits and every parameter's gradient (batch 2 with a reset, momentum,
     decay, the cap and truncated BPTT) are the same through the hand-written backward and autograd
     through ``scan_step``, and the model's training path takes the hand-written one."""
-    import moshi_ttt as mt
-
-    cfg = mt.ModelConfig(
-        vocab_size=50,
-        dim=64,
-        num_layers=2,
-        num_heads=4,
-        memory=mt.MemoryConfig(
-            kind="ttt_cache",
-            window=8,
-            block=16,
-            num_virtual=4,
-            momentum=0.5,
-            decay=0.05,
-            max_state_norm=4.0,
-            bptt=2,
-            compressor_shared=shared,
-            cold_start="zero",
-        ),
-    )
     torch.manual_seed(0)
-    model = mt.StreamingLM(cfg)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
-    tokens = torch.randint(0, 50, (2, 120))
-    resets = torch.zeros(2, 120, dtype=torch.bool)
-    resets[1, 40] = True
+    model, tokens, resets = scan_model(shared)
     calls, fast = [], scan.scan_states
     monkeypatch.setattr(scan, "scan_states", lambda *a, **k: calls.append(1) or fast(*a, **k))
-
-    def run(hand_written):
-        with monkeypatch.context() as mp:
-            if not hand_written:
-                mp.setattr(scan, "supports", lambda *a: False)
-            model.zero_grad()
-            logits = model(tokens, resets)
-            (logits.logsumexp(-1).mean() - logits[..., 0].mean()).backward()
-        return logits.detach(), {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-
-    ref_logits, ref_grads = run(False)
+    with monkeypatch.context() as mp:
+        mp.setattr(scan, "supports", lambda *a: False)
+        ref_logits, ref_grads = logits_and_grads(model, tokens, resets)
     n_ref = len(calls)
-    logits, grads = run(True)
-    assert n_ref == 0 and len(calls) == cfg.num_layers
+    logits, grads = logits_and_grads(model, tokens, resets)
+    assert n_ref == 0 and len(calls) == model.cfg.num_layers
     assert_close(logits, ref_logits, 1e-5, "logits")
     assert ref_grads.keys() == grads.keys() and any("w1_init" in n for n in grads)
     for n in ref_grads:

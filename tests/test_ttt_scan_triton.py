@@ -6,7 +6,7 @@ installed and on the GPU with ``-m gpu``."""
 import pytest
 import torch
 from conftest import TRITON_DEVICES as DEVICES
-from conftest import assert_close
+from conftest import assert_close, logits_and_grads, scan_model
 from torch.nn import functional as F
 
 from moshi_ttt.ops import ttt_cache as ops
@@ -112,58 +112,21 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
     """A TTT-cache model's logits and every parameter's gradient (batch 2 with a reset, momentum,
     decay, the cap and truncated BPTT) are the same through the fused scan and the reference (TF32
     gradients, per-head compressors, to 3e-3 of their largest entry on the GPU)."""
-    import moshi_ttt as mt
-
-    dev = on(device)
-    cfg = mt.ModelConfig(
-        vocab_size=50,
-        dim=64,
-        num_layers=2,
-        num_heads=4,
-        memory=mt.MemoryConfig(
-            kind="ttt_cache",
-            window=8,
-            block=16,
-            num_virtual=4,
-            momentum=0.5,
-            decay=0.05,
-            max_state_norm=4.0,
-            bptt=2,
-            compressor_shared=shared,
-            cold_start="zero",
-            grad_precision="fp32" if shared else "tf32",
-        ),
-    )
-    model = mt.StreamingLM(cfg).to(dev)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.self_attn.memory.vkey_proj.normal_(0, 0.3)
-    tokens = torch.randint(0, 50, (2, 120), device=dev)
-    resets = torch.zeros(2, 120, dtype=torch.bool, device=dev)
-    resets[1, 40] = True
+    precision = "fp32" if shared else "tf32"
+    model, tokens, resets = scan_model(shared, on(device), precision)
     calls, kernel = [], tri.scan_states
     monkeypatch.setattr(tri, "scan_states", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-
-    def run(fused):
-        with monkeypatch.context() as mp:
-            if not fused:  # autograd through scan_step
-                mp.setattr(tri, "supports", lambda *a: False)
-                mp.setattr(ttt_scan_torch, "supports", lambda *a: False)
-            model.zero_grad()
-            logits = model(tokens, resets)
-            (logits.float().logsumexp(-1).mean() - logits[..., 0].float().mean()).backward()
-        return logits.detach(), {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-
-    ref_logits, ref_grads = run(False)
+    with monkeypatch.context() as mp:  # autograd through scan_step
+        mp.setattr(tri, "supports", lambda *a: False)
+        mp.setattr(ttt_scan_torch, "supports", lambda *a: False)
+        ref_logits, ref_grads = logits_and_grads(model, tokens, resets)
     n_ref = len(calls)
-    logits, grads = run(True)
+    logits, grads = logits_and_grads(model, tokens, resets)
     # the fused scan ran in every layer, and only then
-    assert n_ref == 0 and len(calls) == cfg.num_layers
+    assert n_ref == 0 and len(calls) == model.cfg.num_layers
     assert_close(logits, ref_logits, 1e-5, "logits")
     assert ref_grads.keys() == grads.keys() and any("w1_init" in n for n in grads)
-    tol = 3e-3 if device == "cuda" and cfg.memory.grad_precision == "tf32" else 1e-5
+    tol = 3e-3 if device == "cuda" and precision == "tf32" else 1e-5
     for n in ref_grads:
         assert_close(grads[n], ref_grads[n], tol, n, floor=0.0)
 
