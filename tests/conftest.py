@@ -130,6 +130,32 @@ def tiny_config(
     )
 
 
+def scan_problem(G, N, b, Dh, m, moms: bool, skip: bool = True, dtype=torch.float32, device="cpu"):
+    """A compressor scan's inputs, leaves that require gradients: (ds, moms or None, inits, keys
+    (normalised), vals, eta, apply) for G compressors [Dh, m] over N blocks of b tokens, with a
+    partly filled last block and (``skip``) a skipped block in row 0."""
+    inits = (torch.randn(G, Dh, m) / Dh**0.5, torch.randn(G, m, Dh) / m**0.5)
+    ds = tuple(0.1 * torch.randn_like(w) for w in inits)
+    mo = tuple(0.1 * torch.randn_like(w) for w in inits) if moms else None
+    keys = torch.nn.functional.normalize(torch.randn(G, N, b, Dh), dim=-1)
+    vals, eta = torch.randn(G, N, b, Dh), 4 * torch.rand(G, N, b) / b
+    eta[:, -1, b // 2 :] = 0.0  # a partly filled block
+    apply = torch.ones(G, N)
+    if skip:
+        apply[0, 1] = 0.0  # a skipped block
+    leaf = lambda t: t.to(device, dtype).requires_grad_()
+    tup = lambda t: tuple(leaf(a) for a in t) if t is not None else None
+    return (
+        tup(ds),
+        tup(mo),
+        tup(inits),
+        leaf(keys),
+        leaf(vals),
+        leaf(eta),
+        apply.to(device, dtype),
+    )
+
+
 def scan_model(shared: bool, device="cpu", grad_precision: str = "tf32"):
     """A two-layer TTT-cache model whose compressor scan exercises every option (momentum, decay,
     an active cap, truncated BPTT), and a batch of 2 with a reset in row 1: (model, tokens,

@@ -3,26 +3,10 @@ autograd through ops/ttt_cache.scan_states: states, final momenta, losses and ev
 
 import pytest
 import torch
-from conftest import assert_close, logits_and_grads, scan_model
-from torch.nn import functional as F
+from conftest import assert_close, logits_and_grads, scan_model, scan_problem
 
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_scan_torch as scan
-
-
-def problem(G, N, b, Dh, m, moms, skip, dtype=torch.float32):
-    inits = (torch.randn(G, Dh, m) / Dh**0.5, torch.randn(G, m, Dh) / m**0.5)
-    ds = tuple(0.1 * torch.randn_like(w) for w in inits)
-    mo = tuple(0.1 * torch.randn_like(w) for w in inits) if moms else None
-    keys = F.normalize(torch.randn(G, N, b, Dh), dim=-1)
-    vals, eta = torch.randn(G, N, b, Dh), 4 * torch.rand(G, N, b) / b
-    eta[:, -1, b // 2 :] = 0.0  # a partly filled block
-    apply = torch.ones(G, N)
-    if skip:
-        apply[0, 1] = 0.0  # a skipped block
-    leaf = lambda t: t.to(dtype).requires_grad_()
-    tup = lambda t: tuple(leaf(a) for a in t) if t is not None else None
-    return tup(ds), tup(mo), tup(inits), leaf(keys), leaf(vals), leaf(eta), apply.to(dtype)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +26,7 @@ def problem(G, N, b, Dh, m, moms, skip, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scan_equals_reference_with_gradients(shape, opts, moms, skip, dtype):
     torch.manual_seed(0)
-    ds, mo, inits, keys, vals, eta, apply = problem(*shape, moms, skip, dtype)
+    ds, mo, inits, keys, vals, eta, apply = scan_problem(*shape, moms, skip, dtype)
     assert scan.supports(ds, keys)
     args = (ds, mo, inits, keys, vals, eta, apply, *opts.values())
     ref, fast = ops.scan_states(*args), scan.scan_states(*args)
@@ -91,7 +75,7 @@ def test_backward_twice_equals_once():
     """The saved activations outlive a backward with retain_graph: a second backward through the
     same scan gives the same gradients."""
     torch.manual_seed(0)
-    ds, mo, inits, keys, vals, eta, apply = problem(2, 3, 4, 8, 16, True, True)
+    ds, mo, inits, keys, vals, eta, apply = scan_problem(2, 3, 4, 8, 16, True)
     (s1, s2), _, _ = scan.scan_states(ds, mo, inits, keys, vals, eta, apply, 0.1, 0.5, 2.0, 0)
     total = (s1 * torch.randn_like(s1)).sum() + s2.pow(2).sum()
     first = torch.autograd.grad(total, [*ds, keys, eta], retain_graph=True)
@@ -103,7 +87,7 @@ def test_without_gradients_equals_reference_and_refuses_misuse():
     """Under no_grad (no activations kept) the states, momenta and losses equal the reference's;
     second-order gradients and momentum without momenta are refused."""
     torch.manual_seed(0)
-    ds, mo, inits, keys, vals, eta, apply = problem(2, 4, 8, 16, 16, True, True)
+    ds, mo, inits, keys, vals, eta, apply = scan_problem(2, 4, 8, 16, 16, True)
     args = (ds, mo, inits, keys, vals, eta, apply, 0.1, 0.9, 2.5, 2)
     with torch.no_grad():
         ref, fast = ops.scan_states(*args), scan.scan_states(*args)

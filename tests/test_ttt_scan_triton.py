@@ -6,33 +6,13 @@ installed and on the GPU with ``-m gpu``."""
 import pytest
 import torch
 from conftest import TRITON_DEVICES as DEVICES
-from conftest import assert_close, logits_and_grads, scan_model
-from torch.nn import functional as F
+from conftest import assert_close, logits_and_grads, scan_model, scan_problem
 
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_scan_torch
 from moshi_ttt.ops import ttt_scan_triton as tri
 
 pytestmark = pytest.mark.skipif(not tri.triton, reason="needs Triton")
-
-
-def problem(G, N, b, Dh, m, momentum, device):
-    inits = (torch.randn(G, Dh, m) / Dh**0.5, torch.randn(G, m, Dh) / m**0.5)
-    ds = tuple(0.1 * torch.randn_like(w) for w in inits)
-    moms = tuple(0.1 * torch.randn_like(w) for w in inits) if momentum else None
-    keys = F.normalize(torch.randn(G, N, b, Dh), dim=-1)
-    vals, eta = torch.randn(G, N, b, Dh), 4 * torch.rand(G, N, b) / b
-    eta[:, -1, b // 2 :] = 0.0  # a partly filled block
-    apply = torch.ones(G, N)
-    apply[0, 1] = 0.0  # a skipped block
-    mv = lambda t: tuple(a.to(device).requires_grad_() for a in t) if t is not None else None
-    return (
-        mv(ds),
-        mv(moms),
-        mv(inits),
-        *(t.to(device).requires_grad_() for t in (keys, vals, eta)),
-        apply.to(device),
-    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -49,7 +29,9 @@ def problem(G, N, b, Dh, m, momentum, device):
 def test_triton_scan_equals_reference_with_gradients(on, device, shape, opts, grad_precision):
     dev = on(device)
     torch.manual_seed(0)
-    ds, moms, inits, keys, vals, eta, apply = problem(*shape, opts["momentum"], dev)
+    ds, moms, inits, keys, vals, eta, apply = scan_problem(
+        *shape, bool(opts["momentum"]), device=dev
+    )
     assert tri.supports(ds, keys)
     args = (
         ds,
@@ -93,7 +75,7 @@ def test_triton_scan_momenta_without_momentum_follow_the_reference(on, device):
     (as the reference detaches them)."""
     dev = on(device)
     torch.manual_seed(0)
-    ds, moms, inits, keys, vals, eta, apply = problem(2, 5, 16, 16, 16, 0.5, dev)
+    ds, moms, inits, keys, vals, eta, apply = scan_problem(2, 5, 16, 16, 16, True, device=dev)
     for bptt in (0, 2):
         args = (ds, moms, inits, keys, vals, eta, apply, 0.05, 0.0, 100.0, bptt)
         ref, fast = ops.scan_states(*args), tri.scan_states(*args, "fp32")
@@ -142,8 +124,8 @@ def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
     N = 2 * tri.GRAPH_MIN_BLOCKS
     for seed in (0, 1):
         torch.manual_seed(seed)
-        ds, moms, inits, keys, vals, eta, apply = problem(
-            3, N, 32, 16, 32, momentum, torch.device("cuda")
+        ds, moms, inits, keys, vals, eta, apply = scan_problem(
+            3, N, 32, 16, 32, bool(momentum), device=torch.device("cuda")
         )
         leaves = [*ds, *(moms or ()), *inits, keys, vals, eta]
         args = (ds, moms, inits, keys, vals, eta, apply, 0.05, momentum, 3.0, 3)
