@@ -26,8 +26,8 @@ from .masks import visible
 
 KINDS = ("full", "window", "sink")
 # "auto" takes the banded form (where FlexAttention does not run) from T >= BANDED_MIN x W: on
-# 2 CPU cores it was slower than the dense mask at T = 4 W and 6 W, faster at 8 W (1.6x) and
-# 24 W (3.6x), forward and backward (docs/results/bench-tiny-cpu)
+# 2 CPU cores, forward and backward, it was slower than the dense mask at T = 4 W and 6 W and
+# faster from 8 W, 3-4x at 16 W and 24 W (bench/window_forms.py, docs/results/bench-tiny-cpu)
 BANDED_MIN = 8
 IMPLS = ("auto", "flex", "banded", "dense")
 
