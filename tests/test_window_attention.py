@@ -19,6 +19,8 @@ from moshi_ttt.ops.window_attention import (
 
 
 def inputs(B=2, H=2, T=160, Dh=16, resets=True, device="cpu", dtype=torch.float32, seed=0):
+    """q, k, v [B, H, T, Dh] and positions, documents (``resets``: True, or "short" for documents
+    of 8 and 3 tokens too)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (
         torch.randn(B, H, T, Dh, generator=g).to(device, dtype).requires_grad_() for _ in range(3)
@@ -27,6 +29,8 @@ def inputs(B=2, H=2, T=160, Dh=16, resets=True, device="cpu", dtype=torch.float3
     if resets:
         r = torch.zeros(B, T, dtype=torch.bool)
         r[0, 37], r[1, 90], r[1, 141] = True, True, True  # documents inside rows
+        if resets == "short":
+            r[0, 45], r[1, 93] = True, True
     pos, seg = segment_positions(r, B, T, "cpu")
     return q, k, v, pos.to(device), (seg.to(device) if resets else None)
 
@@ -49,16 +53,18 @@ def test_flex_equals_the_dense_reference(kind, W, S, resets):
     assert_close(l1, l0, 1e-5, "log-sum-exp")
 
 
-@pytest.mark.parametrize("W", [24, 1, 160, 7])
-@pytest.mark.parametrize("resets", [False, True])
-def test_banded_equals_the_dense_reference_with_gradients(W, resets):
-    """Chunks of W queries against 2W keys: outputs, log-sum-exp and the gradients of q, k, v
-    equal the dense reference (T = 160 is no multiple of 24 or 7; W = T is one chunk)."""
+@pytest.mark.parametrize("W,S", [(24, 0), (1, 0), (160, 0), (7, 0), (24, 3), (7, 30), (1, 1)])
+@pytest.mark.parametrize("resets", [False, True, "short"])
+def test_banded_equals_the_dense_reference_with_gradients(W, S, resets):
+    """Chunks of W queries against 2W keys (and the S sinks of the chunk's first document):
+    outputs, log-sum-exp and the gradients of q, k, v equal the dense reference (T = 160 is no
+    multiple of 24 or 7; W = T is one chunk; 30 sinks are longer than some documents)."""
     q, k, v, pos, seg = inputs(resets=resets)
+    kind = "sink" if S else "window"
     g = torch.randn_like(q)
-    o0, l0 = window_attention_dense(q, k, v, pos, seg, "window", W, scale=0.3, return_lse=True)
-    o1, l1 = window_attention_banded(q, k, v, pos, seg, W, scale=0.3, return_lse=True)
-    o2 = window_attention(q, k, v, pos, seg, "window", W, scale=0.3, impl="banded")
+    o0, l0 = window_attention_dense(q, k, v, pos, seg, kind, W, S, scale=0.3, return_lse=True)
+    o1, l1 = window_attention_banded(q, k, v, pos, seg, W, S, scale=0.3, return_lse=True)
+    o2 = window_attention(q, k, v, pos, seg, kind, W, S, scale=0.3, impl="banded")
     assert_close(o1, o0, 1e-5, "output, softmax spelt out")
     assert_close(l1, l0, 1e-5, "log-sum-exp")
     assert_close(o2, o0, 1e-5, "output, SDPA")
@@ -69,8 +75,8 @@ def test_banded_equals_the_dense_reference_with_gradients(W, resets):
 
 
 def test_auto_takes_the_banded_form_from_a_length_of_banded_min_windows(monkeypatch):
-    """On the CPU "auto" runs the window kind banded from T >= BANDED_MIN x W and densely below
-    (and every other kind densely), with the same result."""
+    """On the CPU "auto" runs the window and sink kinds banded from T >= BANDED_MIN x W and densely
+    below (and full attention densely), with the same result."""
     calls = []
     for name in ("window_attention_banded", "window_attention_dense"):
         fn = getattr(wa, name)
@@ -81,7 +87,8 @@ def test_auto_takes_the_banded_form_from_a_length_of_banded_min_windows(monkeypa
     for kind, W, want in (
         ("window", 160 // wa.BANDED_MIN, "banded"),
         ("window", 160 // wa.BANDED_MIN + 1, "dense"),
-        ("sink", 4, "dense"),
+        ("sink", 160 // wa.BANDED_MIN, "banded"),
+        ("sink", 160 // wa.BANDED_MIN + 1, "dense"),
         ("full", 0, "dense"),
     ):
         calls.clear()
@@ -103,7 +110,7 @@ def test_the_dense_log_sum_exp_path_equals_sdpa_and_bad_arguments_fail_clearly()
         (dict(kind="ring"), "kind must be"),
         (dict(window=0), "window must be"),
         (dict(impl="fast"), "impl must be"),
-        (dict(kind="sink", impl="banded"), "is for kind='window'"),
+        (dict(kind="full", impl="banded"), "window and sink kinds"),
     ):
         args = dict(kind="window", window=4, impl="dense") | kw
         with pytest.raises(ValueError, match=msg):

@@ -1,5 +1,5 @@
 """Causal attention within documents, over a sliding window (and sink tokens), without a [B, T, T]
-mask: FlexAttention with a block-sparse mask on CUDA, banded chunks elsewhere (the window kind),
+mask: FlexAttention with a block-sparse mask on CUDA, banded chunks elsewhere (window and sink),
 a dense boolean mask and SDPA as the reference.
 
 Query i sees key j of its row when both lie in one document (seg_i = seg_j), j <= i, and
@@ -74,6 +74,24 @@ def window_attention_dense(
     return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
+def _sink_slots(k, v, pos, seg, W: int, num_sink: int):
+    """The sink tokens a chunk's queries may need beyond its band: the first ``num_sink`` tokens
+    of the document of each chunk's first query (any other document of the chunk starts inside
+    it, so its first tokens lie within every later query's window). -> keys, values [B, H, NC, S,
+    Dh] and their positions and documents [B, NC, S]."""
+    B, H, T, Dh = k.shape
+    first = torch.arange(0, T, W, device=pos.device)  # [NC]
+    start = first - pos[:, first]  # [B, NC] the document's first token
+    # past the row: the last token again, which no query sees as a sink (no query of its
+    # document lies W or more positions after it; other documents differ)
+    t = (start[..., None] + torch.arange(num_sink, device=pos.device)).clamp_max(T - 1)
+    take = lambda x: x.gather(2, t.flatten(1)[:, None, :, None].expand(B, H, -1, x.shape[-1]))
+    ks, vs = (take(x).view(B, H, *t.shape[1:], x.shape[-1]) for x in (k, v))
+    ps = pos.gather(1, t.flatten(1)).view_as(t)
+    ss = None if seg is None else seg.gather(1, t.flatten(1)).view_as(t)
+    return ks, vs, ps, ss
+
+
 def window_attention_banded(
     q,
     k,
@@ -81,33 +99,46 @@ def window_attention_banded(
     pos,
     seg,
     window: int,
+    num_sink: int = 0,
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """The window kind in chunks: queries [cW, (c+1)W) against keys [(c-1)W, (c+1)W), masked by
-    positions and documents (``masks.visible`` on the chunk); SDPA on [B, H·NC, W, 2W] (or, with
-    ``return_lse``, the softmax spelt out in fp32 with its log-sum-exp [B, H, T])."""
+    """The window (``num_sink`` 0) or sink kind in chunks: queries [cW, (c+1)W) against keys
+    [(c-1)W, (c+1)W) under the window rule, masked by positions and documents (``masks.visible``
+    on the chunk), plus the ``num_sink`` first tokens of the document of the chunk's first query
+    (``_sink_slots``) where they lie W or more positions back; SDPA on [B, H·NC, W, 2W + S] (or,
+    with ``return_lse``, the softmax spelt out in fp32 with its log-sum-exp [B, H, T])."""
     B, H, T, Dh = q.shape
     W = window
     qc, kb, vb = chunked(q, W), band(k, W), band(v, W)  # [B, H, NC, W | 2W, Dh]
     NC = qc.shape[2]
     pq, pk = chunked(pos, W, -1), band(pos, W, -1)  # [B, NC, W], [B, NC, 2W]
     ok = visible(pq.flatten(0, 1), pk.flatten(0, 1), "window", W, 0).view(B, NC, W, 2 * W)
-    if seg is not None:  # distinct fills: padding never matches a document
-        ok = ok & (chunked(seg, W, -2)[..., None] == band(seg, W, -3)[..., None, :])
+    sq = None if seg is None else chunked(seg, W, -2)  # distinct fills: padding never matches
+    if seg is not None:
+        ok = ok & (sq[..., None] == band(seg, W, -3)[..., None, :])
+    if num_sink:
+        ks, vs, ps, ss = _sink_slots(k, v, pos, seg, W, num_sink)
+        # [B, NC, W, S]: a sink of the query's document, older than its window
+        ok_s = pq[..., None] - ps[:, :, None, :] >= W
+        if seg is not None:
+            ok_s = ok_s & (sq[..., None] == ss[:, :, None, :])
+        ok = torch.cat([ok, ok_s], -1)
+        kb, vb = torch.cat([kb, ks], -2), torch.cat([vb, vs], -2)
     ok = ok | ~ok.any(-1, keepdim=True)  # padded queries (never read) see every slot
+    K = ok.shape[-1]
     unchunk = lambda x: x.flatten(2, 3)[:, :, :T]
     if return_lse:
         s = (qc.float() @ kb.float().transpose(-1, -2)) * (scale or Dh**-0.5)
-        s = s.masked_fill(~ok[:, None], float("-inf"))  # [B, H, NC, W, 2W]
+        s = s.masked_fill(~ok[:, None], float("-inf"))  # [B, H, NC, W, K]
         lse = torch.logsumexp(s, -1)
         o = torch.exp(s - lse[..., None]) @ vb.float()
         return unchunk(o).to(q.dtype), lse.flatten(2)[:, :, :T]
-    mask = ok[:, None].expand(B, H, NC, W, 2 * W).reshape(B, H * NC, W, 2 * W)
+    mask = ok[:, None].expand(B, H, NC, W, K).reshape(B, H * NC, W, K)
     o = F.scaled_dot_product_attention(
         qc.reshape(B, H * NC, W, Dh),
-        kb.reshape(B, H * NC, 2 * W, Dh),
-        vb.reshape(B, H * NC, 2 * W, -1),
+        kb.reshape(B, H * NC, K, Dh),
+        vb.reshape(B, H * NC, K, -1),
         attn_mask=mask,
         scale=scale,
     )
@@ -222,22 +253,24 @@ def window_attention(
     """Attention of q over k, v (all [B, H, T, Dh], RoPE applied) under the rule above. pos
     [B, T] positions within each document; seg [B, T] document ids (None: one per row, pos =
     0..T-1). -> o [B, H, T, Dh] (and the log-sum-exp [B, H, T], fp32, with ``return_lse``).
-    ``impl``: "flex" (block-sparse FlexAttention, compiled), "banded" (chunks of the window; the
-    window kind only), "dense" (the reference), or "auto" (flex where ``flex_supported``, else
-    banded for the window kind from T >= ``BANDED_MIN`` x window, else dense)."""
+    ``impl``: "flex" (block-sparse FlexAttention, compiled), "banded" (chunks of the window, plus
+    the sinks; window and sink kinds), "dense" (the reference), or "auto" (flex where
+    ``flex_supported``, else banded for the window and sink kinds from T >= ``BANDED_MIN`` x
+    window, else dense)."""
     _check(q, k, v, pos, seg, kind, window, num_sink)
     if impl not in IMPLS:
         raise ValueError(f"window_attention: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "banded" and kind != "window":
-        raise ValueError(f"window_attention: impl='banded' is for kind='window', got {kind!r}")
+    if impl == "banded" and kind == "full":
+        raise ValueError("window_attention: impl='banded' is for the window and sink kinds")
     if impl == "auto":
         impl = "dense"
         if flex_supported(q):
             impl = "flex"
-        elif kind == "window" and q.shape[2] >= BANDED_MIN * window:
+        elif kind != "full" and q.shape[2] >= BANDED_MIN * window:
             impl = "banded"
     if impl == "flex":
         return window_attention_flex(q, k, v, pos, seg, kind, window, num_sink, scale, return_lse)
     if impl == "banded":
-        return window_attention_banded(q, k, v, pos, seg, window, scale, return_lse)
+        S = num_sink if kind == "sink" else 0
+        return window_attention_banded(q, k, v, pos, seg, window, S, scale, return_lse)
     return window_attention_dense(q, k, v, pos, seg, kind, window, num_sink, scale, return_lse)
