@@ -3,10 +3,12 @@ autograd through ops/ttt_cache.scan_states: states, final momenta, losses and ev
 
 import pytest
 import torch
-from conftest import assert_close, logits_and_grads, scan_model, scan_problem
+from conftest import TRITON_DEVICES, assert_close, logits_and_grads, scan_model, scan_problem
 
 from moshi_ttt.ops import ttt_cache as ops
 from moshi_ttt.ops import ttt_scan_torch as scan
+
+CUDA = TRITON_DEVICES[1]  # "cuda", marked gpu and skipped without CUDA
 
 
 @pytest.mark.parametrize(
@@ -24,9 +26,15 @@ from moshi_ttt.ops import ttt_scan_torch as scan
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_scan_equals_reference_with_gradients(shape, opts, moms, skip, dtype):
+@pytest.mark.parametrize("device", ["cpu", "cpu-masked", CUDA])
+def test_scan_equals_reference_with_gradients(shape, opts, moms, skip, dtype, device, monkeypatch):
+    """Against autograd through ``scan_step``, on the CPU, on the CPU with every block masked as
+    on a GPU (where whether all blocks apply is not asked), and on the GPU with ``-m gpu``."""
+    if device == "cpu-masked":
+        monkeypatch.setattr(scan, "_all_apply", lambda on: False)
     torch.manual_seed(0)
-    ds, mo, inits, keys, vals, eta, apply = scan_problem(*shape, moms, skip, dtype)
+    dev = torch.device(device.split("-")[0])
+    ds, mo, inits, keys, vals, eta, apply = scan_problem(*shape, moms, skip, dtype, dev)
     assert scan.supports(ds, keys)
     args = (ds, mo, inits, keys, vals, eta, apply, *opts.values())
     ref, fast = ops.scan_states(*args), scan.scan_states(*args)

@@ -59,6 +59,12 @@ def _block(w1, w2, x, y, eta, grads: bool):
     return a, err, gg, gh, gp, gpp, rr, sv
 
 
+def _all_apply(on: torch.Tensor) -> bool:
+    """Whether every block applies (no masking needed), asked on the CPU only: no host sync on a
+    GPU stream, which may be capturing a CUDA graph (a multi-token streaming step)."""
+    return not on.is_cuda and bool(on.all())
+
+
 def _flat(d, like, G: int, S: int) -> torch.Tensor:
     """An incoming gradient [G, ...] (None: zero) as [G, S]."""
     return d.reshape(G, S) if d is not None else like.new_zeros(G, S)
@@ -81,9 +87,7 @@ class _Scan(torch.autograd.Function):
             mom = torch.stack([s1.detach().reshape(G, S), s2.detach().reshape(G, S)])
         cap, loss = x.new_ones(N, 2, G), x.new_empty(G, N, b)
         on = apply > 0  # [G, N]
-        # every block applies (no masking); asked on the CPU only: no host sync on a GPU stream,
-        # which may be capturing a CUDA graph (a multi-token streaming step)
-        all_on = not on.is_cuda and bool(on.all())
+        all_on = _all_apply(on)
         u, acts = x.new_empty(2, G, S), []  # acts: each block's activations, for the backward
         for n in range(N):
             w = st[n]
