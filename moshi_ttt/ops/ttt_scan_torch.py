@@ -93,8 +93,10 @@ class _Scan(torch.autograd.Function):
             w = st[n]
             wa, wb = w[0].view(G, Dh, m), w[1].view(G, m, Dh)
             xn = x[:, n]
-            acts.append(_block(wa, wb, xn, y[:, n], eta[:, n], grads))
-            a, err, gg, gh = acts[-1][:4]
+            act = _block(wa, wb, xn, y[:, n], eta[:, n], grads)
+            if grads:
+                acts.append(act)
+            a, err, gg, gh = act[:4]
             loss[:, n] = 0.5 * err.pow(2).sum(-1)
             u1, u2 = u[0].view(G, Dh, m), u[1].view(G, m, Dh)
             if has_mom:  # S' = β S + Δ, U = θ + S'
