@@ -189,6 +189,16 @@ def scan_model(shared: bool, device="cpu", grad_precision: str = "tf32"):
     return model, tokens, resets
 
 
+def assert_same_training(got, ref, rel: float, grad_rel: float):
+    """(logits, gradients) of ``logits_and_grads`` against a reference's: logits within ``rel``,
+    the same parameters with gradients (the compressor's initial state among them), each within
+    ``grad_rel`` of its largest entry."""
+    assert_close(got[0], ref[0], rel, "logits")
+    assert ref[1].keys() == got[1].keys() and any("w1_init" in n for n in got[1])
+    for n in ref[1]:
+        assert_close(got[1][n], ref[1][n], grad_rel, n, floor=0.0)
+
+
 def logits_and_grads(model, tokens, resets):
     """One forward and backward of a cross-entropy-like loss: (logits, every parameter's gradient
     by name)."""

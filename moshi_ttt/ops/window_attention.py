@@ -68,10 +68,17 @@ def window_attention_dense(
         mask = mask & (seg[:, :, None] == seg[:, None, :])
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    o, lse = _softmax_lse(q, k, v, mask[:, None], scale)  # lse [B, H, T]
+    return o.to(q.dtype), lse
+
+
+def _softmax_lse(q, k, v, ok, scale: float | None):
+    """The softmax spelt out in fp32: q [..., Q, Dh] over k, v [..., K, Dh] where ``ok`` [..., Q,
+    K] (broadcast) -> (output [..., Q, Dh] fp32, log-sum-exp [..., Q])."""
     s = (q.float() @ k.float().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    lse = torch.logsumexp(s, -1)  # [B, H, T]
-    return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]) @ v.float(), lse
 
 
 def _sink_slots(k, v, pos, seg, W: int, num_sink: int):
@@ -129,10 +136,7 @@ def window_attention_banded(
     K = ok.shape[-1]
     unchunk = lambda x: x.flatten(2, 3)[:, :, :T]
     if return_lse:
-        s = (qc.float() @ kb.float().transpose(-1, -2)) * (scale or Dh**-0.5)
-        s = s.masked_fill(~ok[:, None], float("-inf"))  # [B, H, NC, W, K]
-        lse = torch.logsumexp(s, -1)
-        o = torch.exp(s - lse[..., None]) @ vb.float()
+        o, lse = _softmax_lse(qc, kb, vb, ok[:, None], scale)  # lse [B, H, NC, W]
         return unchunk(o).to(q.dtype), lse.flatten(2)[:, :, :T]
     mask = ok[:, None].expand(B, H, NC, W, K).reshape(B, H * NC, W, K)
     o = F.scaled_dot_product_attention(
