@@ -22,7 +22,7 @@ import torch
 
 import moshi_ttt as mt
 from moshi_ttt.graph import GraphedStep
-from moshi_ttt.ops.impl import implementation
+from moshi_ttt.ops.impl import PARTS, implementation
 
 
 def sync(device):
@@ -158,14 +158,21 @@ def main(argv=None):
         "--reference-step",
         action="store_true",
         help="ttt_cache: one-token steps through the PyTorch reference on CUDA (default: "
-        "ops/ttt_step_triton.py)",
+        "ops/ttt_step_triton.py); the same as --reference step",
+    )
+    p.add_argument(
+        "--reference",
+        nargs="+",
+        default=[],
+        choices=PARTS,
+        help="parts that run their PyTorch reference (moshi_ttt.ops.impl.PARTS)",
     )
     a = p.parse_args(argv)
     device = torch.device(a.device)
     base = mt.ModelConfig.preset(a.preset)
     rows = []
-    # --reference-step: the one-token TTT-cache step in PyTorch
-    with implementation(reference={"step"} if a.reference_step else ()):
+    reference = set(a.reference) | ({"step"} if a.reference_step else set())
+    with implementation(reference=reference):
         for rep in range(a.repeats):
             for kind in a.kinds:
                 cfg = variant_config(base, kind, a.ttt_chunk)
@@ -216,6 +223,7 @@ def main(argv=None):
         "commit": a.commit or git_commit(),
         "preset": a.preset,
         "dtype": a.dtype,
+        "reference": sorted(reference),
         "seq": a.seq,
         "batch": a.batch,
         "params": rows[0]["params"],
@@ -258,7 +266,8 @@ def main(argv=None):
         f"Streaming is measured one token per step after a prefill of {a.prefill} tokens, eager, "
         "and (last column, where measured) as a replayed CUDA graph of the one-token step."
         + (f" TTT cache block: {a.block} evicted tokens per update." if a.block else "")
-        + (" Compressor updates through torch.compile." if a.compile_scan else ""),
+        + (" Compressor updates through torch.compile." if a.compile_scan else "")
+        + (f" Parts through their reference: {', '.join(sorted(reference))}." if reference else ""),
     ]
     print("\n".join(lines))
     if a.out:
