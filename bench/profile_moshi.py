@@ -3,8 +3,11 @@
     NO_TORCH_COMPILE=1 python bench/profile_moshi.py --out prof-moshi.json            # one H100
     python bench/profile_moshi.py --tiny --device cpu --batches 1,2 --out /tmp/p.json  # seconds
 
-Variants are moshi_bench.py's (presets, ``window64``). Per variant and batch: ms per frame with
-CUDA graphs (replays), then a few eager steps under the profiler: kernels per step, GPU time per
+Variants are moshi_bench.py's (presets, ``window64``). Per variant and batch: the rows first stream
+``--fill`` steps, staggered over the first ``--stagger`` (as moshi_bench.py's search, so a TTT
+cache evicts every step and its rows complete blocks on different steps; 0: fresh states, which
+never evict within a short run), then ms per frame with CUDA graphs (replays), then a few eager
+steps under the profiler: kernels per step, GPU time per
 step, in the main transformer (``forward_text``) and in each kind of attention layer (stock, or
 the project's ``MemoryAttention``; CPU time off CUDA), and the kernels that take the most GPU time.
 """
@@ -24,7 +27,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi.utils.compile import no_cuda_graph
 
 # bench/ is the script's folder
-from moshi_bench import TINY_LM, sync, time_steps, user_tokens, variant
+from moshi_bench import TINY_LM, stagger_rows, sync, time_steps, user_tokens, variant
 
 
 def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
@@ -71,6 +74,9 @@ def profile_batch(lm: LMModel, B: int, a, device) -> dict:
         m.forward = labelled(m.forward, f"attention ({type(m).__name__})")
     try:
         with gen.streaming(B):
+            if a.fill:  # the steady state: every row past its window, blocks completing apart
+                stagger_rows(gen, lm, B, a.stagger, device)
+                time_steps(gen, lm, B, a.fill - a.stagger, device)
             time_steps(gen, lm, B, 3, device)
             ms = time_steps(gen, lm, B, a.frames, device)
             return {"graph_ms_per_frame": ms, **profile_steps(gen, lm, B, a.profiled, device)}
@@ -89,7 +95,7 @@ def labelled(fn, name):
     return run
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true")
@@ -105,7 +111,16 @@ def main():
     )
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--profiled", type=int, default=3)
-    a = p.parse_args()
+    p.add_argument(
+        "--fill",
+        type=int,
+        default=96,
+        help="steps streamed before timing (past the 64-step window; 0: fresh states)",
+    )
+    p.add_argument("--stagger", type=int, default=16, help="the rows start over this many steps")
+    a = p.parse_args(argv)
+    if a.fill and not 1 <= a.stagger <= a.fill:
+        p.error(f"--stagger must be in 1..--fill ({a.fill}), got {a.stagger}")
     device = torch.device(a.device)
     dtype = torch.float32 if a.tiny else torch.bfloat16
     torch.manual_seed(0)
@@ -116,6 +131,8 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "cuda_graph_if_nodes": has_if,
+        "fill": a.fill,
+        "stagger": a.stagger if a.fill else None,
         "runs": [],
     }
     print(json.dumps({k: res[k] for k in ("device", "torch", "cuda_graph_if_nodes")}), flush=True)
@@ -142,6 +159,7 @@ def main():
                     )
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":

@@ -671,6 +671,37 @@ def load_bench():
     return mod
 
 
+def test_profile_tiny_profiles_steady_states(tmp_path):
+    """bench/profile_moshi.py streams --fill steps (rows staggered) before it times and profiles;
+    what it writes is what it returns, and a --stagger beyond --fill is refused."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "profile_moshi", bench_dir / "profile_moshi.py"
+        )
+        prof = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prof)
+        args = ["--tiny", "--device", "cpu", "--variants", "window64,ttt_cache", "--batches", "2"]
+        args += ["--extra-batches", "", "--frames", "2", "--profiled", "1"]
+        out = tmp_path / "p.json"
+        res = prof.main(args + ["--fill", "6", "--stagger", "3", "--out", str(out)])
+        assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+        assert (res["fill"], res["stagger"]) == (6, 3)
+        assert [(r["variant"], r["batch"]) for r in res["runs"]] == [
+            ("window64", 2),
+            ("ttt_cache", 2),
+        ]
+        with pytest.raises(SystemExit):
+            prof.main(args + ["--fill", "2", "--stagger", "3", "--out", str(out)])
+    finally:
+        sys.path.remove(str(bench_dir))
+
+
 def test_bench_tiny_reports_the_states_it_ran(tmp_path):
     bench = load_bench()
     out = bench.main(
