@@ -660,46 +660,37 @@ def test_yarn_rope_matches_the_paper(head_dim, context):
 
 
 # ---- the 7B benchmark's tiny mode ----------------------------------------------------------------
-def load_bench():
+def load_bench(name: str = "moshi_bench"):
+    """bench/NAME.py as a module (bench/ on the path while it loads, as when run as a script)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "moshi_bench.py"
-    spec = importlib.util.spec_from_file_location("moshi_bench", path)
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(folder))
     return mod
 
 
 def test_profile_tiny_profiles_steady_states(tmp_path):
     """bench/profile_moshi.py streams --fill steps (rows staggered) before it times and profiles;
     what it writes is what it returns, and a --stagger beyond --fill is refused."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "profile_moshi", bench_dir / "profile_moshi.py"
-        )
-        prof = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prof)
-        args = ["--tiny", "--device", "cpu", "--variants", "window64,ttt_cache", "--batches", "2"]
-        args += ["--extra-batches", "", "--frames", "2", "--profiled", "1"]
-        out = tmp_path / "p.json"
-        res = prof.main(args + ["--fill", "6", "--stagger", "3", "--out", str(out)])
-        assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-        assert (res["fill"], res["stagger"]) == (6, 3)
-        assert [(r["variant"], r["batch"]) for r in res["runs"]] == [
-            ("window64", 2),
-            ("ttt_cache", 2),
-        ]
-        with pytest.raises(SystemExit):
-            prof.main(args + ["--fill", "2", "--stagger", "3", "--out", str(out)])
-    finally:
-        sys.path.remove(str(bench_dir))
+    prof = load_bench("profile_moshi")
+    args = ["--tiny", "--device", "cpu", "--variants", "window64,ttt_cache", "--batches", "2"]
+    args += ["--extra-batches", "", "--frames", "2", "--profiled", "1"]
+    out = tmp_path / "p.json"
+    res = prof.main(args + ["--fill", "6", "--stagger", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert (res["fill"], res["stagger"]) == (6, 3)
+    runs = [(r["variant"], r["batch"]) for r in res["runs"]]
+    assert runs == [("window64", 2), ("ttt_cache", 2)]
+    with pytest.raises(SystemExit):
+        prof.main(args + ["--fill", "2", "--stagger", "3", "--out", str(out)])
 
 
 def test_bench_tiny_reports_the_states_it_ran(tmp_path):
