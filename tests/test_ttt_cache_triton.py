@@ -124,19 +124,23 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("programs", [2, 16])
-def test_evict_step_equals_reference_when_many_rows_complete(on, device, programs, monkeypatch):
+@pytest.mark.parametrize("programs, vkey_chunk", [(2, 16), (16, 32)])
+def test_evict_step_equals_reference_when_many_rows_complete(
+    on, device, programs, vkey_chunk, monkeypatch
+):
     """evict_step (the append kernel, then the completion kernel over the listed rows) against
     the reference evict_one, on random states of 7 rows: five complete their block in the same
     step, one would but evicts nothing, one does not; then a second step on the result (the row
-    list and counters must be empty again). With 2 programs per head each walks several rows."""
+    list and counters must be empty again). With 2 programs per head each walks several rows;
+    with ``VKEY_CHUNK`` 16 the rotated virtual keys (head size 32) are formed in two chunks."""
     from moshi_ttt.ops import ttt_cache_step as step_ops
 
     dev = on(device)
     monkeypatch.setattr(step, "complete_programs", lambda device, heads, rows: programs)
+    monkeypatch.setattr(step, "VKEY_CHUNK", vkey_chunk)
     cfg = mt.ModelConfig(
         vocab_size=50,
-        dim=32,
+        dim=64,
         num_layers=1,
         num_heads=2,
         memory=mt.MemoryConfig(
@@ -146,7 +150,8 @@ def test_evict_step_equals_reference_when_many_rows_complete(on, device, program
     model = mt.StreamingLM(cfg).to(dev).eval()
     attn = model.layers[0].self_attn
     mem = attn.memory
-    B, H, b, Dh = 7, 2, 16, 16
+    B, H, b, Dh = 7, 2, 16, 32
+    assert mem.cfg.virtual_position == "relative"  # the completion rotates the virtual keys
     g = torch.Generator().manual_seed(3)
     rand = lambda *s: torch.randn(*s, generator=g).to(dev)
     full = model.init_state(B)

@@ -31,6 +31,7 @@ triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 _counters: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
 # attend_one: the window slots a program holds at a time, and its warps
 # (docs/results/kernel-compile-sm90)
+VKEY_CHUNK = 32  # columns of the virtual keys the completion kernel forms at a time
 ATTEND_CHUNK, ATTEND_WARPS = 16, 2
 
 
@@ -165,6 +166,7 @@ if triton is not None:
         H: tl.constexpr,
         BLK: tl.constexpr,
         CH: tl.constexpr,
+        KC: tl.constexpr,
         DH: tl.constexpr,
         MH: tl.constexpr,
         M: tl.constexpr,
@@ -210,33 +212,27 @@ if triton is not None:
                 HAS_DECAY,
                 True,
             )  # [MP, DH]
-            k = tl.load(
-                vkeys + h * M * DH + rp[:, None] * DH + rd[None, :], mask=sel, other=0.0
-            ).to(tl.float32)
-            k += tl.dot(
-                v,
-                tl.load(vproj + h * DH * DH + rd[:, None] * DH + rd[None, :]).to(tl.float32),
-                input_precision="ieee",
-            )  # K = key + V A: [MP, DH]
-            # interleaved pairs: out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i
-            # + x[2i+1] c_i
-            if ROTATE:
-                sw = rd ^ 1  # each column's pair partner
-                kp = tl.load(
-                    vkeys + h * M * DH + rp[:, None] * DH + sw[None, :], mask=sel, other=0.0
+            # K = key + V A, RoPE at the relative offsets, in column chunks of KC so that only a
+            # [DH, KC] slice of A is held at a time; interleaved pairs stay inside a chunk:
+            # out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i + x[2i+1] c_i
+            for c0 in tl.static_range(0, DH, KC):
+                rc = c0 + tl.arange(0, KC)
+                k = tl.load(
+                    vkeys + h * M * DH + rp[:, None] * DH + rc[None, :], mask=sel, other=0.0
                 ).to(tl.float32)
-                kp += tl.dot(
+                k += tl.dot(
                     v,
-                    tl.load(vproj + h * DH * DH + rd[:, None] * DH + sw[None, :]).to(tl.float32),
+                    tl.load(vproj + h * DH * DH + rd[:, None] * DH + rc[None, :]).to(tl.float32),
                     input_precision="ieee",
-                )  # K[:, d ^ 1]
-                ci = rp[:, None] * (DH // 2) + (rd // 2)[None, :]
-                c = tl.load(cos + ci, mask=sel, other=1.0).to(tl.float32)
-                s = tl.load(sin + ci, mask=sel, other=0.0).to(tl.float32)
-                k = k * c + kp * s * tl.where(rd % 2 == 0, -1.0, 1.0)[None, :]
-            out = g * M * DH + rp[:, None] * DH + rd[None, :]
-            tl.store(vk + out, k, mask=sel)
-            tl.store(vv + out, v, mask=sel)
+                )  # [MP, KC]
+                if ROTATE:
+                    ke, ko = tl.split(tl.reshape(k, (MP, KC // 2, 2)))  # even, odd columns
+                    ci = rp[:, None] * (DH // 2) + (c0 // 2 + tl.arange(0, KC // 2))[None, :]
+                    c = tl.load(cos + ci, mask=sel, other=1.0).to(tl.float32)
+                    s = tl.load(sin + ci, mask=sel, other=0.0).to(tl.float32)
+                    k = tl.reshape(tl.join(ke * c - ko * s, ke * s + ko * c), (MP, KC))
+                tl.store(vk + g * M * DH + rp[:, None] * DH + rc[None, :], k, mask=sel)
+            tl.store(vv + g * M * DH + rp[:, None] * DH + rd[None, :], v, mask=sel)
         tl.debug_barrier()  # every thread has read nrows before the release below
         if tl.atomic_add(finished, 1) == P * H - 1:  # the last program: every other one is done
             tl.store(nrows, 0)
@@ -345,6 +341,7 @@ def evict_step(
         H=H,
         BLK=block,
         CH=min(block, 32),
+        KC=min(Dh, VKEY_CHUNK),
         DH=Dh,
         MH=m,
         M=M,
