@@ -214,8 +214,9 @@ if triton is not None:
             )  # [MP, DH]
             # K = key + V A, RoPE at the relative offsets, in column chunks of KC so that only a
             # [DH, KC] slice of A is held at a time; interleaved pairs stay inside a chunk:
-            # out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i + x[2i+1] c_i
-            for c0 in tl.static_range(0, DH, KC):
+            # out[2i] = x[2i] c_i - x[2i+1] s_i, out[2i+1] = x[2i] s_i + x[2i+1] c_i. A loop, not
+            # unrolled: unrolled, ptxas gave the kernel 32 registers and a 7 KB stack
+            for c0 in tl.range(0, DH, KC, num_stages=1):
                 rc = c0 + tl.arange(0, KC)
                 k = tl.load(
                     vkeys + h * M * DH + rp[:, None] * DH + rc[None, :], mask=sel, other=0.0
