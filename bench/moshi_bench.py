@@ -139,6 +139,14 @@ def stagger_rows(gen: LMGen, lm: LMModel, B: int, n: int, device) -> None:
     gen.set_exec_mask(torch.ones(B, dtype=torch.bool, device=device))
 
 
+def reach_steady(gen: LMGen, lm: LMModel, B: int, fill: int, stagger: int, device) -> None:
+    """Stream ``fill`` steps, the rows starting over the first ``stagger`` (``stagger_rows``):
+    every row past a window shorter than ``fill - stagger``, its blocks completing on other
+    steps than its neighbours'."""
+    stagger_rows(gen, lm, B, stagger, device)
+    time_steps(gen, lm, B, fill - stagger, device)
+
+
 def is_oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
 
@@ -153,8 +161,7 @@ def measure(lm: LMModel, B: int, args, device) -> dict:
         base = allocated(device)
         gen = LMGen(lm, use_sampling=True)
         with gen.streaming(B):
-            stagger_rows(gen, lm, B, args.stagger, device)
-            time_steps(gen, lm, B, args.fill - args.stagger, device)
+            reach_steady(gen, lm, B, args.fill, args.stagger, device)
             times = frame_times(gen, lm, B, args.frames, device)
             state, alloc = state_nbytes(lm), allocated(device) - base
         peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0

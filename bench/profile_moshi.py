@@ -27,7 +27,7 @@ from moshi.models.loaders import _lm_kwargs
 from moshi.utils.compile import no_cuda_graph
 
 # bench/ is the script's folder
-from moshi_bench import TINY_LM, stagger_rows, sync, time_steps, user_tokens, variant
+from moshi_bench import TINY_LM, reach_steady, sync, time_steps, user_tokens, variant
 
 
 def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
@@ -75,8 +75,7 @@ def profile_batch(lm: LMModel, B: int, a, device) -> dict:
     try:
         with gen.streaming(B):
             if a.fill:  # the steady state: every row past its window, blocks completing apart
-                stagger_rows(gen, lm, B, a.stagger, device)
-                time_steps(gen, lm, B, a.fill - a.stagger, device)
+                reach_steady(gen, lm, B, a.fill, a.stagger, device)
             time_steps(gen, lm, B, 3, device)
             ms = time_steps(gen, lm, B, a.frames, device)
             return {"graph_ms_per_frame": ms, **profile_steps(gen, lm, B, a.profiled, device)}

@@ -29,9 +29,9 @@ from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 _counters: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
-# attend_one: the window slots a program holds at a time, and its warps
-# (docs/results/kernel-compile-sm90)
-VKEY_CHUNK = 32  # columns of the virtual keys the completion kernel forms at a time
+# the completion kernel: columns of the virtual keys it forms at a time; attend_one: the window
+# slots a program holds at a time, and its warps (docs/results/kernel-compile-sm90)
+VKEY_CHUNK = 32
 ATTEND_CHUNK, ATTEND_WARPS = 16, 2
 
 
