@@ -177,6 +177,9 @@ def main(argv=None):
             usage = subprocess.run(
                 [cuobjdump, "-res-usage", f.name], capture_output=True, text=True
             ).stdout
+            sass = subprocess.run(
+                [cuobjdump, "-sass", f.name], capture_output=True, text=True
+            ).stdout
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage, re.S)
         row = {
             "kernel": name,
@@ -185,6 +188,9 @@ def main(argv=None):
             "registers": int(m[1]),
             "spill_stack_bytes": int(m[2]),
             "shared_bytes": k.metadata.shared,
+            # local-memory loads and stores in the machine code (spills)
+            "local_loads": len(re.findall(r"\bLDL\b", sass)),
+            "local_stores": len(re.findall(r"\bSTL\b", sass)),
             "fits": k.metadata.shared <= SHARED_LIMIT,
             "compile_s": round(time.time() - t0, 1),
         }
