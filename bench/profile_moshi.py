@@ -6,10 +6,11 @@
 Variants are moshi_bench.py's (presets, ``window64``). Per variant and batch: the rows first stream
 ``--fill`` steps, staggered over the first ``--stagger`` (as moshi_bench.py's search, so a TTT
 cache evicts every step and its rows complete blocks on different steps; 0: fresh states, which
-never evict within a short run), then ms per frame with CUDA graphs (replays), then a few eager
-steps under the profiler: kernels per step, GPU time per
-step, in the main transformer (``forward_text``) and in each kind of attention layer (stock, or
-the project's ``MemoryAttention``; CPU time off CUDA), and the kernels that take the most GPU time.
+never evict within a short run), then ms per frame with CUDA graphs (replays); then (CUDA)
+replays under the profiler: the kernels the graphs run, their GPU time against the wall time;
+then a few eager steps under the profiler: kernels per step, GPU time per step, in the main
+transformer (``forward_text``) and in each kind of attention layer (stock, or the project's
+``MemoryAttention``; CPU time off CUDA), and the kernels that take the most GPU time.
 """
 
 from __future__ import annotations
@@ -66,6 +67,63 @@ def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
     }
 
 
+def kernel_table(kernels: list, n: int, top: int) -> list[dict]:
+    """Kernel events grouped by name -> the ``top`` names by GPU microseconds per step."""
+    by: dict[str, list[float]] = {}
+    for k in kernels:
+        by.setdefault(k.name[:90], []).append(k.device_time)
+    rows = sorted(by.items(), key=lambda kv: sum(kv[1]), reverse=True)[:top]
+    return [
+        {"name": k, "calls_per_step": len(v) / n, "gpu_us_per_step": sum(v) / n} for k, v in rows
+    ]
+
+
+def gaps_before(kernels: list, n: int, top: int) -> tuple[float, list[dict]]:
+    """Idle GPU time between kernels (in start order): microseconds per step in all, and the
+    ``top`` pairs "kernel before -> kernel after" by the idle time between them."""
+    ks = sorted(kernels, key=lambda k: k.time_range.start)
+    by: dict[str, list[float]] = {}
+    end, last = None, None
+    for k in ks:
+        if end is not None and k.time_range.start > end:
+            pair = f"{last.name[:44]} -> {k.name[:44]}"
+            by.setdefault(pair, []).append(k.time_range.start - end)
+        if end is None or k.time_range.end >= end:
+            end, last = k.time_range.end, k
+    total = sum(sum(v) for v in by.values())
+    rows = sorted(by.items(), key=lambda kv: sum(kv[1]), reverse=True)[:top]
+    return total / n, [
+        {"name": k, "gaps_per_step": len(v) / n, "idle_us_per_step": sum(v) / n} for k, v in rows
+    ]
+
+
+def profile_graphed(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
+    """n steps as served (CUDA graph replays) under the profiler -> the kernels the graphs ran:
+    GPU microseconds per step in all and per kernel name, and the wall time per step, so the
+    gap between kernels (launch latency inside the graphs) shows as the difference."""
+    inputs = [user_tokens(lm, B, device) for _ in range(n)]
+    sync(device)
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for x in inputs:
+            gen.step(x)
+        end.record()
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    idle, waits = gaps_before(kernels, n, 25)
+    return {
+        "graph_profiled_steps": n,
+        "graph_ms_per_step_profiled": start.elapsed_time(end) / n,
+        "graph_kernels_per_step": len(kernels) / n,
+        "graph_kernel_us_per_step": sum(k.device_time for k in kernels) / n,
+        "graph_top": kernel_table(kernels, n, 40),
+        "graph_idle_us_per_step": idle,
+        "graph_idle_before": waits,
+    }
+
+
 def profile_batch(lm: LMModel, B: int, a, device) -> dict:
     """ms per frame at batch B with CUDA graphs, then ``profile_steps`` on the same state."""
     gen = LMGen(lm, use_sampling=True)
@@ -78,7 +136,16 @@ def profile_batch(lm: LMModel, B: int, a, device) -> dict:
                 reach_steady(gen, lm, B, a.fill, a.stagger, device)
             time_steps(gen, lm, B, 3, device)
             ms = time_steps(gen, lm, B, a.frames, device)
-            return {"graph_ms_per_frame": ms, **profile_steps(gen, lm, B, a.profiled, device)}
+            graphed = (
+                profile_graphed(gen, lm, B, a.graph_profiled, device)
+                if a.graph_profiled and device.type == "cuda"
+                else {}
+            )
+            return {
+                "graph_ms_per_frame": ms,
+                **graphed,
+                **(profile_steps(gen, lm, B, a.profiled, device) if a.profiled else {}),
+            }
     finally:
         for m in attns:
             del m.forward
@@ -109,7 +176,13 @@ def main(argv=None):
         help="batches for the patched variants only (stock runs out of memory)",
     )
     p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--profiled", type=int, default=3)
+    p.add_argument("--profiled", type=int, default=3, help="eager steps under the profiler")
+    p.add_argument(
+        "--graph-profiled",
+        type=int,
+        default=16,
+        help="steps as served (CUDA graph replays) under the profiler (CUDA only; 0: none)",
+    )
     p.add_argument(
         "--fill",
         type=int,
@@ -142,16 +215,30 @@ def main(argv=None):
                 run = {"variant": name, "batch": B, **profile_batch(lm, B, a, device)}
                 res["runs"].append(run)
                 print(
-                    f"{name} B={B}: {run['graph_ms_per_frame']:.2f} ms/frame (graphs); eager "
-                    f"profile: {run['kernels_per_step']:.0f} kernels, "
-                    f"{run['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main "
-                    f"{(run['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms; "
-                    + ", ".join(
-                        f"{k} {v / 1e3:.2f} ms" for k, v in run["attention_us_per_step"].items()
-                    ),
-                    flush=True,
+                    f"{name} B={B}: {run['graph_ms_per_frame']:.2f} ms/frame (graphs)", flush=True
                 )
-                for t in run["top"][:12]:
+                if a.profiled:
+                    print(
+                        f"  eager profile: {run['kernels_per_step']:.0f} kernels, "
+                        f"{run['gpu_us_per_step'] / 1e3:.2f} ms GPU/step, main "
+                        f"{(run['main_gpu_us_per_step'] or 0) / 1e3:.2f} ms; "
+                        + ", ".join(
+                            f"{k} {v / 1e3:.2f} ms" for k, v in run["attention_us_per_step"].items()
+                        )
+                    )
+                if "graph_top" in run:
+                    print(
+                        f"  graphs: {run['graph_kernels_per_step']:.0f} kernels, "
+                        f"{run['graph_kernel_us_per_step'] / 1e3:.2f} ms of kernels in "
+                        f"{run['graph_ms_per_step_profiled']:.2f} ms per step, "
+                        f"{run['graph_idle_us_per_step'] / 1e3:.2f} ms idle; idle before:"
+                    )
+                    for t in run["graph_idle_before"][:8]:
+                        print(
+                            f"   {t['idle_us_per_step']:9.1f} us  x{t['gaps_per_step']:6.1f}  "
+                            f"{t['name']}"
+                        )
+                for t in run.get("graph_top", run.get("top", []))[:12]:
                     print(
                         f"   {t['gpu_us_per_step']:9.1f} us  x{t['calls_per_step']:6.1f}  "
                         f"{t['name']}"

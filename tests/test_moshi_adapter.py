@@ -693,6 +693,31 @@ def test_profile_tiny_profiles_steady_states(tmp_path):
         prof.main(args + ["--fill", "2", "--stagger", "3", "--out", str(out)])
 
 
+def test_profile_kernel_table_equals_a_plain_tally():
+    """profile_moshi.kernel_table (kernels grouped by name, the most GPU time first) against a
+    tally of the same events one by one; names alike in their first 90 characters are one."""
+    from types import SimpleNamespace
+
+    prof = load_bench("profile_moshi")
+    g = torch.Generator().manual_seed(0)
+    names = ["a" * 95 + "x", "a" * 95 + "y", "gemm", "copy", "rope"]
+    events = [
+        SimpleNamespace(name=names[int(i)], device_time=float(t))
+        for i, t in zip(torch.randint(0, 5, (200,), generator=g), torch.rand(200, generator=g))
+    ]
+    n, top = 4, 3
+    tally: dict[str, list] = {}
+    for e in events:
+        row = tally.setdefault(e.name[:90], [0, 0.0])
+        row[0], row[1] = row[0] + 1, row[1] + e.device_time
+    want = sorted(tally.items(), key=lambda kv: -kv[1][1])[:top]
+    got = prof.kernel_table(events, n, top)
+    assert [r["name"] for r in got] == [k for k, _ in want]
+    for r, (_, (count, us)) in zip(got, want):
+        assert r["calls_per_step"] == count / n
+        assert r["gpu_us_per_step"] == pytest.approx(us / n, rel=1e-9)
+
+
 def test_bench_tiny_reports_the_states_it_ran(tmp_path):
     bench = load_bench()
     out = bench.main(

@@ -124,20 +124,26 @@ def test_streaming_with_triton_equals_reference(on, device, kernel, extra, monke
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("programs, vkey_chunk", [(2, 16), (16, 32)])
+@pytest.mark.parametrize(
+    "programs, vkey_chunk, warps", [(2, 16, None), (16, 32, None), (None, 32, 8)]
+)
 def test_evict_step_equals_reference_when_many_rows_complete(
-    on, device, programs, vkey_chunk, monkeypatch
+    on, device, programs, vkey_chunk, warps, monkeypatch
 ):
     """evict_step (the append kernel, then the completion kernel over the listed rows) against
     the reference evict_one, on random states of 7 rows: five complete their block in the same
     step, one would but evicts nothing, one does not; then a second step on the result (the row
     list and counters must be empty again). With 2 programs per head each walks several rows;
-    with ``VKEY_CHUNK`` 16 the rotated virtual keys (head size 32) are formed in two chunks."""
+    with ``VKEY_CHUNK`` 16 the rotated virtual keys (head size 32) are formed in two chunks;
+    programs None: ``complete_programs``' own count (``COMPLETE_PER_SM``), here with
+    ``COMPLETE_WARPS`` 8."""
     from moshi_ttt.ops import ttt_cache_step as step_ops
 
     dev = on(device)
-    monkeypatch.setattr(step, "complete_programs", lambda device, heads, rows: programs)
+    if programs is not None:
+        monkeypatch.setattr(step, "complete_programs", lambda device, heads, rows: programs)
     monkeypatch.setattr(step, "VKEY_CHUNK", vkey_chunk)
+    monkeypatch.setattr(step, "COMPLETE_WARPS", warps)
     cfg = mt.ModelConfig(
         vocab_size=50,
         dim=64,
@@ -261,3 +267,28 @@ def test_wide_compressors_take_the_reference(on):
             mem = model.layers[0].self_attn.memory
             view = mem._step_view(model.init_state(1).scope("layers.0."))
             assert step.evict_supports(view, mem._step_weights()) == fits
+
+
+def test_step_kernels_bench_sweeps_and_restores_the_constants(on, tmp_path):
+    """bench/step_kernels.py at a tiny shape under the interpreter: one run per batch and
+    combination of the swept constants, the module's constants as they were afterwards, and the
+    JSON it writes equal to what it returns."""
+    import json
+
+    from test_moshi_adapter import load_bench
+
+    on("cpu")
+    bench = load_bench("step_kernels")
+    before = (step.COMPLETE_WARPS, step.VKEY_CHUNK, step.COMPLETE_PER_SM)
+    before += (step.ATTEND_CHUNK, step.ATTEND_WARPS)
+    out = tmp_path / "s.json"
+    args = ["--device", "cpu", "--batches", "2,3", "--heads", "2", "--head-dim", "16"]
+    args += ["--hidden", "16", "--reps", "1", "--warps", "4", "--vkey-chunks", "8,16"]
+    res = bench.main(args + ["--per-sm", "4", "--attend", "16:2,8:1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    got = [(r["batch"], r["vkey_chunk"], r["attend_chunk"]) for r in res["runs"]]
+    assert got == [(2, 8, 16), (2, 16, 8), (3, 8, 16), (3, 16, 8)]
+    after = (step.COMPLETE_WARPS, step.VKEY_CHUNK, step.COMPLETE_PER_SM)
+    assert after + (step.ATTEND_CHUNK, step.ATTEND_WARPS) == before
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--vkey-chunks", "12", "--out", str(out)])

@@ -29,9 +29,12 @@ from . import ttt_cache_triton as tct
 
 triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 _counters: dict = {}  # (device, stream, rows) -> the step's counters (``_buffers``)
-# the completion kernel: columns of the virtual keys it forms at a time; attend_one: the window
-# slots a program holds at a time, and its warps (docs/results/kernel-compile-sm90)
+# the completion kernel: columns of the virtual keys it forms at a time, its programs per
+# streaming multiprocessor and its warps (None: 4, or 8 above 4096 compressor weights per matrix);
+# attend_one: the window slots a program holds at a time, and its warps
+# (docs/results/kernel-compile-sm90, bench/step_kernels.py)
 VKEY_CHUNK = 32
+COMPLETE_PER_SM, COMPLETE_WARPS = 8, None
 ATTEND_CHUNK, ATTEND_WARPS = 16, 2
 
 
@@ -246,11 +249,11 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def complete_programs(device: torch.device, heads: int, rows: int) -> int:
-    """Programs per head of the block-completion kernel: about four per streaming multiprocessor
-    over all heads (the interpreter: 2), never more than the rows."""
+    """Programs per head of the block-completion kernel: about ``COMPLETE_PER_SM`` per streaming
+    multiprocessor over all heads (the interpreter: 2), never more than the rows."""
     if device.type != "cuda":
         return max(1, min(rows, 2))
-    return max(1, min(rows, -(-4 * _multiprocessors(device) // heads)))
+    return max(1, min(rows, -(-COMPLETE_PER_SM * _multiprocessors(device) // heads)))
 
 
 def _buffers(dev: torch.device, B: int) -> tuple:
@@ -350,7 +353,7 @@ def evict_step(
         HAS_MOM=bool(momentum),
         HAS_DECAY=bool(decay),
         ROTATE=rot is not None,
-        num_warps=4 if Dh * m <= 4096 else 8,
+        num_warps=COMPLETE_WARPS or (4 if Dh * m <= 4096 else 8),
     )
 
 
