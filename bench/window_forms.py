@@ -4,6 +4,8 @@ This is what ``ops.window_attention.BANDED_MIN`` (the length, in windows, from w
 the banded form) rests on.
 
     python bench/window_forms.py --device cpu --out window_forms.json
+    python bench/window_forms.py --device cuda --dtype bf16 --heads 8 --head-dim 64 \
+        --shapes 8192:256 --out window_forms_cuda.json
 """
 
 from __future__ import annotations
@@ -27,16 +29,20 @@ def _step(qkv, pos, W: int, form: str) -> None:
     window_attention(*qkv, pos, None, "window", W, impl=form).sum().backward()
 
 
-def main() -> None:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--shapes", default=SHAPES, help="comma-separated T:W pairs")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="of q, k and v")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     dev = torch.device(a.device)
     shapes = [tuple(int(v) for v in s.split(":")) for s in a.shapes.split(",")]
     if any(T < 1 or W < 1 for T, W in shapes):
@@ -45,7 +51,9 @@ def main() -> None:
     rows = []
     for T, W in tqdm(shapes, desc="shapes"):
         qkv = [
-            torch.randn(a.batch, a.heads, T, a.head_dim, device=dev).requires_grad_()
+            torch.randn(
+                a.batch, a.heads, T, a.head_dim, device=dev, dtype=DTYPES[a.dtype]
+            ).requires_grad_()
             for _ in range(3)
         ]
         pos, _ = segment_positions(None, a.batch, T, dev)
@@ -58,6 +66,7 @@ def main() -> None:
         "batch": a.batch,
         "heads": a.heads,
         "head_dim": a.head_dim,
+        "dtype": a.dtype,
         "results": rows,
     }
     if a.out:
@@ -68,6 +77,7 @@ def main() -> None:
     for r in rows:
         cells = " | ".join(f"{r[f + '_ms']:.2f}" for f in forms)
         print(f"| {r['T']} | {r['W']} | {r['T_over_W']:g} | {cells} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -150,3 +150,21 @@ def test_a_cached_block_mask_never_serves_other_documents():
     seg2[1, 50:] += 1  # in place: a new document at 50 in row 1
     pos2[1, 50:] = torch.arange(110)
     assert_close(flex(pos2, seg2), dense(pos2, seg2), 1e-5, "changed in place")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_window_forms_bench_times_each_form_in_its_dtype(tmp_path, dtype):
+    """bench/window_forms.py on the CPU: a row per T:W pair with a time for the dense and the
+    banded form, the dtype it ran in, and the JSON it writes equal to what it returns."""
+    import json
+
+    from test_moshi_adapter import load_bench
+
+    bench = load_bench("window_forms")
+    out = tmp_path / "w.json"
+    args = ["--shapes", "32:8,48:16", "--reps", "1", "--batch", "1", "--heads", "1"]
+    res = bench.main(args + ["--dtype", dtype, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["dtype"] == dtype
+    assert [(r["T"], r["W"]) for r in res["results"]] == [(32, 8), (48, 16)]
+    assert all(r["dense_ms"] > 0 and r["banded_ms"] > 0 for r in res["results"])

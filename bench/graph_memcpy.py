@@ -1,0 +1,107 @@
+"""How CUDA runs the device-to-device copies inside a captured graph: as copy-engine transfers
+("Memcpy DtoD") or as driver kernels ("memcpy32_post"), and what each costs per replay.
+
+    python bench/graph_memcpy.py --out graph-memcpy.json      # one GPU, seconds
+
+Each case captures ``--copies`` small contiguous copies (``Tensor.copy_`` of 64 int64, as a
+streaming step's counters) between small elementwise kernels, plus what the case adds: nothing,
+a Triton kernel, one large copy (``--large-mb``), or an int64 update done as an in-place add
+instead of a copy. Reported per case: the profiler's names of the copies, microseconds per replay
+(CUDA events over ``--reps`` replays) and the GPU's idle time between kernels per replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from moshi_ttt.ops import l2norm_triton
+
+
+def build(case: str, n: int, large_mb: int, device):
+    """The tensors and the step function of one case."""
+    src = [torch.arange(64, device=device) + i for i in range(n)]
+    dst = [torch.zeros(64, dtype=torch.long, device=device) for _ in range(n)]
+    x = torch.randn(4, 8, 1, 128, device=device)
+    big = (
+        (torch.zeros(large_mb << 18, device=device), torch.ones(large_mb << 18, device=device))
+        if case == "large copy"
+        else None
+    )
+
+    def step():
+        for s, d in zip(src, dst):
+            s.add_(1)  # a kernel between copies, as in a model step
+            if case == "add instead of copy":
+                d.mul_(0).add_(s)
+            else:
+                d.copy_(s)
+        if case == "triton kernel":
+            l2norm_triton.normalize(x)
+        if big is not None:
+            big[0].copy_(big[1])
+
+    return step
+
+
+def run(case: str, a, device) -> dict:
+    step = build(case, a.copies, a.large_mb, device)
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(a.reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    us = start.elapsed_time(end) / a.reps * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            g.replay()
+        torch.cuda.synchronize()
+    ks = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    names: dict[str, int] = {}
+    for k in ks:
+        if "emcpy" in k.name or "Memcpy" in k.name:
+            names[k.name[:40]] = names.get(k.name[:40], 0) + 1
+    idle = sum(max(0.0, b.time_range.start - a_.time_range.end) for a_, b in zip(ks, ks[1:]))
+    return {
+        "case": case,
+        "us_per_replay": us,
+        "copy_names_per_replay": {k: v / 4 for k, v in names.items()},
+        "idle_us_per_replay": idle / 4,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--copies", type=int, default=200)
+    p.add_argument("--large-mb", type=int, default=64)
+    p.add_argument("--reps", type=int, default=50)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("graph_memcpy.py needs a CUDA device")
+    device = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for case in ("copies only", "triton kernel", "large copy", "add instead of copy"):
+        r = run(case, a, device)
+        res["runs"].append(r)
+        print(json.dumps(r), flush=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
