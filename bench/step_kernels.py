@@ -30,7 +30,6 @@ from torch.nn import functional as F
 import moshi_ttt as mt
 from moshi_ttt.layers.memories import make_memory
 from moshi_ttt.moshi.streaming import empty_state
-from moshi_ttt.ops import ttt_cache_step as step_ops
 from moshi_ttt.ops import ttt_step_triton as ttt_step
 
 
@@ -92,7 +91,12 @@ def step_parts(a, B: int, device: torch.device, reps: int) -> dict:
     rot = mem._rotation(freqs)
     view, weights = mem._step_view(st), mem._step_weights()
     mc = mem.cfg
-    kw = dict(eta_scale=mc.inner_lr / a.block, decay=mc.decay, momentum=mc.momentum, max_norm=100.0)
+    kw = dict(
+        eta_scale=mc.inner_lr / a.block,
+        decay=mc.decay,
+        momentum=mc.momentum,
+        max_norm=mc.max_state_norm,
+    )
 
     def evict(valid):
         return lambda: ttt_step.evict_step(cand_k, cand_v, valid, view, weights, rot, **kw)
@@ -102,21 +106,7 @@ def step_parts(a, B: int, device: torch.device, reps: int) -> dict:
     has = torch.ones(B, dtype=torch.bool, device=device)
 
     def attend():
-        return step_ops.attend_one(
-            q,
-            q_raw,
-            st["k"],
-            st["v"],
-            st["kpos"],
-            st["vk"],
-            st["vv"],
-            has,
-            mem.gate,
-            mem.recency,
-            inv_t=mem.inv_t,
-            gated=mc.combine == "gate",
-            recency_bias=mc.virtual_position == "decay",
-        )
+        return mem._attend_one(q, q_raw, st, st["vk"], st["vv"], has)
 
     def sdpa():
         return F.scaled_dot_product_attention(q, st["k"], st["v"])

@@ -547,7 +547,13 @@ class TTTCacheMemory(EvictingMemory):
         cand_k, cand_v, valid = self.candidates(st, k_raw, v, pos, active)
         vk, vv, has = self._evict_one(*self._kv(cand_k, cand_v), valid[:, 0], st, freqs)
         self.write_one(st, k_raw, v, k, pos, active, cand_k, cand_v)
-        out = step_ops.attend_one(
+        return self._attend_one(q, q_raw, st, vk, vv, has).to(q.dtype)
+
+    def _attend_one(self, q, q_raw, st: ScopedState, vk, vv, has) -> torch.Tensor:
+        """``ops.ttt_cache_step.attend_one`` of this layer: q, q_raw [B, H, 1, Dh] against its
+        ring and the virtual tokens vk, vv [B, H, M, Dh] of the rows with has [B] -> fp32."""
+        mc = self.cfg
+        return step_ops.attend_one(
             q,
             q_raw,
             st["k"],
@@ -562,7 +568,6 @@ class TTTCacheMemory(EvictingMemory):
             gated=mc.combine == "gate",
             recency_bias=mc.virtual_position == "decay",
         )
-        return out.to(q.dtype)
 
     def _step_one(self, q_raw, cand_k, cand_v, valid, st: ScopedState, freqs) -> VirtualRead:
         """A one-token step's read (``_evict_one``, then the softmax keys of the virtual tokens)."""
