@@ -718,6 +718,37 @@ def test_profile_kernel_table_equals_a_plain_tally():
         assert r["gpu_us_per_step"] == pytest.approx(us / n, rel=1e-9)
 
 
+def test_profile_idle_time_equals_the_span_less_the_busy_time():
+    """profile_moshi.gaps_before: the idle time between kernels (some overlapping) equals their
+    span less the length of the union of their intervals, and its pairs add up to it."""
+    from types import SimpleNamespace
+
+    prof = load_bench("profile_moshi")
+    g = torch.Generator().manual_seed(1)
+    starts = torch.rand(60, generator=g) * 100
+    lengths = torch.rand(60, generator=g) * 3
+    events = [
+        SimpleNamespace(
+            name=f"k{i % 4}", time_range=SimpleNamespace(start=float(s), end=float(s + d))
+        )
+        for i, (s, d) in enumerate(zip(starts, lengths))
+    ]
+    n = 2
+    busy, cur = 0.0, None  # the union's length, interval by interval in start order
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        a, b = e.time_range.start, e.time_range.end
+        if cur is None or a > cur[1]:
+            busy += 0.0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    busy += cur[1] - cur[0]
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    idle, pairs = prof.gaps_before(events, n, top=1000)
+    assert idle == pytest.approx((span - busy) / n, rel=1e-9)
+    assert sum(p["idle_us_per_step"] for p in pairs) == pytest.approx(idle, rel=1e-9)
+
+
 def test_bench_tiny_reports_the_states_it_ran(tmp_path):
     bench = load_bench()
     out = bench.main(
