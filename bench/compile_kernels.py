@@ -83,7 +83,7 @@ def kernels() -> list:
                 source(
                     step_k._complete_rows_kernel,
                     {**f32s, **counters, "P": "i32"},
-                    {**common, "H": 8, "KC": min(Dh, step_k.VKEY_CHUNK), "ROTATE": True},
+                    {**common, "H": 8, "KC": step_k.vkey_chunk(Dh), "ROTATE": True},
                 ),
                 nw,
             )

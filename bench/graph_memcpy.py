@@ -7,7 +7,8 @@ Each case captures ``--copies`` small contiguous copies (``Tensor.copy_`` of 64 
 streaming step's counters) between small elementwise kernels, plus what the case adds: nothing,
 a Triton kernel, one large copy (``--large-mb``), or an int64 update done as an in-place add
 instead of a copy. Reported per case: the profiler's names of the copies, microseconds per replay
-(CUDA events over ``--reps`` replays) and the GPU's idle time between kernels per replay.
+(CUDA events over ``--reps`` replays) and the GPU's idle time between kernels per replay
+(``profile_moshi.gaps_before``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import json
 
 import torch
+from profile_moshi import gaps_before  # bench/ is the script's folder
+from step_kernels import captured, replay_us
 
 from moshi_ttt.ops import l2norm_triton
 
@@ -49,37 +52,23 @@ def build(case: str, n: int, large_mb: int, device):
 def run(case: str, a, device) -> dict:
     step = build(case, a.copies, a.large_mb, device)
     step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(a.reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    us = start.elapsed_time(end) / a.reps * 1e3
+    g = captured(step)
+    us = replay_us(g, a.reps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(4):
             g.replay()
         torch.cuda.synchronize()
-    ks = sorted(
-        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-        key=lambda e: e.time_range.start,
-    )
+    ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     names: dict[str, int] = {}
     for k in ks:
         if "emcpy" in k.name or "Memcpy" in k.name:
             names[k.name[:40]] = names.get(k.name[:40], 0) + 1
-    idle = sum(max(0.0, b.time_range.start - a_.time_range.end) for a_, b in zip(ks, ks[1:]))
+    idle, _ = gaps_before(ks, 4, top=0)
     return {
         "case": case,
         "us_per_replay": us,
         "copy_names_per_replay": {k: v / 4 for k, v in names.items()},
-        "idle_us_per_replay": idle / 4,
+        "idle_us_per_replay": idle,
     }
 
 

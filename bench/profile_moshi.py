@@ -67,15 +67,19 @@ def profile_steps(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:
     }
 
 
+def ranked(by: dict[str, list[float]], n: int, top: int, count: str, total: str) -> list[dict]:
+    """Microseconds grouped by name -> the ``top`` names by their sum, each with its ``count``
+    and ``total`` per step (of n)."""
+    rows = sorted(by.items(), key=lambda kv: sum(kv[1]), reverse=True)[:top]
+    return [{"name": k, count: len(v) / n, total: sum(v) / n} for k, v in rows]
+
+
 def kernel_table(kernels: list, n: int, top: int) -> list[dict]:
     """Kernel events grouped by name -> the ``top`` names by GPU microseconds per step."""
     by: dict[str, list[float]] = {}
     for k in kernels:
         by.setdefault(k.name[:90], []).append(k.device_time)
-    rows = sorted(by.items(), key=lambda kv: sum(kv[1]), reverse=True)[:top]
-    return [
-        {"name": k, "calls_per_step": len(v) / n, "gpu_us_per_step": sum(v) / n} for k, v in rows
-    ]
+    return ranked(by, n, top, "calls_per_step", "gpu_us_per_step")
 
 
 def gaps_before(kernels: list, n: int, top: int) -> tuple[float, list[dict]]:
@@ -91,10 +95,7 @@ def gaps_before(kernels: list, n: int, top: int) -> tuple[float, list[dict]]:
         if end is None or k.time_range.end >= end:
             end, last = k.time_range.end, k
     total = sum(sum(v) for v in by.values())
-    rows = sorted(by.items(), key=lambda kv: sum(kv[1]), reverse=True)[:top]
-    return total / n, [
-        {"name": k, "gaps_per_step": len(v) / n, "idle_us_per_step": sum(v) / n} for k, v in rows
-    ]
+    return total / n, ranked(by, n, top, "gaps_per_step", "idle_us_per_step")
 
 
 def profile_graphed(gen: LMGen, lm: LMModel, B: int, n: int, device) -> dict:

@@ -33,6 +33,28 @@ from moshi_ttt.moshi.streaming import empty_state
 from moshi_ttt.ops import ttt_step_triton as ttt_step
 
 
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """One call of fn captured as a CUDA graph (replayed once, so its first replay is done)."""
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def replay_us(g: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Microseconds per replay of g: ``reps`` replays back to back between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
 def timed_us(fn, reps: int, device: torch.device) -> float:
     """Microseconds per call of fn: a CUDA graph of one call replayed ``reps`` times between two
     events (off CUDA: the wall clock over ``reps`` calls)."""
@@ -42,18 +64,7 @@ def timed_us(fn, reps: int, device: torch.device) -> float:
         for _ in range(reps):
             fn()
         return (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    return replay_us(captured(fn), reps)
 
 
 def layer_state(a, B: int, device: torch.device):

@@ -256,6 +256,12 @@ def complete_programs(device: torch.device, heads: int, rows: int) -> int:
     return max(1, min(rows, -(-COMPLETE_PER_SM * _multiprocessors(device) // heads)))
 
 
+def vkey_chunk(head_dim: int) -> int:
+    """Columns of the virtual keys the completion kernel forms at a time: ``VKEY_CHUNK``, at most
+    the head width."""
+    return min(head_dim, VKEY_CHUNK)
+
+
 def _buffers(dev: torch.device, B: int) -> tuple:
     """The step's counters for B rows on this device and stream (zero between launches, so
     launches in stream order share them): per-row arrivals, the list of rows whose block completed
@@ -345,7 +351,7 @@ def evict_step(
         H=H,
         BLK=block,
         CH=min(block, 32),
-        KC=min(Dh, VKEY_CHUNK),
+        KC=vkey_chunk(Dh),
         DH=Dh,
         MH=m,
         M=M,
