@@ -833,6 +833,40 @@ def test_bench_staggered_rows_stream_as_many_steps_as_they_were_let():
         assert bool(gen._streaming_state.exec_mask.all())
 
 
+def test_streaming_step_of_a_memory_layer_copies_nothing_where_stock_attention_copies():
+    """A same-dtype contiguous ``copy_`` is a memcpy node in a captured CUDA graph. Stock Moshi's
+    attention copies its offset update in each step; a memory layer's step adds to its offset in
+    place and issues no copy at all (both counted on a streaming step with some rows off)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.n += func.overloadpacket is torch.ops.aten.copy_
+            return func(*args, **(kwargs or {}))
+
+    def copies_per_attention(lm, kind):
+        attn = [m for m in lm.modules() if isinstance(m, kind)][0]
+        inner = attn.forward
+
+        def counted(*a, **k):
+            with Copies():
+                return inner(*a, **k)
+
+        attn.forward = counted
+        Copies.n = 0
+        with torch.no_grad(), lm.streaming(2):
+            for t in range(3):
+                lm.set_exec_mask(torch.tensor([True, t != 1]))
+                lm.forward_text(codes(2, 1, seed=t))
+        return Copies.n / 3
+
+    ours = patch_lm(stock(), AdapterConfig.preset("ttt_cache", num_layers=3))
+    assert copies_per_attention(stock(), StreamingMultiheadAttention) >= 1
+    assert copies_per_attention(ours, MemoryAttention) == 0
+
+
 def test_bench_variant_names():
     """PRESET[+tf32][+unfused]: the options apply to presets that have what they change, else a
     clear error."""

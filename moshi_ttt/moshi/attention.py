@@ -182,6 +182,8 @@ class MemoryAttention(StreamingMultiheadAttention):
                 o = self._attend(x, pos, state)
         x = self.out_projs[0](rearrange(o.to(query.dtype), "b h t d -> b t (h d)"))
         if state is not None:
-            state.offset[:] = torch.where(state.exec_mask, state.offset + T, state.offset)
+            # offset += T on rows of the exec mask: one in-place kernel, no device copy (a copy
+            # is a memcpy node in a captured CUDA graph)
+            state.offset.add_(state.exec_mask, alpha=T)
             state.offset_cpu += T
         return x
