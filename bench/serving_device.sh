@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The Moshi 7B serving measurements of docs/results/moshi-7b-h200 in one GPU call (about 8 min):
+#   1. how a captured graph runs its device-to-device copies (bench/graph_memcpy.py)
+#   2. the batch-1 frame replayed under the profiler, its idle time by the kernels around it
+#   3. the TTT cache's step kernels at batch 1024 over their launch settings (step_kernels.py)
+#   4. latency and concurrency of ttt_cache against window64 at steady state (moshi_bench.py)
+# The device has no network: PYLIB is a folder that holds the moshi package (a copy of the
+# .venv's site-packages/moshi, carried with the call). Results and the log under $OUT, also as
+# one tarball.
+# Usage: COMMIT=$(git rev-parse --short HEAD) bench/serving_device.sh [PYLIB] [SEARCH_BUDGET_S]
+set -u
+pylib=${1:-pylib}
+budget=${2:-230}
+: "${OUT:?set OUT to the folder for the results}"
+export PYTHONPATH=$PWD:$PWD/bench:$PWD/$pylib NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+log=$OUT/log.txt
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
+echo "commit ${COMMIT:-unknown}" >> "$OUT/device.txt"
+stage() {  # stage SECONDS NAME COMMAND...: run with a time limit, log its tail, go on if it fails
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name ($(date +%T))" >> "$log"
+    timeout "$limit" "$@" >> "$log" 2>&1 || echo "== $name: exit $?" >> "$log"
+}
+stage 60 graph-memcpy python3 bench/graph_memcpy.py --out "$OUT/graph-memcpy.json"
+stage 150 graph-profile python3 bench/profile_moshi.py --variants window64,ttt_cache \
+    --batches 1 --extra-batches "" --frames 10 --profiled 0 --graph-profiled 16 \
+    --out "$OUT/profile-graphs.json"
+stage 90 step-kernels python3 bench/step_kernels.py --batches 1024 --warps 4 \
+    --vkey-chunks 32 --per-sm 4,8,16,32 --attend 16:2 --out "$OUT/step-kernels.json"
+stage $((budget + 60)) steady python3 bench/moshi_bench.py --variants window64,ttt_cache \
+    --checkpoints 1000 --budget-s "$budget" --out "$OUT/steady"
+tar czf "$OUT/serving.tgz" -C "$OUT" --exclude=serving.tgz .
+ls -la "$OUT" >> "$log"
