@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moshi_ttt as mt
+from moshi_ttt.ops import ttt_cache_step as step_ops
 from moshi_ttt.ops import ttt_cache_triton as block_kernel
 from moshi_ttt.ops import ttt_step_triton as step_kernels
 
@@ -57,9 +58,9 @@ class Launches(TorchDispatchMode):
 
 
 def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
-    """Launches of one ``attend_step`` after ``prefill`` tokens, its Triton kernels replaced by
-    stand-ins
-    that count as one launch each (their effect on the state does not matter for the count)."""
+    """Launches of one ``attend_step`` after ``prefill`` tokens, as on CUDA: its Triton kernels
+    replaced by stand-ins that count as one launch each (their effect on the state does not
+    matter for the count), and the block update run whether or not a row completes its block."""
     torch.manual_seed(0)
     if variant == "window":
         cfg = dataclasses.replace(
@@ -74,9 +75,11 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
         step_kernels.evict_step,
         step_kernels.attend_supports,
         step_kernels.attend_one,
+        step_ops._updates,
     )
     kernels = collections.Counter()
     try:
+        step_ops._updates = lambda done: True  # every step's update, as on CUDA (not skipped)
         block_kernel.supports = lambda *a: variant == "block kernel"
         # its wrapper's one conversion (done to int32), then the kernel
         block_kernel.complete_block = lambda ds, moms, inits, x, y, eta, done, probes, **k: (
@@ -121,6 +124,7 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
             step_kernels.evict_step,
             step_kernels.attend_supports,
             step_kernels.attend_one,
+            step_ops._updates,
         ) = saved
     ops = dict(mode.ops.most_common())
     return {

@@ -58,6 +58,34 @@ def logits_and_grads(model, tokens, **kw) -> list:
     return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+def test_cpu_one_token_steps_update_only_when_a_row_completes_its_block(monkeypatch):
+    """On the CPU a one-token step runs the compressor update only when some row completes its
+    block: logits and every state tensor equal those of updating in every step (as on CUDA), with
+    one row reset mid-stream so the rows complete in different steps; far fewer updates ran."""
+    from moshi_ttt.ops import ttt_cache_step as step_ops
+
+    model = lively(mt.StreamingLM(cache_config(momentum=0.5)).eval())
+    tokens = torch.randint(0, 50, (3, 40), generator=torch.Generator().manual_seed(0))
+    runs, calls = {}, []
+    inner = step_ops._complete
+    monkeypatch.setattr(step_ops, "_complete", lambda *a: calls.append(1) or inner(*a))
+    for every in (False, True):
+        if every:
+            monkeypatch.setattr(step_ops, "_updates", lambda done: True)
+        calls.clear()
+        with torch.no_grad():
+            runs[every] = (
+                *stream(model, tokens, 1, resets_at={13: torch.tensor([0, 1, 0])}),
+                len(calls),
+            )
+    (skip, st_skip, n_skip), (full, st_full, n_full) = runs[False], runs[True]
+    assert torch.equal(skip, full)
+    assert st_skip.tensors.keys() == st_full.tensors.keys()
+    for name, t in st_full.tensors.items():
+        assert torch.equal(st_skip[name], t), name
+    assert n_full == 2 * 40 and 0 < n_skip < n_full / 2
+
+
 # ---- parallel vs streaming ----------------------------------------------------------
 @pytest.mark.parametrize("combine, position, cold", OPTIONS)
 def test_parallel_equals_streaming_every_option(combine, position, cold):

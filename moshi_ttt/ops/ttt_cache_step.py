@@ -124,9 +124,17 @@ def evict_one(
     state.ev.scatter_(2, idx, cand_v.to(kn.dtype))
     state.eeta.scatter_(2, idx[..., 0], eta_t.view(B, H, 1))
     done = valid & (ecount + 1 >= b)  # [B]
-    _complete(state, weights, done, rot, decay, momentum, max_norm, check)
+    if _updates(done):
+        _complete(state, weights, done, rot, decay, momentum, max_norm, check)
     ecount.copy_(torch.where(valid, (ecount + 1) % b, ecount))
     state.updates.add_(done.long())
+
+
+def _updates(done: torch.Tensor) -> bool:
+    """Whether a step runs ``_complete`` (which changes nothing on rows without ``done``): on
+    CUDA always (no host synchronisation; a captured graph replays one path whatever the rows
+    do), on the CPU only when some row completes its block."""
+    return done.is_cuda or bool(done.any())
 
 
 def _complete(state: StepState, weights: StepWeights, done, rot, decay, momentum, max_norm, check):
