@@ -9,7 +9,11 @@ from conftest import assert_close
 
 from moshi_ttt.ops.rope import (
     apply_rope,
+    apply_rope_qk,
+    rope_angles,
     rope_frequencies,
+    rotate,
+    rotate_reference,
     yarn_attention_scale,
     yarn_frequencies,
     yarn_frequencies_naive,
@@ -90,6 +94,43 @@ def test_yarn_scale_one_is_plain_rope(scale):
     assert torch.equal(plain, yarn)
     x, pos = torch.randn(2, 3, 11, 128), torch.randint(0, 5000, (2, 11))
     assert torch.equal(apply_rope(x, pos, plain), apply_rope(x, pos, yarn))
+
+
+ROTATE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", ROTATE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rotate_equals_pair_by_pair_reference_bit_for_bit(device, dtype):
+    """``rotate`` (x c2 + swap(x) s2) against ``rotate_reference`` (pair by pair): the same
+    products and sums, so equal bit for bit, on a permuted view as the layers pass (q, k of one
+    projection), at large positions, with the angles per row and time or one per virtual token
+    ([M, D/2], broadcast); ``apply_rope_qk`` equals ``apply_rope`` on each of q and k; gradients
+    agree to rounding."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 7, 3, 16
+    qkv = (10 * torch.randn(B, T, 3, H, D, generator=g)).to(device, dtype)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # [B, H, T, D] views, not contiguous
+    pos = torch.randint(0, 10**6, (B, T), generator=g).to(device)
+    freqs = rope_frequencies(D, 10_000.0, device)
+    cos, sin = rope_angles(pos, freqs)
+    assert torch.equal(rotate(q, cos, sin), rotate_reference(q, cos, sin))
+    qr, kr = apply_rope_qk(q, k, pos, freqs)
+    assert torch.equal(qr, rotate_reference(q, cos, sin)) and qr.dtype == dtype
+    assert torch.equal(kr, apply_rope(k, pos, freqs))
+    angle = -torch.arange(5, device=device)[:, None] * 37.0 * freqs  # [M, D/2]
+    v = torch.randn(B, H, 5, D, generator=g).to(device, dtype)
+    c, s = torch.cos(angle), torch.sin(angle)
+    assert torch.equal(rotate(v, c, s), rotate_reference(v, c, s))
+    x = q.detach().double().requires_grad_(True)
+    grads = []
+    for fn in (rotate, rotate_reference):
+        x.grad = None
+        (
+            fn(x, cos, sin) * torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
+        ).sum().backward()
+        grads.append(x.grad.clone())
+    assert_close(grads[0], grads[1], 1e-6, "gradient")
 
 
 def test_yarn_rejects_impossible_arguments():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.rope import apply_rope, yarn_frequencies
+from ..ops.rope import apply_rope_qk, yarn_frequencies
 from ..state import ScopedState
 from .memories import make_memory
 from .memory import Heads
@@ -37,7 +37,7 @@ class StreamingAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
-        q_rot, k_rot = apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs)
+        q_rot, k_rot = apply_rope_qk(q, k, pos, self.freqs)
         return Heads(v=v, q=q_rot, k=k_rot, q_raw=q, k_raw=k)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ Moshi's RoPE.
 
 ``MemoryAttention`` subclasses Moshi's ``StreamingMultiheadAttention`` and takes over the stock
 layer's ``in_projs`` / ``out_projs`` (same parameters, same names) and RoPE (Moshi's interleaved
-layout: ``ops.rope.apply_rope`` computes it bit for bit). Keys and values go to the memory
+layout: ``ops.rope.apply_rope_qk`` computes it bit for bit). Keys and values go to the memory
 instead of Moshi's ``RingKVCache``: ``window``/``sink`` (exact rings, masks from absolute
 positions) or an evicting memory (``ttt_cache``, ``pooled``, ``infini``: the window plus a memory
 of every evicted token). Positions are Moshi's per-row offsets, so a reset row restarts at 0.
@@ -22,7 +22,7 @@ from torch import nn
 from ..config import MemoryConfig
 from ..layers.memories import make_memory
 from ..layers.memory import Heads
-from ..ops.rope import apply_rope, rope_frequencies, yarn_attention_scale, yarn_frequencies
+from ..ops.rope import apply_rope_qk, rope_frequencies, yarn_attention_scale, yarn_frequencies
 from ..state import StreamingState
 from .streaming import empty_state, exec_masked
 
@@ -66,8 +66,9 @@ class YarnRope(nn.Module):
         if time_before_heads:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         pos = offset.view(-1, 1) + torch.arange(q.shape[2], device=q.device)  # [B, T]
-        qo = (apply_rope(q, pos, self.freqs).float() * self.mscale).to(q.dtype)
-        ko = (apply_rope(k, pos, self.freqs).float() * self.mscale).to(k.dtype)
+        qo, ko = apply_rope_qk(q, k, pos, self.freqs)
+        qo = (qo.float() * self.mscale).to(q.dtype)
+        ko = (ko.float() * self.mscale).to(k.dtype)
         if time_before_heads:
             qo, ko = qo.transpose(1, 2), ko.transpose(1, 2)
         return qo, ko
@@ -168,7 +169,7 @@ class MemoryAttention(StreamingMultiheadAttention):
             self.in_projs[0](query), "b t (p h d) -> p b h t d", p=3, h=self.num_heads
         )
         pos = offset[:, None] + torch.arange(T, device=query.device)  # [B, T] absolute positions
-        qr, kr = apply_rope(q, pos, self.freqs), apply_rope(k, pos, self.freqs)
+        qr, kr = apply_rope_qk(q, k, pos, self.freqs)
         x = Heads(v=v, q=qr, k=kr, q_raw=q, k_raw=k)
         if state is None:
             o = self._attend(x, pos, None)

@@ -99,18 +99,50 @@ def yarn_attention_scale(scale: float) -> float:
     return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
+def rope_angles(pos: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the angles pos · freqs: pos [B, T] absolute positions (any integers), freqs
+    [D/2] -> [B, 1, T, D/2] each, fp32."""
+    angle = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
+    return torch.cos(angle), torch.sin(angle)
+
+
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate pairs ``(x[2d], x[2d+1])`` of ``x`` [B, H, T, D] by ``pos * freqs[d]``.
 
     ``pos`` [B, T] holds absolute positions (any integers); computed in fp32, returned in x's dtype.
     """
-    angle = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
-    return rotate(x, torch.cos(angle), torch.sin(angle))
+    return rotate(x, *rope_angles(pos, freqs))
+
+
+def apply_rope_qk(q, k, pos: torch.Tensor, freqs: torch.Tensor):
+    """``apply_rope`` of q and k [B, H, T, D] at the same positions, the angles formed once."""
+    c2, s2 = interleaved(*rope_angles(pos, freqs))
+    return rotate_interleaved(q, c2, s2), rotate_interleaved(k, c2, s2)
+
+
+def interleaved(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [..., D/2] -> c2 = (c, c), s2 = (-s, s) pair by pair, [..., D] each."""
+    return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+
+
+def rotate_interleaved(x: torch.Tensor, c2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """The rotation of ``rotate`` from ``interleaved`` (c2, s2): x c2 + swap(x) s2, swap
+    exchanging the two entries of every pair, so pair (a, b) goes to (a c - b s, b c + a s): the
+    products and sums of ``rotate_reference`` exactly (negation is exact, the sum commutes), bit
+    for bit, in 4 kernels instead of 7 (a 16-bit x is promoted to fp32 inside the products)."""
+    xf = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * c2 + swapped * s2).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotation of ``apply_rope`` by given cos, sin (broadcast to [..., D/2]): x [..., D] -> x's
-    dtype."""
+    dtype. ``rotate_interleaved``; ``rotate_reference`` computes the same pair by pair."""
+    return rotate_interleaved(x, *interleaved(cos, sin))
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate`` pair by pair: (a, b) -> (a c - b s, a s + b c) in fp32, then x's dtype."""
     xp = x.float().unflatten(-1, (-1, 2))
     xr, xi = xp[..., 0], xp[..., 1]  # [..., D/2] each
     return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2).to(x.dtype)
