@@ -238,7 +238,7 @@ class EvictingMemory(nn.Module):
             torch.where(on, v.to(cand_v.dtype), cand_v),
             pos,
             extra=((st["kraw"], torch.where(on, k_raw.to(cand_k.dtype), cand_k)),),
-            stored=pos.masked_fill(~active[:, None], -1),
+            stored=torch.where(active[:, None], pos, -1),
         )
 
     # ---- diagnostics ----------------------------------------------------------------------

@@ -154,7 +154,7 @@ class WindowMemory(ExactMemory):
         v, q, k = x.v, x.q, x.k
         if k.shape[2] != 1:
             return super().attend_step(x, pos, st, freqs, active)
-        stored = pos if active is None else pos.masked_fill(~active[:, None], -1)
+        stored = pos if active is None else torch.where(active[:, None], pos, -1)
         self.write(st, k, v, pos, stored=stored)
         k0, v0, p0 = self.context(st)
         return F.scaled_dot_product_attention(

@@ -102,7 +102,8 @@ def yarn_attention_scale(scale: float) -> float:
 def rope_angles(pos: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of the angles pos · freqs: pos [B, T] absolute positions (any integers), freqs
     [D/2] -> [B, 1, T, D/2] each, fp32."""
-    angle = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
+    p = pos[:, None, :, None]  # [B, 1, T, 1]; with fp32 freqs, cast to fp32 inside the product
+    angle = (p if freqs.dtype == torch.float32 else p.to(torch.float32)) * freqs  # [B, 1, T, D/2]
     return torch.cos(angle), torch.sin(angle)
 
 
