@@ -115,7 +115,9 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch
     return rotate(x, *rope_angles(pos, freqs))
 
 
-def apply_rope_qk(q, k, pos: torch.Tensor, freqs: torch.Tensor):
+def apply_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``apply_rope`` of q and k [B, H, T, D] at the same positions, the angles formed once."""
     c2, s2 = interleaved(*rope_angles(pos, freqs))
     return rotate_interleaved(q, c2, s2), rotate_interleaved(k, c2, s2)

@@ -133,7 +133,7 @@ def evict_one(
 def _updates(done: torch.Tensor) -> bool:
     """Whether a step runs ``_complete`` (which changes nothing on rows without ``done``): on
     CUDA always (no host synchronisation; a captured graph replays one path whatever the rows
-    do), on the CPU only when some row completes its block."""
+    do), elsewhere (the CPU) only when some row completes its block."""
     return done.is_cuda or bool(done.any())
 
 
