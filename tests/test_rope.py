@@ -105,8 +105,8 @@ def test_rotate_equals_pair_by_pair_reference_bit_for_bit(device, dtype):
     """``rotate`` (x c2 + swap(x) s2) against ``rotate_reference`` (pair by pair): the same
     products and sums, so equal bit for bit, on a permuted view as the layers pass (q, k of one
     projection), at large positions, with the angles per row and time or one per virtual token
-    ([M, D/2], broadcast); ``apply_rope_qk`` equals ``apply_rope`` on each of q and k; gradients
-    agree to rounding."""
+    ([M, D/2], broadcast); ``apply_rope_qk`` equals ``apply_rope`` on each of q and k; and the
+    gradients."""
     g = torch.Generator().manual_seed(0)
     B, T, H, D = 2, 7, 3, 16
     qkv = (10 * torch.randn(B, T, 3, H, D, generator=g)).to(device, dtype)
@@ -122,15 +122,19 @@ def test_rotate_equals_pair_by_pair_reference_bit_for_bit(device, dtype):
     v = torch.randn(B, H, 5, D, generator=g).to(device, dtype)
     c, s = torch.cos(angle), torch.sin(angle)
     assert torch.equal(rotate(v, c, s), rotate_reference(v, c, s))
-    x = q.detach().double().requires_grad_(True)
+    # gradients: x's bit for bit, also where x has another use (autograd then sums three terms);
+    # those of the angles (not needed by the layers) to rounding
+    x = q.detach().requires_grad_(True)
+    c_, s_ = cos.clone().requires_grad_(True), sin.clone().requires_grad_(True)
+    w = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
     grads = []
     for fn in (rotate, rotate_reference):
-        x.grad = None
-        (
-            fn(x, cos, sin) * torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
-        ).sum().backward()
-        grads.append(x.grad.clone())
-    assert_close(grads[0], grads[1], 1e-6, "gradient")
+        x.grad = c_.grad = s_.grad = None
+        ((fn(x, c_, s_) * w).sum() + (x.float() * w.flip(-1)).sum()).backward()
+        grads.append((x.grad.clone(), c_.grad.clone(), s_.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert_close(grads[0][1], grads[1][1], 1e-5, "cos gradient")
+    assert_close(grads[0][2], grads[1][2], 1e-5, "sin gradient")
 
 
 def test_yarn_rejects_impossible_arguments():

@@ -128,14 +128,39 @@ def interleaved(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
 
 
+def _swap(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with the two entries of every pair exchanged."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+class _Rotation(torch.autograd.Function):
+    """y = x c2 + swap(x) s2 and its gradient x̄ = ȳ c2 + swap(ȳ s2) formed as one tensor, so
+    autograd sums the same terms in the same order as for ``rotate_reference``."""
+
+    @staticmethod
+    def forward(ctx, x, c2, s2):
+        ctx.save_for_backward(x, c2, s2)
+        return x * c2 + _swap(x) * s2
+
+    @staticmethod
+    def backward(ctx, g):
+        x, c2, s2 = ctx.saved_tensors
+        need_x, need_c, need_s = ctx.needs_input_grad
+        gx = g * c2 + _swap(g * s2) if need_x else None
+        gc = (g * x).sum_to_size(c2.shape) if need_c else None
+        gs = (g * _swap(x)).sum_to_size(s2.shape) if need_s else None
+        return gx, gc, gs
+
+
 def rotate_interleaved(x: torch.Tensor, c2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """The rotation of ``rotate`` from ``interleaved`` (c2, s2): x c2 + swap(x) s2, swap
     exchanging the two entries of every pair, so pair (a, b) goes to (a c - b s, b c + a s): the
     products and sums of ``rotate_reference`` exactly (negation is exact, the sum commutes), bit
-    for bit, in 4 kernels instead of 7 (a 16-bit x is promoted to fp32 inside the products)."""
+    for bit, in 4 kernels instead of 7 (a 16-bit x is promoted to fp32 inside the products); and
+    so is its gradient, (ā c + b̄ s, b̄ c - ā s) for the pair (ā, b̄) of the output's
+    (``_Rotation``)."""
     xf = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * c2 + swapped * s2).to(x.dtype)
+    return _Rotation.apply(xf, c2, s2).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
