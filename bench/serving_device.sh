@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Moshi 7B serving measurements of docs/results/moshi-7b-h200 in one GPU call (about 8 min):
+# The Moshi 7B serving measurements of docs/results/moshi-7b-h200 in one GPU call (about 9 min):
+#   0. the GPU tests of what serving runs: RoPE on CUDA, the step kernels, Moshi under CUDA graphs
 #   1. how a captured graph runs its device-to-device copies (bench/graph_memcpy.py)
 #   2. the batch-1 frame replayed under the profiler, its idle time by the kernels around it
 #   3. the TTT cache's step kernels at batch 1024 over their launch settings (step_kernels.py)
@@ -10,7 +11,7 @@
 # Usage: COMMIT=$(git rev-parse --short HEAD) bench/serving_device.sh [PYLIB] [SEARCH_BUDGET_S]
 set -u
 pylib=${1:-pylib}
-budget=${2:-230}
+budget=${2:-200}
 : "${OUT:?set OUT to the folder for the results}"
 export PYTHONPATH=$PWD:$PWD/bench:$PWD/$pylib NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 log=$OUT/log.txt
@@ -22,6 +23,8 @@ stage() {  # stage SECONDS NAME COMMAND...: run with a time limit, log its tail,
     echo "== $name ($(date +%T))" >> "$log"
     timeout "$limit" "$@" >> "$log" 2>&1 || echo "== $name: exit $?" >> "$log"
 }
+stage 90 gpu-tests python3 -m pytest -q -x -m "gpu or not gpu" tests/test_rope.py \
+    tests/test_ttt_cache_triton.py tests/test_gpu_moshi.py
 stage 60 graph-memcpy python3 bench/graph_memcpy.py --out "$OUT/graph-memcpy.json"
 stage 150 graph-profile python3 bench/profile_moshi.py --variants window64,ttt_cache \
     --batches 1 --extra-batches "" --frames 10 --profiled 0 --graph-profiled 16 \
