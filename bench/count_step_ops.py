@@ -127,12 +127,7 @@ def count(variant: str, cfg: mt.ModelConfig, prefill: int) -> dict:
         if mem is None:
             return {"variant": variant, "model_step_launches": step_launches}
         inner, mode = mem.attend_step, Launches()
-
-        def counted(*a, **k):
-            with mode:
-                return inner(*a, **k)
-
-        mem.attend_step = counted
+        mem.attend_step = lambda *a, **k: _count(mode, inner, *a, **k)
         kernels.clear()
         model.step(tokens[:, prefill + 1 :], state)
     ops = dict(mode.ops.most_common())

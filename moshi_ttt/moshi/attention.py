@@ -24,7 +24,7 @@ from ..layers.memories import make_memory
 from ..layers.memory import Heads
 from ..ops.rope import apply_rope_qk, rope_frequencies, yarn_attention_scale, yarn_frequencies
 from ..state import StreamingState
-from .streaming import RING_NAMES, empty_state, exec_masked
+from .streaming import empty_state, exec_masked
 
 
 def rope_freqs(
@@ -175,9 +175,8 @@ class MemoryAttention(StreamingMultiheadAttention):
             o = self._attend(x, pos, None)
         else:
             own = self.memory.self_masked(T)  # state the memory itself keeps for off rows
-            rings = [n for n in RING_NAMES if n in state.tensors.tensors and n not in own]
-            # [B, n] ring slots this step writes, where exec_masked restores rings itself
-            slots = pos[:, -self.mem_cfg.window :] % self.mem_cfg.window if rings else None
+            W = self.mem_cfg.window
+            slots = lambda: pos[:, -W:] % W  # [B, n] the ring slots this step writes
             with exec_masked(
                 state.tensors, state.exec_mask, self.respect_exec_mask, slots, skip=own
             ):

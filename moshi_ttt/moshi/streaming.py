@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,19 +48,22 @@ def exec_masked(
     tensors: StreamingState,
     exec_mask: torch.Tensor,
     enabled: bool = True,
-    ring_slots: torch.Tensor | None = None,
+    ring_slots: Callable[[], torch.Tensor] | None = None,
     skip: tuple = (),
 ):
     """Rows with ``exec_mask`` False get their tensors back as they were before the block.
 
-    ``ring_slots`` [B, n]: the only slots the block writes in the ring buffers (``RING_NAMES``), so
-    only those are saved and restored; every other tensor is saved whole, but those named in
-    ``skip`` (the block itself leaves them unchanged for those rows).
+    ``ring_slots`` () -> [B, n]: the only slots the block writes in the ring buffers
+    (``RING_NAMES``), so only those are saved and restored, formed only when some ring is not in
+    ``skip``; every other tensor is saved whole, but those named in ``skip`` (the block itself
+    leaves them unchanged for those rows).
     """
     if not enabled:
         yield
         return
-    rings = {k for k in tensors.tensors if ring_slots is not None and k in RING_NAMES}
+    rings = {k for k in tensors.tensors if k in RING_NAMES and k not in skip}
+    ring_slots = ring_slots() if rings and ring_slots is not None else None
+    rings = rings if ring_slots is not None else set()
     before = {
         k: t.gather(1 if t.dim() == 2 else 2, _ring_index(t, ring_slots))
         if k in rings
