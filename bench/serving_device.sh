@@ -2,7 +2,8 @@
 # The Moshi 7B serving measurements of docs/results/moshi-7b-h200 in one GPU call (about 9 min):
 #   0. the GPU tests of what serving runs: RoPE on CUDA, the step kernels, Moshi under CUDA graphs
 #   1. how a captured graph runs its device-to-device copies (bench/graph_memcpy.py)
-#   2. the batch-1 frame replayed under the profiler, its idle time by the kernels around it
+#   2. the batch-1 frame replayed under the profiler, its idle time by the kernels around it,
+#      each variant in a process of its own
 #   3. the TTT cache's step kernels at batch 1024 over their launch settings (step_kernels.py)
 #   4. latency and concurrency of ttt_cache against window64 at steady state (moshi_bench.py)
 # The device has no network: PYLIB is a folder that holds the moshi package (a copy of the
@@ -11,7 +12,7 @@
 # Usage: COMMIT=$(git rev-parse --short HEAD) bench/serving_device.sh [PYLIB] [SEARCH_BUDGET_S]
 set -u
 pylib=${1:-pylib}
-budget=${2:-200}
+budget=${2:-170}
 : "${OUT:?set OUT to the folder for the results}"
 export PYTHONPATH=$PWD:$PWD/bench:$PWD/$pylib NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 log=$OUT/log.txt
@@ -26,9 +27,13 @@ stage() {  # stage SECONDS NAME COMMAND...: run with a time limit, log its tail,
 stage 90 gpu-tests python3 -m pytest -q -x -m "gpu or not gpu" tests/test_rope.py \
     tests/test_ttt_cache_triton.py tests/test_gpu_moshi.py
 stage 60 graph-memcpy python3 bench/graph_memcpy.py --out "$OUT/graph-memcpy.json"
-stage 150 graph-profile python3 bench/profile_moshi.py --variants window64,ttt_cache \
-    --batches 1 --extra-batches "" --frames 10 --profiled 0 --graph-profiled 16 \
-    --out "$OUT/profile-graphs.json"
+# one process per variant: the profiler may report a graph's copies differently when it attached
+# before the graph was captured (as it had for the second variant of a shared process)
+for v in window64 ttt_cache; do
+    stage 100 "graph-profile $v" python3 bench/profile_moshi.py --variants "$v" \
+        --batches 1 --extra-batches "" --frames 10 --profiled 0 --graph-profiled 16 \
+        --out "$OUT/profile-graphs-$v.json"
+done
 stage 90 step-kernels python3 bench/step_kernels.py --batches 1024 --warps 4 \
     --vkey-chunks 32 --per-sm 4,8,16,32 --attend 16:2 --out "$OUT/step-kernels.json"
 stage $((budget + 60)) steady python3 bench/moshi_bench.py --variants window64,ttt_cache \
