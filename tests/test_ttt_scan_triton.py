@@ -122,10 +122,14 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
 def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
     """Long scans replay their launch loops as captured CUDA graphs: states, momenta, losses and
     every gradient equal direct launches, for two problems of one shape (the second replays the
-    first one's graph on new inputs)."""
+    first one's graph on new inputs), and for a third after the launch settings change (token
+    chunks of 8: graphs of their own, not the first ones replayed)."""
     monkeypatch.setattr(tri, "_graphs", {})
     N = 2 * tri.GRAPH_MIN_BLOCKS
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
+        if seed == 2:
+            monkeypatch.setattr(tri, "CHUNK", 8)
+            monkeypatch.setattr(tri, "GRAD_CHUNK", 8)
         torch.manual_seed(seed)
         ds, moms, inits, keys, vals, eta, apply = scan_problem(
             3, N, 32, 16, 32, bool(momentum), device=torch.device("cuda")
@@ -142,6 +146,7 @@ def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
                 for o in outs[:-1]
             )
             results.append([o.detach() for o in outs] + list(torch.autograd.grad(total, leaves)))
-        assert len(tri._graphs) == 2  # forward and backward, captured once and replayed for seed 1
+        # forward and backward, captured once and replayed for seed 1; captured again for seed 2
+        assert len(tri._graphs) == (2 if seed < 2 else 4)
         for a, b in zip(*results):
             assert_close(b, a, 1e-6, "graph replay")

@@ -38,7 +38,8 @@ _graphs: dict = {}
 
 def launched(key, args: tuple, loop):
     """``loop(*args)`` -> outputs, a loop of kernel launches whose host time would exceed its GPU
-    time, replayed as one CUDA graph: captured once per ``key`` (shapes and scalar arguments) on
+    time, replayed as one CUDA graph: captured once per ``key`` (with the args' shapes: whatever
+    else the loop depends on, its scalar arguments and launch settings) on
     copies of ``args``, then each call copies ``args`` in and clones the outputs out. Runs the loop
     directly on CPU tensors and inside another capture."""
     if not args[0].is_cuda or torch.cuda.is_current_stream_capturing():
@@ -701,7 +702,7 @@ class _Scan(torch.autograd.Function):
             ap,
         )
         run = lambda *a: (
-            launched(("fwd", *scalars, tuple(flags.values())), a, loop)
+            launched(("fwd", *scalars, *flags.values(), *meta.values()), a, loop)
             if N >= GRAPH_MIN_BLOCKS
             else loop(*a)
         )
@@ -795,7 +796,7 @@ class _Scan(torch.autograd.Function):
             return (dst1, dst2, da1, da2, dx, dy, deta) + (moms if has_mom else ())
 
         args = (st1, st2, cap, x, y, eta, ap, dst1, dst2) + ((ds1, ds2) if has_mom else ())
-        key = ("bwd", decay, momentum, bptt, grad_prec, tuple(flags.values()))
+        key = ("bwd", decay, momentum, bptt, grad_prec, *flags.values(), *meta.values())
         out = launched(key, args, loop) if N >= GRAPH_MIN_BLOCKS else loop(*args)
         dst1, dst2, da1, da2, dx, dy, deta = out[:7]
         ds1, ds2 = out[7:] if has_mom else (None, None)
