@@ -7,23 +7,19 @@
 #   3. the TTT cache's step kernels at batch 1024 over their launch settings (step_kernels.py)
 #   4. latency and concurrency of ttt_cache against window64 at steady state (moshi_bench.py)
 # The device has no network: PYLIB is a folder that holds the moshi package (a copy of the
-# .venv's site-packages/moshi, carried with the call). Results and the log under $OUT, also as
-# one tarball.
+# .venv's site-packages/moshi, carried with the call). Under $OUT: the log, the JSONs and
+# serving.tgz with everything (the search's table and plot too).
 # Usage: COMMIT=$(git rev-parse --short HEAD) bench/serving_device.sh [PYLIB] [SEARCH_BUDGET_S]
 set -u
 pylib=${1:-pylib}
 budget=${2:-170}
 : "${OUT:?set OUT to the folder for the results}"
-export PYTHONPATH=$PWD:$PWD/bench:$PWD/$pylib NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+work=${WORK:-/tmp/serving}
 log=$OUT/log.txt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
-echo "commit ${COMMIT:-unknown}" >> "$OUT/device.txt"
-stage() {  # stage SECONDS NAME COMMAND...: run with a time limit, log its tail, go on if it fails
-    local limit=$1 name=$2
-    shift 2
-    echo "== $name ($(date +%T))" >> "$log"
-    timeout "$limit" "$@" >> "$log" 2>&1 || echo "== $name: exit $?" >> "$log"
-}
+mkdir -p "$work"
+export PYTHONPATH=$PWD:$PWD/bench:$PWD/$pylib NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_lib.sh"
+device_header
 stage 90 gpu-tests python3 -m pytest -q -x -m "gpu or not gpu" tests/test_rope.py \
     tests/test_ttt_cache_triton.py tests/test_gpu_moshi.py
 stage 60 graph-memcpy python3 bench/graph_memcpy.py --out "$OUT/graph-memcpy.json"
@@ -37,6 +33,6 @@ done
 stage 90 step-kernels python3 bench/step_kernels.py --batches 1024 --warps 4 \
     --vkey-chunks 32 --per-sm 4,8,16,32 --attend 16:2 --out "$OUT/step-kernels.json"
 stage $((budget + 60)) steady python3 bench/moshi_bench.py --variants window64,ttt_cache \
-    --checkpoints 1000 --budget-s "$budget" --out "$OUT/steady"
-tar czf "$OUT/serving.tgz" -C "$OUT" --exclude=serving.tgz .
-ls -la "$OUT" >> "$log"
+    --checkpoints 1000 --budget-s "$budget" --out "$work/steady"
+cp "$work/steady/results.json" "$OUT/steady-results.json" 2>/dev/null
+bring_back serving
