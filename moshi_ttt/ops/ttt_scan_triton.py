@@ -36,14 +36,16 @@ triton, tl = tct.triton, (tct.tl if tct.triton is not None else None)
 _graphs: dict = {}
 
 
-def launched(key, args: tuple, loop):
+def launched(key, args: tuple, loop, replay: bool, mutated: tuple = ()):
     """``loop(*args)`` -> outputs, a loop of kernel launches whose host time would exceed its GPU
-    time, replayed as one CUDA graph: captured once per ``key`` (with the args' shapes: whatever
-    else the loop depends on, its scalar arguments and launch settings) on
+    time, replayed (``replay``) as one CUDA graph: captured once per ``key`` (with the args'
+    shapes: whatever else the loop depends on, its scalar arguments and launch settings) on
     copies of ``args``, then each call copies ``args`` in and clones the outputs out. Runs the loop
-    directly on CPU tensors and inside another capture."""
-    if not args[0].is_cuda or torch.cuda.is_current_stream_capturing():
-        return loop(*args)
+    directly without ``replay``, on CPU tensors and inside another capture; there it hands the
+    loop copies of the args at the positions ``mutated`` (those it writes in place), so the
+    caller's tensors are never written either way."""
+    if not (replay and args[0].is_cuda) or torch.cuda.is_current_stream_capturing():
+        return loop(*(a.clone() if i in mutated else a for i, a in enumerate(args)))
     key = (args[0].device, *key, *((tuple(a.shape), a.dtype) for a in args))
     entry = _graphs.pop(key, None)
     if entry is None:
@@ -650,8 +652,8 @@ class _Scan(torch.autograd.Function):
         has_mom = s1 is not None
         c = lambda t: t.detach().float().contiguous()
         x, y, eta, a1, a2 = c(x), c(y), c(eta), c(a1), c(a2)
-        s1 = s1.detach().clone().float().contiguous() if has_mom else a1
-        s2 = s2.detach().clone().float().contiguous() if has_mom else a2
+        s1 = s1.detach().float().contiguous() if has_mom else a1  # (launched copies them)
+        s2 = s2.detach().float().contiguous() if has_mom else a2
         ap = (apply > 0).to(torch.int32).contiguous()
         meta, NC = _meta(b, Dh, m, PRECISION, CHUNK, NUM_WARPS)
         flags = dict(HAS_MOM=has_mom and bool(momentum), HAS_DECAY=bool(decay))
@@ -701,12 +703,9 @@ class _Scan(torch.autograd.Function):
             eta,
             ap,
         )
-        run = lambda *a: (
-            launched(("fwd", *scalars, *flags.values(), *meta.values()), a, loop)
-            if N >= GRAPH_MIN_BLOCKS
-            else loop(*a)
-        )
-        st1, st2, cap, loss, s1, s2 = run(*args)
+        key = ("fwd", *scalars, *flags.values(), *meta.values())
+        # the loop writes the momenta in place
+        st1, st2, cap, loss, s1, s2 = launched(key, args, loop, N >= GRAPH_MIN_BLOCKS, (2, 3))
         ctx.save_for_backward(st1, st2, cap, x, y, eta, ap)
         ctx.opts = (float(decay), float(momentum), int(bptt), has_mom, flags, grad_prec)
         ctx.mark_non_differentiable(loss)
@@ -719,10 +718,8 @@ class _Scan(torch.autograd.Function):
         decay, momentum, bptt, has_mom, flags, grad_prec = ctx.opts
         G, N, b, Dh = x.shape
         m = st1.shape[-1]
-        dz = lambda t, like: (
-            t.float().contiguous().clone() if t is not None else torch.zeros_like(like)
-        )
-        dst1, dst2 = dz(dst1, st1), dz(dst2, st2)  # become dθ_0..dθ_N in place
+        dz = lambda t, like: t.float().contiguous() if t is not None else torch.zeros_like(like)
+        dst1, dst2 = dz(dst1, st1), dz(dst2, st2)  # (copies of them) become dθ_0..dθ_N in place
         ds1 = dz(dsn1, st1[:, 0]) if has_mom else None
         ds2 = dz(dsn2, st2[:, 0]) if has_mom else None
         meta, NC = _meta(b, Dh, m, GRAD_PRECISION[grad_prec], GRAD_CHUNK, GRAD_WARPS)
@@ -793,18 +790,20 @@ class _Scan(torch.autograd.Function):
                     **meta,
                     **flags,
                 )
-            return (dst1, dst2, da1, da2, dx, dy, deta) + (moms if has_mom else ())
+            # dθ_0 alone leaves the loop (a graph's outputs are cloned out)
+            return (dst1[:, 0], dst2[:, 0], da1, da2, dx, dy, deta) + (moms if has_mom else ())
 
         args = (st1, st2, cap, x, y, eta, ap, dst1, dst2) + ((ds1, ds2) if has_mom else ())
         key = ("bwd", decay, momentum, bptt, grad_prec, *flags.values(), *meta.values())
-        out = launched(key, args, loop) if N >= GRAPH_MIN_BLOCKS else loop(*args)
+        # the loop writes dθ and the momenta's gradients in place
+        out = launched(key, args, loop, N >= GRAPH_MIN_BLOCKS, (7, 8, 9, 10))
         dst1, dst2, da1, da2, dx, dy, deta = out[:7]
         ds1, ds2 = out[7:] if has_mom else (None, None)
         if has_mom and not flags["HAS_MOM"] and bptt and N > bptt:  # cut momenta pass nothing back
             ds1, ds2 = torch.zeros_like(ds1), torch.zeros_like(ds2)
         return (
-            dst1[:, 0],
-            dst2[:, 0],
+            dst1,
+            dst2,
             ds1,
             ds2,
             da1 if decay else None,
