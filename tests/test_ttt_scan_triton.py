@@ -127,14 +127,14 @@ def test_model_training_with_triton_scan_equals_reference(on, device, shared, mo
 def test_graph_replayed_scan_equals_direct_launches(momentum, monkeypatch):
     """Long scans replay their launch loops as captured CUDA graphs: states, momenta, losses and
     every gradient equal direct launches, for two problems of one shape (the second replays the
-    first one's graph on new inputs), and for a third after the launch settings change (token
-    chunks of 8: graphs of their own, not the first ones replayed)."""
+    first one's graph on new inputs), and for a third after the launch settings change (other
+    token chunks: graphs of their own, not the first ones replayed)."""
     monkeypatch.setattr(tri, "_graphs", {})
     N = 2 * tri.GRAPH_MIN_BLOCKS
     for seed in (0, 1, 2):
         if seed == 2:
-            monkeypatch.setattr(tri, "CHUNK", 8)
-            monkeypatch.setattr(tri, "GRAD_CHUNK", 8)
+            monkeypatch.setattr(tri, "CHUNK", tri.CHUNK // 2)
+            monkeypatch.setattr(tri, "GRAD_CHUNK", tri.GRAD_CHUNK * 2)
         torch.manual_seed(seed)
         ds, moms, inits, keys, vals, eta, apply = scan_problem(
             3, N, 32, 16, 32, bool(momentum), device=torch.device("cuda")
