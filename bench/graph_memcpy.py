@@ -8,15 +8,20 @@ streaming step's counters) between small elementwise kernels, plus what the case
 a Triton kernel, one large copy (``--large-mb``), or an int64 update done as an in-place add
 instead of a copy; and the copies alone captured while the profiler already runs (the profiler
 may name the same copies differently depending on whether it attached before or after the
-capture). Reported per case: the profiler's names of the copies, microseconds per replay (CUDA
-events over ``--reps`` replays, which do not depend on the profiler) and the GPU's idle time
-between kernels per replay (``profile_moshi.gaps_before``).
+capture). Each case runs in a process of its own. Reported per case: the profiler's names of
+the copies, microseconds per replay (CUDA events over ``--reps`` replays, which do not depend on
+the profiler) and the GPU's idle time between kernels per replay
+(``profile_moshi.gaps_before``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 from profile_moshi import gaps_before  # bench/ is the script's folder
@@ -87,20 +92,38 @@ def run(case: str, a, device) -> dict:
     }
 
 
+CASES = ("copies only", EARLY, "triton kernel", "large copy", "add instead of copy")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the JSON of all cases (with --case: of that one)")
     p.add_argument("--copies", type=int, default=200)
     p.add_argument("--large-mb", type=int, default=64)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument(
+        "--case",
+        choices=CASES,
+        default=None,
+        help="run this case alone, in this process (default: every case, each in a process of its "
+        "own, so that no case is captured after another one's profiling)",
+    )
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("graph_memcpy.py needs a CUDA device")
-    device = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
-    for case in ("copies only", EARLY, "triton kernel", "large copy", "add instead of copy"):
-        r = run(case, a, device)
-        res["runs"].append(r)
+    if a.case is not None:
+        res["runs"].append(run(a.case, a, torch.device("cuda")))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, case in enumerate(CASES):
+                out = os.path.join(tmp, f"{i}.json")
+                opts = ["--copies", str(a.copies), "--large-mb", str(a.large_mb)]
+                cmd = [sys.executable, __file__, "--case", case, "--out", out, *opts]
+                subprocess.run([*cmd, "--reps", str(a.reps)], check=True)
+                with open(out) as f:
+                    res["runs"] += json.load(f)["runs"]
+    for r in res["runs"]:
         print(json.dumps(r), flush=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
