@@ -766,6 +766,8 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
             "2",
             "--frames",
             "2",
+            "--latency-rounds",
+            "2",
         ]
     )
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(out))
@@ -794,6 +796,17 @@ def test_bench_tiny_reports_the_states_it_ran(tmp_path):
         and out["ratios_window64"]["both"]["state_vs_stock"]
         == out["variants"]["both"]["series"][-1]["state_bytes"] / stock_bytes
     )
+    # two interleaved batch-1 rounds at the first checkpoint: the first is the series' own
+    rounds = {n: v["latency_rounds_ms"] for n, v in out["variants"].items()}
+    for name, v in out["variants"].items():
+        assert len(rounds[name]) == 2 and rounds[name][0] == v["series"][0]["ms_per_frame"]
+        assert f"| {name} | {rounds[name][0]:.2f}, {rounds[name][1]:.2f} |" in md
+    median = lambda v: sorted(v)[0] / 2 + sorted(v)[1] / 2
+    assert out["ratios_window64"]["both"]["latency_b1_median"] == pytest.approx(
+        median(rounds["both"]) / median(rounds["window64"]), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="latency-rounds"):
+        bench.parse(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--latency-rounds", "0"])
 
 
 def test_bench_variant_leaves_stock_moshi_as_it_was():
