@@ -20,6 +20,9 @@ the presets, whose memories keep a 64-step window):
   the first ``--stagger`` of them (row r skips r mod stagger steps through Moshi's exec mask), so
   that the rows' blocks complete on different steps, as conversations that started at different
   times do.
+Every variant's batch-1 series runs before the searches; ``--latency-rounds N`` repeats it N
+times with the variants in turn (rounds after the first at the first checkpoint only), and the
+latency ratios also take each variant's median there.
 Writes results.json, results.md and results.png under ``--out``.
 """
 
