@@ -39,10 +39,32 @@ def source(fn, types: dict, consts: dict) -> ASTSource:
     return ASTSource(fn, sig, consts)
 
 
+F32S = {n: "fp32" for n in ("decay", "momentum", "max_norm", "eta_scale", "scale")}
+SCAN_INTS = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32", "apply": "*i32", "count": "*i32"}
+
+
+def scan_sweep(block: int, warps: list[int], chunks: list[int]) -> list:
+    """(name, shape, source, num_warps) of the training scan's block kernels (forward, backward in
+    TF32) at the `small` preset's compressor (Dh 64, hidden 128) and ``block``, with the
+    benchmark's options (forgetting on, no momentum), for every warps x token chunk <= block."""
+    out = []
+    for name, fn, prec in (
+        ("scan_fwd_block", scan_k._fwd_block, scan_k.PRECISION),
+        ("scan_bwd_block", scan_k._bwd_block, scan_k.GRAD_PRECISION["tf32"]),
+    ):
+        for nw in warps:
+            for ch in (c for c in chunks if c <= block):
+                consts = dict(BLK=block, DH=64, MH=128, HAS_MOM=False, HAS_DECAY=True)
+                consts.update(CH=ch, NC=block // ch, PREC=prec)
+                shape = f"small, block {block}, chunk {ch}"
+                out.append((name, shape, source(fn, {**SCAN_INTS, **F32S}, consts), nw))
+    return out
+
+
 def kernels() -> list:
     """(name, shape, source, num_warps) at the `small` preset's and the Moshi 7B preset's shapes."""
     out = []
-    f32s = {n: "fp32" for n in ("decay", "momentum", "max_norm", "eta_scale", "scale")}
+    f32s = F32S
     for label, Dh, m, b, M in (("small", 64, 128, 256, 4), ("moshi7b", 128, 32, 16, 8)):
         MP = max(16, 1 << (M - 1).bit_length())
         common = dict(BLK=b, CH=min(b, 32), DH=Dh, MH=m, M=M, MP=MP, HAS_MOM=False, HAS_DECAY=False)
@@ -118,7 +140,7 @@ def kernels() -> list:
                 step_k.ATTEND_WARPS,
             )
         )
-    ints = {"n": "i32", "N": "i32", "k": "i32", "bptt": "i32", "apply": "*i32", "count": "*i32"}
+    ints = SCAN_INTS
     chunk = dict(BLK=256, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     flags = dict(NC=8, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     for name, fn, ch, nw, prec in (
@@ -161,14 +183,29 @@ def main(argv=None):
     )
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--scan-block",
+        type=int,
+        default=None,
+        help="compile only the training scan's block kernels at this block, over --scan-warps x "
+        "--scan-chunks",
+    )
+    p.add_argument("--scan-warps", default="4,8,16")
+    p.add_argument("--scan-chunks", default="16,32,64")
     a = p.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x]
+    todo = (
+        scan_sweep(a.scan_block, ints(a.scan_warps), ints(a.scan_chunks))
+        if a.scan_block
+        else kernels()
+    )
     os.environ.pop("TRITON_INTERPRET", None)
     target = GPUTarget("cuda", a.arch, 32)
     cuobjdump = os.path.join(
         os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
     )
     rows, ok = [], True
-    for name, shape, src, nw in kernels():
+    for name, shape, src, nw in todo:
         t0 = time.time()
         k = triton.compile(src, target=target, options=dict(num_warps=nw))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
