@@ -64,7 +64,6 @@ def scan_sweep(block: int, warps: list[int], chunks: list[int]) -> list:
 def kernels() -> list:
     """(name, shape, source, num_warps) at the `small` preset's and the Moshi 7B preset's shapes."""
     out = []
-    f32s = F32S
     for label, Dh, m, b, M in (("small", 64, 128, 256, 4), ("moshi7b", 128, 32, 16, 8)):
         MP = max(16, 1 << (M - 1).bit_length())
         common = dict(BLK=b, CH=min(b, 32), DH=Dh, MH=m, M=M, MP=MP, HAS_MOM=False, HAS_DECAY=False)
@@ -73,7 +72,7 @@ def kernels() -> list:
             (
                 "complete_block",
                 label,
-                source(cache_k._complete_kernel, {**f32s, "done": "*i32"}, {**common, "HC": 8}),
+                source(cache_k._complete_kernel, {**F32S, "done": "*i32"}, {**common, "HC": 8}),
                 nw,
             )
         )
@@ -85,7 +84,7 @@ def kernels() -> list:
                 source(
                     step_k._append_kernel,
                     {
-                        **f32s,
+                        **F32S,
                         **counters,
                         "kraw": "*bf16",
                         "cv": "*bf16",
@@ -104,7 +103,7 @@ def kernels() -> list:
                 label,
                 source(
                     step_k._complete_rows_kernel,
-                    {**f32s, **counters, "P": "i32"},
+                    {**F32S, **counters, "P": "i32"},
                     {**common, "H": 8, "KC": step_k.vkey_chunk(Dh), "ROTATE": True},
                 ),
                 nw,
@@ -140,7 +139,6 @@ def kernels() -> list:
                 step_k.ATTEND_WARPS,
             )
         )
-    ints = SCAN_INTS
     chunk = dict(BLK=256, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     flags = dict(NC=8, DH=64, MH=128, HAS_MOM=True, HAS_DECAY=True)
     for name, fn, ch, nw, prec in (
@@ -157,7 +155,9 @@ def kernels() -> list:
             (
                 name,
                 "small",
-                source(fn, {**ints, **f32s}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}),
+                source(
+                    fn, {**SCAN_INTS, **F32S}, {**chunk, "CH": ch, "NC": 256 // ch, "PREC": prec}
+                ),
                 nw,
             )
         )
@@ -170,7 +170,7 @@ def kernels() -> list:
         (
             "scan_bwd_state",
             "small",
-            source(scan_k._bwd_state, {**ints, **f32s}, flags),
+            source(scan_k._bwd_state, {**SCAN_INTS, **F32S}, flags),
             scan_k.STATE_WARPS,
         )
     )
