@@ -346,33 +346,35 @@ def run(args) -> dict:
         "model_build_s": built_s,
         "variants": {},
     }
-    first = {}  # the first round's series and the variant's settings
-    rounds = {name: [] for name in args.variants}  # batch-1 ms/frame at the first checkpoint
     for r in range(args.latency_rounds):  # the variants interleaved: A B A B ...
         for name in args.variants:
             t0 = time.monotonic()
             with variant(lm, name) as (cfg, fused, context):
                 cps = args.checkpoints if r == 0 else args.checkpoints[:1]
                 series = batch1_series(lm, args, device, cps)
-            if not r:
-                first[name] = (cfg, fused, context, series, time.monotonic() - t0)
-            rounds[name].append(series[0]["ms_per_frame"])
+            if r == 0:
+                out["variants"][name] = {
+                    "adapter": cfg.to_dict(),
+                    "fused_step": fused,
+                    "context": context,
+                    "series": series,
+                    # batch-1 ms/frame at the first checkpoint, one per round
+                    "latency_rounds_ms": [],
+                    "seconds": 0.0,
+                }
+            entry = out["variants"][name]
+            entry["latency_rounds_ms"].append(series[0]["ms_per_frame"])
+            entry["seconds"] += time.monotonic() - t0
     t_search = time.monotonic()
     per_variant = (args.budget_s - (t_search - t_start)) / len(args.variants)
     for i, name in enumerate(args.variants):
         t0 = time.monotonic()
         with variant(lm, name):
             search = concurrency(lm, args, device, t_search + per_variant * (i + 1))
-        cfg, fused, context, series, series_s = first[name]
-        out["variants"][name] = {
-            "adapter": cfg.to_dict(),
-            "fused_step": fused,
-            "context": context,
-            "series": series,
-            "latency_rounds_ms": rounds[name],
-            "search": search,
-            "seconds": time.monotonic() - t0 + series_s,
-        }
+        entry = out["variants"][name]
+        entry["search"] = search
+        entry["seconds"] += time.monotonic() - t0
+        series = entry["series"]
         print(
             f"{name}: batch-1 {series[-1]['ms_per_frame']:.1f} ms/frame, state "
             f"{series[-1]['state_bytes'] / 1e6:.1f} MB/conv, max concurrent "
